@@ -1,0 +1,1 @@
+"""unimoe: multimodal Mixture-of-Experts LLMs in JAX/Flax."""
