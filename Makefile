@@ -1,0 +1,26 @@
+# Each target bootstraps .venv from setup.cfg by itself; re-installs when setup.cfg changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test bench clean
+
+$(VENV)/.base: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) -m unimoe.main --config=configs/unimoe_tiny.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .cache

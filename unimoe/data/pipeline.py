@@ -1,0 +1,270 @@
+"""grain pipelines over the built-in dataset: records -> model batches (format in docs/design.md).
+
+Train loaders read `tfds` array_record data sources, sample shuffled infinite epochs, preprocess each
+record (template + placeholder expansion, CLIP-normalised media, log-mel) in-process and batch it.
+Their iterators are checkpointable (`grain.python.PyGrainCheckpointSave`). Eval examples are loaded
+eagerly, with prompts instead of full conversations, and batched with `collate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grain.python as grain
+import numpy as np
+
+from unimoe.data import builtin, conversation, media
+from unimoe.data import tasks as task_defs  # `tasks` is the loaders' parameter name
+from unimoe.data.tokenizer import Tokenizer
+
+MODES: tuple[str, ...] = ("chat", "lm_text", "classify_image", "classify_audio")
+_INT16_SCALE = 32767.0
+_STRING_KEYS = ("answer", "task", "modality", "id")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """What the pipelines read and the shapes they produce. `batch_size` is global (all shards)."""
+
+    data_dir: str
+    builder_config: str
+    seq_len: int
+    batch_size: int
+    image_size: int
+    num_frames: int
+    audio_frames: int = 300
+    num_mel_bins: int = 32
+    n_image_tokens: int
+    n_video_tokens: int
+    n_audio_tokens: int
+    skip_too_long: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "image_size", "num_frames", "audio_frames", "num_mel_bins",
+                     "n_image_tokens", "n_video_tokens", "n_audio_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _builder(cfg: DataConfig) -> builtin.UnimoeBuiltin:
+    """The prepared builder, checked against the media shapes `cfg` asks for."""
+    builder = builtin.UnimoeBuiltin(config=cfg.builder_config, data_dir=cfg.data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"unimoe_builtin/{cfg.builder_config} is not built in {cfg.data_dir}; "
+                                "run unimoe.data.builtin.prepare(data_dir, config_name) first")
+    stored: builtin.BuiltinConfig = builder.builder_config
+    if cfg.image_size != stored.image_size:
+        raise ValueError(f"DataConfig.image_size={cfg.image_size} differs from the stored images' "
+                         f"{stored.image_size} (unimoe_builtin/{stored.name})")
+    if cfg.num_frames > stored.num_frames:
+        raise ValueError(f"DataConfig.num_frames={cfg.num_frames} exceeds the stored videos' "
+                         f"{stored.num_frames} frames (unimoe_builtin/{stored.name})")
+    return builder
+
+
+def _media(record: dict[str, Any], cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Normalised media slots; absent media are zeros with has_* False."""
+    size = cfg.image_size
+    image, video, audio = record["image"], record["video"], record["audio"]
+    out = {
+        "image": np.zeros((size, size, 3), np.float32),
+        "has_image": np.bool_(len(image) > 0),
+        "video": np.zeros((cfg.num_frames, size, size, 3), np.float32),
+        "has_video": np.bool_(len(video) > 0),
+        "audio_mel": np.zeros((cfg.audio_frames, cfg.num_mel_bins), np.float32),
+        "has_audio": np.bool_(len(audio) > 0),
+    }
+    if out["has_image"]:
+        out["image"] = media.normalize_image(image[0])
+    if out["has_video"]:
+        # Evenly spaced frames, first and last included, when fewer are asked than stored.
+        frame_ids = np.round(np.linspace(0, len(video) - 1, cfg.num_frames)).astype(np.int64)
+        out["video"] = media.normalize_image(video[frame_ids])
+    if out["has_audio"]:
+        out["audio_mel"] = media.log_mel(audio.astype(np.float32) / _INT16_SCALE, cfg.num_mel_bins, cfg.audio_frames)
+    return out
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_media_tags(convs: list[dict[str, str]], example: dict[str, np.ndarray], record_id: str) -> None:
+    text = "".join(turn["value"] for turn in convs)
+    for tag, has_key in (("<image>", "has_image"), ("<video>", "has_video"), ("<audio>", "has_audio")):
+        if (tag in text) != bool(example[has_key]):
+            raise ValueError(f"record {record_id!r}: {tag} in text is {tag in text} but {has_key} is "
+                             f"{bool(example[has_key])}")
+
+
+class _Preprocess(grain.MapTransform):
+    """Record -> one unbatched example; too-long records become {} (dropped by `_NonEmpty`)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, mode: str):
+        self.cfg, self.tokenizer, self.mode = cfg, tokenizer, mode
+        self.num_skipped = 0
+
+    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        cfg, record_id = self.cfg, _text(record["id"])
+        example = _media(record, cfg)
+        convs = json.loads(_text(record["conversations"]))
+        try:
+            if self.mode == "chat":
+                _check_media_tags(convs, example, record_id)
+                tokens, loss_mask = conversation.build_chat_example(
+                    convs, self.tokenizer, n_image_tokens=cfg.n_image_tokens, n_video_tokens=cfg.n_video_tokens,
+                    n_audio_tokens=cfg.n_audio_tokens, seq_len=cfg.seq_len, record_id=record_id)
+            elif self.mode == "lm_text":
+                tokens, loss_mask = conversation.build_lm_text(convs, self.tokenizer, seq_len=cfg.seq_len,
+                                                               record_id=record_id)
+            else:  # classification batches train encoders only: no text
+                tokens = np.full((cfg.seq_len,), self.tokenizer.pad_id, np.int32)
+                loss_mask = np.zeros((cfg.seq_len,), np.float32)
+        except conversation.SequenceTooLongError:
+            if not cfg.skip_too_long:
+                raise
+            self.num_skipped += 1
+            logging.warning("skipping record %s: longer than seq_len=%d (%d skipped so far)",
+                            record_id, cfg.seq_len, self.num_skipped)
+            return {}
+        task = _text(record["task"])
+        example.update(
+            tokens=tokens,
+            loss_mask=loss_mask,
+            # Encoded text never contains the pad id (byte-level BPE has no unknowns).
+            attn_mask=tokens != self.tokenizer.pad_id,
+            image_label=np.int32(record["image_label"]),
+            audio_label=np.int32(record["audio_label"]),
+            modality=np.int32(task_defs.MODALITIES.index(task_defs.TASKS[task])),
+            task=np.int32(task_defs.TASK_NAMES.index(task)),
+        )
+        return example
+
+
+class _NonEmpty(grain.FilterTransform):
+    def filter(self, element: dict[str, np.ndarray]) -> bool:
+        return bool(element)
+
+
+def _select_tasks(selected_tasks: Sequence[str], mode: str) -> list[str]:
+    unknown = [t for t in selected_tasks if t not in task_defs.TASKS]
+    if unknown or not selected_tasks:
+        raise ValueError(f"tasks must be a non-empty list of {task_defs.TASK_NAMES}, got {list(selected_tasks)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    labelled = {"classify_image": task_defs.IMAGE_LABEL_TASKS, "classify_audio": task_defs.AUDIO_LABEL_TASKS}
+    if mode in labelled:
+        selected_tasks = [t for t in selected_tasks if t in labelled[mode]]
+        if not selected_tasks:
+            raise ValueError(f"mode={mode!r} needs at least one of the tasks {labelled[mode]}")
+    return list(selected_tasks)
+
+
+def make_train_loader(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    tasks: Sequence[str],
+    mode: str,
+    *,
+    seed: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.DataLoader:
+    """Infinite shuffled batches of this shard's records of `tasks` (per-shard batch = batch_size / shard_count).
+
+    `mode`: 'chat' (Vicuna template, answers supervised), 'lm_text' (plain template text, every token
+    supervised), 'classify_image' / 'classify_audio' (only records with that label; no text).
+    `seed` defaults to `cfg.seed`; the tasks are mixed in proportion to their record counts (equal).
+    """
+    selected = _select_tasks(tasks, mode)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+    if cfg.batch_size % shard_count:
+        raise ValueError(f"DataConfig.batch_size={cfg.batch_size} is not divisible by shard_count={shard_count}")
+    builder = _builder(cfg)
+    source = builder.as_data_source(split=builtin.task_slices(builder.builder_config, "train", selected))
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True),
+        shuffle=True,
+        num_epochs=None,
+        seed=cfg.seed if seed is None else seed,
+    )
+    operations = [_Preprocess(cfg, tokenizer, mode), _NonEmpty(),
+                  grain.Batch(batch_size=cfg.batch_size // shard_count, drop_remainder=True)]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=0)
+
+
+def load_eval_examples(cfg: DataConfig, tokenizer: Tokenizer, tasks: Sequence[str]) -> list[dict[str, Any]]:
+    """Every eval record of `tasks` as a prompt example (unbatched; see `collate`).
+
+    Keys: `tokens` int32 [T] (prompt ending in "ASSISTANT:", right-padded), `attn_mask`, `loss_mask`
+    (zeros), `prompt_len`, the media slots and labels of the batch format, and the strings `answer`,
+    `task`, `modality`, `id`.
+    """
+    selected = _select_tasks(tasks, "chat")
+    builder = _builder(cfg)
+    source = builder.as_data_source(split=builtin.task_slices(builder.builder_config, "eval", selected))
+    examples = []
+    for index in range(len(source)):
+        record = source[index]
+        record_id = _text(record["id"])
+        example = _media(record, cfg)
+        convs = json.loads(_text(record["conversations"]))
+        _check_media_tags(convs, example, record_id)
+        prompt = conversation.build_prompt(convs, tokenizer, n_image_tokens=cfg.n_image_tokens,
+                                           n_video_tokens=cfg.n_video_tokens, n_audio_tokens=cfg.n_audio_tokens)
+        if len(prompt) >= cfg.seq_len:
+            if cfg.skip_too_long:
+                logging.warning("skipping eval record %s: prompt of %d tokens, seq_len=%d",
+                                record_id, len(prompt), cfg.seq_len)
+                continue
+            raise conversation.SequenceTooLongError(
+                f"eval record {record_id!r} has a {len(prompt)}-token prompt, leaving no room to "
+                f"generate in seq_len={cfg.seq_len}")
+        tokens = np.full((cfg.seq_len,), tokenizer.pad_id, np.int32)
+        tokens[:len(prompt)] = prompt
+        example.update(
+            tokens=tokens,
+            attn_mask=tokens != tokenizer.pad_id,
+            loss_mask=np.zeros((cfg.seq_len,), np.float32),
+            prompt_len=np.int32(len(prompt)),
+            image_label=np.int32(record["image_label"]),
+            audio_label=np.int32(record["audio_label"]),
+            answer=_text(record["answer"]),
+            task=_text(record["task"]),
+            modality=_text(record["modality"]),
+            id=record_id,
+        )
+        examples.append(example)
+    return examples
+
+
+def collate(examples: Sequence[dict[str, Any]], batch_size: int) -> list[dict[str, Any]]:
+    """Batches of `examples` in the design batch format plus `valid` bool [B] and string lists.
+
+    The last batch is padded with copies of its first example (valid=False), so every batch has the
+    same shapes. `task` / `modality` become int32 indices; their names stay in `task_name` /
+    `modality_name`, with `answer` and `id`, as lists of str ('' on padding rows).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        num_valid = len(chunk)
+        chunk += [chunk[0]] * (batch_size - num_valid)
+        batch: dict[str, Any] = {
+            key: np.stack([ex[key] for ex in chunk]) for key in chunk[0] if key not in _STRING_KEYS
+        }
+        batch["task"] = np.asarray([task_defs.TASK_NAMES.index(ex["task"]) for ex in chunk], np.int32)
+        batch["modality"] = np.asarray([task_defs.MODALITIES.index(ex["modality"]) for ex in chunk], np.int32)
+        for key, name in (("task", "task_name"), ("modality", "modality_name"), ("answer", "answer"), ("id", "id")):
+            batch[name] = [ex[key] for ex in chunk[:num_valid]] + [""] * (batch_size - num_valid)
+        batch["valid"] = np.arange(batch_size) < num_valid
+        batches.append(batch)
+    return batches

@@ -1,0 +1,1 @@
+"""Evaluation: greedy generation, answer scoring, result tables."""

@@ -1,0 +1,269 @@
+"""LLaMA-style decoder LM whose FFN is dense SwiGLU or an MoE layer, chosen per layer.
+
+Numerics follow Hugging Face `LlamaForCausalLM` (RMSNorm in float32, RoPE with `rotate_half`,
+grouped-query attention with float32 softmax), so converted LLaMA / Vicuna weights give the same
+logits. Sequences are right-padded: positions are 0..T-1 and padding keys are masked out.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unimoe.models.lora import BASE_INIT_STDDEV, Linear, LoRAConfig
+from unimoe.moe.layer import MoEConfig, MoELayer
+
+
+def resolve_moe_layers(spec: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Which layer indices get an MoE FFN.
+
+    spec: 'none'; 'all' (Uni-MoE 4E speech, 8E); 'every_<n>' = layers i with i % n == 0
+    ('every_2' is Uni-MoE's even-layer layout); or explicit indices.
+    """
+    if isinstance(spec, str):
+        if spec == "none":
+            return ()
+        if spec == "all":
+            return tuple(range(num_layers))
+        stride = spec.removeprefix("every_")
+        if stride != spec and stride.isdigit() and int(stride) > 0:
+            return tuple(range(0, num_layers, int(stride)))
+        raise ValueError(
+            f"moe_layers must be 'none', 'all', 'every_<n>' (n > 0) or a list of ints, got {spec!r}"
+        )
+    layers = tuple(int(i) for i in spec)
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"moe_layers {bad} out of range for num_layers={num_layers}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"moe_layers has duplicates: {layers}")
+    return tuple(sorted(layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Decoder LM shape. Built from plain kwargs: nested `moe` / `lora` may be dicts and
+    `moe_layers` a `resolve_moe_layers` spec; both are normalized here.
+
+    dtype: activation (compute) dtype; parameters stay float32, the router and softmaxes run in
+    float32 and logits are returned in float32.
+    """
+
+    vocab_size: int
+    dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_dim: int
+    head_dim: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    moe_layers: tuple[int, ...] = ()
+    moe: MoEConfig = MoEConfig()
+    lora: LoRAConfig = LoRAConfig()
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LLMConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LLMConfig.num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim < 0 or self.head_dim % 2:
+            raise ValueError(f"LLMConfig.head_dim must be even and >= 0, got {self.head_dim}")
+        if self.head_dim == 0 and (self.dim % self.num_heads or (self.dim // self.num_heads) % 2):
+            raise ValueError(
+                f"LLMConfig.head_dim=0 needs dim ({self.dim}) divisible by num_heads "
+                f"({self.num_heads}) into an even head size; set head_dim explicitly"
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"LLMConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoRAConfig(**self.lora))
+        object.__setattr__(self, "moe_layers", resolve_moe_layers(self.moe_layers, self.num_layers))
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.num_heads
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalize in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x_f32 = x.astype(jnp.float32)
+        mean_sq = jnp.mean(x_f32 * x_f32, axis=-1, keepdims=True)
+        normed = (x_f32 * jax.lax.rsqrt(mean_sq + self.eps)).astype(x.dtype)
+        return self.scale[...].astype(x.dtype) * normed
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, head_dim] for positions 0..T-1, the two halves repeated as in HF."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_tf = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles_th = jnp.concatenate([angles_tf, angles_tf], axis=-1)
+    return jnp.cos(angles_th), jnp.sin(angles_th)
+
+
+def apply_rope(x_bthd: jax.Array, cos_th: jax.Array, sin_th: jax.Array) -> jax.Array:
+    """HF LLaMA convention: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    cos = cos_th[None, :, None, :].astype(x_bthd.dtype)
+    sin = sin_th[None, :, None, :].astype(x_bthd.dtype)
+    return x_bthd * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with key padding mask; LoRA on q, k, v, o."""
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.rope_theta = cfg.rope_theta
+        q_width = cfg.num_heads * self.head_dim
+        kv_width = cfg.num_kv_heads * self.head_dim
+        self.q = Linear(cfg.dim, q_width, lora=cfg.lora, rngs=rngs)
+        self.k = Linear(cfg.dim, kv_width, lora=cfg.lora, rngs=rngs)
+        self.v = Linear(cfg.dim, kv_width, lora=cfg.lora, rngs=rngs)
+        self.o = Linear(q_width, cfg.dim, lora=cfg.lora, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array, attn_mask_bt: jax.Array) -> jax.Array:
+        batch, seq, _ = x_btd.shape
+        group = self.num_heads // self.num_kv_heads
+        q_bthd = self.q(x_btd).reshape(batch, seq, self.num_heads, self.head_dim)
+        k_btgd = self.k(x_btd).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v_btgd = self.v(x_btd).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        cos_th, sin_th = rope_cos_sin(seq, self.head_dim, self.rope_theta)
+        q_bthd = apply_rope(q_bthd, cos_th, sin_th)
+        k_btgd = apply_rope(k_btgd, cos_th, sin_th)
+        # Query head h reads kv head h // group (HF repeat_kv), without materializing copies.
+        q_btgrd = q_bthd.reshape(batch, seq, self.num_kv_heads, group, self.head_dim)
+        scores_bgrts = jnp.einsum("btgrd,bsgd->bgrts", q_btgrd, k_btgd).astype(jnp.float32)
+        scores_bgrts = scores_bgrts / jnp.sqrt(jnp.float32(self.head_dim))
+        causal_ts = jnp.tril(jnp.ones((seq, seq), bool))
+        allowed_bts = causal_ts[None] & attn_mask_bt.astype(bool)[:, None, :]
+        # finfo.min, not -inf: a row with no allowed key (all padding) stays finite.
+        scores_bgrts = jnp.where(
+            allowed_bts[:, None, None], scores_bgrts, jnp.finfo(jnp.float32).min
+        )
+        probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(x_btd.dtype)
+        out_btgrd = jnp.einsum("bgrts,bsgd->btgrd", probs_bgrts, v_btgd)
+        return self.o(out_btgrd.reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """Dense SwiGLU FFN down(silu(gate(x)) * up(x)); no bias, no LoRA (trained fully in stage 2)."""
+
+    def __init__(self, dim: int, ffn_dim: int, *, rngs: nnx.Rngs):
+        self.gate = Linear(dim, ffn_dim, rngs=rngs)
+        self.up = Linear(dim, ffn_dim, rngs=rngs)
+        self.down = Linear(ffn_dim, dim, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is MLP or MoELayer."""
+
+    def __init__(self, cfg: LLMConfig, layer_index: int, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        if layer_index in cfg.moe_layers:
+            self.ffn = MoELayer(cfg.dim, cfg.moe, ffn_dim=cfg.ffn_dim, lora=cfg.lora, rngs=rngs)
+        else:
+            self.ffn = MLP(cfg.dim, cfg.ffn_dim, rngs=rngs)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def __call__(
+        self, x_btd: jax.Array, attn_mask_bt: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """Returns (x_btd, aux of the MoE FFN or None for a dense one)."""
+        x_btd = x_btd + self.attn(self.attn_norm(x_btd), attn_mask_bt)
+        ffn_in_btd = self.ffn_norm(x_btd)
+        if self.is_moe:
+            ffn_out_btd, aux = self.ffn(ffn_in_btd, attn_mask_bt)
+        else:
+            ffn_out_btd, aux = self.ffn(ffn_in_btd), None
+        return x_btd + ffn_out_btd, aux
+
+
+class DecoderLM(nnx.Module):
+    """Token embedding, decoder layers, final RMSNorm and LM head.
+
+    Multimodal callers splice media features into `embed_tokens(tokens)` before `__call__`.
+    """
+
+    Config = LLMConfig
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.dim,
+            embedding_init=nnx.initializers.normal(BASE_INIT_STDDEV),
+            rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        # Tied models read the output projection from `embed`; the head stays unadapted in stage 3.
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, rngs=rngs)
+
+    def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
+        """int tokens [B, T] -> x_btd in the compute dtype."""
+        return self.embed(tokens_bt).astype(self.cfg.dtype)
+
+    def __call__(
+        self, x_btd: jax.Array, attn_mask_bt: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x_btd (embedded, right-padded) -> (float32 logits_btv, aux).
+
+        aux: 'balance_loss' and 'z_loss' summed over MoE layers, 'expert_load' float32 [L_moe, E];
+        zeros and shape [0, E] without MoE layers, so callers never branch.
+        """
+        cfg = self.cfg
+        if x_btd.ndim != 3 or x_btd.shape[-1] != cfg.dim:
+            raise ValueError(f"DecoderLM expects x [B, T, {cfg.dim}], got {x_btd.shape}")
+        if attn_mask_bt.shape != x_btd.shape[:2]:
+            raise ValueError(
+                f"attn_mask must be [B, T]={x_btd.shape[:2]}, got {attn_mask_bt.shape}"
+            )
+        x_btd = x_btd.astype(cfg.dtype)
+        layer_aux = []
+        for layer in self.layers:
+            x_btd, aux = layer(x_btd, attn_mask_bt)
+            if aux is not None:
+                layer_aux.append(aux)
+        x_btd = self.final_norm(x_btd)
+        if self.lm_head is None:
+            logits_btv = self.embed.attend(x_btd)
+        else:
+            logits_btv = self.lm_head(x_btd)
+        num_experts = cfg.moe.num_experts
+        aux = {
+            "balance_loss": sum((a["balance_loss"] for a in layer_aux), jnp.zeros((), jnp.float32)),
+            "z_loss": sum((a["z_loss"] for a in layer_aux), jnp.zeros((), jnp.float32)),
+            "expert_load": jnp.stack([a["expert_load"] for a in layer_aux])
+            if layer_aux
+            else jnp.zeros((0, num_experts), jnp.float32),
+        }
+        return logits_btv.astype(jnp.float32), aux

@@ -1,0 +1,1 @@
+"""Mixture-of-Experts FFN: routing, expert banks, dispatch and the MoE layer."""

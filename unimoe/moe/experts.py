@@ -1,0 +1,143 @@
+"""Expert banks: E SwiGLU FFNs stored as stacked weights, optionally with per-expert LoRA.
+
+Expert e computes down(silu(x @ w_gate_edf[e]) * (x @ w_up_edf[e])), the same convention as the
+dense `unimoe.models.llm.MLP`, so a dense FFN copied into slot e (gate.kernel -> w_gate_edf[e],
+up.kernel -> w_up_edf[e], down.kernel -> w_down_efd[e]) is that FFN exactly (upcycling).
+
+Two entry points serve the dispatch strategies:
+- `grouped(x_md, group_sizes_e)`: rows already sorted by expert, expert e owning a contiguous run
+  of group_sizes_e[e] rows (dropless dispatch);
+- `batched(x_ecd)`: a fixed-size block of rows per expert (capacity dispatch, dense oracle).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unimoe.models.lora import BASE_INIT_STDDEV, LoRAConfig, lora_a_init, lora_dropout
+
+
+# (activations, per-expert weights [E, in, out]) -> activations; grouped or batched.
+Matmul = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _ragged_matmul(x_md: jax.Array, w_eij: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+    return jax.lax.ragged_dot(x_md, w_eij.astype(x_md.dtype), group_sizes_e)
+
+
+def _batched_matmul(x_eci: jax.Array, w_eij: jax.Array) -> jax.Array:
+    return jnp.einsum("eci,eij->ecj", x_eci, w_eij.astype(x_eci.dtype))
+
+
+class ExpertBank(nnx.Module):
+    """E SwiGLU experts; LoRA (when lora.rank > 0) on gate, up and down of every expert.
+
+    As in Uni-MoE 8E's `LlamaMLPLoRA`, the down-projection adapter reads the intermediate
+    activation silu(gate) * up.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        ffn_dim: int,
+        *,
+        lora: LoRAConfig = LoRAConfig(),
+        rngs: nnx.Rngs,
+    ):
+        for name, value in (("num_experts", num_experts), ("dim", dim), ("ffn_dim", ffn_dim)):
+            if value <= 0:
+                raise ValueError(f"ExpertBank.{name} must be > 0, got {value}")
+        self.num_experts = num_experts
+        self.dim = dim
+        self.ffn_dim = ffn_dim
+        self.lora_scale = lora.scale
+
+        def base(shape: tuple[int, ...]) -> nnx.Param:
+            return nnx.Param(BASE_INIT_STDDEV * jax.random.normal(rngs.params(), shape))
+
+        self.w_gate_edf = base((num_experts, dim, ffn_dim))
+        self.w_up_edf = base((num_experts, dim, ffn_dim))
+        self.w_down_efd = base((num_experts, ffn_dim, dim))
+
+        def adapter_a(fan_in: int) -> nnx.LoRAParam | None:
+            if not lora.enabled:
+                return None
+            return nnx.LoRAParam(lora_a_init(rngs.params(), (num_experts, fan_in, lora.rank), fan_in))
+
+        def adapter_b(fan_out: int) -> nnx.LoRAParam | None:
+            if not lora.enabled:
+                return None
+            return nnx.LoRAParam(jnp.zeros((num_experts, lora.rank, fan_out)))
+
+        self.lora_gate_a_edr = adapter_a(dim)
+        self.lora_gate_b_erf = adapter_b(ffn_dim)
+        self.lora_up_a_edr = adapter_a(dim)
+        self.lora_up_b_erf = adapter_b(ffn_dim)
+        self.lora_down_a_efr = adapter_a(ffn_dim)
+        self.lora_down_b_erd = adapter_b(dim)
+        self.lora_dropout = lora_dropout(lora, rngs)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_gate_a_edr is not None
+
+    def _drop(self, x: jax.Array) -> jax.Array:
+        return self.lora_dropout(x) if self.lora_dropout is not None else x
+
+    def _project(
+        self,
+        matmul: Matmul,
+        x: jax.Array,
+        w_base: nnx.Param,
+        lora_a: nnx.LoRAParam | None,
+        lora_b: nnx.LoRAParam | None,
+    ) -> jax.Array:
+        """Base projection plus, when present, the scaled LoRA update on dropout(x)."""
+        y = matmul(x, w_base[...])
+        if lora_a is not None:
+            y = y + matmul(matmul(self._drop(x), lora_a[...]), lora_b[...]) * self.lora_scale
+        return y
+
+    def _swiglu(self, matmul: Matmul, x: jax.Array) -> jax.Array:
+        gate = self._project(matmul, x, self.w_gate_edf, self.lora_gate_a_edr, self.lora_gate_b_erf)
+        up = self._project(matmul, x, self.w_up_edf, self.lora_up_a_edr, self.lora_up_b_erf)
+        hidden = jax.nn.silu(gate) * up
+        return self._project(
+            matmul, hidden, self.w_down_efd, self.lora_down_a_efr, self.lora_down_b_erd
+        )
+
+    def grouped(self, x_md: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+        """Rows sorted by expert, group_sizes_e[e] rows for expert e -> y_md."""
+        if x_md.ndim != 2 or x_md.shape[-1] != self.dim:
+            raise ValueError(f"ExpertBank.grouped expects x [M, {self.dim}], got {x_md.shape}")
+        if group_sizes_e.shape != (self.num_experts,):
+            raise ValueError(
+                f"group_sizes must be [{self.num_experts}] (num_experts), got {group_sizes_e.shape}"
+            )
+        return self._swiglu(functools.partial(_ragged_matmul, group_sizes_e=group_sizes_e), x_md)
+
+    def batched(self, x_ecd: jax.Array) -> jax.Array:
+        """A block of C rows per expert: x_ecd [E, C, D] -> y_ecd."""
+        if x_ecd.ndim != 3 or x_ecd.shape[0] != self.num_experts or x_ecd.shape[-1] != self.dim:
+            raise ValueError(
+                f"ExpertBank.batched expects x [{self.num_experts}, C, {self.dim}], got {x_ecd.shape}"
+            )
+        return self._swiglu(_batched_matmul, x_ecd)
+
+    def merge_adapters(self) -> None:
+        """Folds each expert's adapters into its base weights and zeroes the B matrices."""
+        if not self.has_lora:
+            return
+        for w_base, lora_a, lora_b in (
+            (self.w_gate_edf, self.lora_gate_a_edr, self.lora_gate_b_erf),
+            (self.w_up_edf, self.lora_up_a_edr, self.lora_up_b_erf),
+            (self.w_down_efd, self.lora_down_a_efr, self.lora_down_b_erd),
+        ):
+            delta = jnp.einsum("eir,erj->eij", lora_a[...], lora_b[...]) * self.lora_scale
+            w_base[...] = w_base[...] + delta
+            lora_b[...] = jnp.zeros_like(lora_b[...])

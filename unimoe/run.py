@@ -1,0 +1,29 @@
+"""One experiment end to end: data, every stage in order (resuming / skipping), evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import ml_collections
+
+from unimoe.data import pipeline
+from unimoe.eval import evaluate
+from unimoe.train import trainer
+
+
+def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Trains the stages `config.stage_order` lists, evaluates, and returns the results table."""
+  workdir_path = pathlib.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  started = time.perf_counter()
+  tokenizer = pipeline.prepare(trainer.data_config(config))
+  trainer.run_stages(config, workdir_path, tokenizer)
+  table = evaluate.evaluate(config, workdir_path, tokenizer)
+  logging.info('experiment finished in %.0f s', time.perf_counter() - started)
+  (workdir_path / 'timing.json').write_text(
+      json.dumps({'seconds': time.perf_counter() - started}) + '\n')
+  return table

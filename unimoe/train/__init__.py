@@ -1,0 +1,1 @@
+"""Training: optimizer, checkpoints, metrics, train state and step, stages."""

@@ -1,0 +1,135 @@
+"""Runs an experiment's stages in order: build, initialise, train, checkpoint, resume, skip done."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+import zlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from unimoe.data import pipeline, tasks as tasks_lib
+from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe.train import checkpoint, metrics as metrics_lib, optim, stages, step as step_lib
+
+
+def split_list(text: str) -> list[str]:
+  return [item for item in text.split(',') if item]
+
+
+def data_config(config: ml_collections.ConfigDict, **overrides: Any) -> pipeline.DataConfig:
+  return pipeline.DataConfig(**{**config.data.to_dict(), **overrides})
+
+
+def build_model(config: ml_collections.ConfigDict, tokenizer: Any, *, moe: bool, lora_rank: int,
+                seed: int) -> UniMoE:
+  model_cfg = UniMoEConfig.from_dict(
+      config.model, vocab_size=tokenizer.vocab_size, moe=moe, lora_rank=lora_rank,
+      token_ids=dict(image_token_id=tokenizer.image_id, video_token_id=tokenizer.video_id,
+                     audio_token_id=tokenizer.audio_id),
+      num_labels=(tasks_lib.NUM_IMAGE_LABELS, tasks_lib.NUM_AUDIO_LABELS))
+  return UniMoE(model_cfg, rngs=nnx.Rngs(seed))
+
+
+def stage_checkpointer(workdir: pathlib.Path, name: str) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(workdir / name / 'checkpoints')
+
+
+def final_params(workdir: pathlib.Path, name: str) -> dict[str, np.ndarray]:
+  """The flat parameters a finished stage ended with (what later stages start from)."""
+  ckpt = stage_checkpointer(workdir, name)
+  if not ckpt.is_done():
+    raise ValueError(f"stage {name!r} is named as a source but has not finished in {workdir}")
+  raw = ckpt.restore_raw(ckpt.read_done()['final_step'])
+  ckpt.close()
+  return stages.flat_params(raw['params'])
+
+
+def build_stage_model(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path,
+                      tokenizer: Any) -> UniMoE:
+  """The model of stage `name`, initialised from the stages its config names."""
+  stage = config.stages[name]
+  model = build_model(config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank,
+                      seed=config.seed)
+  sources = [(src, final_params(workdir, src)) for src in split_list(stage.init_from)]
+  experts = [(src, final_params(workdir, src)) for src in split_list(stage.experts_from)]
+  if sources or experts:
+    stages.load_params(model, sources, experts)
+  return model
+
+
+def train_stage(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path,
+                tokenizer: Any) -> dict[str, Any]:
+  """Trains one stage to its last step, resuming from its latest checkpoint if there is one."""
+  stage = config.stages[name]
+  stage_dir = workdir / name
+  ckpt = stage_checkpointer(workdir, name)
+  model = build_stage_model(config, name, workdir, tokenizer)
+  is_trainable = stages.trainable_filter(stage.trains)
+  graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
+  num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+  logging.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
+
+  optim_cfg = optim.OptimConfig(
+      learning_rate=stage.learning_rate, total_steps=stage.steps, warmup_steps=stage.warmup_steps,
+      weight_decay=stage.weight_decay, grad_clip=stage.grad_clip)
+  loss_cfg = step_lib.LossConfig(kind=stage.mode, balance_coef=stage.balance_coef,
+                                 z_coef=stage.z_coef)
+  opt_state = optim.make_optimizer(optim_cfg).init(trainable)
+  loader = pipeline.make_train_loader(
+      data_config(config, batch_size=stage.batch_size), tokenizer, split_list(stage.tasks),
+      stage.mode, seed=config.seed + zlib.crc32(name.encode()) % 1000)
+  data_iter = iter(loader)
+
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    abstract = jax.eval_shape(lambda: {'params': nnx.state(model, nnx.Param), 'opt_state': opt_state})
+    restored = ckpt.restore(start_step, abstract, data_iter)
+    nnx.update(model, restored['params'])
+    graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
+    opt_state = restored['opt_state']
+    logging.info('stage %s: resumed at step %d', name, start_step)
+
+  train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
+  schedule = optim.learning_rate_schedule(optim_cfg)
+
+  def save(step: int, force: bool = False) -> None:
+    params = nnx.state(nnx.merge(graphdef, trainable, rest), nnx.Param)
+    ckpt.save(step, {'params': params, 'opt_state': opt_state}, data_iter, force=force)
+
+  last: dict[str, Any] = {}
+  started = time.perf_counter()
+  with metrics_lib.MetricsWriter(stage_dir, total_steps=stage.steps, desc=name) as writer:
+    writer.update(start_step)
+    for step in range(start_step + 1, stage.steps + 1):
+      batch = next(data_iter)
+      trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch)
+      writer.update(1)
+      if step % config.log_every == 0 or step == stage.steps:
+        last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+        writer.write(step, {**last, 'learning_rate': schedule(step - 1)})
+      if step % config.checkpoint_every == 0 and step < stage.steps:
+        save(step)
+  save(stage.steps, force=True)
+  ckpt.wait()
+  summary = {'final_step': stage.steps, 'seconds': time.perf_counter() - started,
+             **{k: float(v) for k, v in last.items() if np.ndim(v) == 0}}
+  ckpt.mark_done(summary)
+  ckpt.close()
+  return summary
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
+  for name in split_list(config.stage_order):
+    if name not in config.stages:
+      raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
+    if stage_checkpointer(workdir, name).is_done():
+      logging.info('stage %s: finished earlier, skipping', name)
+      continue
+    summary = train_stage(config, name, workdir, tokenizer)
+    logging.info('stage %s done: %s', name, summary)
