@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(
       data_dir=os.environ.get('UNIMOE_DATA_DIR', os.path.join('.cache', 'unimoe_data')),
       builder_config='test' if test else 'tiny',
-      seq_len=96, batch_size=32, image_size=32, num_frames=8, audio_frames=300,
+      seq_len=96, batch_size=32, image_size=32, num_frames=4 if test else 8, audio_frames=300,
       num_mel_bins=32, n_image_tokens=16, n_video_tokens=16, n_audio_tokens=8,
       skip_too_long=False, seed=0)
 

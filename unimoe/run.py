@@ -9,9 +9,20 @@ import time
 
 import ml_collections
 
-from unimoe.data import pipeline
+from unimoe.data import builtin
+from unimoe.data.tokenizer import Tokenizer
 from unimoe.eval import evaluate
 from unimoe.train import trainer
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = 'unimoe_tokenizer.json'
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> Tokenizer:
+  """Builds the built-in dataset if it is missing; returns the tokenizer stored beside it."""
+  builtin.prepare(config.data.data_dir, config.data.builder_config)
+  return Tokenizer.load_or_train(pathlib.Path(config.data.data_dir) / TOKENIZER_FILE)
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -20,10 +31,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
   workdir_path.mkdir(parents=True, exist_ok=True)
   (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
   started = time.perf_counter()
-  tokenizer = pipeline.prepare(trainer.data_config(config))
+  tokenizer = prepare_data(config)
   trainer.run_stages(config, workdir_path, tokenizer)
   table = evaluate.evaluate(config, workdir_path, tokenizer)
-  logging.info('experiment finished in %.0f s', time.perf_counter() - started)
+  log.info('experiment finished in %.0f s', time.perf_counter() - started)
   (workdir_path / 'timing.json').write_text(
       json.dumps({'seconds': time.perf_counter() - started}) + '\n')
   return table

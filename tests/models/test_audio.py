@@ -8,7 +8,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from unimoe.models.audio import AudioEncoder
 
-CFG = AudioEncoder.Config(num_mel_bins=7, max_frames=22, width=12, depth=2, num_heads=3, mlp_dim=19)
+CFG = AudioEncoder.Config(num_mel_bins=7, max_frames=22, width=12, depth=2, num_heads=3, mlp_dim=13)
 
 
 def _hf_encoder(cfg: AudioEncoder.Config, max_source_positions: int) -> WhisperEncoder:
@@ -70,7 +70,7 @@ def test_matches_hf_whisper_encoder(num_frames):
     np.testing.assert_allclose(np.asarray(ours.pooled(mel_bam)), expected.mean(1), atol=1e-4)
 
 
-@pytest.mark.parametrize("num_frames, num_positions", [(1, 1), (7, 4), (21, 11)])
+@pytest.mark.parametrize("num_frames, num_positions", [(1, 1), (21, 11)])
 def test_odd_lengths_give_ceil_half(num_frames, num_positions):
     ours = AudioEncoder(CFG, rngs=nnx.Rngs(0))
     feats_bsd = ours(np.ones((3, num_frames, CFG.num_mel_bins), np.float32))

@@ -10,7 +10,8 @@ from transformers.models.whisper.modeling_whisper import WhisperDecoder
 
 from unimoe.models.connectors import MLPProjector, QueryConnector
 
-QCFG = QueryConnector.Config(enc_dim=7, out_dim=11, num_queries=5, width=12, depth=2, num_heads=3,
+# Dims shared with the vision and audio tests, so eager JAX compiles each shape once.
+QCFG = QueryConnector.Config(enc_dim=7, out_dim=13, num_queries=5, width=12, depth=2, num_heads=3,
                              mlp_dim=13)
 
 
@@ -30,9 +31,9 @@ def test_mlp_projector_hand_computed():
 
 
 def test_mlp_projector_matches_numpy():
-    proj = MLPProjector(MLPProjector.Config(in_dim=5, out_dim=3), rngs=nnx.Rngs(0))
-    assert proj.fc1.kernel.shape == (5, 3)  # hidden_dim 0 -> out_dim
-    x_bnd = np.random.default_rng(0).normal(size=(2, 7, 5)).astype(np.float32)
+    proj = MLPProjector(MLPProjector.Config(in_dim=7, out_dim=12), rngs=nnx.Rngs(0))
+    assert proj.fc1.kernel.shape == (7, 12)  # hidden_dim 0 -> out_dim
+    x_bnd = np.random.default_rng(0).normal(size=(2, 5, 7)).astype(np.float32)
     w1, b1 = np.asarray(proj.fc1.kernel[...]), np.asarray(proj.fc1.bias[...])
     w2, b2 = np.asarray(proj.fc2.kernel[...]), np.asarray(proj.fc2.bias[...])
     expected = _np_gelu(x_bnd @ w1 + b1) @ w2 + b2
@@ -88,8 +89,8 @@ def test_query_connector_matches_hf_whisper_decoder():
     torch.manual_seed(0)
     decoder = WhisperDecoder(transformers.WhisperConfig(
         d_model=cfg.width, decoder_layers=cfg.depth, decoder_attention_heads=cfg.num_heads,
-        decoder_ffn_dim=cfg.mlp_dim, max_target_positions=cfg.num_queries, vocab_size=11, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-        decoder_start_token_id=0,
+        decoder_ffn_dim=cfg.mlp_dim, max_target_positions=cfg.num_queries, vocab_size=11,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
         encoder_layers=1, encoder_attention_heads=1, encoder_ffn_dim=4, num_mel_bins=4,
     )).eval()
     with torch.no_grad():  # HF's identity LayerNorms and zero biases would test nothing
@@ -109,11 +110,12 @@ def test_query_connector_matches_hf_whisper_decoder():
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
                 _copy(getattr(getattr(layer, attn), proj), hf, f"layers.{i}.{attn}.{proj}")
     enc_bsd = _enc(0, (2, 9, cfg.width))
-    queries_bqd = torch.from_numpy(np.asarray(conn.query_tokens[...]))[None].repeat(2, 1, 1)
+    queries_bqd = torch.tensor(np.asarray(conn.query_tokens[...]))[None].repeat(2, 1, 1)
     with torch.no_grad():
-        hidden_bqd = decoder(inputs_embeds=queries_bqd, encoder_hidden_states=torch.from_numpy(
-            enc_bsd), use_cache=False).last_hidden_state.numpy()
-    expected = hidden_bqd @ np.asarray(conn.out_proj.kernel[...]) + np.asarray(conn.out_proj.bias[...])
+        hidden_bqd = decoder(inputs_embeds=queries_bqd, encoder_hidden_states=torch.tensor(enc_bsd),
+                             use_cache=False).last_hidden_state.numpy()
+    out_kernel, out_bias = np.asarray(conn.out_proj.kernel[...]), np.asarray(conn.out_proj.bias[...])
+    expected = hidden_bqd @ out_kernel + out_bias
     np.testing.assert_allclose(np.asarray(conn(enc_bsd)), expected, atol=1e-4, rtol=0)
 
 
@@ -144,6 +146,6 @@ def test_bad_input_raises():
         conn(_enc(0, (3, 9, QCFG.enc_dim + 1)))
     with pytest.raises(ValueError, match="enc_mask_bs"):
         conn(_enc(0), np.ones((3, 8), bool))
-    proj = MLPProjector(MLPProjector.Config(in_dim=5, out_dim=3), rngs=nnx.Rngs(0))
+    proj = MLPProjector(MLPProjector.Config(in_dim=7, out_dim=12), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="in_dim"):
         proj(np.zeros((1, 2, 4), np.float32))

@@ -7,7 +7,8 @@ from flax import nnx
 
 from unimoe.models.vision import Attention, ViTEncoder
 
-CFG = ViTEncoder.Config(image_size=15, patch_size=5, width=20, depth=3, num_heads=4, mlp_dim=37)
+# Dims shared with the audio and connector tests, so eager JAX compiles each shape once.
+CFG = ViTEncoder.Config(image_size=15, patch_size=5, width=12, depth=3, num_heads=3, mlp_dim=13)
 
 
 def _hf_model(cfg: ViTEncoder.Config) -> transformers.CLIPVisionModel:
@@ -70,7 +71,7 @@ def test_features_match_hf_clip(hf_and_images, select_layer):
     ours = ViTEncoder(cfg, rngs=nnx.Rngs(1))
     _load(ours, model)
     feats_bnd = np.asarray(ours(images_bhwc))
-    assert feats_bnd.shape == (2, ours.num_patches, CFG.width) == (2, 9, 20)
+    assert feats_bnd.shape == (2, ours.num_patches, CFG.width) == (2, 9, 12)
     expected = out.hidden_states[select_layer][:, 1:].numpy()
     np.testing.assert_allclose(feats_bnd, expected, atol=1e-4, rtol=0)
 
@@ -94,13 +95,13 @@ def test_param_paths_mirror_hf():
 
 
 def test_attention_mask_blocks_keys():
-    attn = Attention(Attention.Config(width=6, num_heads=3), rngs=nnx.Rngs(0))
-    x_bqd = np.random.default_rng(0).normal(size=(1, 4, 6)).astype(np.float32)
+    attn = Attention(Attention.Config(width=12, num_heads=3), rngs=nnx.Rngs(0))
+    x_bqd = np.random.default_rng(0).normal(size=(1, 4, 12)).astype(np.float32)
     only_first_key = np.array([True, False, False, False])
     # With one visible key the softmax is one-hot, so every query reads v_proj(x[0]).
     expected = attn.out_proj(attn.v_proj(x_bqd[:, :1]))
     np.testing.assert_allclose(
-        np.asarray(attn(x_bqd, mask_bqs=only_first_key)), np.broadcast_to(expected, (1, 4, 6)),
+        np.asarray(attn(x_bqd, mask_bqs=only_first_key)), np.broadcast_to(expected, (1, 4, 12)),
         atol=1e-6,
     )
 
@@ -120,4 +121,4 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="images_bhwc"):
         ours(np.zeros((1, 3, 15, 15), np.float32))
     with pytest.raises(ValueError, match="num_heads"):
-        ViTEncoder(ViTEncoder.Config(width=10, num_heads=4), rngs=nnx.Rngs(0))
+        ViTEncoder.Config(width=10, num_heads=4)

@@ -22,7 +22,8 @@ def test_dropless_routes_each_token_to_its_experts_and_mixes_by_weight():
     x_nd = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]])
     experts_nk = jnp.array([[2, 0], [0, 1], [2, 1]])
     weights_nk = jnp.array([[0.75, 0.25], [0.5, 0.5], [0.1, 0.9]])
-    y_nd = dropless_dispatch(x_nd, weights_nk, experts_nk, scale_by_expert_id, 3)
+    dispatch = jax.jit(dropless_dispatch, static_argnums=(3, 4))
+    y_nd = dispatch(x_nd, weights_nk, experts_nk, scale_by_expert_id, 3)
     # Per token, the factor is sum_k w_k * (e_k + 1): 0.75*3 + 0.25*1 = 2.5; 0.5*1 + 0.5*2 = 1.5;
     # 0.1*3 + 0.9*2 = 2.1.
     np.testing.assert_allclose(y_nd, [[2.5, 5.0], [4.5, -1.5], [1.05, 8.4]], rtol=1e-6)
@@ -38,13 +39,16 @@ def random_routing(seed: int, num_tokens: int, top_k: int, choices: tuple[int, .
 
 
 def make_bank(lora_rank: int) -> ExpertBank:
-    bank = ExpertBank(3, 5, 11, lora=LoRAConfig(rank=lora_rank, alpha=4.0), rngs=nnx.Rngs(0))
-    if lora_rank:
-        # Non-zero B so the adapters take part in the outputs and gradients being compared.
-        rng = np.random.default_rng(0)
-        for _, var in nnx.iter_graph(bank):
-            if isinstance(var, nnx.LoRAParam):
-                var[...] = jnp.asarray(0.3 * rng.normal(size=var[...].shape), jnp.float32)
+    """A bank with every weight drawn from N(0, 0.4), adapters included, so all terms matter.
+
+    Built abstractly: the eager random init would cost a compile per shape and be overwritten.
+    """
+    lora = LoRAConfig(rank=lora_rank, alpha=4.0)
+    bank = nnx.eval_shape(lambda: ExpertBank(3, 5, 11, lora=lora, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    for _, var in nnx.iter_graph(bank):
+        if isinstance(var, nnx.Param):
+            var.set_value(jnp.asarray(0.4 * rng.normal(size=var.get_value().shape), jnp.float32))
     return bank
 
 

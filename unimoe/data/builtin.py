@@ -13,13 +13,14 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from etils import epath
 
 from unimoe.data import media, tasks
 
 SPLITS: tuple[str, ...] = ("train", "eval")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class BuiltinConfig(tfds.core.BuilderConfig):
     """Sizes of one build. Caption tasks have no eval records (they are alignment data)."""
 
@@ -52,10 +53,16 @@ class UnimoeBuiltin(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
         BuiltinConfig(name="tiny", description="The demo: 600 train records per task, 60 eval per QA task.",
-                      train_per_task=600, eval_per_task=60),
+                      train_per_task=600, eval_per_task=60, num_frames=8),
         BuiltinConfig(name="test", description="For tests: 16 train records per task, 8 eval per QA task.",
                       train_per_task=16, eval_per_task=8),
     ]
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS's own lookup imports the `importlib_resources` backport, which is not installed.
+        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg: BuiltinConfig = self.builder_config

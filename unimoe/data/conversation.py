@@ -120,12 +120,13 @@ def build_prompt(
     n_image_tokens: int,
     n_video_tokens: int,
     n_audio_tokens: int,
+    record_id: str = "",
 ) -> np.ndarray:
     """Eval prompt int32 [prompt_len] (unpadded): every round, the last answer left for the model.
 
     Ends with "ASSISTANT:"; a trailing gpt turn (the reference answer) is dropped.
     """
-    _check_conversation(conversations, "")
+    _check_conversation(conversations, record_id)
     tag_lengths = {"<image>": n_image_tokens, "<video>": n_video_tokens, "<audio>": n_audio_tokens}
     segments = _segments(conversations, tokenizer, tag_lengths, with_last_answer=False)
     return np.asarray([i for ids, _ in segments for i in ids], np.int32)

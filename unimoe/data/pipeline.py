@@ -21,6 +21,14 @@ from unimoe.data import tasks as task_defs  # `tasks` is the loaders' parameter 
 from unimoe.data.tokenizer import Tokenizer
 
 MODES: tuple[str, ...] = ("chat", "lm_text", "classify_image", "classify_audio")
+# Media each mode feeds the model; the other slots stay zero with has_* False, which skips their
+# preprocessing (log-mel is the costly part) and matches the text, which has no placeholders then.
+_MODE_MEDIA: dict[str, tuple[str, ...]] = {
+    "chat": ("image", "video", "audio"),
+    "lm_text": (),
+    "classify_image": ("image",),
+    "classify_audio": ("audio",),
+}
 _INT16_SCALE = 32767.0
 _STRING_KEYS = ("answer", "task", "modality", "id")
 
@@ -66,17 +74,17 @@ def _builder(cfg: DataConfig) -> builtin.UnimoeBuiltin:
     return builder
 
 
-def _media(record: dict[str, Any], cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Normalised media slots; absent media are zeros with has_* False."""
+def _media(record: dict[str, Any], cfg: DataConfig, used: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Normalised media slots; absent or unused media are zeros with has_* False."""
     size = cfg.image_size
     image, video, audio = record["image"], record["video"], record["audio"]
     out = {
         "image": np.zeros((size, size, 3), np.float32),
-        "has_image": np.bool_(len(image) > 0),
+        "has_image": np.bool_(len(image) > 0 and "image" in used),
         "video": np.zeros((cfg.num_frames, size, size, 3), np.float32),
-        "has_video": np.bool_(len(video) > 0),
+        "has_video": np.bool_(len(video) > 0 and "video" in used),
         "audio_mel": np.zeros((cfg.audio_frames, cfg.num_mel_bins), np.float32),
-        "has_audio": np.bool_(len(audio) > 0),
+        "has_audio": np.bool_(len(audio) > 0 and "audio" in used),
     }
     if out["has_image"]:
         out["image"] = media.normalize_image(image[0])
@@ -104,13 +112,15 @@ def _check_media_tags(convs: list[dict[str, str]], example: dict[str, np.ndarray
 class _Preprocess(grain.MapTransform):
     """Record -> one unbatched example; too-long records become {} (dropped by `_NonEmpty`)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, mode: str):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, mode: str, num_records: int):
         self.cfg, self.tokenizer, self.mode = cfg, tokenizer, mode
+        self.num_records = num_records
         self.num_skipped = 0
+        self._skipped_in_a_row = 0
 
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         cfg, record_id = self.cfg, _text(record["id"])
-        example = _media(record, cfg)
+        example = _media(record, cfg, _MODE_MEDIA[self.mode])
         convs = json.loads(_text(record["conversations"]))
         try:
             if self.mode == "chat":
@@ -128,9 +138,14 @@ class _Preprocess(grain.MapTransform):
             if not cfg.skip_too_long:
                 raise
             self.num_skipped += 1
+            self._skipped_in_a_row += 1
+            # An infinite sampler would otherwise spin forever when no record fits.
+            if self._skipped_in_a_row > self.num_records:
+                raise ValueError(f"every record is longer than DataConfig.seq_len={cfg.seq_len}") from None
             logging.warning("skipping record %s: longer than seq_len=%d (%d skipped so far)",
                             record_id, cfg.seq_len, self.num_skipped)
             return {}
+        self._skipped_in_a_row = 0
         task = _text(record["task"])
         example.update(
             tokens=tokens,
@@ -177,7 +192,8 @@ def make_train_loader(
     """Infinite shuffled batches of this shard's records of `tasks` (per-shard batch = batch_size / shard_count).
 
     `mode`: 'chat' (Vicuna template, answers supervised), 'lm_text' (plain template text, every token
-    supervised), 'classify_image' / 'classify_audio' (only records with that label; no text).
+    supervised, no media), 'classify_image' / 'classify_audio' (only records with that label, only
+    that medium, no text: tokens are all pad and attn_mask all False).
     `seed` defaults to `cfg.seed`; the tasks are mixed in proportion to their record counts (equal).
     """
     selected = _select_tasks(tasks, mode)
@@ -194,7 +210,7 @@ def make_train_loader(
         num_epochs=None,
         seed=cfg.seed if seed is None else seed,
     )
-    operations = [_Preprocess(cfg, tokenizer, mode), _NonEmpty(),
+    operations = [_Preprocess(cfg, tokenizer, mode, len(source)), _NonEmpty(),
                   grain.Batch(batch_size=cfg.batch_size // shard_count, drop_remainder=True)]
     return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=0)
 
@@ -213,11 +229,12 @@ def load_eval_examples(cfg: DataConfig, tokenizer: Tokenizer, tasks: Sequence[st
     for index in range(len(source)):
         record = source[index]
         record_id = _text(record["id"])
-        example = _media(record, cfg)
+        example = _media(record, cfg, _MODE_MEDIA["chat"])
         convs = json.loads(_text(record["conversations"]))
         _check_media_tags(convs, example, record_id)
         prompt = conversation.build_prompt(convs, tokenizer, n_image_tokens=cfg.n_image_tokens,
-                                           n_video_tokens=cfg.n_video_tokens, n_audio_tokens=cfg.n_audio_tokens)
+                                           n_video_tokens=cfg.n_video_tokens, n_audio_tokens=cfg.n_audio_tokens,
+                                           record_id=record_id)
         if len(prompt) >= cfg.seq_len:
             if cfg.skip_too_long:
                 logging.warning("skipping eval record %s: prompt of %d tokens, seq_len=%d",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import fractions
+import functools
 import os
 import tempfile
 import threading
@@ -39,6 +40,21 @@ _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), 
                                   ctypes.c_void_p)
 
 
+@functools.lru_cache(maxsize=4)
+def _polyphase_kernel(up: int, down: int) -> np.ndarray:
+    """[up, 2*half_width] kernel taps for resampling by up/down, one row per output phase.
+
+    Output n sits at input time n*down/up = base + phase/up and reads inputs base-half_width+1 ..
+    base+half_width; only `up` distinct phases exist, so the kernel is tabulated once per phase.
+    """
+    cutoff = 0.5 * min(1.0, up / down) * _RESAMPLE_ROLLOFF  # cycles per input sample
+    half_width = int(np.ceil(_RESAMPLE_ZERO_CROSSINGS / (2 * cutoff)))
+    taps = np.arange(-half_width + 1, half_width + 1)
+    dist_pt = (np.arange(up) / up)[:, None] - taps[None, :]
+    window_pt = np.i0(_KAISER_BETA * np.sqrt(np.clip(1 - (dist_pt / half_width) ** 2, 0, None)))
+    return 2 * cutoff * np.sinc(2 * cutoff * dist_pt) * window_pt / np.i0(_KAISER_BETA)
+
+
 def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
     """float32 `wave` resampled by a Kaiser-windowed sinc, low-passed below the lower Nyquist rate."""
     wave = np.asarray(wave, np.float64)
@@ -50,14 +66,8 @@ def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
         return wave.astype(np.float32)
     ratio = fractions.Fraction(target_rate, orig_rate)
     up, down = ratio.numerator, ratio.denominator
-    cutoff = 0.5 * min(1.0, up / down) * _RESAMPLE_ROLLOFF  # cycles per input sample
-    half_width = int(np.ceil(_RESAMPLE_ZERO_CROSSINGS / (2 * cutoff)))
-    taps = np.arange(-half_width + 1, half_width + 1)
-    # Output n sits at input time n*down/up = base + phase/up; only `up` distinct phases exist, so
-    # the kernel is tabulated once per phase (polyphase).
-    dist_pt = (np.arange(up) / up)[:, None] - taps[None, :]
-    window_pt = np.i0(_KAISER_BETA * np.sqrt(np.clip(1 - (dist_pt / half_width) ** 2, 0, None)))
-    kernel_pt = 2 * cutoff * np.sinc(2 * cutoff * dist_pt) * window_pt / np.i0(_KAISER_BETA)
+    kernel_pt = _polyphase_kernel(up, down)
+    half_width = kernel_pt.shape[1] // 2
     padded = np.pad(wave, (half_width, half_width + 1))
     # Output n reads padded[base + 1 : base + 1 + 2*half_width]. Outputs n = r + up*m share the
     # phase (r*down) % up and their bases step by `down`: one strided view times one kernel row.

@@ -268,10 +268,9 @@ def tokenizer_corpus() -> list[str]:
     pairs += [(f"What is {a} plus {b}?", str(a + b)) for a, b in _PLUS_PAIRS]
     pairs += [(f"What is {a} minus {b}?", str(a - b)) for a, b in _MINUS_PAIRS]
     single = [media.SceneObject(s, c, 0.0, 0.0, 1.0) for c in COLOR_NAMES for s in media.SHAPES]
-    pairs += [(IMAGE_CAPTION_PROMPT, describe_objects([o])) for o in single]
-    pairs += [(IMAGE_CAPTION_PROMPT, describe_objects([o, dataclasses.replace(o, x=1.0)])) for o in single]
-    pairs += [(IMAGE_CAPTION_PROMPT, describe_objects([o, dataclasses.replace(o, x=1.0), dataclasses.replace(o, x=2.0)]))
-              for o in single]
+    for n in range(1, _MAX_OBJECTS + 1):  # captions listing n objects (repeated ones cover the same words)
+        pairs += [(IMAGE_CAPTION_PROMPT, describe_objects([dataclasses.replace(o, x=float(i)) for i in range(n)]))
+                  for o in single]
     for shape in media.SHAPES:
         pairs += [(f"What color is the {shape}?", color) for color in COLOR_NAMES]
     for color in COLOR_NAMES:

@@ -19,6 +19,8 @@ from unimoe.eval import generate, scoring, tables
 from unimoe.models.unimoe import UniMoE
 from unimoe.train import stages, trainer
 
+log = logging.getLogger(__name__)
+
 # Keys of an eval batch that the model reads (the rest are strings for scoring).
 _MODEL_KEYS = ('tokens', 'prompt_len', 'image', 'video', 'audio_mel')
 
@@ -50,7 +52,7 @@ def load_finished_stage(config: ml_collections.ConfigDict, name: str, workdir: p
   total = len(list(nnx.to_flat_state(nnx.state(model, nnx.Param))))
   if len(origin) != total:
     raise ValueError(f"stage {name!r}: checkpoint restored {len(origin)} of {total} params")
-  return nnx.view(model, deterministic=True)
+  return nnx.view(model, deterministic=True, raise_if_not_found=False)
 
 
 def predict(model: UniMoE, examples: list[dict[str, Any]], tokenizer: Any, *, batch_size: int,
@@ -58,18 +60,20 @@ def predict(model: UniMoE, examples: list[dict[str, Any]], tokenizer: Any, *, ba
   """Scoring records (task, modality, prediction, answer) for every example."""
   graphdef, state = nnx.split(model)
   records = []
-  for start in tqdm.trange(0, len(examples), batch_size, desc=desc, leave=False):
-    chunk = examples[start:start + batch_size]
-    batch = pipeline.collate(chunk, batch_size)
-    ids = generate_answers(graphdef, state, {k: batch[k] for k in _MODEL_KEYS if k in batch},
+  for batch in tqdm.tqdm(pipeline.collate(examples, batch_size), desc=desc, leave=False):
+    ids = generate_answers(graphdef, state, {k: batch[k] for k in _MODEL_KEYS},
                            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                            pad_id=tokenizer.pad_id)
-    for example, row in zip(chunk, np.asarray(ids)):
+    for row, valid, task, modality, answer in zip(
+        np.asarray(ids), batch['valid'], batch['task_name'], batch['modality_name'],
+        batch['answer']):
+      if not valid:
+        continue
       answer_ids = [int(t) for t in row]
       if tokenizer.eos_id in answer_ids:
         answer_ids = answer_ids[:answer_ids.index(tokenizer.eos_id)]
-      records.append({'task': example['task'], 'modality': example['modality'],
-                      'prediction': tokenizer.decode(answer_ids), 'answer': example['answer']})
+      records.append({'task': task, 'modality': modality, 'answer': answer,
+                      'prediction': tokenizer.decode(answer_ids)})
   return records
 
 
@@ -83,7 +87,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
     records = predict(model, examples, tokenizer, batch_size=config.eval.batch_size,
                       max_new_tokens=config.eval.max_new_tokens, desc=f'eval {name}')
     results[name] = scoring.score(records)
-    logging.info('eval %s: overall accuracy %.3f', name, results[name]['overall']['accuracy'])
+    log.info('eval %s: overall accuracy %.3f', name, results[name]['overall']['accuracy'])
   task_modality = {task: tasks_lib.TASKS[task] for task in eval_tasks}
   chance = {task: tasks_lib.chance_accuracy(task) for task in eval_tasks}
   tables.write_results(workdir, results, chance, task_modality)

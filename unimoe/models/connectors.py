@@ -33,7 +33,9 @@ class MLPProjector(nnx.Module):
                 if getattr(self, name) <= 0:
                     raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
             if self.hidden_dim < 0:
-                raise ValueError(f"hidden_dim must be >= 0 (0 means out_dim), got {self.hidden_dim}")
+                raise ValueError(
+                    f"hidden_dim must be >= 0 (0 means out_dim), got {self.hidden_dim}"
+                )
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -43,7 +45,9 @@ class MLPProjector(nnx.Module):
 
     def __call__(self, x_bnd: jax.Array) -> jax.Array:
         if x_bnd.shape[-1] != self.cfg.in_dim:
-            raise ValueError(f"x_bnd's last axis must be in_dim ({self.cfg.in_dim}), got {x_bnd.shape}")
+            raise ValueError(
+                f"x_bnd's last axis must be in_dim ({self.cfg.in_dim}), got {x_bnd.shape}"
+            )
         return self.fc2(gelu(self.fc1(x_bnd)))
 
 
@@ -61,7 +65,11 @@ class QueryDecoderLayer(nnx.Module):
         self.final_layer_norm = nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, rngs=rngs)
 
     def __call__(
-        self, x_bqd: jax.Array, enc_bsd: jax.Array, causal_qq: jax.Array, enc_mask_b1s: jax.Array | None
+        self,
+        x_bqd: jax.Array,
+        enc_bsd: jax.Array,
+        causal_qq: jax.Array,
+        enc_mask_b1s: jax.Array | None,
     ) -> jax.Array:
         x_bqd = x_bqd + self.self_attn(self.self_attn_layer_norm(x_bqd), mask_bqs=causal_qq)
         x_bqd = x_bqd + self.encoder_attn(

@@ -1,7 +1,8 @@
 """CLIP-style ViT image encoder.
 
-Parameter names and nesting mirror Hugging Face's `CLIPVisionModel` (with the `vision_model.embeddings`
-and `vision_model.encoder` prefixes flattened away), so CLIP safetensors map onto it 1:1:
+Parameter names and nesting mirror Hugging Face's `CLIPVisionModel` (with the
+`vision_model.embeddings` and `vision_model.encoder` prefixes flattened away), so CLIP safetensors
+map onto it 1:1:
 `patch_embedding`, `class_embedding`, `position_embedding`, `pre_layrnorm` (sic, as in HF),
 `layers/<i>/{layer_norm1, self_attn/{q,k,v,out}_proj, layer_norm2, mlp/{fc1,fc2}}`,
 `post_layernorm`. Linear kernels are [in, out] and conv kernels [kh, kw, in, out] (HF's transposed).
@@ -30,7 +31,9 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         if cfg.width % cfg.num_heads:
-            raise ValueError(f"width ({cfg.width}) must be divisible by num_heads ({cfg.num_heads})")
+            raise ValueError(
+                f"width ({cfg.width}) must be divisible by num_heads ({cfg.num_heads})"
+            )
         self.cfg = cfg
         self.q_proj = nnx.Linear(cfg.width, cfg.width, rngs=rngs)
         self.k_proj = nnx.Linear(cfg.width, cfg.width, use_bias=cfg.key_bias, rngs=rngs)
@@ -113,18 +116,20 @@ class ViTEncoder(nnx.Module):
                 if getattr(self, name) <= 0:
                     raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
             if self.image_size % self.patch_size:
-                raise ValueError(
-                    f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
-                )
+                raise ValueError(f"image_size ({self.image_size}) must be divisible by "
+                                 f"patch_size ({self.patch_size})")
             if not -(self.depth + 1) <= self.select_layer <= self.depth:
                 raise ValueError(
                     f"select_layer ({self.select_layer}) must index one of the depth + 1 = "
-                    f"{self.depth + 1} hidden states, i.e. lie in [{-(self.depth + 1)}, {self.depth}]"
+                    f"{self.depth + 1} hidden states, i.e. lie in "
+                    f"[{-(self.depth + 1)}, {self.depth}]"
+                )
+            if self.width % self.num_heads:
+                raise ValueError(
+                    f"width ({self.width}) must be divisible by num_heads ({self.num_heads})"
                 )
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        if cfg.width % cfg.num_heads:
-            raise ValueError(f"width ({cfg.width}) must be divisible by num_heads ({cfg.num_heads})")
         self.cfg = cfg
         patch = (cfg.patch_size, cfg.patch_size)
         self.patch_embedding = nnx.Conv(

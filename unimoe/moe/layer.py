@@ -12,6 +12,8 @@ from unimoe.models.lora import Linear, LoRAConfig
 from unimoe.moe import dispatch, routing
 from unimoe.moe.experts import ExpertBank
 
+log = logging.getLogger(__name__)
+
 ROUTERS = ("topk_softmax", "softmax_topk")
 DISPATCH_IMPLS = ("dropless",)
 
@@ -86,7 +88,7 @@ class MoELayer(nnx.Module):
             weights_nk, experts_nk = routing.route_softmax_topk(logits_ne, cfg.top_k, cfg.renormalize)
 
         # Runs once per trace under jit, so this names the path each compiled step takes.
-        logging.info(
+        log.info(
             "MoELayer: %s dispatch, E=%d K=%d, %d tokens", cfg.impl, cfg.num_experts, cfg.top_k, batch * seq
         )
         y_nd = dispatch.dropless_dispatch(

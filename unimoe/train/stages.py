@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+log = logging.getLogger(__name__)
+
 # Parameter-path regexes, matched against '/'-joined paths such as 'llm/layers/0/ffn/gate/kernel'.
 TRAINABLE_PARTS: dict[str, str] = {
     'llm': r'^llm/',
@@ -97,7 +99,7 @@ def load_params(model: nnx.Module, sources: Sequence[tuple[str, Mapping[str, np.
       origin[key] = '+'.join(name for name, _ in experts_from)
     # The State holds the model's own Variables, so this writes into the model.
     variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
-  logging.info('initialised %d params from earlier stages', len(origin))
+  log.info('initialised %d params from earlier stages', len(origin))
   return origin
 
 

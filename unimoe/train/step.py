@@ -83,14 +83,15 @@ def make_train_step(graphdef: nnx.GraphDef, trains: str, optim_cfg: optim.OptimC
   is_trainable = stages.trainable_filter(trains)
 
   def step(trainable, opt_state, rest, batch):
-    def loss_fn(trainable):
-      model = nnx.merge(graphdef, trainable, rest)
+    def loss_fn(trainable, rest):
+      # copy=True makes fresh Variables at this trace level, so dropout may advance its RNG count.
+      model = nnx.merge(graphdef, trainable, rest, copy=True)
       loss, metrics = compute_loss(model, batch, loss_cfg)
       # Dropout advanced its RNG counters: hand the new `rest` back out of the pure function.
       _, _, new_rest = nnx.split(model, is_trainable, ...)
       return loss, (metrics, new_rest)
 
-    (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, rest)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, rest, {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads)}

@@ -17,6 +17,8 @@ from unimoe.data import pipeline, tasks as tasks_lib
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
 from unimoe.train import checkpoint, metrics as metrics_lib, optim, stages, step as step_lib
 
+log = logging.getLogger(__name__)
+
 
 def split_list(text: str) -> list[str]:
   return [item for item in text.split(',') if item]
@@ -33,7 +35,13 @@ def build_model(config: ml_collections.ConfigDict, tokenizer: Any, *, moe: bool,
       token_ids=dict(image_token_id=tokenizer.image_id, video_token_id=tokenizer.video_id,
                      audio_token_id=tokenizer.audio_id),
       num_labels=(tasks_lib.NUM_IMAGE_LABELS, tasks_lib.NUM_AUDIO_LABELS))
-  return UniMoE(model_cfg, rngs=nnx.Rngs(seed))
+  model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
+  for name, count in model.num_media_tokens.items():
+    expected = config.data[f'n_{name}_tokens']
+    if count != expected:
+      raise ValueError(f"config.data.n_{name}_tokens={expected}, but the model emits {count} "
+                       f"{name} tokens: the tokenizer must expand placeholders to match")
+  return model
 
 
 def stage_checkpointer(workdir: pathlib.Path, name: str) -> checkpoint.Checkpointer:
@@ -73,7 +81,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: pathlib.P
   is_trainable = stages.trainable_filter(stage.trains)
   graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
   num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-  logging.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
+  log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
 
   optim_cfg = optim.OptimConfig(
       learning_rate=stage.learning_rate, total_steps=stage.steps, warmup_steps=stage.warmup_steps,
@@ -93,7 +101,7 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: pathlib.P
     nnx.update(model, restored['params'])
     graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
     opt_state = restored['opt_state']
-    logging.info('stage %s: resumed at step %d', name, start_step)
+    log.info('stage %s: resumed at step %d', name, start_step)
 
   train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
   schedule = optim.learning_rate_schedule(optim_cfg)
@@ -124,12 +132,32 @@ def train_stage(config: ml_collections.ConfigDict, name: str, workdir: pathlib.P
   return summary
 
 
-def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
+def validate_stages(config: ml_collections.ConfigDict) -> None:
+  """Fails before any training if the stage graph cannot run: every problem names the stage."""
+  seen: list[str] = []
   for name in split_list(config.stage_order):
     if name not in config.stages:
       raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
+    stage = config.stages[name]
+    stages.trainable_filter(stage.trains)
+    step_lib.LossConfig(kind=stage.mode)
+    for source in split_list(stage.init_from) + split_list(stage.experts_from):
+      if source not in seen:
+        raise ValueError(f"stage {name!r} starts from {source!r}, which does not run before it")
+    experts = split_list(stage.experts_from)
+    if experts and (not stage.moe or len(experts) != config.model.moe.num_experts):
+      raise ValueError(f"stage {name!r}: experts_from names {len(experts)} stages; it needs "
+                       f"moe=True and model.moe.num_experts={config.model.moe.num_experts} sources")
+    if stage.steps < 1:
+      raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
+    seen.append(name)
+
+
+def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
+  validate_stages(config)
+  for name in split_list(config.stage_order):
     if stage_checkpointer(workdir, name).is_done():
-      logging.info('stage %s: finished earlier, skipping', name)
+      log.info('stage %s: finished earlier, skipping', name)
       continue
     summary = train_stage(config, name, workdir, tokenizer)
-    logging.info('stage %s done: %s', name, summary)
+    log.info('stage %s done: %s', name, summary)
