@@ -60,12 +60,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(
       data_dir=os.environ.get('UNIMOE_DATA_DIR', os.path.join('.cache', 'unimoe_data')),
       builder_config='test' if test else 'tiny',
-      seq_len=96, batch_size=32, image_size=32, num_frames=4 if test else 8, audio_frames=300,
+      seq_len=80, batch_size=32, image_size=32, num_frames=4 if test else 8, audio_frames=300,
       num_mel_bins=32, n_image_tokens=16, n_video_tokens=16, n_audio_tokens=8,
       skip_too_long=False, seed=0)
 
   c.model = dict(
-      llm=dict(dim=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=256),
+      llm=dict(dim=96, num_layers=3, num_heads=4, num_kv_heads=2, ffn_dim=192),
       vision=dict(image_size=32, patch_size=8, width=64, depth=3, num_heads=4, mlp_dim=128,
                   select_layer=-2),
       audio=dict(num_mel_bins=32, max_frames=300, width=64, depth=2, num_heads=4, mlp_dim=128),
@@ -79,22 +79,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage_order = ','.join(['s0_llm', 's0_vision', 's0_audio', 's1_align']
                            + [f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe'])
   c.stages = ml_collections.ConfigDict()
-  c.stages.s0_llm = stage(trains='llm', mode='lm_text', tasks=all_tasks, steps=steps(600),
+  c.stages.s0_llm = stage(trains='llm', mode='lm_text', tasks=all_tasks, steps=steps(200),
                           learning_rate=3e-3)
   c.stages.s0_vision = stage(trains='vision', mode='classify_image',
                              tasks=('image_qa', 'image_caption'), steps=steps(300),
                              learning_rate=2e-3)
   c.stages.s0_audio = stage(trains='audio', mode='classify_audio',
                             tasks=('speech_transcript', 'audio_caption', 'speech_qa', 'audio_qa'),
-                            steps=steps(400), learning_rate=2e-3)
+                            steps=steps(300), learning_rate=2e-3)
   c.stages.s1_align = stage(trains='connectors', mode='chat', tasks=CAPTION_TASKS,
                             steps=steps(300), learning_rate=2e-3,
                             init_from=('s0_llm', 's0_vision', 's0_audio'))
   for m in MODALITY_STAGES:
     c.stages[f's2_{m}'] = stage(trains='ffn+connectors', mode='chat', tasks=STAGE2_TASKS[m],
-                                steps=steps(300), learning_rate=1e-3, init_from=('s1_align',))
+                                steps=steps(250), learning_rate=1e-3, init_from=('s1_align',))
   c.stages.s3_moe = stage(trains='lora+router+connectors', mode='chat', tasks=all_tasks,
-                          steps=steps(600), learning_rate=1e-3, init_from=('s1_align',),
+                          steps=steps(500), learning_rate=1e-3, init_from=('s1_align',),
                           experts_from=tuple(f's2_{m}' for m in MODALITY_STAGES), moe=True,
                           lora_rank=8, balance_coef=0.01, z_coef=0.001)
 

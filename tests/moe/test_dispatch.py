@@ -1,4 +1,6 @@
 """Dropless dispatch against hand-computed values and the dense oracle (outputs and gradients)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ from flax import nnx
 
 from unimoe.models.lora import LoRAConfig
 from unimoe.moe.dispatch import dense_reference, dropless_dispatch
-from unimoe.moe.experts import ExpertBank
+from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank, tile_layout
 
 
 def scale_by_expert_id(x_md: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
@@ -52,18 +54,21 @@ def make_bank(lora_rank: int) -> ExpertBank:
     return bank
 
 
-@nnx.jit(static_argnames="use_oracle")
-def loss_and_grads(bank, x_nd, weights_nk, experts_nk, probe_nd, use_oracle):
+@nnx.jit(static_argnames=("use_oracle", "grouped_impl"))
+def loss_and_grads(bank, x_nd, weights_nk, experts_nk, probe_nd, use_oracle, grouped_impl=""):
     def loss(bank, x_nd, weights_nk):
         if use_oracle:
             y_nd = dense_reference(x_nd, weights_nk, experts_nk, bank.batched, 3)
         else:
-            y_nd = dropless_dispatch(x_nd, weights_nk, experts_nk, bank.grouped, 3)
+            # Tiles of 4 rows: no group size here is a multiple of it.
+            grouped = functools.partial(bank.grouped, impl=grouped_impl, tile=4)
+            y_nd = dropless_dispatch(x_nd, weights_nk, experts_nk, grouped, 3)
         return jnp.sum(y_nd * probe_nd)
 
     return nnx.value_and_grad(loss, argnums=(0, 1, 2))(bank, x_nd, weights_nk)
 
 
+@pytest.mark.parametrize("grouped_impl", GROUPED_IMPLS)
 @pytest.mark.parametrize(
     "top_k, choices, lora_rank",
     [
@@ -76,14 +81,18 @@ def loss_and_grads(bank, x_nd, weights_nk, experts_nk, probe_nd, use_oracle):
         (1, (1,), 0),
     ],
 )
-def test_dropless_matches_dense_oracle_values_and_gradients(top_k, choices, lora_rank):
+def test_dropless_matches_dense_oracle_values_and_gradients(
+    top_k, choices, lora_rank, grouped_impl
+):
     weights_nk, experts_nk = random_routing(1, 7, top_k, choices)
     rng = np.random.default_rng(2)
     x_nd = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
     probe_nd = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
     bank = make_bank(lora_rank)
     args = (bank, x_nd, weights_nk, experts_nk, probe_nd)
-    value, (g_bank, g_x, g_w) = loss_and_grads(*args, use_oracle=False)
+    value, (g_bank, g_x, g_w) = loss_and_grads(
+        *args, use_oracle=False, grouped_impl=grouped_impl
+    )
     ref_value, (ref_g_bank, ref_g_x, ref_g_w) = loss_and_grads(*args, use_oracle=True)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     np.testing.assert_allclose(g_x, ref_g_x, rtol=1e-5, atol=1e-6)
@@ -101,7 +110,26 @@ def test_dropless_matches_dense_oracle_values_and_gradients(top_k, choices, lora
 
 
 def test_dispatch_rejects_mismatched_routing_shapes():
+    x_nd, weights_nk, experts_nk = jnp.zeros((4, 5)), jnp.zeros((4, 2)), jnp.zeros((3, 2), int)
     with pytest.raises(ValueError, match="weights"):
-        dropless_dispatch(
-            jnp.zeros((4, 5)), jnp.zeros((4, 2)), jnp.zeros((3, 2), jnp.int32), scale_by_expert_id, 3
-        )
+        dropless_dispatch(x_nd, weights_nk, experts_nk, scale_by_expert_id, 3)
+
+
+def test_tile_layout_pads_each_group_to_whole_tiles():
+    # Groups of 3, 0 and 5 rows in tiles of 4: expert 0 -> rows 0-2 of tile 0, expert 2 -> tiles
+    # 1-2; the static tile count allows tile - 1 padding rows per group.
+    dest_m, valid_m, tile_expert_t, num_tiles = tile_layout(jnp.array([3, 0, 5]), 8, 4)
+    assert num_tiles == 5  # ceil((8 + 3 * 3) / 4)
+    np.testing.assert_array_equal(dest_m, [0, 1, 2, 4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(valid_m, [True] * 8)
+    np.testing.assert_array_equal(tile_expert_t[:3], [0, 2, 2])
+
+
+def test_tiled_grouped_matmul_zeroes_rows_past_the_groups():
+    bank = make_bank(0)
+    x_md = jnp.asarray(np.random.default_rng(3).normal(size=(6, 5)), jnp.float32)
+    group_sizes_e = jnp.array([2, 0, 1])
+    tiled = bank.grouped(x_md, group_sizes_e, impl="tiles", tile=4)
+    ragged = bank.grouped(x_md, group_sizes_e, impl="ragged_dot")
+    np.testing.assert_allclose(tiled, ragged, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(tiled[3:], 0.0)

@@ -100,7 +100,9 @@ def test_experts_copied_from_one_dense_ffn_reproduce_it(router):
     ):
         w_bank[...] = jnp.asarray(np.broadcast_to(linear.kernel[...], w_bank[...].shape))
     y_btd, _ = forward(layer, X_BTD, all_valid(X_BTD))
-    dense_weights = [np.asarray(m.kernel[...], np.float64) for m in (dense.gate, dense.up, dense.down)]
+    dense_weights = [
+        np.asarray(linear.kernel[...], np.float64) for linear in (dense.gate, dense.up, dense.down)
+    ]
     expected_nd = [numpy_swiglu(x_d, *dense_weights) for x_d in X_BTD.reshape(10, DIM)]
     np.testing.assert_allclose(y_btd.reshape(10, DIM), expected_nd, rtol=2e-5, atol=2e-6)
 

@@ -84,7 +84,9 @@ class LLMConfig:
                 f"({self.num_heads}) into an even head size; set head_dim explicitly"
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"LLMConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ValueError(
+                f"LLMConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
+            )
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if isinstance(self.lora, dict):

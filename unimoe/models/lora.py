@@ -69,7 +69,8 @@ class Linear(nnx.Module):
     ):
         if in_features <= 0 or out_features <= 0:
             raise ValueError(
-                f"Linear in_features and out_features must be > 0, got {in_features}, {out_features}"
+                "Linear in_features and out_features must be > 0, "
+                f"got {in_features}, {out_features}"
             )
         self.in_features = in_features
         self.out_features = out_features

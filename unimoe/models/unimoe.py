@@ -93,13 +93,28 @@ class UniMoE(nnx.Module):
     return self.audio_conn(self.audio(mel_bam))
 
   def encode_media(self, batch: Mapping[str, jax.Array]) -> dict[int, jax.Array]:
-    """{placeholder id: media tokens [B, N, D]} for each modality present in the batch."""
+    """{placeholder id: media tokens [B, N, D]} for each modality present in the batch.
+
+    A modality that no example of the batch has (`has_<name>` all False) is not encoded at all:
+    single-modality stages would otherwise pay for every encoder on zero-filled inputs.
+    """
     encoders = (
-        ('image', self.cfg.image_token_id, self.encode_image),
-        ('video', self.cfg.video_token_id, self.encode_video),
-        ('audio_mel', self.cfg.audio_token_id, self.encode_audio),
+        ('image', 'has_image', self.cfg.image_token_id, self.encode_image),
+        ('video', 'has_video', self.cfg.video_token_id, self.encode_video),
+        ('audio_mel', 'has_audio', self.cfg.audio_token_id, self.encode_audio),
     )
-    return {token_id: encode(batch[key]) for key, token_id, encode in encoders if key in batch}
+    media = {}
+    for key, has_key, token_id, encode in encoders:
+      if key not in batch:
+        continue
+      if has_key not in batch:
+        media[token_id] = encode(batch[key])
+        continue
+      shape = jax.eval_shape(encode, batch[key])
+      media[token_id] = jax.lax.cond(
+          batch[has_key].any(), encode,
+          lambda x, shape=shape: jnp.zeros(shape.shape, shape.dtype), batch[key])
+    return media
 
   def embed(self, tokens_bt: jax.Array, media: Mapping[int, jax.Array]) -> jax.Array:
     """Text embeddings with every placeholder position replaced by its media token."""

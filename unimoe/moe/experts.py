@@ -33,6 +33,45 @@ def _batched_matmul(x_eci: jax.Array, w_eij: jax.Array) -> jax.Array:
     return jnp.einsum("eci,eij->ecj", x_eci, w_eij.astype(x_eci.dtype))
 
 
+def _tiled_matmul(x_tci: jax.Array, w_eij: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
+    return _batched_matmul(x_tci, w_eij[tile_expert_t])
+
+
+GROUPED_IMPLS = ("ragged_dot", "tiles")
+
+
+def tile_layout(
+    group_sizes_e: jax.Array, num_rows: int, tile: int
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Where each expert-sorted row goes when every group is padded to whole tiles.
+
+    Returns (dest_m: padded row of sorted row m, valid_m: row m belongs to a group,
+    tile_expert_t: the expert owning tile t, num_tiles). The padded size is static: at most
+    tile - 1 padding rows per group. Rows past sum(group_sizes) (none in dropless dispatch) go
+    after the last group; callers zero them.
+    """
+    num_experts = group_sizes_e.shape[0]
+    num_tiles = -(-(num_rows + num_experts * (tile - 1)) // tile)
+    padded_sizes_e = -(-group_sizes_e // tile) * tile
+    ends_e = jnp.cumsum(group_sizes_e)
+    padded_ends_e = jnp.cumsum(padded_sizes_e)
+    rows_m = jnp.arange(num_rows)
+    group_m = jnp.searchsorted(ends_e, rows_m, side="right")
+    valid_m = group_m < num_experts
+    group_m = jnp.minimum(group_m, num_experts - 1)
+    rank_m = rows_m - (ends_e[group_m] - group_sizes_e[group_m])
+    dest_m = jnp.where(
+        valid_m,
+        padded_ends_e[group_m] - padded_sizes_e[group_m] + rank_m,
+        padded_ends_e[-1] + rows_m - ends_e[-1],
+    )
+    tile_expert_t = jnp.minimum(
+        jnp.searchsorted(padded_ends_e, jnp.arange(num_tiles) * tile, side="right"),
+        num_experts - 1,
+    )
+    return dest_m, valid_m, tile_expert_t, num_tiles
+
+
 class ExpertBank(nnx.Module):
     """E SwiGLU experts; LoRA (when lora.rank > 0) on gate, up and down of every expert.
 
@@ -67,7 +106,8 @@ class ExpertBank(nnx.Module):
         def adapter_a(fan_in: int) -> nnx.LoRAParam | None:
             if not lora.enabled:
                 return None
-            return nnx.LoRAParam(lora_a_init(rngs.params(), (num_experts, fan_in, lora.rank), fan_in))
+            shape = (num_experts, fan_in, lora.rank)
+            return nnx.LoRAParam(lora_a_init(rngs.params(), shape, fan_in))
 
         def adapter_b(fan_out: int) -> nnx.LoRAParam | None:
             if not lora.enabled:
@@ -111,21 +151,45 @@ class ExpertBank(nnx.Module):
             matmul, hidden, self.w_down_efd, self.lora_down_a_efr, self.lora_down_b_erd
         )
 
-    def grouped(self, x_md: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
-        """Rows sorted by expert, group_sizes_e[e] rows for expert e -> y_md."""
+    def grouped(
+        self, x_md: jax.Array, group_sizes_e: jax.Array, *, impl: str = "tiles", tile: int = 128
+    ) -> jax.Array:
+        """Rows sorted by expert, group_sizes_e[e] rows for expert e -> y_md.
+
+        `impl` picks the grouped matmul: "ragged_dot" (`jax.lax.ragged_dot`; native on TPU, but on
+        CPU it computes every group densely, E times the work) or "tiles": pad each group to
+        whole tiles of `tile` rows and run one batched matmul over tiles against the gathered
+        weights of each tile's expert (at most E * (tile - 1) padded rows, no dense waste; the
+        gathered weights cost num_tiles / E times the bank's memory, fine at CPU scale).
+        """
         if x_md.ndim != 2 or x_md.shape[-1] != self.dim:
             raise ValueError(f"ExpertBank.grouped expects x [M, {self.dim}], got {x_md.shape}")
         if group_sizes_e.shape != (self.num_experts,):
             raise ValueError(
                 f"group_sizes must be [{self.num_experts}] (num_experts), got {group_sizes_e.shape}"
             )
-        return self._swiglu(functools.partial(_ragged_matmul, group_sizes_e=group_sizes_e), x_md)
+        if impl == "ragged_dot":
+            return self._swiglu(
+                functools.partial(_ragged_matmul, group_sizes_e=group_sizes_e), x_md
+            )
+        if impl != "tiles":
+            raise ValueError(f"grouped impl must be one of {GROUPED_IMPLS}, got {impl!r}")
+        num_rows = x_md.shape[0]
+        dest_m, valid_m, tile_expert_t, num_tiles = tile_layout(group_sizes_e, num_rows, tile)
+        x_md = jnp.where(valid_m[:, None], x_md, 0)
+        x_pd = jnp.zeros((num_tiles * tile, self.dim), x_md.dtype)
+        x_tcd = x_pd.at[dest_m].set(x_md, unique_indices=True).reshape(num_tiles, tile, self.dim)
+        matmul = functools.partial(_tiled_matmul, tile_expert_t=tile_expert_t)
+        # Padding rows are zero and SwiGLU(0) = 0, so they never leak into real rows.
+        y_tcd = self._swiglu(matmul, x_tcd)
+        return y_tcd.reshape(num_tiles * tile, self.dim)[dest_m]
 
     def batched(self, x_ecd: jax.Array) -> jax.Array:
         """A block of C rows per expert: x_ecd [E, C, D] -> y_ecd."""
         if x_ecd.ndim != 3 or x_ecd.shape[0] != self.num_experts or x_ecd.shape[-1] != self.dim:
             raise ValueError(
-                f"ExpertBank.batched expects x [{self.num_experts}, C, {self.dim}], got {x_ecd.shape}"
+                f"ExpertBank.batched expects x [{self.num_experts}, C, {self.dim}], "
+                f"got {x_ecd.shape}"
             )
         return self._swiglu(_batched_matmul, x_ecd)
 

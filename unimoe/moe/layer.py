@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -10,7 +11,7 @@ from flax import nnx
 
 from unimoe.models.lora import Linear, LoRAConfig
 from unimoe.moe import dispatch, routing
-from unimoe.moe.experts import ExpertBank
+from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ class MoEConfig:
       (Uni-MoE 8E, Switch, Qwen2-MoE); `renormalize` only affects 'softmax_topk'.
     ffn_dim: width of each expert; 0 means the LM's dense ffn_dim (experts upcycled from it).
     impl: dispatch strategy; 'dropless' = sort by expert + grouped matmul, no token dropped.
+    grouped_impl: the grouped matmul of dropless dispatch (`ExpertBank.grouped`): 'tiles',
+      'ragged_dot', or 'auto' = 'tiles' on CPU (ragged_dot computes every group densely there)
+      and 'ragged_dot' on accelerators.
     """
 
     num_experts: int = 4
@@ -35,6 +39,7 @@ class MoEConfig:
     router: str = "topk_softmax"
     renormalize: bool = True
     impl: str = "dropless"
+    grouped_impl: str = "auto"
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -49,6 +54,16 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.router must be one of {ROUTERS}, got {self.router!r}")
         if self.impl not in DISPATCH_IMPLS:
             raise ValueError(f"MoEConfig.impl must be one of {DISPATCH_IMPLS}, got {self.impl!r}")
+        if self.grouped_impl not in ("auto", *GROUPED_IMPLS):
+            raise ValueError(
+                f"MoEConfig.grouped_impl must be 'auto' or one of {GROUPED_IMPLS}, "
+                f"got {self.grouped_impl!r}"
+            )
+
+    def resolved_grouped_impl(self) -> str:
+        if self.grouped_impl != "auto":
+            return self.grouped_impl
+        return "tiles" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
 class MoELayer(nnx.Module):
@@ -61,7 +76,13 @@ class MoELayer(nnx.Module):
     Config = MoEConfig
 
     def __init__(
-        self, dim: int, cfg: MoEConfig, *, ffn_dim: int, lora: LoRAConfig = LoRAConfig(), rngs: nnx.Rngs
+        self,
+        dim: int,
+        cfg: MoEConfig,
+        *,
+        ffn_dim: int,
+        lora: LoRAConfig = LoRAConfig(),
+        rngs: nnx.Rngs,
     ):
         self.cfg = cfg
         self.router = Linear(dim, cfg.num_experts, rngs=rngs)
@@ -85,17 +106,31 @@ class MoELayer(nnx.Module):
         if cfg.router == "topk_softmax":
             weights_nk, experts_nk = routing.route_topk_softmax(logits_ne, cfg.top_k)
         else:
-            weights_nk, experts_nk = routing.route_softmax_topk(logits_ne, cfg.top_k, cfg.renormalize)
+            weights_nk, experts_nk = routing.route_softmax_topk(
+                logits_ne, cfg.top_k, cfg.renormalize
+            )
 
         # Runs once per trace under jit, so this names the path each compiled step takes.
+        grouped_impl = cfg.resolved_grouped_impl()
         log.info(
-            "MoELayer: %s dispatch, E=%d K=%d, %d tokens", cfg.impl, cfg.num_experts, cfg.top_k, batch * seq
+            "MoELayer: %s dispatch (%s), E=%d K=%d, %d tokens",
+            cfg.impl,
+            grouped_impl,
+            cfg.num_experts,
+            cfg.top_k,
+            batch * seq,
         )
         y_nd = dispatch.dropless_dispatch(
-            x_nd, weights_nk, experts_nk, self.experts.grouped, cfg.num_experts
+            x_nd,
+            weights_nk,
+            experts_nk,
+            functools.partial(self.experts.grouped, impl=grouped_impl),
+            cfg.num_experts,
         )
         aux = {
-            "balance_loss": routing.balance_loss(jax.nn.softmax(logits_ne, axis=-1), experts_nk, mask_n),
+            "balance_loss": routing.balance_loss(
+                jax.nn.softmax(logits_ne, axis=-1), experts_nk, mask_n
+            ),
             "z_loss": routing.z_loss(logits_ne, mask_n),
             "expert_load": routing.expert_load(experts_nk, mask_n, cfg.num_experts),
         }
