@@ -33,74 +33,148 @@ STAGE2_TASKS = {
 }
 
 
-def stage(*, trains: str, mode: str, tasks, steps: int, learning_rate: float,
-          init_from=(), experts_from=(), moe: bool = False, lora_rank: int = 0,
-          balance_coef: float = 0.0, z_coef: float = 0.0,
-          batch_size: int = 32) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      trains=trains, mode=mode, tasks=','.join(tasks), steps=steps,
-      learning_rate=learning_rate, warmup_steps=max(1, steps // 20), weight_decay=0.0,
-      grad_clip=1.0, batch_size=batch_size, init_from=','.join(init_from),
-      experts_from=','.join(experts_from), moe=moe, lora_rank=lora_rank,
-      balance_coef=balance_coef, z_coef=z_coef))
+def stage(
+    *,
+    trains: str,
+    mode: str,
+    tasks,
+    steps: int,
+    learning_rate: float,
+    init_from=(),
+    experts_from=(),
+    moe: bool = False,
+    lora_rank: int = 0,
+    balance_coef: float = 0.0,
+    z_coef: float = 0.0,
+    batch_size: int = 32,
+) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            trains=trains,
+            mode=mode,
+            tasks=','.join(tasks),
+            steps=steps,
+            learning_rate=learning_rate,
+            warmup_steps=max(1, steps // 20),
+            weight_decay=0.0,
+            grad_clip=1.0,
+            batch_size=batch_size,
+            init_from=','.join(init_from),
+            experts_from=','.join(experts_from),
+            moe=moe,
+            lora_rank=lora_rank,
+            balance_coef=balance_coef,
+            z_coef=z_coef,
+        )
+    )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, mode='demo')
-  if arg.mode not in ('demo', 'test'):
-    raise ValueError(f"mode={arg.mode!r}: expected 'demo' or 'test'")
-  test = arg.mode == 'test'
-  scale = 0.02 if test else 1.0
+    arg = config_lib.parse_arg(arg, mode='demo')
+    if arg.mode not in ('demo', 'test'):
+        raise ValueError(f"mode={arg.mode!r}: expected 'demo' or 'test'")
+    test = arg.mode == 'test'
 
-  def steps(n: int) -> int:
-    return max(2, int(n * scale))
+    def steps(demo: int, test_steps: int = 4) -> int:
+        return test_steps if test else demo
 
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.data = dict(
-      data_dir=os.environ.get('UNIMOE_DATA_DIR', os.path.join('.cache', 'unimoe_data')),
-      builder_config='test' if test else 'tiny',
-      seq_len=80, batch_size=32, image_size=32, num_frames=4 if test else 8, audio_frames=300,
-      num_mel_bins=32, n_image_tokens=16, n_video_tokens=16, n_audio_tokens=8,
-      skip_too_long=False, seed=0)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(
+        data_dir=os.environ.get('UNIMOE_DATA_DIR', os.path.join('.cache', 'unimoe_data')),
+        builder_config='test' if test else 'tiny',
+        seq_len=80,
+        batch_size=32,
+        image_size=32,
+        num_frames=4 if test else 8,
+        audio_frames=300,
+        num_mel_bins=32,
+        n_image_tokens=16,
+        n_video_tokens=16,
+        n_audio_tokens=8,
+        skip_too_long=False,
+        seed=0,
+    )
 
-  c.model = dict(
-      llm=dict(dim=96, num_layers=3, num_heads=4, num_kv_heads=2, ffn_dim=192),
-      vision=dict(image_size=32, patch_size=8, width=64, depth=3, num_heads=4, mlp_dim=128,
-                  select_layer=-2),
-      audio=dict(num_mel_bins=32, max_frames=300, width=64, depth=2, num_heads=4, mlp_dim=128),
-      audio_conn=dict(num_queries=8, width=64, depth=1, num_heads=4, mlp_dim=128),
-      moe_layers='all',
-      moe=dict(num_experts=len(MODALITY_STAGES), top_k=2, router='topk_softmax'),
-      lora=dict(alpha=16.0, dropout=0.05),
-  )
+    c.model = dict(
+        llm=dict(dim=96, num_layers=3, num_heads=4, num_kv_heads=2, ffn_dim=192),
+        vision=dict(
+            image_size=32,
+            patch_size=8,
+            width=64,
+            depth=3,
+            num_heads=4,
+            mlp_dim=128,
+            select_layer=-2,
+        ),
+        audio=dict(num_mel_bins=32, max_frames=300, width=64, depth=2, num_heads=4, mlp_dim=128),
+        audio_conn=dict(num_queries=8, width=64, depth=1, num_heads=4, mlp_dim=128),
+        moe_layers='all',
+        moe=dict(num_experts=len(MODALITY_STAGES), top_k=2, router='topk_softmax'),
+        lora=dict(alpha=16.0, dropout=0.05),
+    )
 
-  all_tasks = QA_TASKS + CAPTION_TASKS
-  c.stage_order = ','.join(['s0_llm', 's0_vision', 's0_audio', 's1_align']
-                           + [f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe'])
-  c.stages = ml_collections.ConfigDict()
-  c.stages.s0_llm = stage(trains='llm', mode='lm_text', tasks=all_tasks, steps=steps(200),
-                          learning_rate=3e-3)
-  c.stages.s0_vision = stage(trains='vision', mode='classify_image',
-                             tasks=('image_qa', 'image_caption'), steps=steps(300),
-                             learning_rate=2e-3)
-  c.stages.s0_audio = stage(trains='audio', mode='classify_audio',
-                            tasks=('speech_transcript', 'audio_caption', 'speech_qa', 'audio_qa'),
-                            steps=steps(300), learning_rate=2e-3)
-  c.stages.s1_align = stage(trains='connectors', mode='chat', tasks=CAPTION_TASKS,
-                            steps=steps(300), learning_rate=2e-3,
-                            init_from=('s0_llm', 's0_vision', 's0_audio'))
-  for m in MODALITY_STAGES:
-    c.stages[f's2_{m}'] = stage(trains='ffn+connectors', mode='chat', tasks=STAGE2_TASKS[m],
-                                steps=steps(250), learning_rate=1e-3, init_from=('s1_align',))
-  c.stages.s3_moe = stage(trains='lora+router+connectors', mode='chat', tasks=all_tasks,
-                          steps=steps(500), learning_rate=1e-3, init_from=('s1_align',),
-                          experts_from=tuple(f's2_{m}' for m in MODALITY_STAGES), moe=True,
-                          lora_rank=8, balance_coef=0.01, z_coef=0.001)
+    all_tasks = QA_TASKS + CAPTION_TASKS
+    c.stage_order = ','.join(
+        ['s0_llm', 's0_vision', 's0_audio', 's1_align']
+        + [f's2_{m}' for m in MODALITY_STAGES]
+        + ['s3_moe']
+    )
+    c.stages = ml_collections.ConfigDict()
+    c.stages.s0_llm = stage(
+        trains='llm', mode='lm_text', tasks=all_tasks, steps=steps(200), learning_rate=3e-3
+    )
+    c.stages.s0_vision = stage(
+        trains='vision',
+        mode='classify_image',
+        tasks=('image_qa', 'image_caption'),
+        steps=steps(300),
+        learning_rate=2e-3,
+    )
+    c.stages.s0_audio = stage(
+        trains='audio',
+        mode='classify_audio',
+        tasks=('speech_transcript', 'audio_caption', 'speech_qa', 'audio_qa'),
+        steps=steps(300),
+        learning_rate=2e-3,
+    )
+    c.stages.s1_align = stage(
+        trains='connectors',
+        mode='chat',
+        tasks=CAPTION_TASKS,
+        steps=steps(300),
+        learning_rate=2e-3,
+        init_from=('s0_llm', 's0_vision', 's0_audio'),
+    )
+    for m in MODALITY_STAGES:
+        c.stages[f's2_{m}'] = stage(
+            trains='ffn+connectors',
+            mode='chat',
+            tasks=STAGE2_TASKS[m],
+            steps=steps(250),
+            learning_rate=1e-3,
+            init_from=('s1_align',),
+        )
+    c.stages.s3_moe = stage(
+        trains='lora+router+connectors',
+        mode='chat',
+        tasks=all_tasks,
+        steps=steps(500, test_steps=12),
+        learning_rate=1e-3,
+        init_from=('s1_align',),
+        experts_from=tuple(f's2_{m}' for m in MODALITY_STAGES),
+        moe=True,
+        lora_rank=8,
+        balance_coef=0.01,
+        z_coef=0.001,
+    )
 
-  c.eval = dict(
-      stages=','.join([f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe']),
-      tasks=','.join(QA_TASKS), batch_size=64, max_new_tokens=4)
-  c.log_every = 10 if test else 25
-  c.checkpoint_every = 5 if test else 200
-  return c
+    c.eval = dict(
+        stages=','.join([f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe']),
+        tasks=','.join(QA_TASKS),
+        batch_size=64,
+        max_new_tokens=4,
+    )
+    c.log_every = 10 if test else 25
+    c.checkpoint_every = 5 if test else 200
+    return c

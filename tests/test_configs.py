@@ -14,36 +14,45 @@ ARMS = {'unimoe_tiny.py': ['', 'mode=test']}
 
 
 def _specs():
-  for path in CONFIGS:
-    for arg in ARMS.get(path.name, ['']):
-      yield f'{path}:{arg}' if arg else str(path)
+    for path in CONFIGS:
+        for arg in ARMS.get(path.name, ['']):
+            yield f'{path}:{arg}' if arg else str(path)
 
 
 @pytest.mark.parametrize('spec', list(_specs()))
 def test_config_stages_build_abstractly(spec):
-  config = config_lib.load_config(spec)
-  trainer.validate_stages(config)
-  for name in trainer.split_list(config.stage_order):
-    stage = config.stages[name]
-    model = nnx.eval_shape(lambda: trainer.build_model(
-        config, TokenizerInfo(vocab_size=512), moe=stage.moe, lora_rank=stage.lora_rank, seed=0))
-    params = nnx.state(model, nnx.Param)
-    assert sum(v.get_value().size for _, v in nnx.to_flat_state(params)) > 0
+    config = config_lib.load_config(spec)
+    trainer.validate_stages(config)
+    for name in trainer.split_list(config.stage_order):
+        stage = config.stages[name]
+        model = nnx.eval_shape(
+            lambda: trainer.build_model(
+                config,
+                TokenizerInfo(vocab_size=512),
+                moe=stage.moe,
+                lora_rank=stage.lora_rank,
+                seed=0,
+            )
+        )
+        params = nnx.state(model, nnx.Param)
+        assert sum(v.get_value().size for _, v in nnx.to_flat_state(params)) > 0
 
 
 def test_parse_arg_rejects_unknown_keys_and_bad_values():
-  assert config_lib.parse_arg('steps=3,fast=true', steps=1, fast=False).to_dict() == {
-      'steps': 3, 'fast': True}
-  with pytest.raises(ValueError, match='unknown config arg'):
-    config_lib.parse_arg('stpes=3', steps=1)
-  with pytest.raises(ValueError, match='is not a int'):
-    config_lib.parse_arg('steps=many', steps=1)
-  with pytest.raises(ValueError, match="mode='fast'"):
-    config_lib.load_config(f'{CONFIGS[0].parent}/unimoe_tiny.py:mode=fast')
+    assert config_lib.parse_arg('steps=3,fast=true', steps=1, fast=False).to_dict() == {
+        'steps': 3,
+        'fast': True,
+    }
+    with pytest.raises(ValueError, match='unknown config arg'):
+        config_lib.parse_arg('stpes=3', steps=1)
+    with pytest.raises(ValueError, match='is not a int'):
+        config_lib.parse_arg('steps=many', steps=1)
+    with pytest.raises(ValueError, match="mode='fast'"):
+        config_lib.load_config(f'{CONFIGS[0].parent}/unimoe_tiny.py:mode=fast')
 
 
 def test_validate_stages_rejects_a_stage_that_starts_from_a_later_one():
-  config = config_lib.load_config(f'{CONFIGS[0].parent}/unimoe_tiny.py')
-  config.stages.s1_align.init_from = 's2_image'
-  with pytest.raises(ValueError, match="stage 's1_align' starts from 's2_image'"):
-    trainer.validate_stages(config)
+    config = config_lib.load_config(f'{CONFIGS[0].parent}/unimoe_tiny.py')
+    config.stages.s1_align.init_from = 's2_image'
+    with pytest.raises(ValueError, match="stage 's1_align' starts from 's2_image'"):
+        trainer.validate_stages(config)

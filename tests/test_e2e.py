@@ -8,55 +8,60 @@ import numpy as np
 
 from unimoe import config as config_lib
 from unimoe import run
-from unimoe.train import checkpoint, metrics, stages
+from unimoe.train import checkpoint, metrics, trainer
 
 CONFIG = pathlib.Path(__file__).parent.parent / 'configs' / 'unimoe_tiny.py'
 
 
-def _final_params(workdir: pathlib.Path, stage: str) -> dict[str, np.ndarray]:
-  ckpt = checkpoint.Checkpointer(workdir / stage / 'checkpoints')
-  flat = stages.flat_params(ckpt.restore_raw(ckpt.read_done()['final_step'])['params'])
-  ckpt.close()
-  return flat
-
-
 def test_recipe_trains_every_stage_resumes_and_evaluates(builtin_test_data, tmp_path):
-  config = config_lib.load_config(f'{CONFIG}:mode=test')
-  config.data.data_dir = builtin_test_data
-  # Without dropout, a resumed stage must end exactly where the uninterrupted one did.
-  config.model.lora.dropout = 0.0
-  workdir = tmp_path / 'run'
-  table = run.run_experiment(config, str(workdir))
+    config = config_lib.load_config(f'{CONFIG}:mode=test')
+    config.data.data_dir = builtin_test_data
+    # Without dropout, a resumed stage must end exactly where the uninterrupted one did.
+    config.model.lora.dropout = 0.0
+    workdir = tmp_path / 'run'
+    table = run.run_experiment(config, str(workdir))
 
-  stage_names = config.stage_order.split(',')
-  for name in stage_names:
-    logged = metrics.read_metrics(workdir / name)
-    assert logged and logged[-1]['step'] == config.stages[name].steps, name
-    assert all(np.isfinite(row['loss']) for row in logged), name
-    assert list((workdir / name).glob('events.out.tfevents.*')), name
-  s3_log = metrics.read_metrics(workdir / 's3_moe')[-1]
-  assert np.asarray(s3_log['expert_load']).shape == (4, 4)
-  assert s3_log['balance_loss'] > 0
+    stage_names = config.stage_order.split(',')
+    for name in stage_names:
+        logged = metrics.read_metrics(workdir / name)
+        assert logged and logged[-1]['step'] == config.stages[name].steps, name
+        assert all(np.isfinite(row['loss']) for row in logged), name
+        assert list((workdir / name).glob('events.out.tfevents.*')), name
+    # Each source contributes what it trained: the LM of s0_llm, the ViT of s0_vision, not their
+    # random copies of each other's parts.
+    s0_llm, s0_vision = (
+        trainer.final_params(workdir, 's0_llm'),
+        trainer.final_params(workdir, 's0_vision'),
+    )
+    s1 = trainer.final_params(workdir, 's1_align')
+    assert 'vision/patch_embedding/kernel' not in s0_llm
+    np.testing.assert_array_equal(s1['llm/embed/embedding'], s0_llm['llm/embed/embedding'])
+    np.testing.assert_array_equal(
+        s1['vision/patch_embedding/kernel'], s0_vision['vision/patch_embedding/kernel']
+    )
+    s3_log = metrics.read_metrics(workdir / 's3_moe')[-1]
+    assert np.asarray(s3_log['expert_load']).shape == (4, 4)
+    assert s3_log['balance_loss'] > 0
 
-  results = json.loads((workdir / 'results.json').read_text())
-  assert list(results['models']) == ['s2_image', 's2_video', 's2_speech', 's2_audio', 's3_moe']
-  for scores in results['models'].values():
-    assert set(scores['tasks']) == set(config.eval.tasks.split(','))
-    assert all(s['n'] == 8 for s in scores['tasks'].values())
-  assert (workdir / 'results.md').read_text() == table
-  assert table.splitlines()[-1].startswith('| chance |')
+    results = json.loads((workdir / 'results.json').read_text())
+    assert list(results['models']) == ['s2_image', 's2_video', 's2_speech', 's2_audio', 's3_moe']
+    for scores in results['models'].values():
+        assert set(scores['tasks']) == set(config.eval.tasks.split(','))
+        assert all(s['n'] == 8 for s in scores['tasks'].values())
+    assert (workdir / 'results.md').read_text() == table
+    assert table.splitlines()[-1].startswith('| chance |')
 
-  # Interrupt the last stage: drop its final checkpoint and completion marker, keep step 10.
-  first_run = _final_params(workdir, 's3_moe')
-  ckpt_dir = workdir / 's3_moe' / 'checkpoints'
-  assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ['10', '12']
-  shutil.rmtree(ckpt_dir / '12')
-  (ckpt_dir / checkpoint.DONE_FILE).unlink()
-  s0_log_lines = (workdir / 's0_llm' / 'metrics.jsonl').read_text()
+    # Interrupt the last stage: drop its final checkpoint and completion marker, keep step 10.
+    first_run = trainer.final_params(workdir, 's3_moe')
+    ckpt_dir = workdir / 's3_moe' / 'checkpoints'
+    assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ['10', '12']
+    shutil.rmtree(ckpt_dir / '12')
+    (ckpt_dir / checkpoint.DONE_FILE).unlink()
+    s0_log_lines = (workdir / 's0_llm' / 'metrics.jsonl').read_text()
 
-  run.run_experiment(config, str(workdir))
-  resumed = _final_params(workdir, 's3_moe')
-  assert (workdir / 's0_llm' / 'metrics.jsonl').read_text() == s0_log_lines  # skipped
-  assert resumed.keys() == first_run.keys()
-  for key, value in first_run.items():
-    np.testing.assert_allclose(resumed[key], value, atol=1e-6, err_msg=key)
+    run.run_experiment(config, str(workdir))
+    resumed = trainer.final_params(workdir, 's3_moe')
+    assert (workdir / 's0_llm' / 'metrics.jsonl').read_text() == s0_log_lines  # skipped
+    assert resumed.keys() == first_run.keys()
+    for key, value in first_run.items():
+        np.testing.assert_allclose(resumed[key], value, atol=1e-6, err_msg=key)

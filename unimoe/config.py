@@ -15,46 +15,46 @@ import ml_collections
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """Parses `key=value,...` into a ConfigDict, typed by the defaults.
+    """Parses `key=value,...` into a ConfigDict, typed by the defaults.
 
-  Every key must have a default (so a typo fails loudly); values are converted to the type of
-  their default: `parse_arg('steps=3,fast=True', steps=10, fast=False, name='x')`.
-  """
-  result = ml_collections.ConfigDict(defaults)
-  if not arg:
+    Every key must have a default (so a typo fails loudly); values are converted to the type of
+    their default: `parse_arg('steps=3,fast=True', steps=10, fast=False, name='x')`.
+    """
+    result = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return result
+    for item in arg.split(','):
+        if not item:
+            continue
+        if '=' not in item:
+            raise ValueError(f"config arg {item!r} is not of the form key=value (in {arg!r})")
+        key, value = item.split('=', 1)
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+        result[key] = _convert(value, defaults[key], key)
     return result
-  for item in arg.split(','):
-    if not item:
-      continue
-    if '=' not in item:
-      raise ValueError(f"config arg {item!r} is not of the form key=value (in {arg!r})")
-    key, value = item.split('=', 1)
-    if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
-    result[key] = _convert(value, defaults[key], key)
-  return result
 
 
 def _convert(value: str, default: Any, key: str) -> Any:
-  if isinstance(default, bool):
-    if value.lower() not in ('true', 'false', '1', '0'):
-      raise ValueError(f"config arg {key}={value!r} is not a boolean")
-    return value.lower() in ('true', '1')
-  if isinstance(default, (int, float)):
-    try:
-      return type(default)(ast.literal_eval(value))
-    except (ValueError, SyntaxError) as e:
-      raise ValueError(f"config arg {key}={value!r} is not a {type(default).__name__}") from e
-  return value
+    if isinstance(default, bool):
+        if value.lower() not in ('true', 'false', '1', '0'):
+            raise ValueError(f"config arg {key}={value!r} is not a boolean")
+        return value.lower() in ('true', '1')
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(ast.literal_eval(value))
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"config arg {key}={value!r} is not a {type(default).__name__}") from e
+    return value
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` and calls its `get_config(arg)`."""
-  path, _, arg = spec.partition(':')
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location(f"unimoe_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+    """Loads `path/to/config.py[:arg]` and calls its `get_config(arg)`."""
+    path, _, arg = spec.partition(':')
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"unimoe_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -20,21 +20,22 @@ TOKENIZER_FILE = 'unimoe_tokenizer.json'
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> Tokenizer:
-  """Builds the built-in dataset if it is missing; returns the tokenizer stored beside it."""
-  builtin.prepare(config.data.data_dir, config.data.builder_config)
-  return Tokenizer.load_or_train(pathlib.Path(config.data.data_dir) / TOKENIZER_FILE)
+    """Builds the built-in dataset if it is missing; returns the tokenizer stored beside it."""
+    builtin.prepare(config.data.data_dir, config.data.builder_config)
+    return Tokenizer.load_or_train(pathlib.Path(config.data.data_dir) / TOKENIZER_FILE)
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Trains the stages `config.stage_order` lists, evaluates, and returns the results table."""
-  workdir_path = pathlib.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
-  started = time.perf_counter()
-  tokenizer = prepare_data(config)
-  trainer.run_stages(config, workdir_path, tokenizer)
-  table = evaluate.evaluate(config, workdir_path, tokenizer)
-  log.info('experiment finished in %.0f s', time.perf_counter() - started)
-  (workdir_path / 'timing.json').write_text(
-      json.dumps({'seconds': time.perf_counter() - started}) + '\n')
-  return table
+    """Trains the stages `config.stage_order` lists, evaluates, and returns the results table."""
+    workdir_path = pathlib.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+    started = time.perf_counter()
+    tokenizer = prepare_data(config)
+    trainer.run_stages(config, workdir_path, tokenizer)
+    table = evaluate.evaluate(config, workdir_path, tokenizer)
+    log.info('experiment finished in %.0f s', time.perf_counter() - started)
+    (workdir_path / 'timing.json').write_text(
+        json.dumps({'seconds': time.perf_counter() - started}) + '\n'
+    )
+    return table

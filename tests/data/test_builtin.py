@@ -41,7 +41,9 @@ def test_task_slices_select_exactly_those_tasks(built):
     # Eval holds the instruction tasks in TASKS order: text_qa first, speech_qa fourth.
     assert expression == "eval[0:8]+eval[24:32]"
     source = builder.as_data_source(split=expression)
-    assert [source[i]["task"].decode() for i in range(len(source))] == ["text_qa"] * 8 + ["speech_qa"] * 8
+    assert [source[i]["task"].decode() for i in range(len(source))] == ["text_qa"] * 8 + [
+        "speech_qa"
+    ] * 8
     with pytest.raises(ValueError, match="image_caption"):
         builtin.task_slices(cfg, "eval", ["image_caption"])
 
@@ -53,8 +55,12 @@ def test_stored_record_equals_regenerated_record(built):
     task = "image_speech_qa"
     position = tasks.INSTRUCTION_TASKS.index(task) * 8 + 5
     stored = source[position]
-    rng = np.random.default_rng((cfg.seed, builtin.SPLITS.index("eval"), tasks.TASK_NAMES.index(task), 5))
-    expected = tasks.generate_example(task, 5, rng, media.SpeechSynthesizer(), cfg.example_config(), split="eval")
+    rng = np.random.default_rng(
+        (cfg.seed, builtin.SPLITS.index("eval"), tasks.TASK_NAMES.index(task), 5)
+    )
+    expected = tasks.generate_example(
+        task, 5, rng, media.SpeechSynthesizer(), cfg.example_config(), split="eval"
+    )
     for key, value in expected.items():
         got = stored[key].decode() if isinstance(stored[key], bytes) else stored[key]
         np.testing.assert_array_equal(got, value, err_msg=key)

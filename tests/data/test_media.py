@@ -36,7 +36,10 @@ def test_random_objects_are_valid_and_deterministic(seed):
     assert len({(o.shape, o.color) for o in objects}) == n
     for obj in objects:
         assert obj.size >= 32 / 5
-        assert obj.size / 2 <= obj.x <= 32 - obj.size / 2 and obj.size / 2 <= obj.y <= 32 - obj.size / 2
+        assert (
+            obj.size / 2 <= obj.x <= 32 - obj.size / 2
+            and obj.size / 2 <= obj.y <= 32 - obj.size / 2
+        )
     for a, b in itertools.combinations(objects, 2):
         gap = (a.size + b.size) / 2
         assert abs(a.x - b.x) >= gap or abs(a.y - b.y) >= gap
@@ -63,17 +66,22 @@ def test_scene_object_rejects_unknown_fields():
 
 
 def test_render_scene_paints_object_colors_at_centres_on_dark_background():
-    objects = [SceneObject("circle", "red", 8.0, 8.0, 8.0), SceneObject("square", "blue", 24.0, 9.0, 7.0),
-               SceneObject("triangle", "yellow", 15.0, 24.0, 9.0)]
+    objects = [
+        SceneObject("circle", "red", 8.0, 8.0, 8.0),
+        SceneObject("square", "blue", 24.0, 9.0, 7.0),
+        SceneObject("triangle", "yellow", 15.0, 24.0, 9.0),
+    ]
     image = media.render_scene(objects, 32, _rng(1))
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     for obj in objects:
         row, col = int(obj.y), int(obj.x)
-        centre_rgb = image[row - 1:row + 2, col - 1:col + 2].reshape(-1, 3).mean(axis=0)
+        centre_rgb = image[row - 1 : row + 2, col - 1 : col + 2].reshape(-1, 3).mean(axis=0)
         np.testing.assert_allclose(centre_rgb, media.COLORS[obj.color], atol=6)
     # Every pixel at least one size away from all objects is background: dark and grey.
     rows, cols = np.mgrid[:32, :32] + 0.5
-    far = np.all([np.maximum(np.abs(cols - o.x), np.abs(rows - o.y)) > o.size for o in objects], axis=0)
+    far = np.all(
+        [np.maximum(np.abs(cols - o.x), np.abs(rows - o.y)) > o.size for o in objects], axis=0
+    )
     assert far.sum() > 100
     background = image[far].astype(float)
     assert background.max() <= 35 + 4 * 4 + 1
@@ -81,10 +89,14 @@ def test_render_scene_paints_object_colors_at_centres_on_dark_background():
     assert 1.0 < background.std() < 8.0  # mild per-pixel noise
 
 
-@pytest.mark.parametrize("shape,expected_area", [("circle", np.pi * 10.5**2), ("square", 21.0**2),
-                                                 ("triangle", 21.0**2 / 2)])
+@pytest.mark.parametrize(
+    "shape,expected_area",
+    [("circle", np.pi * 10.5**2), ("square", 21.0**2), ("triangle", 21.0**2 / 2)],
+)
 def test_shape_areas(shape, expected_area):
-    red = media.render_scene([SceneObject(shape, "red", 32.0, 31.0, 21.0)], 64, _rng(2))[..., 0].astype(float)
+    red = media.render_scene([SceneObject(shape, "red", 32.0, 31.0, 21.0)], 64, _rng(2))[
+        ..., 0
+    ].astype(float)
     box = (slice(18, 46), slice(19, 47))  # the 21-pixel box plus margin
     outside = np.ones_like(red, bool)
     outside[box] = False
@@ -128,16 +140,24 @@ def test_render_video_rejects_bad_arguments():
 
 def test_rendering_is_deterministic_per_seed():
     obj = SceneObject("triangle", "purple", 10.0, 20.0, 8.0)
-    np.testing.assert_array_equal(media.render_scene([obj], 32, _rng(5)), media.render_scene([obj], 32, _rng(5)))
-    np.testing.assert_array_equal(media.render_video(obj, "up", 4, 32, _rng(5)),
-                                  media.render_video(obj, "up", 4, 32, _rng(5)))
-    assert not np.array_equal(media.render_scene([obj], 32, _rng(5)), media.render_scene([obj], 32, _rng(6)))
+    np.testing.assert_array_equal(
+        media.render_scene([obj], 32, _rng(5)), media.render_scene([obj], 32, _rng(5))
+    )
+    np.testing.assert_array_equal(
+        media.render_video(obj, "up", 4, 32, _rng(5)), media.render_video(obj, "up", 4, 32, _rng(5))
+    )
+    assert not np.array_equal(
+        media.render_scene([obj], 32, _rng(5)), media.render_scene([obj], 32, _rng(6))
+    )
 
 
 def test_normalize_image_matches_clip_formula():
     pixel = np.array([[[255, 0, 128]]], np.uint8)
-    expected = [(1.0 - 0.48145466) / 0.26862954, (0.0 - 0.4578275) / 0.26130258,
-                (128 / 255 - 0.40821073) / 0.27577711]
+    expected = [
+        (1.0 - 0.48145466) / 0.26862954,
+        (0.0 - 0.4578275) / 0.26130258,
+        (128 / 255 - 0.40821073) / 0.27577711,
+    ]
     out = media.normalize_image(np.broadcast_to(pixel, (2, 3, 1, 1, 3)))
     assert out.dtype == np.float32 and out.shape == (2, 3, 1, 1, 3)
     np.testing.assert_allclose(out[1, 2, 0, 0], expected, rtol=1e-6)
@@ -159,8 +179,9 @@ def test_synth_sound_pitch_bands_duration_and_amplitude(kind):
         assert 0.5 <= np.abs(wave).max() <= 0.9 + 1e-6
         dominant = _dominant_hz(wave)
         assert (dominant > 1000) if pitch == "high" else (dominant < 1000), (seed, pitch, dominant)
-    np.testing.assert_array_equal(media.synth_sound(kind, "low", 0.5, _rng(7)),
-                                  media.synth_sound(kind, "low", 0.5, _rng(7)))
+    np.testing.assert_array_equal(
+        media.synth_sound(kind, "low", 0.5, _rng(7)), media.synth_sound(kind, "low", 0.5, _rng(7))
+    )
     # The shortest allowed sound still keeps its pitch band.
     assert _dominant_hz(media.synth_sound(kind, "low", 0.1, _rng(8))) < 1000
     assert _dominant_hz(media.synth_sound(kind, "high", 0.1, _rng(8))) > 1000
@@ -181,7 +202,11 @@ def test_chirp_rises_and_beep_has_three_to_five_pulses():
 
 
 def test_synth_sound_rejects_bad_arguments():
-    for kwargs, field in [(dict(kind="bark"), "kind"), (dict(pitch="mid"), "pitch"), (dict(seconds=0.05), "seconds")]:
+    for kwargs, field in [
+        (dict(kind="bark"), "kind"),
+        (dict(pitch="mid"), "pitch"),
+        (dict(seconds=0.05), "seconds"),
+    ]:
         args = dict(kind="tone", pitch="low", seconds=1.0) | kwargs
         with pytest.raises(ValueError, match=field):
             media.synth_sound(**args, rng=_rng())
@@ -202,7 +227,7 @@ def test_place_in_clip_offsets_gain_and_padding():
     assert len(offsets) == 5
     noisy, valid = media.place_in_clip(wave, 1000, _rng(0))
     assert np.all(noisy[valid:] == 0)
-    assert 0.003 < noisy[:valid - len(wave)].std() < 0.007
+    assert 0.003 < noisy[: valid - len(wave)].std() < 0.007
     with pytest.raises(ValueError, match="wave length 100 exceeds num_samples=99"):
         media.place_in_clip(wave, 99, _rng())
 
@@ -213,10 +238,15 @@ def test_place_in_clip_offsets_gain_and_padding():
 def test_log_mel_matches_hugging_face_whisper():
     transformers = pytest.importorskip("transformers")
     t = np.arange(int(2.3 * SAMPLE_RATE)) / SAMPLE_RATE
-    wave = (0.5 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 3100 * t) * (t > 1)
-            + 0.05 * _rng(0).standard_normal(len(t))).astype(np.float32)
+    wave = (
+        0.5 * np.sin(2 * np.pi * 440 * t)
+        + 0.2 * np.sin(2 * np.pi * 3100 * t) * (t > 1)
+        + 0.05 * _rng(0).standard_normal(len(t))
+    ).astype(np.float32)
     extractor = transformers.WhisperFeatureExtractor(feature_size=80)
-    expected = extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"][0].T
+    expected = extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"][
+        0
+    ].T
     features = media.log_mel(wave, 80, 3000)
     assert features.shape == (3000, 80) and features.dtype == np.float32
     np.testing.assert_allclose(features, expected, atol=1e-4)
@@ -228,7 +258,7 @@ def test_log_mel_hand_values_and_trimming():
     wave = media.synth_sound("noise", "high", 1.0, _rng(0))
     features = media.log_mel(wave, 32, 50)
     assert features.shape == (50, 32)
-    np.testing.assert_array_equal(features, media.log_mel(wave[:50 * 160], 32, 50))
+    np.testing.assert_array_equal(features, media.log_mel(wave[: 50 * 160], 32, 50))
     assert features.max() - features.min() <= 2.0 + 1e-6  # the max - 8 floor, after the /4
     with pytest.raises(ValueError, match="num_mel_bins"):
         media.log_mel(wave, 0, 50)
@@ -250,8 +280,11 @@ def _resample_reference(wave: np.ndarray, orig_rate: int, target_rate: int) -> n
 @pytest.mark.parametrize("orig_rate,target_rate", [(22050, 16000), (16000, 22050), (8000, 12000)])
 def test_resample_matches_direct_windowed_sinc(orig_rate, target_rate):
     wave = _rng(1).standard_normal(701)
-    np.testing.assert_allclose(speech.resample(wave, orig_rate, target_rate),
-                               _resample_reference(wave, orig_rate, target_rate), atol=2e-5)
+    np.testing.assert_allclose(
+        speech.resample(wave, orig_rate, target_rate),
+        _resample_reference(wave, orig_rate, target_rate),
+        atol=2e-5,
+    )
 
 
 def test_resample_keeps_passband_and_removes_aliases():
@@ -260,7 +293,9 @@ def test_resample_keeps_passband_and_removes_aliases():
     interior = slice(400, -400)
     kept = speech.resample(np.sin(2 * np.pi * 1000 * t_in), 22050, 16000)
     assert kept.shape == (16000,)
-    np.testing.assert_allclose(kept[interior], np.sin(2 * np.pi * 1000 * t_out)[interior], atol=2e-3)
+    np.testing.assert_allclose(
+        kept[interior], np.sin(2 * np.pi * 1000 * t_out)[interior], atol=2e-3
+    )
     # 9.5 kHz would alias to 6.5 kHz at 16 kHz; it must be filtered out instead.
     removed = speech.resample(np.sin(2 * np.pi * 9500 * t_in), 22050, 16000)
     assert np.sqrt(np.mean(removed[interior] ** 2)) < 1e-3

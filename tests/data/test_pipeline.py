@@ -44,9 +44,20 @@ def tok(data_dir):
 @pytest.fixture()
 def cfg(data_dir):
     # Odd sizes everywhere; 3 of the 4 stored frames; 29 mel frames of 7 bins.
-    return pipeline.DataConfig(data_dir=data_dir, builder_config="test", seq_len=131, batch_size=6, image_size=32,
-                               num_frames=3, audio_frames=29, num_mel_bins=7, n_image_tokens=5, n_video_tokens=3,
-                               n_audio_tokens=7, seed=1)
+    return pipeline.DataConfig(
+        data_dir=data_dir,
+        builder_config="test",
+        seq_len=131,
+        batch_size=6,
+        image_size=32,
+        num_frames=3,
+        audio_frames=29,
+        num_mel_bins=7,
+        n_image_tokens=5,
+        n_video_tokens=3,
+        n_audio_tokens=7,
+        seed=1,
+    )
 
 
 def _check_format(batch):
@@ -75,8 +86,14 @@ def test_chat_batches_have_the_documented_format(cfg, tok):
             # Answers plus one </s> are supervised.
             supervised = tokens[row][loss_mask[row] == 1]
             assert supervised[-1] == tok.eos_id and (supervised == tok.eos_id).sum() == 1
-            for key, has_key in (("image", "has_image"), ("video", "has_video"), ("audio_mel", "has_audio")):
-                assert batch[key][row].std() > 0 if batch[has_key][row] else not batch[key][row].any(), key
+            for key, has_key in (
+                ("image", "has_image"),
+                ("video", "has_video"),
+                ("audio_mel", "has_audio"),
+            ):
+                assert (
+                    batch[key][row].std() > 0 if batch[has_key][row] else not batch[key][row].any()
+                ), key
 
 
 def test_eval_examples_media_and_prompts(cfg, tok, data_dir):
@@ -86,17 +103,24 @@ def test_eval_examples_media_and_prompts(cfg, tok, data_dir):
     stored = {source[i]["id"].decode(): source[i] for i in range(len(source))}
     for ex in examples:
         record = stored[ex["id"]]
-        assert ex["answer"] == record["answer"].decode() and ex["task"] in ("video_qa", "image_speech_qa")
-        prompt = ex["tokens"][:ex["prompt_len"]]
+        assert ex["answer"] == record["answer"].decode() and ex["task"] in (
+            "video_qa",
+            "image_speech_qa",
+        )
+        prompt = ex["tokens"][: ex["prompt_len"]]
         assert tok.decode(prompt).endswith(" ASSISTANT:")
-        assert not ex["tokens"][ex["prompt_len"]:].any() and ex["attn_mask"].sum() == ex["prompt_len"]
+        assert (
+            not ex["tokens"][ex["prompt_len"] :].any() and ex["attn_mask"].sum() == ex["prompt_len"]
+        )
         if ex["task"] == "video_qa":
             # Frames 0, 2, 3 of 4 (evenly spaced, ends kept), CLIP-normalised.
             expected = (record["video"][[0, 2, 3]] / 255.0 - CLIP_MEAN) / CLIP_STD
             np.testing.assert_allclose(ex["video"], expected, atol=1e-5)
             assert ex["has_video"] and not ex["has_image"] and not ex["image"].any()
         else:
-            np.testing.assert_allclose(ex["image"], (record["image"][0] / 255.0 - CLIP_MEAN) / CLIP_STD, atol=1e-5)
+            np.testing.assert_allclose(
+                ex["image"], (record["image"][0] / 255.0 - CLIP_MEAN) / CLIP_STD, atol=1e-5
+            )
             wave = record["audio"].astype(np.float32) / 32767.0
             np.testing.assert_allclose(ex["audio_mel"], media.log_mel(wave, 7, 29), atol=1e-6)
             assert ex["audio_label"] >= 0 and ex["image_label"] >= 0
@@ -108,14 +132,19 @@ def test_collate_pads_the_last_batch(cfg, tok):
     assert len(batches) == 2
     last = batches[-1]
     np.testing.assert_array_equal(last["valid"], [True, True, True, False, False])
-    assert last["answer"][:3] == [ex["answer"] for ex in examples[5:]] and last["answer"][3:] == ["", ""]
+    assert last["answer"][:3] == [ex["answer"] for ex in examples[5:]] and last["answer"][3:] == [
+        "",
+        "",
+    ]
     assert last["tokens"].shape == (5, 131) and last["prompt_len"].dtype == np.int32
     np.testing.assert_array_equal(last["task"], tasks.TASK_NAMES.index("text_qa"))
     assert last["task_name"][:3] == ["text_qa"] * 3
 
 
 def test_lm_text_supervises_all_text(cfg, tok):
-    batch = next(iter(pipeline.make_train_loader(cfg, tok, ["image_qa", "audio_caption"], "lm_text", seed=0)))
+    batch = next(
+        iter(pipeline.make_train_loader(cfg, tok, ["image_qa", "audio_caption"], "lm_text", seed=0))
+    )
     _check_format(batch)
     np.testing.assert_array_equal(batch["loss_mask"][:, 1:], batch["attn_mask"][:, 1:])
     assert not batch["loss_mask"][:, 0].any()
@@ -124,10 +153,13 @@ def test_lm_text_supervises_all_text(cfg, tok):
     assert not batch["image"].any() and not batch["audio_mel"].any()
 
 
-@pytest.mark.parametrize("mode, label_key, label_tasks", [
-    ("classify_image", "image_label", tasks.IMAGE_LABEL_TASKS),
-    ("classify_audio", "audio_label", tasks.AUDIO_LABEL_TASKS),
-])
+@pytest.mark.parametrize(
+    "mode, label_key, label_tasks",
+    [
+        ("classify_image", "image_label", tasks.IMAGE_LABEL_TASKS),
+        ("classify_audio", "audio_label", tasks.AUDIO_LABEL_TASKS),
+    ],
+)
 def test_classify_modes_read_only_labelled_records(cfg, tok, mode, label_key, label_tasks):
     iterator = iter(pipeline.make_train_loader(cfg, tok, list(tasks.TASKS), mode, seed=0))
     seen = set()
@@ -152,30 +184,53 @@ def test_task_selection(cfg, tok):
 
 
 def test_restored_iterator_yields_the_same_next_batch(cfg, tok, tmp_path):
-    loader = pipeline.make_train_loader(cfg, tok, ["image_qa", "speech_qa", "text_qa"], "chat", seed=5)
+    loader = pipeline.make_train_loader(
+        cfg, tok, ["image_qa", "speech_qa", "text_qa"], "chat", seed=5
+    )
     iterator = iter(loader)
     for _ in range(4):
         next(iterator)
     (tmp_path / "data").mkdir()
-    grain.PyGrainCheckpointHandler().save(tmp_path / "data", args=grain.PyGrainCheckpointSave(iterator))
-    expected = [next(iterator) for _ in range(6)]  # records 24-59: across the 48-record epoch boundary
-    restored = iter(pipeline.make_train_loader(cfg, tok, ["image_qa", "speech_qa", "text_qa"], "chat", seed=5))
-    grain.PyGrainCheckpointHandler().restore(tmp_path / "data", args=grain.PyGrainCheckpointRestore(restored))
+    grain.PyGrainCheckpointHandler().save(
+        tmp_path / "data", args=grain.PyGrainCheckpointSave(iterator)
+    )
+    expected = [
+        next(iterator) for _ in range(6)
+    ]  # records 24-59: across the 48-record epoch boundary
+    restored = iter(
+        pipeline.make_train_loader(cfg, tok, ["image_qa", "speech_qa", "text_qa"], "chat", seed=5)
+    )
+    grain.PyGrainCheckpointHandler().restore(
+        tmp_path / "data", args=grain.PyGrainCheckpointRestore(restored)
+    )
     for want in expected:
         got = next(restored)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     # A different seed gives a different order.
-    other = next(iter(pipeline.make_train_loader(cfg, tok, ["image_qa", "speech_qa", "text_qa"], "chat", seed=6)))
-    first = next(iter(pipeline.make_train_loader(cfg, tok, ["image_qa", "speech_qa", "text_qa"], "chat", seed=5)))
+    other = next(
+        iter(
+            pipeline.make_train_loader(
+                cfg, tok, ["image_qa", "speech_qa", "text_qa"], "chat", seed=6
+            )
+        )
+    )
+    first = next(
+        iter(
+            pipeline.make_train_loader(
+                cfg, tok, ["image_qa", "speech_qa", "text_qa"], "chat", seed=5
+            )
+        )
+    )
     assert not np.array_equal(other["tokens"], first["tokens"])
 
 
 def test_shards_read_disjoint_records(cfg, tok):
     seen = []
     for shard_index in range(2):
-        loader = pipeline.make_train_loader(cfg, tok, ["audio_qa"], "chat", seed=0, shard_index=shard_index,
-                                            shard_count=2)
+        loader = pipeline.make_train_loader(
+            cfg, tok, ["audio_qa"], "chat", seed=0, shard_index=shard_index, shard_count=2
+        )
         batch = next(iter(loader))
         assert batch["tokens"].shape == (3, 131)  # per-shard batch
         seen.append({m.tobytes() for m in batch["audio_mel"]})
@@ -188,7 +243,9 @@ def test_too_long_records_raise_or_are_skipped(cfg, tok):
     with pytest.raises(conversation.SequenceTooLongError, match="seq_len=100"):
         next(iter(pipeline.make_train_loader(long_cfg, tok, ["image_qa"], "chat", seed=0)))
     skip_cfg = dataclasses.replace(long_cfg, skip_too_long=True)
-    iterator = iter(pipeline.make_train_loader(skip_cfg, tok, ["image_qa", "text_qa"], "chat", seed=0))
+    iterator = iter(
+        pipeline.make_train_loader(skip_cfg, tok, ["image_qa", "text_qa"], "chat", seed=0)
+    )
     for _ in range(3):
         assert (next(iterator)["task"] == tasks.TASK_NAMES.index("text_qa")).all()
     with pytest.raises(ValueError, match="every record"):
@@ -197,9 +254,13 @@ def test_too_long_records_raise_or_are_skipped(cfg, tok):
 
 def test_bad_configs_raise(cfg, tok, tmp_path):
     with pytest.raises(ValueError, match="image_size"):
-        pipeline.make_train_loader(dataclasses.replace(cfg, image_size=31), tok, ["image_qa"], "chat", seed=0)
+        pipeline.make_train_loader(
+            dataclasses.replace(cfg, image_size=31), tok, ["image_qa"], "chat", seed=0
+        )
     with pytest.raises(ValueError, match="num_frames"):
-        pipeline.make_train_loader(dataclasses.replace(cfg, num_frames=5), tok, ["image_qa"], "chat", seed=0)
+        pipeline.make_train_loader(
+            dataclasses.replace(cfg, num_frames=5), tok, ["image_qa"], "chat", seed=0
+        )
     with pytest.raises(ValueError, match="batch_size"):
         pipeline.make_train_loader(cfg, tok, ["image_qa"], "chat", seed=0, shard_count=4)
     with pytest.raises(ValueError, match="mode"):
@@ -211,4 +272,6 @@ def test_bad_configs_raise(cfg, tok, tmp_path):
     with pytest.raises(ValueError, match="seq_len"):
         dataclasses.replace(cfg, seq_len=0)
     with pytest.raises(FileNotFoundError, match="prepare"):
-        pipeline.make_train_loader(dataclasses.replace(cfg, data_dir=str(tmp_path)), tok, ["image_qa"], "chat", seed=0)
+        pipeline.make_train_loader(
+            dataclasses.replace(cfg, data_dir=str(tmp_path)), tok, ["image_qa"], "chat", seed=0
+        )

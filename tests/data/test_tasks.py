@@ -15,7 +15,10 @@ def synth():
 
 
 def _records(task, synth, n, seed=0):
-    return [tasks.generate_example(task, i, np.random.default_rng((seed, i)), synth, CFG) for i in range(n)]
+    return [
+        tasks.generate_example(task, i, np.random.default_rng((seed, i)), synth, CFG)
+        for i in range(n)
+    ]
 
 
 def _human_and_answer(record):
@@ -68,7 +71,11 @@ def test_media_slots_and_labels_follow_the_modality(synth):
             has_audio = modality in ("speech", "audio", "image_speech")
             assert (len(record["audio"]) > 0) == has_audio
             assert len(record["audio"]) <= CFG.clip_samples
-            assert (record["image_label"] >= 0) == (task in tasks.IMAGE_LABEL_TASKS) == ("image" in modality)
+            assert (
+                (record["image_label"] >= 0)
+                == (task in tasks.IMAGE_LABEL_TASKS)
+                == ("image" in modality)
+            )
             assert (record["audio_label"] >= 0) == (task in tasks.AUDIO_LABEL_TASKS) == has_audio
             assert -1 <= record["image_label"] < tasks.NUM_IMAGE_LABELS
             assert -1 <= record["audio_label"] < tasks.NUM_AUDIO_LABELS
@@ -166,7 +173,9 @@ def test_every_utterance_fits_the_clip(synth):
 
 
 def test_corpus_covers_every_generated_text(synth):
-    corpus_words = set(" ".join(tasks.tokenizer_corpus()).replace("?", " ").replace(".", " ").split())
+    corpus_words = set(
+        " ".join(tasks.tokenizer_corpus()).replace("?", " ").replace(".", " ").split()
+    )
     for task in tasks.TASKS:
         for record in _records(task, synth, 8):
             human, answer = _human_and_answer(record)

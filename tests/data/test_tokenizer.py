@@ -17,8 +17,14 @@ def test_special_token_ids(tokenizer):
     assert SPECIAL_TOKENS == ("<unk>", "<s>", "</s>", "<image>", "<video>", "<audio>")
     for token_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.backend.token_to_id(token) == token_id
-    ids = (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.image_id, tokenizer.video_id,
-           tokenizer.audio_id)
+    ids = (
+        tokenizer.pad_id,
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        tokenizer.image_id,
+        tokenizer.video_id,
+        tokenizer.audio_id,
+    )
     assert ids == (0, 1, 2, 3, 4, 5)
     assert tokenizer.encode("<image><video><audio></s>") == [3, 4, 5, 2]
 
@@ -46,21 +52,34 @@ def test_decode_skips_special_tokens(tokenizer):
     assert tokenizer.decode(ids) == "What color? red"
 
 
-@pytest.mark.parametrize("prompt, answer", [
-    ("questions. USER: What is 3 plus 4? ASSISTANT:", " 7"),
-    ("USER: \nWhat color is the circle? ASSISTANT:", " red"),
-    ("USER: \nDescribe the image briefly. ASSISTANT:", " a red circle, a blue square and a green triangle"),
-    ("USER: \nTranscribe the speech. ASSISTANT:", " what shape is the purple object"),
-    ("USER: anything ASSISTANT:", " zebra-42!"),
-])
+@pytest.mark.parametrize(
+    "prompt, answer",
+    [
+        ("questions. USER: What is 3 plus 4? ASSISTANT:", " 7"),
+        ("USER: \nWhat color is the circle? ASSISTANT:", " red"),
+        (
+            "USER: \nDescribe the image briefly. ASSISTANT:",
+            " a red circle, a blue square and a green triangle",
+        ),
+        ("USER: \nTranscribe the speech. ASSISTANT:", " what shape is the purple object"),
+        ("USER: anything ASSISTANT:", " zebra-42!"),
+    ],
+)
 def test_segments_concatenate_like_the_whole_string(tokenizer, prompt, answer):
     whole = tokenizer.encode(prompt + answer + "</s>USER: next ASSISTANT:")
-    parts = tokenizer.encode(prompt) + tokenizer.encode(answer) + [2] + tokenizer.encode("USER: next ASSISTANT:")
+    parts = (
+        tokenizer.encode(prompt)
+        + tokenizer.encode(answer)
+        + [2]
+        + tokenizer.encode("USER: next ASSISTANT:")
+    )
     assert parts == whole
 
 
 def test_media_tags_split_text(tokenizer):
-    assert tokenizer.encode("USER: <image>\nHi") == tokenizer.encode("USER: ") + [3] + tokenizer.encode("\nHi")
+    assert tokenizer.encode("USER: <image>\nHi") == tokenizer.encode("USER: ") + [
+        3
+    ] + tokenizer.encode("\nHi")
 
 
 def test_load_or_train_caches(tmp_path, tokenizer):
@@ -70,7 +89,9 @@ def test_load_or_train_caches(tmp_path, tokenizer):
     stamp = os.stat(path).st_mtime_ns
     second = Tokenizer.load_or_train(path)
     assert os.stat(path).st_mtime_ns == stamp
-    assert second.encode("What shape is the red object?") == tokenizer.encode("What shape is the red object?")
+    assert second.encode("What shape is the red object?") == tokenizer.encode(
+        "What shape is the red object?"
+    )
     assert Tokenizer.from_file(path).vocab_size == tokenizer.vocab_size
 
 

@@ -1,4 +1,5 @@
 """AudioEncoder: parity with Hugging Face's WhisperEncoder, shapes, validation."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,10 +15,19 @@ CFG = AudioEncoder.Config(num_mel_bins=7, max_frames=22, width=12, depth=2, num_
 def _hf_encoder(cfg: AudioEncoder.Config, max_source_positions: int) -> WhisperEncoder:
     torch.manual_seed(0)
     hf_cfg = transformers.WhisperConfig(
-        num_mel_bins=cfg.num_mel_bins, d_model=cfg.width, encoder_layers=cfg.depth,
-        encoder_attention_heads=cfg.num_heads, encoder_ffn_dim=cfg.mlp_dim,
-        max_source_positions=max_source_positions, decoder_layers=1, decoder_attention_heads=1,
-        decoder_ffn_dim=4, vocab_size=11, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        num_mel_bins=cfg.num_mel_bins,
+        d_model=cfg.width,
+        encoder_layers=cfg.depth,
+        encoder_attention_heads=cfg.num_heads,
+        encoder_ffn_dim=cfg.mlp_dim,
+        max_source_positions=max_source_positions,
+        decoder_layers=1,
+        decoder_attention_heads=1,
+        decoder_ffn_dim=4,
+        vocab_size=11,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
         decoder_start_token_id=0,
     )
     encoder = WhisperEncoder(hf_cfg).eval()
@@ -80,9 +90,15 @@ def test_odd_lengths_give_ceil_half(num_frames, num_positions):
 def test_param_paths_mirror_hf():
     ours = AudioEncoder(CFG, rngs=nnx.Rngs(0))
     paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
-    assert {"conv1/kernel", "conv2/bias", "layers/1/self_attn/q_proj/bias",
-            "layers/0/self_attn/k_proj/kernel", "layers/0/fc1/kernel",
-            "layers/1/final_layer_norm/scale", "layer_norm/bias"} <= paths
+    assert {
+        "conv1/kernel",
+        "conv2/bias",
+        "layers/1/self_attn/q_proj/bias",
+        "layers/0/self_attn/k_proj/kernel",
+        "layers/0/fc1/kernel",
+        "layers/1/final_layer_norm/scale",
+        "layer_norm/bias",
+    } <= paths
     assert "layers/0/self_attn/k_proj/bias" not in paths
     assert not any("embed_positions" in p for p in paths)
 
@@ -97,8 +113,12 @@ def test_too_many_frames_raises():
 
 @pytest.mark.parametrize(
     "overrides, field",
-    [({"max_frames": 21}, "max_frames"), ({"num_heads": 5}, "num_heads"), ({"width": 2}, "width"),
-     ({"depth": 0}, "depth")],
+    [
+        ({"max_frames": 21}, "max_frames"),
+        ({"num_heads": 5}, "num_heads"),
+        ({"width": 2}, "width"),
+        ({"depth": 0}, "depth"),
+    ],
 )
 def test_bad_config_raises(overrides, field):
     with pytest.raises(ValueError, match=field):

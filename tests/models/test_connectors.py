@@ -1,4 +1,5 @@
 """MLPProjector and QueryConnector: exact values, HF Whisper-decoder parity, masking."""
+
 import math
 
 import numpy as np
@@ -11,8 +12,9 @@ from transformers.models.whisper.modeling_whisper import WhisperDecoder
 from unimoe.models.connectors import MLPProjector, QueryConnector
 
 # Dims shared with the vision and audio tests, so eager JAX compiles each shape once.
-QCFG = QueryConnector.Config(enc_dim=7, out_dim=13, num_queries=5, width=12, depth=2, num_heads=3,
-                             mlp_dim=13)
+QCFG = QueryConnector.Config(
+    enc_dim=7, out_dim=13, num_queries=5, width=12, depth=2, num_heads=3, mlp_dim=13
+)
 
 
 def _np_gelu(x: np.ndarray) -> np.ndarray:
@@ -87,12 +89,24 @@ def _copy(module: nnx.Module, hf: dict, prefix: str) -> None:
 def test_query_connector_matches_hf_whisper_decoder():
     cfg = QueryConnector.Config(**{**QCFG.__dict__, "enc_dim": QCFG.width})
     torch.manual_seed(0)
-    decoder = WhisperDecoder(transformers.WhisperConfig(
-        d_model=cfg.width, decoder_layers=cfg.depth, decoder_attention_heads=cfg.num_heads,
-        decoder_ffn_dim=cfg.mlp_dim, max_target_positions=cfg.num_queries, vocab_size=11,
-        pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
-        encoder_layers=1, encoder_attention_heads=1, encoder_ffn_dim=4, num_mel_bins=4,
-    )).eval()
+    decoder = WhisperDecoder(
+        transformers.WhisperConfig(
+            d_model=cfg.width,
+            decoder_layers=cfg.depth,
+            decoder_attention_heads=cfg.num_heads,
+            decoder_ffn_dim=cfg.mlp_dim,
+            max_target_positions=cfg.num_queries,
+            vocab_size=11,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+            decoder_start_token_id=0,
+            encoder_layers=1,
+            encoder_attention_heads=1,
+            encoder_ffn_dim=4,
+            num_mel_bins=4,
+        )
+    ).eval()
     with torch.no_grad():  # HF's identity LayerNorms and zero biases would test nothing
         for name, param in decoder.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -103,8 +117,13 @@ def test_query_connector_matches_hf_whisper_decoder():
     conn.embed_positions.embedding[...] = hf["embed_positions.weight"]
     _copy(conn.layer_norm, hf, "layer_norm")
     for i, layer in enumerate(conn.layers):
-        for name in ("self_attn_layer_norm", "encoder_attn_layer_norm", "fc1", "fc2",
-                     "final_layer_norm"):
+        for name in (
+            "self_attn_layer_norm",
+            "encoder_attn_layer_norm",
+            "fc1",
+            "fc2",
+            "final_layer_norm",
+        ):
             _copy(getattr(layer, name), hf, f"layers.{i}.{name}")
         for attn in ("self_attn", "encoder_attn"):
             for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -112,9 +131,13 @@ def test_query_connector_matches_hf_whisper_decoder():
     enc_bsd = _enc(0, (2, 9, cfg.width))
     queries_bqd = torch.tensor(np.asarray(conn.query_tokens[...]))[None].repeat(2, 1, 1)
     with torch.no_grad():
-        hidden_bqd = decoder(inputs_embeds=queries_bqd, encoder_hidden_states=torch.tensor(enc_bsd),
-                             use_cache=False).last_hidden_state.numpy()
-    out_kernel, out_bias = np.asarray(conn.out_proj.kernel[...]), np.asarray(conn.out_proj.bias[...])
+        hidden_bqd = decoder(
+            inputs_embeds=queries_bqd, encoder_hidden_states=torch.tensor(enc_bsd), use_cache=False
+        ).last_hidden_state.numpy()
+    out_kernel, out_bias = (
+        np.asarray(conn.out_proj.kernel[...]),
+        np.asarray(conn.out_proj.bias[...]),
+    )
     expected = hidden_bqd @ out_kernel + out_bias
     np.testing.assert_allclose(np.asarray(conn(enc_bsd)), expected, atol=1e-4, rtol=0)
 
@@ -122,18 +145,27 @@ def test_query_connector_matches_hf_whisper_decoder():
 def test_param_paths():
     conn = QueryConnector(QCFG, rngs=nnx.Rngs(0))
     paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(conn, nnx.Param))}
-    assert {"query_tokens", "embed_positions/embedding", "enc_proj/kernel",
-            "layers/1/encoder_attn/q_proj/kernel", "layers/0/self_attn_layer_norm/scale",
-            "layers/0/fc2/bias", "layer_norm/scale", "out_proj/kernel"} <= paths
+    assert {
+        "query_tokens",
+        "embed_positions/embedding",
+        "enc_proj/kernel",
+        "layers/1/encoder_attn/q_proj/kernel",
+        "layers/0/self_attn_layer_norm/scale",
+        "layers/0/fc2/bias",
+        "layer_norm/scale",
+        "out_proj/kernel",
+    } <= paths
     assert "layers/0/encoder_attn/k_proj/bias" not in paths
 
 
 @pytest.mark.parametrize(
     "cls, kwargs, field",
-    [(MLPProjector, {"in_dim": 0, "out_dim": 3}, "in_dim"),
-     (MLPProjector, {"in_dim": 2, "out_dim": 3, "hidden_dim": -1}, "hidden_dim"),
-     (QueryConnector, {**QCFG.__dict__, "num_queries": 0}, "num_queries"),
-     (QueryConnector, {**QCFG.__dict__, "num_heads": 5}, "num_heads")],
+    [
+        (MLPProjector, {"in_dim": 0, "out_dim": 3}, "in_dim"),
+        (MLPProjector, {"in_dim": 2, "out_dim": 3, "hidden_dim": -1}, "hidden_dim"),
+        (QueryConnector, {**QCFG.__dict__, "num_queries": 0}, "num_queries"),
+        (QueryConnector, {**QCFG.__dict__, "num_heads": 5}, "num_heads"),
+    ],
 )
 def test_bad_config_raises(cls, kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -1,4 +1,5 @@
 """Decoder LM: parity with Hugging Face LlamaForCausalLM, padding, MoE layers, gradients."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,10 +35,16 @@ def test_logits_match_hugging_face_llama(num_kv_heads, tie):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=num_kv_heads, rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        hidden_size=DIM,
+        intermediate_size=FFN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=num_kv_heads,
+        rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-        tie_word_embeddings=tie, attn_implementation="eager",
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
     )
     hf_model = transformers.LlamaForCausalLM(hf_config).eval()
     with torch.no_grad():
@@ -57,9 +64,12 @@ def test_logits_match_hugging_face_llama(num_kv_heads, tie):
     for i, layer in enumerate(model.layers):
         prefix = f"model.layers.{i}."
         for ours, theirs in (
-            (layer.attn.q, "self_attn.q_proj"), (layer.attn.k, "self_attn.k_proj"),
-            (layer.attn.v, "self_attn.v_proj"), (layer.attn.o, "self_attn.o_proj"),
-            (layer.ffn.gate, "mlp.gate_proj"), (layer.ffn.up, "mlp.up_proj"),
+            (layer.attn.q, "self_attn.q_proj"),
+            (layer.attn.k, "self_attn.k_proj"),
+            (layer.attn.v, "self_attn.v_proj"),
+            (layer.attn.o, "self_attn.o_proj"),
+            (layer.ffn.gate, "mlp.gate_proj"),
+            (layer.ffn.up, "mlp.up_proj"),
             (layer.ffn.down, "mlp.down_proj"),
         ):
             ours.kernel.set_value(jnp.asarray(hf[prefix + theirs + ".weight"].T))
@@ -161,10 +171,19 @@ def test_resolve_moe_layers():
 
 
 def test_config_from_plain_kwargs_and_validation():
-    cfg = LLMConfig(**{
-        "vocab_size": VOCAB, "dim": DIM, "num_layers": 4, "num_heads": 3, "num_kv_heads": 1,
-        "ffn_dim": FFN, "moe_layers": "every_2", "moe": {"num_experts": 4}, "lora": {"rank": 8},
-    })
+    cfg = LLMConfig(
+        **{
+            "vocab_size": VOCAB,
+            "dim": DIM,
+            "num_layers": 4,
+            "num_heads": 3,
+            "num_kv_heads": 1,
+            "ffn_dim": FFN,
+            "moe_layers": "every_2",
+            "moe": {"num_experts": 4},
+            "lora": {"rank": 8},
+        }
+    )
     assert cfg.moe_layers == (0, 2) and cfg.moe.num_experts == 4 and cfg.lora.rank == 8
     assert cfg.resolved_head_dim == 8
     with pytest.raises(ValueError, match="num_kv_heads"):

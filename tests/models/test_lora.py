@@ -1,4 +1,5 @@
 """LoRA Linear numerics (peft conventions) and merging adapters into base weights."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +59,15 @@ def test_dropout_applies_to_the_adapter_input_only():
 
 def random_lm(lora: LoRAConfig) -> DecoderLM:
     cfg = LLMConfig(
-        vocab_size=37, dim=24, num_layers=2, num_heads=3, num_kv_heads=1, ffn_dim=40,
-        moe_layers=(1,), moe={"num_experts": 3, "top_k": 2}, lora=lora,
+        vocab_size=37,
+        dim=24,
+        num_layers=2,
+        num_heads=3,
+        num_kv_heads=1,
+        ffn_dim=40,
+        moe_layers=(1,),
+        moe={"num_experts": 3, "top_k": 2},
+        lora=lora,
     )
     model = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
@@ -82,7 +90,8 @@ def test_merge_lora_keeps_the_function_and_zeroes_the_adapters():
     merge_lora(model)
     np.testing.assert_allclose(logits_of(model, tokens_bt), before, rtol=1e-4, atol=1e-5)
     lora_b_values = [
-        var[...] for path, var in nnx.iter_graph(model)
+        var[...]
+        for path, var in nnx.iter_graph(model)
         if isinstance(var, nnx.LoRAParam) and ("lora_b" in path[-1] or "_b_" in path[-1])
     ]
     assert len(lora_b_values) == 2 * 4 + 3  # q, k, v, o per layer + the bank's gate, up, down.

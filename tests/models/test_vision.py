@@ -1,4 +1,5 @@
 """ViTEncoder: parity with Hugging Face CLIPVisionModel, validation."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,9 +15,14 @@ CFG = ViTEncoder.Config(image_size=15, patch_size=5, width=12, depth=3, num_head
 def _hf_model(cfg: ViTEncoder.Config) -> transformers.CLIPVisionModel:
     torch.manual_seed(0)
     hf_cfg = transformers.CLIPVisionConfig(
-        hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.num_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
-        hidden_act="quick_gelu", layer_norm_eps=cfg.layer_norm_eps,
+        hidden_size=cfg.width,
+        intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_act="quick_gelu",
+        layer_norm_eps=cfg.layer_norm_eps,
     )
     model = transformers.CLIPVisionModel(hf_cfg).eval()
     # HF initialises LayerNorms to identity and biases to zero; randomise them so they are tested.
@@ -88,9 +94,16 @@ def test_pooled_matches_hf_pooler_output(hf_and_images):
 def test_param_paths_mirror_hf():
     ours = ViTEncoder(CFG, rngs=nnx.Rngs(0))
     paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
-    assert {"patch_embedding/kernel", "class_embedding", "position_embedding/embedding",
-            "pre_layrnorm/scale", "layers/2/self_attn/k_proj/bias", "layers/0/mlp/fc2/kernel",
-            "layers/1/layer_norm2/bias", "post_layernorm/scale"} <= paths
+    assert {
+        "patch_embedding/kernel",
+        "class_embedding",
+        "position_embedding/embedding",
+        "pre_layrnorm/scale",
+        "layers/2/self_attn/k_proj/bias",
+        "layers/0/mlp/fc2/kernel",
+        "layers/1/layer_norm2/bias",
+        "post_layernorm/scale",
+    } <= paths
     assert "patch_embedding/bias" not in paths
 
 
@@ -101,15 +114,20 @@ def test_attention_mask_blocks_keys():
     # With one visible key the softmax is one-hot, so every query reads v_proj(x[0]).
     expected = attn.out_proj(attn.v_proj(x_bqd[:, :1]))
     np.testing.assert_allclose(
-        np.asarray(attn(x_bqd, mask_bqs=only_first_key)), np.broadcast_to(expected, (1, 4, 12)),
+        np.asarray(attn(x_bqd, mask_bqs=only_first_key)),
+        np.broadcast_to(expected, (1, 4, 12)),
         atol=1e-6,
     )
 
 
 @pytest.mark.parametrize(
     "overrides, field",
-    [({"image_size": 16, "patch_size": 5}, "image_size"), ({"select_layer": 4}, "select_layer"),
-     ({"select_layer": -5}, "select_layer"), ({"mlp_dim": 0}, "mlp_dim")],
+    [
+        ({"image_size": 16, "patch_size": 5}, "image_size"),
+        ({"select_layer": 4}, "select_layer"),
+        ({"select_layer": -5}, "select_layer"),
+        ({"mlp_dim": 0}, "mlp_dim"),
+    ],
 )
 def test_bad_config_raises(overrides, field):
     with pytest.raises(ValueError, match=field):

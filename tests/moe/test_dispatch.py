@@ -1,4 +1,5 @@
 """Dropless dispatch against hand-computed values and the dense oracle (outputs and gradients)."""
+
 import functools
 
 import jax
@@ -90,9 +91,7 @@ def test_dropless_matches_dense_oracle_values_and_gradients(
     probe_nd = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
     bank = make_bank(lora_rank)
     args = (bank, x_nd, weights_nk, experts_nk, probe_nd)
-    value, (g_bank, g_x, g_w) = loss_and_grads(
-        *args, use_oracle=False, grouped_impl=grouped_impl
-    )
+    value, (g_bank, g_x, g_w) = loss_and_grads(*args, use_oracle=False, grouped_impl=grouped_impl)
     ref_value, (ref_g_bank, ref_g_x, ref_g_w) = loss_and_grads(*args, use_oracle=True)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     np.testing.assert_allclose(g_x, ref_g_x, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
 """MoELayer against a per-token numpy reference, dense equivalence and padding handling."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

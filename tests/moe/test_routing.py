@@ -1,4 +1,5 @@
 """Routers and auxiliary losses on hand-made routings with hand-computed expected values."""
+
 import math
 
 import jax

@@ -11,49 +11,59 @@ from unimoe.train import step as step_lib
 
 
 def test_next_token_loss_counts_only_supervised_targets():
-  # Vocab 2; position t predicts token t+1. Only token 2 (predicted from position 1) is supervised.
-  logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
-  tokens = jnp.array([[0, 1, 0]])
-  loss_mask = jnp.array([[1., 0., 1.]])
-  loss, metrics = step_lib.next_token_loss(logits, tokens, loss_mask)
-  np.testing.assert_allclose(loss, -np.log(0.25), rtol=1e-6)
-  assert float(metrics['token_accuracy']) == 0.0 and float(metrics['supervised_tokens']) == 1.0
+    # Vocab 2; position t predicts token t+1. Only token 2 (predicted from position 1) is supervised.
+    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))
+    tokens = jnp.array([[0, 1, 0]])
+    loss_mask = jnp.array([[1.0, 0.0, 1.0]])
+    loss, metrics = step_lib.next_token_loss(logits, tokens, loss_mask)
+    np.testing.assert_allclose(loss, -np.log(0.25), rtol=1e-6)
+    assert float(metrics['token_accuracy']) == 0.0 and float(metrics['supervised_tokens']) == 1.0
 
 
 def test_classification_loss_ignores_unlabelled_examples():
-  logits = jnp.log(jnp.array([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]))
-  loss, metrics = step_lib.classification_loss(logits, jnp.array([1, 1, -1]))
-  np.testing.assert_allclose(loss, -(np.log(0.8) + np.log(0.4)) / 2, rtol=1e-6)
-  np.testing.assert_allclose(metrics['accuracy'], 0.5)
+    logits = jnp.log(jnp.array([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]))
+    loss, metrics = step_lib.classification_loss(logits, jnp.array([1, 1, -1]))
+    np.testing.assert_allclose(loss, -(np.log(0.8) + np.log(0.4)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(metrics['accuracy'], 0.5)
 
 
 def test_loss_kind_is_validated():
-  with pytest.raises(ValueError, match='loss kind'):
-    step_lib.LossConfig(kind='contrastive')
+    with pytest.raises(ValueError, match='loss kind'):
+        step_lib.LossConfig(kind='contrastive')
 
 
 def test_train_step_updates_only_trainable_params_and_lowers_the_loss():
-  model = UniMoE(model_config(moe=True, lora_rank=2), rngs=nnx.Rngs(0))
-  trains = 'lora+router'
-  graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(trains), ...)
-  frozen_before = jax.tree.map(np.array, nnx.state(model, nnx.Not(stages.trainable_filter(trains))))
-  optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
-  opt_state = optim.make_optimizer(optim_cfg).init(trainable)
-  train_step = step_lib.make_train_step(graphdef, trains, optim_cfg,
-                                        step_lib.LossConfig(kind='chat', balance_coef=0.01))
-  rng = np.random.default_rng(0)
-  batch = {'tokens': jnp.asarray(rng.integers(6, 41, size=(4, 11))),
-           'loss_mask': jnp.ones((4, 11)), 'attn_mask': jnp.ones((4, 11), bool)}
-  losses = []
-  for _ in range(8):
-    trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch)
-    losses.append(float(metrics['loss']))
-  assert losses[-1] < losses[0] - 0.05
-  assert metrics['expert_load'].shape == (2, 3)
-  model = nnx.merge(graphdef, trainable, rest)
-  frozen_after = nnx.state(model, nnx.Not(stages.trainable_filter(trains)))
-  for (path, before), (_, after) in zip(nnx.to_flat_state(frozen_before),
-                                        nnx.to_flat_state(frozen_after)):
-    if isinstance(after, nnx.Param):
-      np.testing.assert_array_equal(np.asarray(before.get_value()), np.asarray(after.get_value()),
-                                    err_msg=stages.path_str(path))
+    model = UniMoE(model_config(moe=True, lora_rank=2), rngs=nnx.Rngs(0))
+    trains = 'lora+router'
+    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(trains), ...)
+    frozen_before = jax.tree.map(
+        np.array, nnx.state(model, nnx.Not(stages.trainable_filter(trains)))
+    )
+    optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
+    opt_state = optim.make_optimizer(optim_cfg).init(trainable)
+    train_step = step_lib.make_train_step(
+        graphdef, trains, optim_cfg, step_lib.LossConfig(kind='chat', balance_coef=0.01)
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        'tokens': jnp.asarray(rng.integers(6, 41, size=(4, 11))),
+        'loss_mask': jnp.ones((4, 11)),
+        'attn_mask': jnp.ones((4, 11), bool),
+    }
+    losses = []
+    for _ in range(8):
+        trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch)
+        losses.append(float(metrics['loss']))
+    assert losses[-1] < losses[0] - 0.05
+    assert metrics['expert_load'].shape == (2, 3)
+    model = nnx.merge(graphdef, trainable, rest)
+    frozen_after = nnx.state(model, nnx.Not(stages.trainable_filter(trains)))
+    for (path, before), (_, after) in zip(
+        nnx.to_flat_state(frozen_before), nnx.to_flat_state(frozen_after)
+    ):
+        if isinstance(after, nnx.Param):
+            np.testing.assert_array_equal(
+                np.asarray(before.get_value()),
+                np.asarray(after.get_value()),
+                err_msg=stages.path_str(path),
+            )

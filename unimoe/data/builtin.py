@@ -5,6 +5,7 @@ Nothing is downloaded: every record is synthesized from a fixed seed, each from 
 Records are written in generation order (`disable_shuffling`): task by task in `TASK_NAMES` order,
 so `task_slices` can select tasks by index range without reading any record.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ class BuiltinConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def example_config(self) -> tasks.ExampleConfig:
-        return tasks.ExampleConfig(image_size=self.image_size, num_frames=self.num_frames,
-                                   clip_samples=self.clip_samples)
+        return tasks.ExampleConfig(
+            image_size=self.image_size, num_frames=self.num_frames, clip_samples=self.clip_samples
+        )
 
     def split_tasks(self, split: str) -> tuple[str, ...]:
         if split not in SPLITS:
@@ -52,10 +54,19 @@ class UnimoeBuiltin(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
-        BuiltinConfig(name="tiny", description="The demo: 600 train records per task, 60 eval per QA task.",
-                      train_per_task=600, eval_per_task=60, num_frames=8),
-        BuiltinConfig(name="test", description="For tests: 16 train records per task, 8 eval per QA task.",
-                      train_per_task=16, eval_per_task=8),
+        BuiltinConfig(
+            name="tiny",
+            description="The demo: 600 train records per task, 60 eval per QA task.",
+            train_per_task=600,
+            eval_per_task=60,
+            num_frames=8,
+        ),
+        BuiltinConfig(
+            name="test",
+            description="For tests: 16 train records per task, 8 eval per QA task.",
+            train_per_task=16,
+            eval_per_task=8,
+        ),
     ]
 
     @tfds.core.utils.classproperty
@@ -70,19 +81,21 @@ class UnimoeBuiltin(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "id": tfds.features.Text(),
-                "task": tfds.features.Text(),
-                "modality": tfds.features.Text(),
-                "conversations": tfds.features.Text(),
-                "answer": tfds.features.Text(),
-                # Variable first dims: absent media are zero-length and cost nothing.
-                "image": tfds.features.Tensor(shape=(None, size, size, 3), dtype=np.uint8),
-                "video": tfds.features.Tensor(shape=(None, size, size, 3), dtype=np.uint8),
-                "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16),
-                "image_label": tfds.features.Scalar(dtype=np.int32),
-                "audio_label": tfds.features.Scalar(dtype=np.int32),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "task": tfds.features.Text(),
+                    "modality": tfds.features.Text(),
+                    "conversations": tfds.features.Text(),
+                    "answer": tfds.features.Text(),
+                    # Variable first dims: absent media are zero-length and cost nothing.
+                    "image": tfds.features.Tensor(shape=(None, size, size, 3), dtype=np.uint8),
+                    "video": tfds.features.Tensor(shape=(None, size, size, 3), dtype=np.uint8),
+                    "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16),
+                    "image_label": tfds.features.Scalar(dtype=np.int32),
+                    "audio_label": tfds.features.Scalar(dtype=np.int32),
+                }
+            ),
             disable_shuffling=True,
         )
 
@@ -96,8 +109,12 @@ class UnimoeBuiltin(tfds.core.GeneratorBasedBuilder):
         per_task = cfg.examples_per_task(split)
         example_cfg = cfg.example_config()
         synth = media.SpeechSynthesizer()
-        progress = tqdm.tqdm(total=len(split_tasks) * per_task, desc=f"unimoe_builtin/{cfg.name} {split}",
-                             unit="ex", leave=False)
+        progress = tqdm.tqdm(
+            total=len(split_tasks) * per_task,
+            desc=f"unimoe_builtin/{cfg.name} {split}",
+            unit="ex",
+            leave=False,
+        )
         key = 0
         for task in split_tasks:
             task_index = tasks.TASK_NAMES.index(task)
@@ -115,8 +132,10 @@ def task_slices(cfg: BuiltinConfig, split: str, selected_tasks: list[str] | tupl
     per_task = cfg.examples_per_task(split)
     missing = [t for t in selected_tasks if t not in split_tasks]
     if missing or not selected_tasks:
-        raise ValueError(f"tasks {list(selected_tasks)} must be a non-empty subset of the {split!r} "
-                         f"tasks {split_tasks}; not there: {missing}")
+        raise ValueError(
+            f"tasks {list(selected_tasks)} must be a non-empty subset of the {split!r} "
+            f"tasks {split_tasks}; not there: {missing}"
+        )
     parts = []
     for task in sorted(set(selected_tasks), key=split_tasks.index):
         start = split_tasks.index(task) * per_task
@@ -129,6 +148,8 @@ def prepare(data_dir: str | os.PathLike, config_name: str) -> UnimoeBuiltin:
     names = [c.name for c in UnimoeBuiltin.BUILDER_CONFIGS]
     if config_name not in names:
         raise ValueError(f"config_name must be one of {names}, got {config_name!r}")
-    builder = UnimoeBuiltin(config=config_name, data_dir=os.fspath(data_dir), file_format="array_record")
+    builder = UnimoeBuiltin(
+        config=config_name, data_dir=os.fspath(data_dir), file_format="array_record"
+    )
     builder.download_and_prepare()  # a no-op when the data is already there
     return builder

@@ -7,6 +7,7 @@ answers and their `</s>`; BOS, the system prompt, every `USER: ... ASSISTANT:` a
 positions are 0. The split between prompt and answer falls after "ASSISTANT:" so that the eval
 prompt (which ends there) tokenizes exactly like the training prefix.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,18 +40,26 @@ def _check_conversation(conversations: Conversation, record_id: str) -> None:
     for i, turn in enumerate(conversations):
         expected = "human" if i % 2 == 0 else "gpt"
         if turn.get("from") != expected:
-            raise ValueError(f"conversations[{i}]['from'] of record {record_id!r} must be {expected!r}, "
-                             f"got {turn.get('from')!r}")
+            raise ValueError(
+                f"conversations[{i}]['from'] of record {record_id!r} must be {expected!r}, "
+                f"got {turn.get('from')!r}"
+            )
     text = "".join(turn["value"] for turn in conversations)
     for tag in MEDIA_TAGS:
         if text.count(tag) > 1:
-            raise ValueError(f"conversations of record {record_id!r} use {tag} {text.count(tag)} times; "
-                             "one slot per modality allows at most one")
+            raise ValueError(
+                f"conversations of record {record_id!r} use {tag} {text.count(tag)} times; "
+                "one slot per modality allows at most one"
+            )
 
 
 def _encode_with_media(text: str, tokenizer: Tokenizer, tag_lengths: dict[str, int]) -> list[int]:
     ids: list[int] = []
-    tag_ids = {"<image>": tokenizer.image_id, "<video>": tokenizer.video_id, "<audio>": tokenizer.audio_id}
+    tag_ids = {
+        "<image>": tokenizer.image_id,
+        "<video>": tokenizer.video_id,
+        "<audio>": tokenizer.audio_id,
+    }
     for piece in _TAG_PATTERN.split(text):
         if piece in tag_ids:
             ids += [tag_ids[piece]] * tag_lengths[piece]
@@ -59,8 +68,13 @@ def _encode_with_media(text: str, tokenizer: Tokenizer, tag_lengths: dict[str, i
     return ids
 
 
-def _segments(conversations: Conversation, tokenizer: Tokenizer, tag_lengths: dict[str, int],
-              *, with_last_answer: bool) -> list[tuple[list[int], bool]]:
+def _segments(
+    conversations: Conversation,
+    tokenizer: Tokenizer,
+    tag_lengths: dict[str, int],
+    *,
+    with_last_answer: bool,
+) -> list[tuple[list[int], bool]]:
     """(ids, supervised) pieces whose concatenation is the templated conversation."""
     segments: list[tuple[list[int], bool]] = [([tokenizer.bos_id], False)]
     prefix = SYSTEM_PROMPT + SEP
@@ -76,17 +90,20 @@ def _segments(conversations: Conversation, tokenizer: Tokenizer, tag_lengths: di
     return segments
 
 
-def _pad(segments: list[tuple[list[int], bool]], seq_len: int, pad_id: int,
-         record_id: str) -> tuple[np.ndarray, np.ndarray]:
+def _pad(
+    segments: list[tuple[list[int], bool]], seq_len: int, pad_id: int, record_id: str
+) -> tuple[np.ndarray, np.ndarray]:
     length = sum(len(ids) for ids, _ in segments)
     if length > seq_len:
-        raise SequenceTooLongError(f"record {record_id!r} has {length} tokens, more than seq_len={seq_len}")
+        raise SequenceTooLongError(
+            f"record {record_id!r} has {length} tokens, more than seq_len={seq_len}"
+        )
     tokens = np.full((seq_len,), pad_id, np.int32)
     loss_mask = np.zeros((seq_len,), np.float32)
     start = 0
     for ids, supervised in segments:
-        tokens[start:start + len(ids)] = ids
-        loss_mask[start:start + len(ids)] = float(supervised)
+        tokens[start : start + len(ids)] = ids
+        loss_mask[start : start + len(ids)] = float(supervised)
         start += len(ids)
     return tokens, loss_mask
 
@@ -107,7 +124,9 @@ def build_chat_example(
     """
     _check_conversation(conversations, record_id)
     if len(conversations) % 2:
-        raise ValueError(f"conversations of record {record_id!r} must end with a gpt turn for training")
+        raise ValueError(
+            f"conversations of record {record_id!r} must end with a gpt turn for training"
+        )
     tag_lengths = {"<image>": n_image_tokens, "<video>": n_video_tokens, "<audio>": n_audio_tokens}
     segments = _segments(conversations, tokenizer, tag_lengths, with_last_answer=True)
     return _pad(segments, seq_len, tokenizer.pad_id, record_id)
@@ -137,7 +156,9 @@ def lm_text(conversations: Conversation) -> str:
     text = SYSTEM_PROMPT + SEP
     for i, turn in enumerate(conversations):
         value = re.sub(_TAG_PATTERN.pattern + r"\n?", "", turn["value"])
-        text += f"{ROLES['human']}: {value}{SEP}{ROLES['gpt']}:" if i % 2 == 0 else f" {value}{SEP2}"
+        text += (
+            f"{ROLES['human']}: {value}{SEP}{ROLES['gpt']}:" if i % 2 == 0 else f" {value}{SEP2}"
+        )
     return text
 
 

@@ -124,15 +124,19 @@ def random_objects(rng: np.random.Generator, n: int, image_size: int) -> list[Sc
     raise ValueError(f"could not place n={n} non-overlapping objects in image_size={image_size}")
 
 
-def _place_one(rng: np.random.Generator, shape: str, color: str, image_size: int,
-               placed: list[SceneObject]) -> SceneObject | None:
+def _place_one(
+    rng: np.random.Generator, shape: str, color: str, image_size: int, placed: list[SceneObject]
+) -> SceneObject | None:
     for _ in range(_POSITION_TRIES):
         size = rng.uniform(image_size * _MIN_SIZE_FRACTION, image_size * _MAX_SIZE_FRACTION)
         reach = size / 2 + _EDGE_MARGIN
         x, y = rng.uniform(reach, image_size - reach, size=2)
         # Bounding boxes (plus margin) must be disjoint along at least one axis.
-        if all(abs(x - o.x) >= (size + o.size) / 2 + _EDGE_MARGIN
-               or abs(y - o.y) >= (size + o.size) / 2 + _EDGE_MARGIN for o in placed):
+        if all(
+            abs(x - o.x) >= (size + o.size) / 2 + _EDGE_MARGIN
+            or abs(y - o.y) >= (size + o.size) / 2 + _EDGE_MARGIN
+            for o in placed
+        ):
             return SceneObject(shape=shape, color=color, x=float(x), y=float(y), size=float(size))
     return None
 
@@ -168,7 +172,9 @@ def _add_noise_to_uint8(canvas: np.ndarray, rng: np.random.Generator) -> np.ndar
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
-def render_scene(objects: list[SceneObject], image_size: int, rng: np.random.Generator) -> np.ndarray:
+def render_scene(
+    objects: list[SceneObject], image_size: int, rng: np.random.Generator
+) -> np.ndarray:
     """uint8 [H, W, 3] image of `objects` on a dark background with mild per-pixel noise."""
     _check_image_size(image_size)
     canvas_hwc = _background_hwc(image_size, rng.uniform(*_BACKGROUND_LEVELS))
@@ -177,8 +183,9 @@ def render_scene(objects: list[SceneObject], image_size: int, rng: np.random.Gen
     return _add_noise_to_uint8(canvas_hwc, rng)
 
 
-def render_video(obj: SceneObject, direction: str, num_frames: int, image_size: int,
-                 rng: np.random.Generator) -> np.ndarray:
+def render_video(
+    obj: SceneObject, direction: str, num_frames: int, image_size: int, rng: np.random.Generator
+) -> np.ndarray:
     """uint8 [F, H, W, 3] clip of `obj` moving at constant speed in `direction`.
 
     Only `obj`'s shape, colour, size and cross-axis coordinate are used (`y` for left/right, `x` for
@@ -193,7 +200,9 @@ def render_video(obj: SceneObject, direction: str, num_frames: int, image_size: 
     reach = obj.size / 2 + _EDGE_MARGIN
     low, high = reach, image_size - reach
     if high - low < image_size / 4:
-        raise ValueError(f"obj.size={obj.size} leaves too little room to move in image_size={image_size}")
+        raise ValueError(
+            f"obj.size={obj.size} leaves too little room to move in image_size={image_size}"
+        )
     travel = rng.uniform(0.6, 1.0) * (high - low)
     start = rng.uniform(low, high - travel)
     along_f = start + travel * np.linspace(0.0, 1.0, num_frames)
@@ -218,7 +227,7 @@ def _fade_envelope(num_samples: int, fade_samples: int) -> np.ndarray:
     if ramp_len > 0:
         ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp_len) + 0.5) / ramp_len)
         envelope[:ramp_len] = ramp
-        envelope[num_samples - ramp_len:] = ramp[::-1]
+        envelope[num_samples - ramp_len :] = ramp[::-1]
     return envelope
 
 
@@ -244,7 +253,9 @@ def synth_sound(kind: str, pitch: str, seconds: float, rng: np.random.Generator)
     elif kind == "chirp":
         start_hz, stop_hz = centre_hz / np.sqrt(2), centre_hz * np.sqrt(2)
         duration = num_samples / SAMPLE_RATE
-        wave = np.sin(2 * np.pi * (start_hz * t + (stop_hz - start_hz) * t**2 / (2 * duration)) + phase)
+        wave = np.sin(
+            2 * np.pi * (start_hz * t + (stop_hz - start_hz) * t**2 / (2 * duration)) + phase
+        )
     elif kind == "beep":
         num_pulses = int(rng.integers(3, 6))
         period = num_samples / num_pulses
@@ -253,7 +264,7 @@ def synth_sound(kind: str, pitch: str, seconds: float, rng: np.random.Generator)
         pulse_env = _fade_envelope(pulse_len, int(_PULSE_FADE_SECONDS * SAMPLE_RATE))
         for k in range(num_pulses):
             begin = int(k * period)
-            gate[begin:begin + pulse_len] = pulse_env
+            gate[begin : begin + pulse_len] = pulse_env
         wave = gate * np.sin(2 * np.pi * centre_hz * t + phase)
     else:  # noise: white noise with everything outside the chirp's band removed
         spectrum = np.fft.rfft(rng.standard_normal(num_samples))
@@ -265,8 +276,9 @@ def synth_sound(kind: str, pitch: str, seconds: float, rng: np.random.Generator)
     return wave.astype(np.float32)
 
 
-def place_in_clip(wave: np.ndarray, num_samples: int, rng: np.random.Generator,
-                  noise_level: float = 0.005) -> tuple[np.ndarray, int]:
+def place_in_clip(
+    wave: np.ndarray, num_samples: int, rng: np.random.Generator, noise_level: float = 0.005
+) -> tuple[np.ndarray, int]:
     """Put `wave` at a random offset of a silent clip, like a recording zero-padded to a fixed length.
 
     The wave gets a random gain in [0.5, 1.0] and the recorded part (from 0 to the end of the wave)
@@ -325,7 +337,7 @@ def log_mel(wave: np.ndarray, num_mel_bins: int, num_frames: int) -> np.ndarray:
         raise ValueError(f"num_frames={num_frames} must be positive")
     num_samples = num_frames * _HOP
     fitted = np.zeros(num_samples)
-    fitted[:min(len(wave), num_samples)] = wave[:num_samples]
+    fitted[: min(len(wave), num_samples)] = wave[:num_samples]
     padded = np.pad(fitted, _N_FFT // 2, mode="reflect")
     # A centred STFT gives num_frames + 1 frames; Whisper drops the last one.
     frames_fn = np.lib.stride_tricks.sliding_window_view(padded, _N_FFT)[::_HOP][:num_frames]

@@ -5,6 +5,7 @@ record (template + placeholder expansion, CLIP-normalised media, log-mel) in-pro
 Their iterators are checkpointable (`grain.python.PyGrainCheckpointSave`). Eval examples are loaded
 eagerly, with prompts instead of full conversations, and batched with `collate`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,25 +55,42 @@ class DataConfig:
     worker_count: int = 0
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "image_size", "num_frames", "audio_frames", "num_mel_bins",
-                     "n_image_tokens", "n_video_tokens", "n_audio_tokens"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "image_size",
+            "num_frames",
+            "audio_frames",
+            "num_mel_bins",
+            "n_image_tokens",
+            "n_video_tokens",
+            "n_audio_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _builder(cfg: DataConfig) -> builtin.UnimoeBuiltin:
     """The prepared builder, checked against the media shapes `cfg` asks for."""
-    builder = builtin.UnimoeBuiltin(config=cfg.builder_config, data_dir=cfg.data_dir, file_format="array_record")
+    builder = builtin.UnimoeBuiltin(
+        config=cfg.builder_config, data_dir=cfg.data_dir, file_format="array_record"
+    )
     if not builder.is_prepared():
-        raise FileNotFoundError(f"unimoe_builtin/{cfg.builder_config} is not built in {cfg.data_dir}; "
-                                "run unimoe.data.builtin.prepare(data_dir, config_name) first")
+        raise FileNotFoundError(
+            f"unimoe_builtin/{cfg.builder_config} is not built in {cfg.data_dir}; "
+            "run unimoe.data.builtin.prepare(data_dir, config_name) first"
+        )
     stored: builtin.BuiltinConfig = builder.builder_config
     if cfg.image_size != stored.image_size:
-        raise ValueError(f"DataConfig.image_size={cfg.image_size} differs from the stored images' "
-                         f"{stored.image_size} (unimoe_builtin/{stored.name})")
+        raise ValueError(
+            f"DataConfig.image_size={cfg.image_size} differs from the stored images' "
+            f"{stored.image_size} (unimoe_builtin/{stored.name})"
+        )
     if cfg.num_frames > stored.num_frames:
-        raise ValueError(f"DataConfig.num_frames={cfg.num_frames} exceeds the stored videos' "
-                         f"{stored.num_frames} frames (unimoe_builtin/{stored.name})")
+        raise ValueError(
+            f"DataConfig.num_frames={cfg.num_frames} exceeds the stored videos' "
+            f"{stored.num_frames} frames (unimoe_builtin/{stored.name})"
+        )
     return builder
 
 
@@ -95,7 +113,9 @@ def _media(record: dict[str, Any], cfg: DataConfig, used: tuple[str, ...]) -> di
         frame_ids = np.round(np.linspace(0, len(video) - 1, cfg.num_frames)).astype(np.int64)
         out["video"] = media.normalize_image(video[frame_ids])
     if out["has_audio"]:
-        out["audio_mel"] = media.log_mel(audio.astype(np.float32) / _INT16_SCALE, cfg.num_mel_bins, cfg.audio_frames)
+        out["audio_mel"] = media.log_mel(
+            audio.astype(np.float32) / _INT16_SCALE, cfg.num_mel_bins, cfg.audio_frames
+        )
     return out
 
 
@@ -103,12 +123,20 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _check_media_tags(convs: list[dict[str, str]], example: dict[str, np.ndarray], record_id: str) -> None:
+def _check_media_tags(
+    convs: list[dict[str, str]], example: dict[str, np.ndarray], record_id: str
+) -> None:
     text = "".join(turn["value"] for turn in convs)
-    for tag, has_key in (("<image>", "has_image"), ("<video>", "has_video"), ("<audio>", "has_audio")):
+    for tag, has_key in (
+        ("<image>", "has_image"),
+        ("<video>", "has_video"),
+        ("<audio>", "has_audio"),
+    ):
         if (tag in text) != bool(example[has_key]):
-            raise ValueError(f"record {record_id!r}: {tag} in text is {tag in text} but {has_key} is "
-                             f"{bool(example[has_key])}")
+            raise ValueError(
+                f"record {record_id!r}: {tag} in text is {tag in text} but {has_key} is "
+                f"{bool(example[has_key])}"
+            )
 
 
 class _Preprocess(grain.MapTransform):
@@ -128,11 +156,18 @@ class _Preprocess(grain.MapTransform):
             if self.mode == "chat":
                 _check_media_tags(convs, example, record_id)
                 tokens, loss_mask = conversation.build_chat_example(
-                    convs, self.tokenizer, n_image_tokens=cfg.n_image_tokens, n_video_tokens=cfg.n_video_tokens,
-                    n_audio_tokens=cfg.n_audio_tokens, seq_len=cfg.seq_len, record_id=record_id)
+                    convs,
+                    self.tokenizer,
+                    n_image_tokens=cfg.n_image_tokens,
+                    n_video_tokens=cfg.n_video_tokens,
+                    n_audio_tokens=cfg.n_audio_tokens,
+                    seq_len=cfg.seq_len,
+                    record_id=record_id,
+                )
             elif self.mode == "lm_text":
-                tokens, loss_mask = conversation.build_lm_text(convs, self.tokenizer, seq_len=cfg.seq_len,
-                                                               record_id=record_id)
+                tokens, loss_mask = conversation.build_lm_text(
+                    convs, self.tokenizer, seq_len=cfg.seq_len, record_id=record_id
+                )
             else:  # classification batches train encoders only: no text
                 tokens = np.full((cfg.seq_len,), self.tokenizer.pad_id, np.int32)
                 loss_mask = np.zeros((cfg.seq_len,), np.float32)
@@ -143,9 +178,15 @@ class _Preprocess(grain.MapTransform):
             self._skipped_in_a_row += 1
             # An infinite sampler would otherwise spin forever when no record fits.
             if self._skipped_in_a_row > self.num_records:
-                raise ValueError(f"every record is longer than DataConfig.seq_len={cfg.seq_len}") from None
-            logging.warning("skipping record %s: longer than seq_len=%d (%d skipped so far)",
-                            record_id, cfg.seq_len, self.num_skipped)
+                raise ValueError(
+                    f"every record is longer than DataConfig.seq_len={cfg.seq_len}"
+                ) from None
+            logging.warning(
+                "skipping record %s: longer than seq_len=%d (%d skipped so far)",
+                record_id,
+                cfg.seq_len,
+                self.num_skipped,
+            )
             return {}
         self._skipped_in_a_row = 0
         task = _text(record["task"])
@@ -170,10 +211,15 @@ class _NonEmpty(grain.FilterTransform):
 def _select_tasks(selected_tasks: Sequence[str], mode: str) -> list[str]:
     unknown = [t for t in selected_tasks if t not in task_defs.TASKS]
     if unknown or not selected_tasks:
-        raise ValueError(f"tasks must be a non-empty list of {task_defs.TASK_NAMES}, got {list(selected_tasks)}")
+        raise ValueError(
+            f"tasks must be a non-empty list of {task_defs.TASK_NAMES}, got {list(selected_tasks)}"
+        )
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    labelled = {"classify_image": task_defs.IMAGE_LABEL_TASKS, "classify_audio": task_defs.AUDIO_LABEL_TASKS}
+    labelled = {
+        "classify_image": task_defs.IMAGE_LABEL_TASKS,
+        "classify_audio": task_defs.AUDIO_LABEL_TASKS,
+    }
     if mode in labelled:
         selected_tasks = [t for t in selected_tasks if t in labelled[mode]]
         if not selected_tasks:
@@ -202,26 +248,42 @@ def make_train_loader(
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     if cfg.batch_size % shard_count:
-        raise ValueError(f"DataConfig.batch_size={cfg.batch_size} is not divisible by shard_count={shard_count}")
+        raise ValueError(
+            f"DataConfig.batch_size={cfg.batch_size} is not divisible by shard_count={shard_count}"
+        )
     builder = _builder(cfg)
-    source = builder.as_data_source(split=builtin.task_slices(builder.builder_config, "train", selected))
+    source = builder.as_data_source(
+        split=builtin.task_slices(builder.builder_config, "train", selected)
+    )
     sampler = grain.IndexSampler(
         num_records=len(source),
-        shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True),
+        shard_options=grain.ShardOptions(
+            shard_index=shard_index, shard_count=shard_count, drop_remainder=True
+        ),
         shuffle=True,
         num_epochs=None,
         seed=cfg.seed if seed is None else seed,
     )
-    operations = [_Preprocess(cfg, tokenizer, mode, len(source)), _NonEmpty(),
-                  grain.Batch(batch_size=cfg.batch_size // shard_count, drop_remainder=True)]
+    operations = [
+        _Preprocess(cfg, tokenizer, mode, len(source)),
+        _NonEmpty(),
+        grain.Batch(batch_size=cfg.batch_size // shard_count, drop_remainder=True),
+    ]
     # Records are local files: a few reader threads and a short buffer suffice, and grain's
     # default 500-element buffer costs more in polling its futures than the reads themselves.
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * cfg.batch_size)
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=cfg.worker_count, read_options=read_options)
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=operations,
+        worker_count=cfg.worker_count,
+        read_options=read_options,
+    )
 
 
-def load_eval_examples(cfg: DataConfig, tokenizer: Tokenizer, tasks: Sequence[str]) -> list[dict[str, Any]]:
+def load_eval_examples(
+    cfg: DataConfig, tokenizer: Tokenizer, tasks: Sequence[str]
+) -> list[dict[str, Any]]:
     """Every eval record of `tasks` as a prompt example (unbatched; see `collate`).
 
     Keys: `tokens` int32 [T] (prompt ending in "ASSISTANT:", right-padded), `attn_mask`, `loss_mask`
@@ -230,7 +292,9 @@ def load_eval_examples(cfg: DataConfig, tokenizer: Tokenizer, tasks: Sequence[st
     """
     selected = _select_tasks(tasks, "chat")
     builder = _builder(cfg)
-    source = builder.as_data_source(split=builtin.task_slices(builder.builder_config, "eval", selected))
+    source = builder.as_data_source(
+        split=builtin.task_slices(builder.builder_config, "eval", selected)
+    )
     examples = []
     for index in range(len(source)):
         record = source[index]
@@ -238,19 +302,29 @@ def load_eval_examples(cfg: DataConfig, tokenizer: Tokenizer, tasks: Sequence[st
         example = _media(record, cfg, _MODE_MEDIA["chat"])
         convs = json.loads(_text(record["conversations"]))
         _check_media_tags(convs, example, record_id)
-        prompt = conversation.build_prompt(convs, tokenizer, n_image_tokens=cfg.n_image_tokens,
-                                           n_video_tokens=cfg.n_video_tokens, n_audio_tokens=cfg.n_audio_tokens,
-                                           record_id=record_id)
+        prompt = conversation.build_prompt(
+            convs,
+            tokenizer,
+            n_image_tokens=cfg.n_image_tokens,
+            n_video_tokens=cfg.n_video_tokens,
+            n_audio_tokens=cfg.n_audio_tokens,
+            record_id=record_id,
+        )
         if len(prompt) >= cfg.seq_len:
             if cfg.skip_too_long:
-                logging.warning("skipping eval record %s: prompt of %d tokens, seq_len=%d",
-                                record_id, len(prompt), cfg.seq_len)
+                logging.warning(
+                    "skipping eval record %s: prompt of %d tokens, seq_len=%d",
+                    record_id,
+                    len(prompt),
+                    cfg.seq_len,
+                )
                 continue
             raise conversation.SequenceTooLongError(
                 f"eval record {record_id!r} has a {len(prompt)}-token prompt, leaving no room to "
-                f"generate in seq_len={cfg.seq_len}")
+                f"generate in seq_len={cfg.seq_len}"
+            )
         tokens = np.full((cfg.seq_len,), tokenizer.pad_id, np.int32)
-        tokens[:len(prompt)] = prompt
+        tokens[: len(prompt)] = prompt
         example.update(
             tokens=tokens,
             attn_mask=tokens != tokenizer.pad_id,
@@ -278,15 +352,24 @@ def collate(examples: Sequence[dict[str, Any]], batch_size: int) -> list[dict[st
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = []
     for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
+        chunk = list(examples[start : start + batch_size])
         num_valid = len(chunk)
         chunk += [chunk[0]] * (batch_size - num_valid)
         batch: dict[str, Any] = {
             key: np.stack([ex[key] for ex in chunk]) for key in chunk[0] if key not in _STRING_KEYS
         }
-        batch["task"] = np.asarray([task_defs.TASK_NAMES.index(ex["task"]) for ex in chunk], np.int32)
-        batch["modality"] = np.asarray([task_defs.MODALITIES.index(ex["modality"]) for ex in chunk], np.int32)
-        for key, name in (("task", "task_name"), ("modality", "modality_name"), ("answer", "answer"), ("id", "id")):
+        batch["task"] = np.asarray(
+            [task_defs.TASK_NAMES.index(ex["task"]) for ex in chunk], np.int32
+        )
+        batch["modality"] = np.asarray(
+            [task_defs.MODALITIES.index(ex["modality"]) for ex in chunk], np.int32
+        )
+        for key, name in (
+            ("task", "task_name"),
+            ("modality", "modality_name"),
+            ("answer", "answer"),
+            ("id", "id"),
+        ):
             batch[name] = [ex[key] for ex in chunk[:num_valid]] + [""] * (batch_size - num_valid)
         batch["valid"] = np.arange(batch_size) < num_valid
         batches.append(batch)

@@ -36,8 +36,9 @@ _RESAMPLE_ROLLOFF = 0.94
 _RESAMPLE_ZERO_CROSSINGS = 48
 _KAISER_BETA = 8.6
 
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                  ctypes.c_void_p)
+_SynthCallback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 
 @functools.lru_cache(maxsize=4)
@@ -76,7 +77,7 @@ def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
     out = np.empty(num_out)
     for r in range(min(up, num_out)):
         base, phase = divmod(r * down, up)
-        out[r::up] = windows[base + 1::down][:len(range(r, num_out, up))] @ kernel_pt[phase]
+        out[r::up] = windows[base + 1 :: down][: len(range(r, num_out, up))] @ kernel_pt[phase]
     return out.astype(np.float32)
 
 
@@ -92,29 +93,45 @@ class _EspeakEngine:
         except (ImportError, OSError, RuntimeError) as err:
             raise RuntimeError(
                 f"cannot load espeak-ng from the espeakng-loader package ({err}); "
-                "install it with `pip install espeakng-loader`") from err
+                "install it with `pip install espeakng-loader`"
+            ) from err
         lib = self._lib
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByFile.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
-        lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-        self.sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
+        self.sample_rate = lib.espeak_Initialize(
+            _AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0
+        )
         if self.sample_rate <= 0:
-            raise RuntimeError(f"espeak_Initialize failed (returned {self.sample_rate}) with data "
-                               f"path {data_path}")
+            raise RuntimeError(
+                f"espeak_Initialize failed (returned {self.sample_rate}) with data path {data_path}"
+            )
         self._chunks: list[np.ndarray] = []
         # ctypes frees a callback whose Python object dies, so the engine keeps it.
         self._callback = _SynthCallback(self._collect)
         lib.espeak_SetSynthCallback(self._callback)
         self._voice: str | None = None
-        self._voice_files = {name.lower(): os.path.join(folder, name)
-                             for folder, _, names in os.walk(os.path.join(data_path, "lang"))
-                             for name in names}
+        self._voice_files = {
+            name.lower(): os.path.join(folder, name)
+            for folder, _, names in os.walk(os.path.join(data_path, "lang"))
+            for name in names
+        }
 
-    def _collect(self, wav: "ctypes._Pointer[ctypes.c_short]", num_samples: int, _events: int | None) -> int:
+    def _collect(
+        self, wav: "ctypes._Pointer[ctypes.c_short]", num_samples: int, _events: int | None
+    ) -> int:
         if wav and num_samples > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
         return 0  # 0 = keep synthesising
@@ -125,8 +142,10 @@ class _EspeakEngine:
             return
         voice_path = self._voice_files.get(voice.lower())
         if voice_path is None:
-            raise ValueError(f"voice={voice!r} is not an espeak-ng language voice; examples: "
-                             f"{sorted(self._voice_files)[:8]}")
+            raise ValueError(
+                f"voice={voice!r} is not an espeak-ng language voice; examples: "
+                f"{sorted(self._voice_files)[:8]}"
+            )
         with open(voice_path, encoding="utf-8") as f:
             # Later keywords override earlier ones, so appending is enough.
             definition = f.read() + "\nflutter 0\nroughness 0\n"
@@ -138,7 +157,9 @@ class _EspeakEngine:
             os.unlink(voice_file.name)
         if status != 0:
             self._voice = None
-            raise RuntimeError(f"espeak_SetVoiceByFile failed with status {status} for voice={voice!r}")
+            raise RuntimeError(
+                f"espeak_SetVoiceByFile failed with status {status} for voice={voice!r}"
+            )
         self._voice = voice
 
     def synthesize(self, text: str, voice: str, rate_wpm: int) -> np.ndarray:
@@ -150,7 +171,9 @@ class _EspeakEngine:
         lib.espeak_ng_SetRandSeed(0)
         encoded = text.encode("utf-8") + b"\0"
         self._chunks = []
-        status = lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        status = lib.espeak_Synth(
+            encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
+        )
         lib.espeak_Synchronize()
         if status != 0:
             raise RuntimeError(f"espeak_Synth failed with status {status} for text={text!r}")
@@ -179,7 +202,9 @@ class SpeechSynthesizer:
 
     def __init__(self, voice: str = "en", rate_wpm: int = 175):
         if not _MIN_RATE_WPM <= rate_wpm <= _MAX_RATE_WPM:
-            raise ValueError(f"rate_wpm={rate_wpm} must be within [{_MIN_RATE_WPM}, {_MAX_RATE_WPM}]")
+            raise ValueError(
+                f"rate_wpm={rate_wpm} must be within [{_MIN_RATE_WPM}, {_MAX_RATE_WPM}]"
+            )
         self.voice = voice
         self.rate_wpm = rate_wpm
         self._cache: dict[str, np.ndarray] = {}
@@ -199,6 +224,6 @@ class SpeechSynthesizer:
             loud = np.flatnonzero(magnitude > _SILENCE_FRACTION * magnitude.max(initial=0))
             if len(loud) == 0:
                 raise ValueError(f"espeak-ng produced no audible speech for text={text!r}")
-            speech = pcm[loud[0]:loud[-1] + 1].astype(np.float64) / 32768.0
+            speech = pcm[loud[0] : loud[-1] + 1].astype(np.float64) / 32768.0
             self._cache[text] = np.clip(resample(speech, native_rate, SAMPLE_RATE), -1.0, 1.0)
         return self._cache[text].copy()

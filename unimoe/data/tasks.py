@@ -9,6 +9,7 @@ QA tasks are the instruction data of stages 2-3 and have a held-out eval split.
 Records use Uni-MoE's `conversations` format (`[{"from": "human", "value": "<image>\\n..."},
 {"from": "gpt", "value": "red"}]`, stored as a JSON string).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,14 +36,33 @@ TASKS: dict[str, str] = {
     "image_speech_qa": "image_speech",
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
-ALIGNMENT_TASKS: tuple[str, ...] = ("image_caption", "video_caption", "speech_transcript", "audio_caption")
+ALIGNMENT_TASKS: tuple[str, ...] = (
+    "image_caption",
+    "video_caption",
+    "speech_transcript",
+    "audio_caption",
+)
 INSTRUCTION_TASKS: tuple[str, ...] = tuple(t for t in TASKS if t not in ALIGNMENT_TASKS)
 # Tasks whose every record carries a stage-0 encoder label (the others carry -1).
-IMAGE_LABEL_TASKS: tuple[str, ...] = tuple(t for t, m in TASKS.items() if m in ("image", "image_speech"))
-AUDIO_LABEL_TASKS: tuple[str, ...] = tuple(t for t, m in TASKS.items() if m in ("speech", "audio", "image_speech"))
+IMAGE_LABEL_TASKS: tuple[str, ...] = tuple(
+    t for t, m in TASKS.items() if m in ("image", "image_speech")
+)
+AUDIO_LABEL_TASKS: tuple[str, ...] = tuple(
+    t for t, m in TASKS.items() if m in ("speech", "audio", "image_speech")
+)
 
 COLOR_NAMES: tuple[str, ...] = tuple(media.COLORS)
-DIGIT_WORDS: tuple[str, ...] = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_WORDS: tuple[str, ...] = (
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
 COUNT_QUESTION = "how many objects are there"
 # Spoken questions of `image_speech_qa`, also transcribed in `speech_transcript` so stage-1
 # alignment teaches the audio connector whole questions, not only single words.
@@ -63,10 +83,17 @@ NUM_AUDIO_LABELS = len(SPOKEN_VOCAB) + len(media.SOUND_KINDS) * len(media.PITCHE
 _PLUS_PAIRS = tuple((a, b) for a in range(1, 10) for b in range(1, 10) if a + b <= 9)
 _MINUS_PAIRS = tuple((a, b) for a in range(1, 10) for b in range(1, 10) if b < a)
 QUESTION_TYPES: dict[str, dict[str, int]] = {
-    "text_qa": {"plus": len({a + b for a, b in _PLUS_PAIRS}), "minus": len({a - b for a, b in _MINUS_PAIRS})},
+    "text_qa": {
+        "plus": len({a + b for a, b in _PLUS_PAIRS}),
+        "minus": len({a - b for a, b in _MINUS_PAIRS}),
+    },
     "image_qa": {"color": len(media.COLORS), "shape": len(media.SHAPES), "count": 3},
     "video_qa": {"color": len(media.COLORS), "shape": len(media.SHAPES), "axis": 2},
-    "speech_qa": {"color": len(media.COLORS), "shape": len(media.SHAPES), "number": len(DIGIT_WORDS)},
+    "speech_qa": {
+        "color": len(media.COLORS),
+        "shape": len(media.SHAPES),
+        "number": len(DIGIT_WORDS),
+    },
     "audio_qa": {"kind": len(media.SOUND_KINDS), "pitch": len(media.PITCHES)},
     "image_speech_qa": {"color": len(media.COLORS), "shape": len(media.SHAPES), "count": 3},
 }
@@ -110,7 +137,9 @@ class ExampleConfig:
 def chance_accuracy(task: str) -> float:
     """Expected exact-match accuracy of guessing uniformly among the answers of each question type."""
     if task not in QUESTION_TYPES:
-        raise ValueError(f"task {task!r} has no chance accuracy: QA tasks are {tuple(QUESTION_TYPES)}")
+        raise ValueError(
+            f"task {task!r} has no chance accuracy: QA tasks are {tuple(QUESTION_TYPES)}"
+        )
     counts = QUESTION_TYPES[task].values()
     return float(np.mean([1.0 / n for n in counts]))
 
@@ -120,7 +149,11 @@ def image_label(obj: media.SceneObject) -> int:
 
 
 def sound_label(kind: str, pitch: str) -> int:
-    return len(SPOKEN_VOCAB) + media.SOUND_KINDS.index(kind) * len(media.PITCHES) + media.PITCHES.index(pitch)
+    return (
+        len(SPOKEN_VOCAB)
+        + media.SOUND_KINDS.index(kind) * len(media.PITCHES)
+        + media.PITCHES.index(pitch)
+    )
 
 
 def describe_objects(objects: list[media.SceneObject]) -> str:
@@ -218,11 +251,16 @@ def generate_example(
         direction = _choice(rng, media.DIRECTIONS)
         video = media.render_video(obj, direction, cfg.num_frames, size, rng)
         if task == "video_caption":
-            human, answer = f"<video>\n{VIDEO_CAPTION_PROMPT}", f"a {obj.color} {obj.shape} moving {direction}"
+            human, answer = (
+                f"<video>\n{VIDEO_CAPTION_PROMPT}",
+                f"a {obj.color} {obj.shape} moving {direction}",
+            )
         else:
             question_type = _choice(rng, tuple(VIDEO_QUESTIONS))
             human = f"<video>\n{VIDEO_QUESTIONS[question_type]}"
-            answer = {"color": obj.color, "shape": obj.shape, "axis": _AXIS[direction]}[question_type]
+            answer = {"color": obj.color, "shape": obj.shape, "axis": _AXIS[direction]}[
+                question_type
+            ]
     elif task in ("speech_transcript", "speech_qa"):
         if task == "speech_transcript":
             # Two thirds single keywords, one third the spoken questions of image_speech_qa.
@@ -231,7 +269,10 @@ def generate_example(
             human, answer = f"<audio>\n{TRANSCRIBE_PROMPT}", spoken
         else:
             question_type = _choice(rng, tuple(SPEECH_QUESTIONS))
-            spoken = _choice(rng, {"color": COLOR_NAMES, "shape": media.SHAPES, "number": DIGIT_WORDS}[question_type])
+            spoken = _choice(
+                rng,
+                {"color": COLOR_NAMES, "shape": media.SHAPES, "number": DIGIT_WORDS}[question_type],
+            )
             answer = str(DIGIT_WORDS.index(spoken) + 1) if question_type == "number" else spoken
             human = f"<audio>\n{SPEECH_QUESTIONS[question_type]}"
         audio = _clip(synth.synthesize(spoken), rng, cfg)
@@ -268,16 +309,29 @@ def tokenizer_corpus() -> list[str]:
     pairs += [(f"What is {a} plus {b}?", str(a + b)) for a, b in _PLUS_PAIRS]
     pairs += [(f"What is {a} minus {b}?", str(a - b)) for a, b in _MINUS_PAIRS]
     single = [media.SceneObject(s, c, 0.0, 0.0, 1.0) for c in COLOR_NAMES for s in media.SHAPES]
-    for n in range(1, _MAX_OBJECTS + 1):  # captions listing n objects (repeated ones cover the same words)
-        pairs += [(IMAGE_CAPTION_PROMPT, describe_objects([dataclasses.replace(o, x=float(i)) for i in range(n)]))
-                  for o in single]
+    for n in range(
+        1, _MAX_OBJECTS + 1
+    ):  # captions listing n objects (repeated ones cover the same words)
+        pairs += [
+            (
+                IMAGE_CAPTION_PROMPT,
+                describe_objects([dataclasses.replace(o, x=float(i)) for i in range(n)]),
+            )
+            for o in single
+        ]
     for shape in media.SHAPES:
         pairs += [(f"What color is the {shape}?", color) for color in COLOR_NAMES]
     for color in COLOR_NAMES:
         pairs += [(f"What shape is the {color} object?", shape) for shape in media.SHAPES]
-    pairs += [(f"How many objects are there?{DIGIT_SUFFIX}", str(n)) for n in range(1, _MAX_OBJECTS + 1)]
-    pairs += [(VIDEO_CAPTION_PROMPT, f"a {c} {s} moving {d}")
-              for c in COLOR_NAMES for s in media.SHAPES for d in media.DIRECTIONS]
+    pairs += [
+        (f"How many objects are there?{DIGIT_SUFFIX}", str(n)) for n in range(1, _MAX_OBJECTS + 1)
+    ]
+    pairs += [
+        (VIDEO_CAPTION_PROMPT, f"a {c} {s} moving {d}")
+        for c in COLOR_NAMES
+        for s in media.SHAPES
+        for d in media.DIRECTIONS
+    ]
     pairs += [(VIDEO_QUESTIONS["color"], c) for c in COLOR_NAMES]
     pairs += [(VIDEO_QUESTIONS["shape"], s) for s in media.SHAPES]
     pairs += [(VIDEO_QUESTIONS["axis"], a) for a in sorted(set(_AXIS.values()))]
@@ -285,7 +339,9 @@ def tokenizer_corpus() -> list[str]:
     pairs += [(SPEECH_QUESTIONS["color"], c) for c in COLOR_NAMES]
     pairs += [(SPEECH_QUESTIONS["shape"], s) for s in media.SHAPES]
     pairs += [(SPEECH_QUESTIONS["number"], str(d)) for d in range(1, len(DIGIT_WORDS) + 1)]
-    pairs += [(AUDIO_CAPTION_PROMPT, f"a {p} {k}") for k in media.SOUND_KINDS for p in media.PITCHES]
+    pairs += [
+        (AUDIO_CAPTION_PROMPT, f"a {p} {k}") for k in media.SOUND_KINDS for p in media.PITCHES
+    ]
     pairs += [(AUDIO_QUESTIONS["kind"], k) for k in media.SOUND_KINDS]
     pairs += [(AUDIO_QUESTIONS["pitch"], p) for p in media.PITCHES]
     pairs += [(IMAGE_SPEECH_PROMPT, a) for a in (*COLOR_NAMES, *media.SHAPES, "1", "2", "3")]

@@ -6,6 +6,7 @@ byte, so (a) no text ever encodes to `<unk>`/pad, and (b) encoding a prompt endi
 and the answer " red" separately gives the same ids as encoding "ASSISTANT: red" at once, which the
 conversation template relies on to split prompt from answer.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,16 +33,20 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer):
         for token_id, token in enumerate(SPECIAL_TOKENS):
             if backend.token_to_id(token) != token_id:
-                raise ValueError(f"tokenizer must map special token {token} to id {token_id}, "
-                                 f"got {backend.token_to_id(token)}")
+                raise ValueError(
+                    f"tokenizer must map special token {token} to id {token_id}, "
+                    f"got {backend.token_to_id(token)}"
+                )
         self.backend = backend
 
     @classmethod
     def train(cls, corpus: Iterable[str], vocab_size: int = 600) -> Tokenizer:
         """Byte-level BPE trained on `corpus`; deterministic for a given corpus order."""
         if vocab_size < len(SPECIAL_TOKENS) + 256:
-            raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 256} (specials + 256 bytes), "
-                             f"got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be >= {len(SPECIAL_TOKENS) + 256} (specials + 256 bytes), "
+                f"got {vocab_size}"
+            )
         backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()

@@ -26,69 +26,112 @@ _MODEL_KEYS = ('tokens', 'prompt_len', 'image', 'video', 'audio_mel')
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'pad_id'))
-def generate_answers(graphdef: nnx.GraphDef, state: nnx.State, batch: Mapping[str, jax.Array], *,
-                     max_new_tokens: int, eos_id: int, pad_id: int) -> jax.Array:
-  """Greedy answer ids [B, max_new_tokens]; media are encoded once, not at every decode step."""
-  model: UniMoE = nnx.merge(graphdef, state)
-  media = model.encode_media(batch)
-  tokens_bt = batch['tokens']
-  # Causal attention: positions past the current one never influence its logits.
-  attn_mask_bt = jnp.ones(tokens_bt.shape, bool)
+def generate_answers(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch: Mapping[str, jax.Array],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+) -> jax.Array:
+    """Greedy answer ids [B, max_new_tokens]; media are encoded once, not at every decode step."""
+    model: UniMoE = nnx.merge(graphdef, state)
+    media = model.encode_media(batch)
+    tokens_bt = batch['tokens']
+    # Causal attention: positions past the current one never influence its logits.
+    attn_mask_bt = jnp.ones(tokens_bt.shape, bool)
 
-  def logits_fn(tokens_bt: jax.Array) -> jax.Array:
-    return model.llm(model.embed(tokens_bt, media), attn_mask_bt)[0]
+    def logits_fn(tokens_bt: jax.Array) -> jax.Array:
+        return model.llm(model.embed(tokens_bt, media), attn_mask_bt)[0]
 
-  return generate.greedy_generate(logits_fn, tokens_bt, batch['prompt_len'],
-                                  max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-
-
-def load_finished_stage(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path,
-                        tokenizer: Any) -> UniMoE:
-  """The model a finished stage ended with, every parameter restored, in eval mode."""
-  stage = config.stages[name]
-  model = trainer.build_model(config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank,
-                              seed=config.seed)
-  origin = stages.load_params(model, [(name, trainer.final_params(workdir, name))])
-  total = len(list(nnx.to_flat_state(nnx.state(model, nnx.Param))))
-  if len(origin) != total:
-    raise ValueError(f"stage {name!r}: checkpoint restored {len(origin)} of {total} params")
-  return nnx.view(model, deterministic=True, raise_if_not_found=False)
+    return generate.greedy_generate(
+        logits_fn,
+        tokens_bt,
+        batch['prompt_len'],
+        max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        pad_id=pad_id,
+    )
 
 
-def predict(model: UniMoE, examples: list[dict[str, Any]], tokenizer: Any, *, batch_size: int,
-            max_new_tokens: int, desc: str) -> list[dict[str, Any]]:
-  """Scoring records (task, modality, prediction, answer) for every example."""
-  graphdef, state = nnx.split(model)
-  records = []
-  for batch in tqdm.tqdm(pipeline.collate(examples, batch_size), desc=desc, leave=False):
-    ids = generate_answers(graphdef, state, {k: batch[k] for k in _MODEL_KEYS},
-                           max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                           pad_id=tokenizer.pad_id)
-    for row, valid, task, modality, answer in zip(
-        np.asarray(ids), batch['valid'], batch['task_name'], batch['modality_name'],
-        batch['answer']):
-      if not valid:
-        continue
-      answer_ids = [int(t) for t in row]
-      if tokenizer.eos_id in answer_ids:
-        answer_ids = answer_ids[:answer_ids.index(tokenizer.eos_id)]
-      records.append({'task': task, 'modality': modality, 'answer': answer,
-                      'prediction': tokenizer.decode(answer_ids)})
-  return records
+def load_finished_stage(
+    config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path, tokenizer: Any
+) -> UniMoE:
+    """The model a finished stage ended with, every parameter restored, in eval mode."""
+    stage = config.stages[name]
+    model = trainer.build_model(
+        config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed
+    )
+    origin = stages.load_params(model, [(name, trainer.final_params(workdir, name))])
+    total = len(list(nnx.to_flat_state(nnx.state(model, nnx.Param))))
+    if len(origin) != total:
+        raise ValueError(f"stage {name!r}: checkpoint restored {len(origin)} of {total} params")
+    return nnx.view(model, deterministic=True, raise_if_not_found=False)
+
+
+def predict(
+    model: UniMoE,
+    examples: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str,
+) -> list[dict[str, Any]]:
+    """Scoring records (task, modality, prediction, answer) for every example."""
+    graphdef, state = nnx.split(model)
+    records = []
+    for batch in tqdm.tqdm(pipeline.collate(examples, batch_size), desc=desc, leave=False):
+        ids = generate_answers(
+            graphdef,
+            state,
+            {k: batch[k] for k in _MODEL_KEYS},
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
+        for row, valid, task, modality, answer in zip(
+            np.asarray(ids),
+            batch['valid'],
+            batch['task_name'],
+            batch['modality_name'],
+            batch['answer'],
+        ):
+            if not valid:
+                continue
+            answer_ids = [int(t) for t in row]
+            if tokenizer.eos_id in answer_ids:
+                answer_ids = answer_ids[: answer_ids.index(tokenizer.eos_id)]
+            records.append(
+                {
+                    'task': task,
+                    'modality': modality,
+                    'answer': answer,
+                    'prediction': tokenizer.decode(answer_ids),
+                }
+            )
+    return records
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> str:
-  """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the table."""
-  eval_tasks = trainer.split_list(config.eval.tasks)
-  examples = pipeline.load_eval_examples(trainer.data_config(config), tokenizer, eval_tasks)
-  results = {}
-  for name in trainer.split_list(config.eval.stages):
-    model = load_finished_stage(config, name, workdir, tokenizer)
-    records = predict(model, examples, tokenizer, batch_size=config.eval.batch_size,
-                      max_new_tokens=config.eval.max_new_tokens, desc=f'eval {name}')
-    results[name] = scoring.score(records)
-    log.info('eval %s: overall accuracy %.3f', name, results[name]['overall']['accuracy'])
-  task_modality = {task: tasks_lib.TASKS[task] for task in eval_tasks}
-  chance = {task: tasks_lib.chance_accuracy(task) for task in eval_tasks}
-  tables.write_results(workdir, results, chance, task_modality)
-  return tables.results_table(results, chance, task_modality)
+    """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the table."""
+    eval_tasks = trainer.split_list(config.eval.tasks)
+    examples = pipeline.load_eval_examples(trainer.data_config(config), tokenizer, eval_tasks)
+    results = {}
+    for name in trainer.split_list(config.eval.stages):
+        model = load_finished_stage(config, name, workdir, tokenizer)
+        records = predict(
+            model,
+            examples,
+            tokenizer,
+            batch_size=config.eval.batch_size,
+            max_new_tokens=config.eval.max_new_tokens,
+            desc=f'eval {name}',
+        )
+        results[name] = scoring.score(records)
+        log.info('eval %s: overall accuracy %.3f', name, results[name]['overall']['accuracy'])
+    task_modality = {task: tasks_lib.TASKS[task] for task in eval_tasks}
+    chance = {task: tasks_lib.chance_accuracy(task) for task in eval_tasks}
+    tables.write_results(workdir, results, chance, task_modality)
+    return tables.results_table(results, chance, task_modality)

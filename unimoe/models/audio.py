@@ -5,13 +5,13 @@ Parameter names mirror Hugging Face's `WhisperEncoder` 1:1: `conv1`, `conv2`,
 `layer_norm`. `embed_positions` is Whisper's fixed sinusoid table, so it is computed, not stored.
 Conv kernels are [k, in, out] (HF's [out, in, k] transposed); linear kernels are [in, out].
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -76,14 +76,18 @@ class AudioEncoder(nnx.Module):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.conv1 = nnx.Conv(cfg.num_mel_bins, cfg.width, kernel_size=(3,), padding=((1, 1),),
-                              rngs=rngs)
-        self.conv2 = nnx.Conv(cfg.width, cfg.width, kernel_size=(3,), strides=(2,),
-                              padding=((1, 1),), rngs=rngs)
-        self.layers = nnx.List([
-            WhisperEncoderLayer(cfg.width, cfg.num_heads, cfg.mlp_dim, rngs=rngs)
-            for _ in range(cfg.depth)
-        ])
+        self.conv1 = nnx.Conv(
+            cfg.num_mel_bins, cfg.width, kernel_size=(3,), padding=((1, 1),), rngs=rngs
+        )
+        self.conv2 = nnx.Conv(
+            cfg.width, cfg.width, kernel_size=(3,), strides=(2,), padding=((1, 1),), rngs=rngs
+        )
+        self.layers = nnx.List(
+            [
+                WhisperEncoderLayer(cfg.width, cfg.num_heads, cfg.mlp_dim, rngs=rngs)
+                for _ in range(cfg.depth)
+            ]
+        )
         self.layer_norm = nnx.LayerNorm(cfg.width, epsilon=LAYER_NORM_EPS, rngs=rngs)
 
     def __call__(self, mel_bam: jax.Array) -> jax.Array:

@@ -7,6 +7,7 @@ encoder output, then a linear projection. Its layers keep HF `WhisperDecoder` na
 encoder_attn_layer_norm, fc1, fc2, final_layer_norm}`, `layer_norm`), so a pretrained Whisper
 decoder loads into it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -113,10 +114,12 @@ class QueryConnector(nnx.Module):
         self.enc_proj = (
             nnx.Linear(cfg.enc_dim, cfg.width, rngs=rngs) if cfg.enc_dim != cfg.width else None
         )
-        self.layers = nnx.List([
-            QueryDecoderLayer(cfg.width, cfg.num_heads, cfg.mlp_dim, rngs=rngs)
-            for _ in range(cfg.depth)
-        ])
+        self.layers = nnx.List(
+            [
+                QueryDecoderLayer(cfg.width, cfg.num_heads, cfg.mlp_dim, rngs=rngs)
+                for _ in range(cfg.depth)
+            ]
+        )
         self.layer_norm = nnx.LayerNorm(cfg.width, epsilon=LAYER_NORM_EPS, rngs=rngs)
         self.out_proj = nnx.Linear(cfg.width, cfg.out_dim, rngs=rngs)
 

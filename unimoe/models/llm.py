@@ -4,6 +4,7 @@ Numerics follow Hugging Face `LlamaForCausalLM` (RMSNorm in float32, RoPE with `
 grouped-query attention with float32 softmax), so converted LLaMA / Vicuna weights give the same
 logits. Sequences are right-padded: positions are 0..T-1 and padding keys are masked out.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 Adapter weights are `nnx.LoRAParam`, so optimizers and stage filters can select them apart from
 base weights (note `nnx.LoRAParam` is a subclass of `nnx.Param`: filter LoRA first).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -15,127 +15,150 @@ from unimoe.moe import layer as moe_layer
 
 @dataclasses.dataclass(frozen=True)
 class UniMoEConfig:
-  """Whole-model config; built from the experiment ConfigDict by `from_dict`."""
-  llm: llm.LLMConfig
-  vision: vision.ViTEncoder.Config
-  audio: audio.AudioEncoder.Config
-  image_proj: connectors.MLPProjector.Config
-  audio_conn: connectors.QueryConnector.Config
-  image_token_id: int
-  video_token_id: int
-  audio_token_id: int
-  num_image_labels: int
-  num_audio_labels: int
+    """Whole-model config; built from the experiment ConfigDict by `from_dict`."""
 
-  @classmethod
-  def from_dict(cls, model: Mapping[str, Any], *, vocab_size: int, token_ids: Mapping[str, int],
-                num_labels: tuple[int, int], moe: bool, lora_rank: int) -> UniMoEConfig:
-    """Builds the config of one stage's model from `config.model`.
+    llm: llm.LLMConfig
+    vision: vision.ViTEncoder.Config
+    audio: audio.AudioEncoder.Config
+    image_proj: connectors.MLPProjector.Config
+    audio_conn: connectors.QueryConnector.Config
+    image_token_id: int
+    video_token_id: int
+    audio_token_id: int
+    num_image_labels: int
+    num_audio_labels: int
 
-    `moe` turns the layers named by `model.moe_layers` into MoE layers; `lora_rank` > 0 adds LoRA
-    (with `model.lora`'s alpha and dropout) to attention and experts.
-    """
-    llm_cfg = dict(model['llm'])
-    num_layers = llm_cfg['num_layers']
-    moe_layers = llm.resolve_moe_layers(model['moe_layers'] if moe else 'none', num_layers)
-    lora_cfg = lora.LoRAConfig(**{**dict(model['lora']), 'rank': lora_rank})
-    llm_config = llm.LLMConfig(
-        **llm_cfg, vocab_size=vocab_size, moe_layers=moe_layers,
-        moe=moe_layer.MoEConfig(**dict(model['moe'])), lora=lora_cfg)
-    vision_cfg = vision.ViTEncoder.Config(**dict(model['vision']))
-    audio_cfg = audio.AudioEncoder.Config(**dict(model['audio']))
-    return cls(
-        llm=llm_config,
-        vision=vision_cfg,
-        audio=audio_cfg,
-        image_proj=connectors.MLPProjector.Config(in_dim=vision_cfg.width, out_dim=llm_config.dim),
-        audio_conn=connectors.QueryConnector.Config(
-            enc_dim=audio_cfg.width, out_dim=llm_config.dim, **dict(model['audio_conn'])),
-        **token_ids,
-        num_image_labels=num_labels[0],
-        num_audio_labels=num_labels[1])
+    @classmethod
+    def from_dict(
+        cls,
+        model: Mapping[str, Any],
+        *,
+        vocab_size: int,
+        token_ids: Mapping[str, int],
+        num_labels: tuple[int, int],
+        moe: bool,
+        lora_rank: int,
+    ) -> UniMoEConfig:
+        """Builds the config of one stage's model from `config.model`.
+
+        `moe` turns the layers named by `model.moe_layers` into MoE layers; `lora_rank` > 0 adds LoRA
+        (with `model.lora`'s alpha and dropout) to attention and experts.
+        """
+        llm_cfg = dict(model['llm'])
+        num_layers = llm_cfg['num_layers']
+        moe_layers = llm.resolve_moe_layers(model['moe_layers'] if moe else 'none', num_layers)
+        lora_cfg = lora.LoRAConfig(**{**dict(model['lora']), 'rank': lora_rank})
+        llm_config = llm.LLMConfig(
+            **llm_cfg,
+            vocab_size=vocab_size,
+            moe_layers=moe_layers,
+            moe=moe_layer.MoEConfig(**dict(model['moe'])),
+            lora=lora_cfg,
+        )
+        vision_cfg = vision.ViTEncoder.Config(**dict(model['vision']))
+        audio_cfg = audio.AudioEncoder.Config(**dict(model['audio']))
+        return cls(
+            llm=llm_config,
+            vision=vision_cfg,
+            audio=audio_cfg,
+            image_proj=connectors.MLPProjector.Config(
+                in_dim=vision_cfg.width, out_dim=llm_config.dim
+            ),
+            audio_conn=connectors.QueryConnector.Config(
+                enc_dim=audio_cfg.width, out_dim=llm_config.dim, **dict(model['audio_conn'])
+            ),
+            **token_ids,
+            num_image_labels=num_labels[0],
+            num_audio_labels=num_labels[1],
+        )
 
 
 class UniMoE(nnx.Module):
-  """Image/video via ViT + MLP projector, speech/audio via the audio encoder + query connector.
+    """Image/video via ViT + MLP projector, speech/audio via the audio encoder + query connector.
 
-  Placeholder ids in `tokens` were expanded by the tokenizer to exactly as many copies as the
-  connector emits tokens, so splicing is a static-shape gather (the k-th placeholder of a row takes
-  the k-th media token of that row).
-  """
-
-  def __init__(self, cfg: UniMoEConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.llm = llm.DecoderLM(cfg.llm, rngs=rngs)
-    self.vision = vision.ViTEncoder(cfg.vision, rngs=rngs)
-    self.audio = audio.AudioEncoder(cfg.audio, rngs=rngs)
-    self.image_proj = connectors.MLPProjector(cfg.image_proj, rngs=rngs)
-    self.audio_conn = connectors.QueryConnector(cfg.audio_conn, rngs=rngs)
-    # Stage-0 probe heads: they give the stand-in encoders a supervised pretraining task.
-    self.image_head = nnx.Linear(cfg.vision.width, cfg.num_image_labels, rngs=rngs)
-    self.audio_head = nnx.Linear(cfg.audio.width, cfg.num_audio_labels, rngs=rngs)
-
-  @property
-  def num_media_tokens(self) -> dict[str, int]:
-    return {'image': self.vision.num_patches, 'video': self.vision.num_patches,
-            'audio': self.cfg.audio_conn.num_queries}
-
-  def encode_image(self, image_bhwc: jax.Array) -> jax.Array:
-    return self.image_proj(self.vision(image_bhwc))
-
-  def encode_video(self, video_bfhwc: jax.Array) -> jax.Array:
-    # Uni-MoE: every frame through the image path, then the mean over frames (no temporal tokens).
-    b, f = video_bfhwc.shape[:2]
-    frames = self.encode_image(video_bfhwc.reshape(b * f, *video_bfhwc.shape[2:]))
-    return frames.reshape(b, f, *frames.shape[1:]).mean(axis=1)
-
-  def encode_audio(self, mel_bam: jax.Array) -> jax.Array:
-    return self.audio_conn(self.audio(mel_bam))
-
-  def encode_media(self, batch: Mapping[str, jax.Array]) -> dict[int, jax.Array]:
-    """{placeholder id: media tokens [B, N, D]} for each modality present in the batch.
-
-    A modality that no example of the batch has (`has_<name>` all False) is not encoded at all:
-    single-modality stages would otherwise pay for every encoder on zero-filled inputs.
+    Placeholder ids in `tokens` were expanded by the tokenizer to exactly as many copies as the
+    connector emits tokens, so splicing is a static-shape gather (the k-th placeholder of a row takes
+    the k-th media token of that row).
     """
-    encoders = (
-        ('image', 'has_image', self.cfg.image_token_id, self.encode_image),
-        ('video', 'has_video', self.cfg.video_token_id, self.encode_video),
-        ('audio_mel', 'has_audio', self.cfg.audio_token_id, self.encode_audio),
-    )
-    media = {}
-    for key, has_key, token_id, encode in encoders:
-      if key not in batch:
-        continue
-      if has_key not in batch:
-        media[token_id] = encode(batch[key])
-        continue
-      shape = jax.eval_shape(encode, batch[key])
-      media[token_id] = jax.lax.cond(
-          batch[has_key].any(), encode,
-          lambda x, shape=shape: jnp.zeros(shape.shape, shape.dtype), batch[key])
-    return media
 
-  def embed(self, tokens_bt: jax.Array, media: Mapping[int, jax.Array]) -> jax.Array:
-    """Text embeddings with every placeholder position replaced by its media token."""
-    x_btd = self.llm.embed_tokens(tokens_bt)
-    for token_id, media_bnd in media.items():
-      x_btd = splice(x_btd, tokens_bt == token_id, media_bnd.astype(x_btd.dtype))
-    return x_btd
+    def __init__(self, cfg: UniMoEConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.llm = llm.DecoderLM(cfg.llm, rngs=rngs)
+        self.vision = vision.ViTEncoder(cfg.vision, rngs=rngs)
+        self.audio = audio.AudioEncoder(cfg.audio, rngs=rngs)
+        self.image_proj = connectors.MLPProjector(cfg.image_proj, rngs=rngs)
+        self.audio_conn = connectors.QueryConnector(cfg.audio_conn, rngs=rngs)
+        # Stage-0 probe heads: they give the stand-in encoders a supervised pretraining task.
+        self.image_head = nnx.Linear(cfg.vision.width, cfg.num_image_labels, rngs=rngs)
+        self.audio_head = nnx.Linear(cfg.audio.width, cfg.num_audio_labels, rngs=rngs)
 
-  def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    tokens_bt = batch['tokens']
-    return self.llm(self.embed(tokens_bt, self.encode_media(batch)), batch['attn_mask'])
+    @property
+    def num_media_tokens(self) -> dict[str, int]:
+        return {
+            'image': self.vision.num_patches,
+            'video': self.vision.num_patches,
+            'audio': self.cfg.audio_conn.num_queries,
+        }
 
-  def classify_image(self, image_bhwc: jax.Array) -> jax.Array:
-    return self.image_head(self.vision.pooled(image_bhwc))
+    def encode_image(self, image_bhwc: jax.Array) -> jax.Array:
+        return self.image_proj(self.vision(image_bhwc))
 
-  def classify_audio(self, mel_bam: jax.Array) -> jax.Array:
-    return self.audio_head(self.audio.pooled(mel_bam))
+    def encode_video(self, video_bfhwc: jax.Array) -> jax.Array:
+        # Uni-MoE: every frame through the image path, then the mean over frames (no temporal tokens).
+        b, f = video_bfhwc.shape[:2]
+        frames = self.encode_image(video_bfhwc.reshape(b * f, *video_bfhwc.shape[2:]))
+        return frames.reshape(b, f, *frames.shape[1:]).mean(axis=1)
+
+    def encode_audio(self, mel_bam: jax.Array) -> jax.Array:
+        return self.audio_conn(self.audio(mel_bam))
+
+    def encode_media(self, batch: Mapping[str, jax.Array]) -> dict[int, jax.Array]:
+        """{placeholder id: media tokens [B, N, D]} for each modality present in the batch.
+
+        A modality that no example of the batch has (`has_<name>` all False) is not encoded at all:
+        single-modality stages would otherwise pay for every encoder on zero-filled inputs.
+        """
+        encoders = (
+            ('image', 'has_image', self.cfg.image_token_id, self.encode_image),
+            ('video', 'has_video', self.cfg.video_token_id, self.encode_video),
+            ('audio_mel', 'has_audio', self.cfg.audio_token_id, self.encode_audio),
+        )
+        media = {}
+        for key, has_key, token_id, encode in encoders:
+            if key not in batch:
+                continue
+            if has_key not in batch:
+                media[token_id] = encode(batch[key])
+                continue
+            shape = jax.eval_shape(encode, batch[key])
+            media[token_id] = jax.lax.cond(
+                batch[has_key].any(),
+                encode,
+                lambda x, shape=shape: jnp.zeros(shape.shape, shape.dtype),
+                batch[key],
+            )
+        return media
+
+    def embed(self, tokens_bt: jax.Array, media: Mapping[int, jax.Array]) -> jax.Array:
+        """Text embeddings with every placeholder position replaced by its media token."""
+        x_btd = self.llm.embed_tokens(tokens_bt)
+        for token_id, media_bnd in media.items():
+            x_btd = splice(x_btd, tokens_bt == token_id, media_bnd.astype(x_btd.dtype))
+        return x_btd
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        tokens_bt = batch['tokens']
+        return self.llm(self.embed(tokens_bt, self.encode_media(batch)), batch['attn_mask'])
+
+    def classify_image(self, image_bhwc: jax.Array) -> jax.Array:
+        return self.image_head(self.vision.pooled(image_bhwc))
+
+    def classify_audio(self, mel_bam: jax.Array) -> jax.Array:
+        return self.audio_head(self.audio.pooled(mel_bam))
 
 
 def splice(x_btd: jax.Array, is_slot_bt: jax.Array, media_bnd: jax.Array) -> jax.Array:
-  """Writes media token k of row b into the k-th slot position of row b (static shapes)."""
-  slot_index_bt = jnp.clip(jnp.cumsum(is_slot_bt, axis=1) - 1, 0, media_bnd.shape[1] - 1)
-  gathered_btd = jnp.take_along_axis(media_bnd, slot_index_bt[..., None], axis=1)
-  return jnp.where(is_slot_bt[..., None], gathered_btd, x_btd)
+    """Writes media token k of row b into the k-th slot position of row b (static shapes)."""
+    slot_index_bt = jnp.clip(jnp.cumsum(is_slot_bt, axis=1) - 1, 0, media_bnd.shape[1] - 1)
+    gathered_btd = jnp.take_along_axis(media_bnd, slot_index_bt[..., None], axis=1)
+    return jnp.where(is_slot_bt[..., None], gathered_btd, x_btd)

@@ -9,6 +9,7 @@ map onto it 1:1:
 
 `Attention` here is the HF-layout multi-head attention shared by the audio encoder and connectors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,8 +117,10 @@ class ViTEncoder(nnx.Module):
                 if getattr(self, name) <= 0:
                     raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
             if self.image_size % self.patch_size:
-                raise ValueError(f"image_size ({self.image_size}) must be divisible by "
-                                 f"patch_size ({self.patch_size})")
+                raise ValueError(
+                    f"image_size ({self.image_size}) must be divisible by "
+                    f"patch_size ({self.patch_size})"
+                )
             if not -(self.depth + 1) <= self.select_layer <= self.depth:
                 raise ValueError(
                     f"select_layer ({self.select_layer}) must index one of the depth + 1 = "
@@ -133,16 +136,23 @@ class ViTEncoder(nnx.Module):
         self.cfg = cfg
         patch = (cfg.patch_size, cfg.patch_size)
         self.patch_embedding = nnx.Conv(
-            _NUM_CHANNELS, cfg.width, kernel_size=patch, strides=patch, padding="VALID",
-            use_bias=False, rngs=rngs,
+            _NUM_CHANNELS,
+            cfg.width,
+            kernel_size=patch,
+            strides=patch,
+            padding="VALID",
+            use_bias=False,
+            rngs=rngs,
         )
         # CLIP's initialisation scales.
         self.class_embedding = nnx.Param(
             jax.random.normal(rngs.params(), (cfg.width,)) * cfg.width**-0.5
         )
         self.position_embedding = nnx.Embed(
-            self.num_patches + 1, cfg.width,
-            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+            self.num_patches + 1,
+            cfg.width,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
         )
         self.pre_layrnorm = nnx.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, rngs=rngs)
         self.layers = nnx.List([ViTBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
@@ -156,8 +166,10 @@ class ViTEncoder(nnx.Module):
         """HF's hidden_states[layer] with the class token first: [B, 1 + num_patches, width]."""
         expected = (self.cfg.image_size, self.cfg.image_size, _NUM_CHANNELS)
         if images_bhwc.ndim != 4 or images_bhwc.shape[1:] != expected:
-            raise ValueError(f"images_bhwc must have shape [B, {', '.join(map(str, expected))}], "
-                             f"got {images_bhwc.shape}")
+            raise ValueError(
+                f"images_bhwc must have shape [B, {', '.join(map(str, expected))}], "
+                f"got {images_bhwc.shape}"
+            )
         patches_bhwd = self.patch_embedding(images_bhwc)
         batch = patches_bhwd.shape[0]
         # Row-major flattening of the patch grid matches HF's NCHW flatten(2).

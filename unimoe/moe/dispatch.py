@@ -3,6 +3,7 @@
 Axis letters: N tokens, D model width, E experts, K experts per token, M = N*K assignments.
 Combining happens in float32 so bf16 expert outputs are not summed with bf16 weights.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -9,6 +9,7 @@ Two entry points serve the dispatch strategies:
   of group_sizes_e[e] rows (dropless dispatch);
 - `batched(x_ecd)`: a fixed-size block of rows per expert (capacity dispatch, dense oracle).
 """
+
 from __future__ import annotations
 
 import functools

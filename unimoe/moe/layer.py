@@ -1,4 +1,5 @@
 """The MoE FFN layer: router + dispatch + expert bank, returning (y, aux statistics)."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ Axis letters: N tokens (flattened B*T), E experts, K experts per token. All rout
 float32 whatever the activation dtype, because top-k choices and softmax weights are sensitive to
 rounding.
 """
+
 from __future__ import annotations
 
 import jax

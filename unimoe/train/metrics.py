@@ -1,4 +1,5 @@
 """Training metrics: `metrics.jsonl`, TensorBoard event files and a tqdm progress bar."""
+
 from __future__ import annotations
 
 import json
@@ -20,83 +21,102 @@ _INDEX_PREFIXES = {1: ('e',), 2: ('l', 'e')}
 
 
 class MetricsWriter:
-  """Logs `write(step, scalars)` to `<logdir>/metrics.jsonl` and TensorBoard; shows progress.
+    """Logs `write(step, scalars)` to `<logdir>/metrics.jsonl` and TensorBoard; shows progress.
 
-  Values may be Python/numpy/jax scalars or small arrays (1-D per expert, 2-D per layer and
-  expert). A non-finite value under a key containing `loss` raises `FloatingPointError`, before
-  anything of that step is written.
-  """
+    Values may be Python/numpy/jax scalars or small arrays (1-D per expert, 2-D per layer and
+    expert). A non-finite value under a key containing `loss` raises `FloatingPointError`, before
+    anything of that step is written.
+    """
 
-  def __init__(self, logdir: str | os.PathLike, *, total_steps: int, desc: str,
-               disable_progress: bool = False, initial_step: int = 0):
-    if total_steps < 1:
-      raise ValueError(f'MetricsWriter.total_steps must be >= 1, got {total_steps}')
-    if not 0 <= initial_step <= total_steps:
-      raise ValueError(
-          f'MetricsWriter.initial_step must be in [0, {total_steps}], got {initial_step}')
-    self.logdir = pathlib.Path(logdir)
-    self.logdir.mkdir(parents=True, exist_ok=True)
-    # Append, so a resumed run continues the same log.
-    self._jsonl = open(self.logdir / METRICS_FILE, 'a', encoding='utf-8')
-    self._tensorboard = tensorboardX.SummaryWriter(str(self.logdir))
-    self._progress = tqdm.tqdm(total=total_steps, initial=initial_step, desc=desc,
-                               disable=disable_progress, dynamic_ncols=True)
+    def __init__(
+        self,
+        logdir: str | os.PathLike,
+        *,
+        total_steps: int,
+        desc: str,
+        disable_progress: bool = False,
+        initial_step: int = 0,
+    ):
+        if total_steps < 1:
+            raise ValueError(f'MetricsWriter.total_steps must be >= 1, got {total_steps}')
+        if not 0 <= initial_step <= total_steps:
+            raise ValueError(
+                f'MetricsWriter.initial_step must be in [0, {total_steps}], got {initial_step}'
+            )
+        self.logdir = pathlib.Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        # Append, so a resumed run continues the same log.
+        self._jsonl = open(self.logdir / METRICS_FILE, 'a', encoding='utf-8')
+        self._tensorboard = tensorboardX.SummaryWriter(str(self.logdir))
+        self._progress = tqdm.tqdm(
+            total=total_steps,
+            initial=initial_step,
+            desc=desc,
+            disable=disable_progress,
+            dynamic_ncols=True,
+        )
 
-  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-    """Logs one step's metrics; raises `FloatingPointError` on a non-finite loss."""
-    record: dict[str, Any] = {'step': int(step)}
-    tagged_values: list[tuple[str, float]] = []
-    for name, value in scalars.items():
-      if name == 'step':
-        raise ValueError("MetricsWriter.write: 'step' is reserved; pass it as the step argument")
-      array = np.asarray(value, dtype=np.float64)
-      if array.ndim == 0:
-        record[name] = float(array)
-        tagged_values.append((name, float(array)))
-      else:
-        if array.ndim not in _INDEX_PREFIXES or array.size > MAX_ARRAY_SIZE:
-          raise ValueError(
-              f'MetricsWriter.write: metric {name!r} has shape {array.shape}; only scalars and '
-              f'1-D/2-D arrays of at most {MAX_ARRAY_SIZE} elements are logged')
-        record[name] = array.tolist()
-        prefixes = _INDEX_PREFIXES[array.ndim]
-        for index in np.ndindex(array.shape):
-          tag = '/'.join([name] + [f'{p}{i}' for p, i in zip(prefixes, index)])
-          tagged_values.append((tag, float(array[index])))
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Logs one step's metrics; raises `FloatingPointError` on a non-finite loss."""
+        record: dict[str, Any] = {'step': int(step)}
+        tagged_values: list[tuple[str, float]] = []
+        for name, value in scalars.items():
+            if name == 'step':
+                raise ValueError(
+                    "MetricsWriter.write: 'step' is reserved; pass it as the step argument"
+                )
+            array = np.asarray(value, dtype=np.float64)
+            if array.ndim == 0:
+                record[name] = float(array)
+                tagged_values.append((name, float(array)))
+            else:
+                if array.ndim not in _INDEX_PREFIXES or array.size > MAX_ARRAY_SIZE:
+                    raise ValueError(
+                        f'MetricsWriter.write: metric {name!r} has shape {array.shape}; only scalars and '
+                        f'1-D/2-D arrays of at most {MAX_ARRAY_SIZE} elements are logged'
+                    )
+                record[name] = array.tolist()
+                prefixes = _INDEX_PREFIXES[array.ndim]
+                for index in np.ndindex(array.shape):
+                    tag = '/'.join([name] + [f'{p}{i}' for p, i in zip(prefixes, index)])
+                    tagged_values.append((tag, float(array[index])))
 
-    bad_losses = {name: value for name, value in tagged_values
-                  if 'loss' in name and not math.isfinite(value)}
-    if bad_losses:
-      raise FloatingPointError(f'non-finite loss at step {step}: {bad_losses}')
+        bad_losses = {
+            name: value
+            for name, value in tagged_values
+            if 'loss' in name and not math.isfinite(value)
+        }
+        if bad_losses:
+            raise FloatingPointError(f'non-finite loss at step {step}: {bad_losses}')
 
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
-    for tag, value in tagged_values:
-      self._tensorboard.add_scalar(tag, value, global_step=int(step))
-    if 'loss' in record:
-      self._progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        self._jsonl.write(json.dumps(record) + '\n')
+        self._jsonl.flush()
+        for tag, value in tagged_values:
+            self._tensorboard.add_scalar(tag, value, global_step=int(step))
+        if 'loss' in record:
+            self._progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
-  def update(self, steps: int = 1) -> None:
-    """Advances the progress bar by `steps` training steps."""
-    self._progress.update(steps)
+    def update(self, steps: int = 1) -> None:
+        """Advances the progress bar by `steps` training steps."""
+        self._progress.update(steps)
 
-  def flush(self) -> None:
-    self._jsonl.flush()
-    self._tensorboard.flush()
+    def flush(self) -> None:
+        self._jsonl.flush()
+        self._tensorboard.flush()
 
-  def close(self) -> None:
-    self._progress.close()
-    self._tensorboard.close()
-    self._jsonl.close()
+    def close(self) -> None:
+        self._progress.close()
+        self._tensorboard.close()
+        self._jsonl.close()
 
-  def __enter__(self) -> MetricsWriter:
-    return self
+    def __enter__(self) -> MetricsWriter:
+        return self
 
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def read_metrics(logdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """All records of `<logdir>/metrics.jsonl`, in the order written."""
-  with open(pathlib.Path(logdir) / METRICS_FILE, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    """All records of `<logdir>/metrics.jsonl`, in the order written."""
+    with open(pathlib.Path(logdir) / METRICS_FILE, encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -32,88 +32,102 @@ TRAINABLE_PARTS: dict[str, str] = {
 }
 
 # Dense FFN weight -> expert-bank weight of the same layer (both [in, out] per expert).
-_UPCYCLE = {'gate/kernel': 'experts/w_gate_edf', 'up/kernel': 'experts/w_up_edf',
-            'down/kernel': 'experts/w_down_efd'}
+_UPCYCLE = {
+    'gate/kernel': 'experts/w_gate_edf',
+    'up/kernel': 'experts/w_up_edf',
+    'down/kernel': 'experts/w_down_efd',
+}
 
 
 def path_str(path: Sequence[Any]) -> str:
-  return '/'.join(str(p) for p in path)
+    return '/'.join(str(p) for p in path)
 
 
 def trainable_filter(trains: str) -> Callable[[tuple, Any], bool]:
-  """An NNX filter selecting the Params of the named parts; unknown parts raise."""
-  names = [n for n in trains.split('+') if n]
-  unknown = [n for n in names if n not in TRAINABLE_PARTS]
-  if unknown or not names:
-    raise ValueError(f"stage.trains={trains!r}: unknown parts {unknown}; known: {sorted(TRAINABLE_PARTS)}")
-  pattern = re.compile('|'.join(f'(?:{TRAINABLE_PARTS[n]})' for n in names))
+    """An NNX filter selecting the Params of the named parts; unknown parts raise."""
+    names = [n for n in trains.split('+') if n]
+    unknown = [n for n in names if n not in TRAINABLE_PARTS]
+    if unknown or not names:
+        raise ValueError(
+            f"stage.trains={trains!r}: unknown parts {unknown}; known: {sorted(TRAINABLE_PARTS)}"
+        )
+    pattern = re.compile('|'.join(f'(?:{TRAINABLE_PARTS[n]})' for n in names))
 
-  def is_trainable(path: tuple, value: Any) -> bool:
-    return isinstance(value, nnx.Param) and bool(pattern.search(path_str(path)))
+    def is_trainable(path: tuple, value: Any) -> bool:
+        return isinstance(value, nnx.Param) and bool(pattern.search(path_str(path)))
 
-  return is_trainable
+    return is_trainable
 
 
 def flat_params(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Flattens a raw (target-less) restored param tree into {'a/b/c': array}."""
-  flat: dict[str, np.ndarray] = {}
+    """Flattens a raw (target-less) restored param tree into {'a/b/c': array}."""
+    flat: dict[str, np.ndarray] = {}
 
-  def visit(prefix: str, node: Any) -> None:
-    if isinstance(node, Mapping):
-      for key, child in node.items():
-        visit(f'{prefix}/{key}' if prefix else str(key), child)
-    else:
-      flat[prefix.removesuffix('/value')] = np.asarray(node)
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                visit(f'{prefix}/{key}' if prefix else str(key), child)
+        else:
+            flat[prefix.removesuffix('/value')] = np.asarray(node)
 
-  visit('', raw)
-  return flat
+    visit('', raw)
+    return flat
 
 
-def load_params(model: nnx.Module, sources: Sequence[tuple[str, Mapping[str, np.ndarray]]],
-                experts_from: Sequence[tuple[str, Mapping[str, np.ndarray]]] = ()) -> dict[str, str]:
-  """Copies parameters into `model` by path; returns {path: source name} of what was copied.
+def load_params(
+    model: nnx.Module,
+    sources: Sequence[tuple[str, Mapping[str, np.ndarray]]],
+    experts_from: Sequence[tuple[str, Mapping[str, np.ndarray]]] = (),
+) -> dict[str, str]:
+    """Copies parameters into `model` by path; returns {path: source name} of what was copied.
 
-  `sources` are (name, flat params) applied in order. `experts_from[e]` fills expert `e` of every
-  MoE layer from the dense FFN at the same layer. A path found with a different shape is an error:
-  silently skipping it would train from a half-initialised model.
-  """
-  state = nnx.state(model, nnx.Param)
-  origin: dict[str, str] = {}
-  for path, variable in nnx.to_flat_state(state):
-    key = path_str(path)
-    value = variable.get_value()
-    for name, flat in sources:
-      if key in flat:
-        value = _checked(key, flat[key], value.shape, name)
-        origin[key] = name
-    expert_key = _expert_source_key(key)
-    if experts_from and expert_key is not None:
-      if len(experts_from) != value.shape[0]:
-        raise ValueError(f"{key}: {value.shape[0]} experts but experts_from names {len(experts_from)} stages")
-      stacked = []
-      for name, flat in experts_from:
-        if expert_key not in flat:
-          raise ValueError(f"{key}: stage {name!r} has no dense FFN weight {expert_key!r} to upcycle")
-        stacked.append(_checked(expert_key, flat[expert_key], value.shape[1:], name))
-      value = np.stack(stacked)
-      origin[key] = '+'.join(name for name, _ in experts_from)
-    # The State holds the model's own Variables, so this writes into the model.
-    variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
-  log.info('initialised %d params from earlier stages', len(origin))
-  return origin
+    `sources` are (name, flat params) applied in order. `experts_from[e]` fills expert `e` of every
+    MoE layer from the dense FFN at the same layer. A path found with a different shape is an error:
+    silently skipping it would train from a half-initialised model.
+    """
+    state = nnx.state(model, nnx.Param)
+    origin: dict[str, str] = {}
+    for path, variable in nnx.to_flat_state(state):
+        key = path_str(path)
+        value = variable.get_value()
+        for name, flat in sources:
+            if key in flat:
+                value = _checked(key, flat[key], value.shape, name)
+                origin[key] = name
+        expert_key = _expert_source_key(key)
+        if experts_from and expert_key is not None:
+            if len(experts_from) != value.shape[0]:
+                raise ValueError(
+                    f"{key}: {value.shape[0]} experts but experts_from names {len(experts_from)} stages"
+                )
+            stacked = []
+            for name, flat in experts_from:
+                if expert_key not in flat:
+                    raise ValueError(
+                        f"{key}: stage {name!r} has no dense FFN weight {expert_key!r} to upcycle"
+                    )
+                stacked.append(_checked(expert_key, flat[expert_key], value.shape[1:], name))
+            value = np.stack(stacked)
+            origin[key] = '+'.join(name for name, _ in experts_from)
+        # The State holds the model's own Variables, so this writes into the model.
+        variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
+    log.info('initialised %d params from earlier stages', len(origin))
+    return origin
 
 
 def _expert_source_key(key: str) -> str | None:
-  match = re.match(r'^(llm/layers/\d+/ffn/)(.*)$', key)
-  if not match:
+    match = re.match(r'^(llm/layers/\d+/ffn/)(.*)$', key)
+    if not match:
+        return None
+    for dense, expert in _UPCYCLE.items():
+        if match.group(2) == expert:
+            return match.group(1) + dense
     return None
-  for dense, expert in _UPCYCLE.items():
-    if match.group(2) == expert:
-      return match.group(1) + dense
-  return None
 
 
 def _checked(key: str, value: np.ndarray, shape: tuple[int, ...], source: str) -> np.ndarray:
-  if tuple(value.shape) != tuple(shape):
-    raise ValueError(f"param {key}: stage {source!r} has shape {value.shape}, model expects {shape}")
-  return value
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"param {key}: stage {source!r} has shape {value.shape}, model expects {shape}"
+        )
+    return value

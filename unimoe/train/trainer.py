@@ -21,143 +21,183 @@ log = logging.getLogger(__name__)
 
 
 def split_list(text: str) -> list[str]:
-  return [item for item in text.split(',') if item]
+    return [item for item in text.split(',') if item]
 
 
 def data_config(config: ml_collections.ConfigDict, **overrides: Any) -> pipeline.DataConfig:
-  return pipeline.DataConfig(**{**config.data.to_dict(), **overrides})
+    return pipeline.DataConfig(**{**config.data.to_dict(), **overrides})
 
 
-def build_model(config: ml_collections.ConfigDict, tokenizer: Any, *, moe: bool, lora_rank: int,
-                seed: int) -> UniMoE:
-  model_cfg = UniMoEConfig.from_dict(
-      config.model, vocab_size=tokenizer.vocab_size, moe=moe, lora_rank=lora_rank,
-      token_ids=dict(image_token_id=tokenizer.image_id, video_token_id=tokenizer.video_id,
-                     audio_token_id=tokenizer.audio_id),
-      num_labels=(tasks_lib.NUM_IMAGE_LABELS, tasks_lib.NUM_AUDIO_LABELS))
-  model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
-  for name, count in model.num_media_tokens.items():
-    expected = config.data[f'n_{name}_tokens']
-    if count != expected:
-      raise ValueError(f"config.data.n_{name}_tokens={expected}, but the model emits {count} "
-                       f"{name} tokens: the tokenizer must expand placeholders to match")
-  return model
+def build_model(
+    config: ml_collections.ConfigDict, tokenizer: Any, *, moe: bool, lora_rank: int, seed: int
+) -> UniMoE:
+    model_cfg = UniMoEConfig.from_dict(
+        config.model,
+        vocab_size=tokenizer.vocab_size,
+        moe=moe,
+        lora_rank=lora_rank,
+        token_ids=dict(
+            image_token_id=tokenizer.image_id,
+            video_token_id=tokenizer.video_id,
+            audio_token_id=tokenizer.audio_id,
+        ),
+        num_labels=(tasks_lib.NUM_IMAGE_LABELS, tasks_lib.NUM_AUDIO_LABELS),
+    )
+    model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
+    for name, count in model.num_media_tokens.items():
+        expected = config.data[f'n_{name}_tokens']
+        if count != expected:
+            raise ValueError(
+                f"config.data.n_{name}_tokens={expected}, but the model emits {count} "
+                f"{name} tokens: the tokenizer must expand placeholders to match"
+            )
+    return model
 
 
 def stage_checkpointer(workdir: pathlib.Path, name: str) -> checkpoint.Checkpointer:
-  return checkpoint.Checkpointer(workdir / name / 'checkpoints')
+    return checkpoint.Checkpointer(workdir / name / 'checkpoints')
 
 
 def final_params(workdir: pathlib.Path, name: str) -> dict[str, np.ndarray]:
-  """The flat parameters a finished stage ended with (what later stages start from)."""
-  ckpt = stage_checkpointer(workdir, name)
-  if not ckpt.is_done():
-    raise ValueError(f"stage {name!r} is named as a source but has not finished in {workdir}")
-  raw = ckpt.restore_raw(ckpt.read_done()['final_step'])
-  ckpt.close()
-  return stages.flat_params(raw['params'])
+    """The parameters a finished stage defined: those it trained or inherited from its sources.
+
+    A stage's checkpoint holds every parameter of its model, but the ones it neither trained nor
+    loaded are its random init: a stage starting from `s0_llm` and `s0_vision` must take the LM
+    from the first and only the ViT from the second.
+    """
+    ckpt = stage_checkpointer(workdir, name)
+    if not ckpt.is_done():
+        raise ValueError(f"stage {name!r} is named as a source but has not finished in {workdir}")
+    done = ckpt.read_done()
+    flat = stages.flat_params(ckpt.restore_raw(done['final_step'])['params'])
+    ckpt.close()
+    return {path: flat[path] for path in done['defined_params']}
 
 
-def build_stage_model(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path,
-                      tokenizer: Any) -> UniMoE:
-  """The model of stage `name`, initialised from the stages its config names."""
-  stage = config.stages[name]
-  model = build_model(config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank,
-                      seed=config.seed)
-  sources = [(src, final_params(workdir, src)) for src in split_list(stage.init_from)]
-  experts = [(src, final_params(workdir, src)) for src in split_list(stage.experts_from)]
-  if sources or experts:
-    stages.load_params(model, sources, experts)
-  return model
+def build_stage_model(
+    config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path, tokenizer: Any
+) -> tuple[UniMoE, dict[str, str]]:
+    """The model of stage `name`, initialised from the stages its config names.
+
+    Also returns {param path: source stage} for every parameter that came from a source.
+    """
+    stage = config.stages[name]
+    model = build_model(
+        config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed
+    )
+    sources = [(src, final_params(workdir, src)) for src in split_list(stage.init_from)]
+    experts = [(src, final_params(workdir, src)) for src in split_list(stage.experts_from)]
+    return model, stages.load_params(model, sources, experts)
 
 
-def train_stage(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path,
-                tokenizer: Any) -> dict[str, Any]:
-  """Trains one stage to its last step, resuming from its latest checkpoint if there is one."""
-  stage = config.stages[name]
-  stage_dir = workdir / name
-  ckpt = stage_checkpointer(workdir, name)
-  model = build_stage_model(config, name, workdir, tokenizer)
-  is_trainable = stages.trainable_filter(stage.trains)
-  graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
-  num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-  log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
-
-  optim_cfg = optim.OptimConfig(
-      learning_rate=stage.learning_rate, total_steps=stage.steps, warmup_steps=stage.warmup_steps,
-      weight_decay=stage.weight_decay, grad_clip=stage.grad_clip)
-  loss_cfg = step_lib.LossConfig(kind=stage.mode, balance_coef=stage.balance_coef,
-                                 z_coef=stage.z_coef)
-  opt_state = optim.make_optimizer(optim_cfg).init(trainable)
-  loader = pipeline.make_train_loader(
-      data_config(config, batch_size=stage.batch_size), tokenizer, split_list(stage.tasks),
-      stage.mode, seed=config.seed + zlib.crc32(name.encode()) % 1000)
-  data_iter = iter(loader)
-
-  start_step = ckpt.latest_step() or 0
-  if start_step:
-    abstract = jax.eval_shape(lambda: {'params': nnx.state(model, nnx.Param), 'opt_state': opt_state})
-    restored = ckpt.restore(start_step, abstract, data_iter)
-    nnx.update(model, restored['params'])
+def train_stage(
+    config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path, tokenizer: Any
+) -> dict[str, Any]:
+    """Trains one stage to its last step, resuming from its latest checkpoint if there is one."""
+    stage = config.stages[name]
+    stage_dir = workdir / name
+    ckpt = stage_checkpointer(workdir, name)
+    model, origin = build_stage_model(config, name, workdir, tokenizer)
+    is_trainable = stages.trainable_filter(stage.trains)
     graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
-    opt_state = restored['opt_state']
-    log.info('stage %s: resumed at step %d', name, start_step)
+    defined = sorted(set(origin) | {stages.path_str(p) for p, _ in nnx.to_flat_state(trainable)})
+    num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
 
-  train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
-  schedule = optim.learning_rate_schedule(optim_cfg)
+    optim_cfg = optim.OptimConfig(
+        learning_rate=stage.learning_rate,
+        total_steps=stage.steps,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
+        grad_clip=stage.grad_clip,
+    )
+    loss_cfg = step_lib.LossConfig(
+        kind=stage.mode, balance_coef=stage.balance_coef, z_coef=stage.z_coef
+    )
+    opt_state = optim.make_optimizer(optim_cfg).init(trainable)
+    loader = pipeline.make_train_loader(
+        data_config(config, batch_size=stage.batch_size),
+        tokenizer,
+        split_list(stage.tasks),
+        stage.mode,
+        seed=config.seed + zlib.crc32(name.encode()) % 1000,
+    )
+    data_iter = iter(loader)
 
-  def save(step: int, force: bool = False) -> None:
-    params = nnx.state(nnx.merge(graphdef, trainable, rest), nnx.Param)
-    ckpt.save(step, {'params': params, 'opt_state': opt_state}, data_iter, force=force)
+    start_step = ckpt.latest_step() or 0
+    if start_step:
+        abstract = jax.eval_shape(
+            lambda: {'params': nnx.state(model, nnx.Param), 'opt_state': opt_state}
+        )
+        restored = ckpt.restore(start_step, abstract, data_iter)
+        nnx.update(model, restored['params'])
+        graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
+        opt_state = restored['opt_state']
+        log.info('stage %s: resumed at step %d', name, start_step)
 
-  last: dict[str, Any] = {}
-  started = time.perf_counter()
-  with metrics_lib.MetricsWriter(stage_dir, total_steps=stage.steps, desc=name) as writer:
-    writer.update(start_step)
-    for step in range(start_step + 1, stage.steps + 1):
-      batch = next(data_iter)
-      trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch)
-      writer.update(1)
-      if step % config.log_every == 0 or step == stage.steps:
-        last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-        writer.write(step, {**last, 'learning_rate': schedule(step - 1)})
-      if step % config.checkpoint_every == 0 and step < stage.steps:
-        save(step)
-  save(stage.steps, force=True)
-  ckpt.wait()
-  summary = {'final_step': stage.steps, 'seconds': time.perf_counter() - started,
-             **{k: float(v) for k, v in last.items() if np.ndim(v) == 0}}
-  ckpt.mark_done(summary)
-  ckpt.close()
-  return summary
+    train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
+    schedule = optim.learning_rate_schedule(optim_cfg)
+
+    def save(step: int, force: bool = False) -> None:
+        params = nnx.state(nnx.merge(graphdef, trainable, rest), nnx.Param)
+        ckpt.save(step, {'params': params, 'opt_state': opt_state}, data_iter, force=force)
+
+    last: dict[str, Any] = {}
+    started = time.perf_counter()
+    with metrics_lib.MetricsWriter(stage_dir, total_steps=stage.steps, desc=name) as writer:
+        writer.update(start_step)
+        for step in range(start_step + 1, stage.steps + 1):
+            batch = next(data_iter)
+            trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch)
+            writer.update(1)
+            if step % config.log_every == 0 or step == stage.steps:
+                last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+                writer.write(step, {**last, 'learning_rate': schedule(step - 1)})
+            if step % config.checkpoint_every == 0 and step < stage.steps:
+                save(step)
+    save(stage.steps, force=True)
+    ckpt.wait()
+    summary = {
+        'final_step': stage.steps,
+        'seconds': time.perf_counter() - started,
+        **{k: float(v) for k, v in last.items() if np.ndim(v) == 0},
+    }
+    # Not in the returned summary (it is long): what later stages may take from this one.
+    ckpt.mark_done({**summary, 'defined_params': defined})
+    ckpt.close()
+    return summary
 
 
 def validate_stages(config: ml_collections.ConfigDict) -> None:
-  """Fails before any training if the stage graph cannot run: every problem names the stage."""
-  seen: list[str] = []
-  for name in split_list(config.stage_order):
-    if name not in config.stages:
-      raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
-    stage = config.stages[name]
-    stages.trainable_filter(stage.trains)
-    step_lib.LossConfig(kind=stage.mode)
-    for source in split_list(stage.init_from) + split_list(stage.experts_from):
-      if source not in seen:
-        raise ValueError(f"stage {name!r} starts from {source!r}, which does not run before it")
-    experts = split_list(stage.experts_from)
-    if experts and (not stage.moe or len(experts) != config.model.moe.num_experts):
-      raise ValueError(f"stage {name!r}: experts_from names {len(experts)} stages; it needs "
-                       f"moe=True and model.moe.num_experts={config.model.moe.num_experts} sources")
-    if stage.steps < 1:
-      raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
-    seen.append(name)
+    """Fails before any training if the stage graph cannot run: every problem names the stage."""
+    seen: list[str] = []
+    for name in split_list(config.stage_order):
+        if name not in config.stages:
+            raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
+        stage = config.stages[name]
+        stages.trainable_filter(stage.trains)
+        step_lib.LossConfig(kind=stage.mode)
+        for source in split_list(stage.init_from) + split_list(stage.experts_from):
+            if source not in seen:
+                raise ValueError(
+                    f"stage {name!r} starts from {source!r}, which does not run before it"
+                )
+        experts = split_list(stage.experts_from)
+        if experts and (not stage.moe or len(experts) != config.model.moe.num_experts):
+            raise ValueError(
+                f"stage {name!r}: experts_from names {len(experts)} stages; it needs "
+                f"moe=True and model.moe.num_experts={config.model.moe.num_experts} sources"
+            )
+        if stage.steps < 1:
+            raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
+        seen.append(name)
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
-  validate_stages(config)
-  for name in split_list(config.stage_order):
-    if stage_checkpointer(workdir, name).is_done():
-      log.info('stage %s: finished earlier, skipping', name)
-      continue
-    summary = train_stage(config, name, workdir, tokenizer)
-    log.info('stage %s done: %s', name, summary)
+    validate_stages(config)
+    for name in split_list(config.stage_order):
+        if stage_checkpointer(workdir, name).is_done():
+            log.info('stage %s: finished earlier, skipping', name)
+            continue
+        summary = train_stage(config, name, workdir, tokenizer)
+        log.info('stage %s done: %s', name, summary)
