@@ -135,14 +135,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         trains='audio',
         mode='classify_audio',
         tasks=('speech_transcript', 'audio_caption', 'speech_qa', 'audio_qa'),
-        steps=steps(300),
+        steps=steps(200),
         learning_rate=2e-3,
     )
     c.stages.s1_align = stage(
         trains='connectors',
         mode='chat',
         tasks=CAPTION_TASKS,
-        steps=steps(300),
+        steps=steps(200),
         learning_rate=2e-3,
         init_from=('s0_llm', 's0_vision', 's0_audio'),
     )
@@ -159,7 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         trains='lora+router+connectors',
         mode='chat',
         tasks=all_tasks,
-        steps=steps(500, test_steps=12),
+        steps=steps(400, test_steps=12),
         learning_rate=1e-3,
         init_from=('s1_align',),
         experts_from=tuple(f's2_{m}' for m in MODALITY_STAGES),

@@ -20,12 +20,12 @@ RESULTS = {
 }
 
 EXPECTED_TABLE = """\
-| model | img_qa | img_cap | aud_cls | image mean | audio mean |
-|---|---:|---:|---:|---:|---:|
-| s2_image | 50.0 | 87.5 | - | 68.8 | - |
-| s3_moe | 60.0 | 90.0 | 33.3 | 75.0 | 33.3 |
-| partial | - | 25.0 | - | - | - |
-| chance | 25.0 | 50.0 | 10.0 | 37.5 | 10.0 |
+| model | img_qa | img_cap | aud_cls | image mean |
+|---|---:|---:|---:|---:|
+| s2_image | 50.0 | 87.5 | - | 68.8 |
+| s3_moe | 60.0 | 90.0 | 33.3 | 75.0 |
+| partial | - | 25.0 | - | - |
+| chance | 25.0 | 50.0 | 10.0 | 37.5 |
 """
 
 

@@ -13,11 +13,13 @@ RESULTS_JSON = 'results.json'
 
 
 def _columns(task_modality: Mapping[str, str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Tasks grouped by modality (modalities in order of first appearance) and each group."""
+    """Tasks grouped by modality (modalities in order of first appearance), and the groups of
+    two or more tasks, which get a mean column (a one-task mean would repeat its column)."""
     tasks_of: dict[str, list[str]] = {}
     for task, modality in task_modality.items():
         tasks_of.setdefault(modality, []).append(task)
-    return [task for tasks in tasks_of.values() for task in tasks], tasks_of
+    tasks = [task for group in tasks_of.values() for task in group]
+    return tasks, {modality: group for modality, group in tasks_of.items() if len(group) > 1}
 
 
 def _row(
@@ -43,8 +45,8 @@ def results_table(
     """Markdown table of accuracies in percent: one row per model, then a `chance` row.
 
     `results[model]` is the output of `unimoe.eval.scoring.score`. Columns are the tasks of
-    `task_modality`, grouped by modality, then one `<modality> mean` column per modality: the
-    unweighted mean over its tasks, '-' unless the row has every one of them.
+    `task_modality`, grouped by modality, then one `<modality> mean` column per modality with two
+    or more tasks: the unweighted mean over its tasks, '-' unless the row has every one of them.
     """
     tasks, tasks_of = _columns(task_modality)
     for model, scores in results.items():
