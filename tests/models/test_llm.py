@@ -31,8 +31,10 @@ MASK_BT = np.arange(T)[None, :] < np.array([[7], [5], [2]])
 
 @pytest.mark.parametrize("num_kv_heads, tie", [(1, False), (3, True)])
 def test_logits_match_hugging_face_llama(num_kv_heads, tie):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    # Test-only dependencies (the `test` extra): a missing one must fail, not skip, the parity check.
+    import torch
+    import transformers
+
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(
         vocab_size=VOCAB,
