@@ -109,7 +109,7 @@ def make_train_step(
             trainable,
             opt_state,
             rest,
-            {**metrics, 'loss': loss, 'grad_norm': optax.global_norm(grads)},
+            {**metrics, 'loss': loss, 'grad_norm': optax.tree.norm(grads)},
         )
 
     return jax.jit(step, donate_argnums=(0, 1, 2))
