@@ -1,4 +1,4 @@
-"""Dropless dispatch against hand-computed values and the dense oracle (outputs and gradients)."""
+"""Dropless and capacity dispatch against hand-computed values and slow oracles (outputs, grads)."""
 
 import functools
 
@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from unimoe.models.lora import LoRAConfig
-from unimoe.moe.dispatch import dense_reference, dropless_dispatch
+from unimoe.moe.dispatch import capacity, capacity_dispatch, dense_reference, dropless_dispatch
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank, tile_layout
 
 
@@ -80,6 +80,8 @@ def loss_and_grads(bank, x_nd, weights_nk, experts_nk, probe_nd, use_oracle, gro
         (2, (0, 2), 0),
         # Every token on expert 1 only.
         (1, (1,), 0),
+        # Id 3 is the sentinel (E = 3): those slots compute nothing.
+        (3, (0, 1, 2, 3), 0),
     ],
 )
 def test_dropless_matches_dense_oracle_values_and_gradients(
@@ -108,6 +110,16 @@ def test_dropless_matches_dense_oracle_values_and_gradients(
         assert np.any(flat_g[("w_gate_edf",)][...][e]) == (e in choices)
 
 
+def test_dropless_sentinel_slots_contribute_zero_but_keep_their_weight():
+    x_nd = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]])
+    # E = 3: id 3 is the sentinel; token 1 routes nowhere.
+    experts_nk = jnp.array([[2, 3], [3, 3], [0, 1]])
+    weights_nk = jnp.array([[0.75, 0.25], [0.5, 0.5], [0.1, 0.9]])
+    y_nd = dropless_dispatch(x_nd, weights_nk, experts_nk, scale_by_expert_id, 3)
+    # 0.75 * 3 = 2.25 (the sentinel's 0.25 is not renormalised away); 0; 0.1*1 + 0.9*2 = 1.9.
+    np.testing.assert_allclose(y_nd, [[2.25, 4.5], [0.0, 0.0], [0.95, 7.6]], rtol=1e-6)
+
+
 def test_dispatch_rejects_mismatched_routing_shapes():
     x_nd, weights_nk, experts_nk = jnp.zeros((4, 5)), jnp.zeros((4, 2)), jnp.zeros((3, 2), int)
     with pytest.raises(ValueError, match="weights"):
@@ -132,3 +144,160 @@ def test_tiled_grouped_matmul_zeroes_rows_past_the_groups():
     ragged = bank.grouped(x_md, group_sizes_e, impl="ragged_dot")
     np.testing.assert_allclose(tiled, ragged, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(tiled[3:], 0.0)
+
+
+def scale_batched(x_ecd: jax.Array) -> jax.Array:
+    """Batched twin of `scale_by_expert_id`: expert e multiplies its rows by e + 1."""
+    return x_ecd * (jnp.arange(x_ecd.shape[0]) + 1.0)[:, None, None]
+
+
+def test_capacity_is_static_and_capped():
+    assert capacity(7, 2, 3, 1.0, 0) == 5  # ceil(14 / 3)
+    assert capacity(7, 2, 3, 1.0, 6) == 6  # min_capacity wins
+    assert capacity(7, 2, 3, 4.0, 0) == 7  # never more than N
+    with pytest.raises(ValueError, match="capacity_factor"):
+        capacity(7, 2, 3, 0.0, 0)
+
+
+@pytest.mark.parametrize(
+    "policy, scores, y_row1, y_row3",
+    [
+        # Expert 0's queue in token order is t1, t2, t3 (t0 is padding): t1 keeps the one slot.
+        ("position", None, [1.0, 1.0], [0.0, 0.0]),
+        # By score t3 (0.9) beats t1 (0.6) and t2 (0.4).
+        ("score", [[0.9, 0.1], [0.6, 0.0], [0.7, 0.4], [0.9, 0.0]], [0.0, 0.0], [2.0, 0.0]),
+    ],
+)
+def test_capacity_drops_by_position_or_score_and_padding_takes_no_slot(
+    policy, scores, y_row1, y_row3
+):
+    x_nd = jnp.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 0.0]])
+    # E = 2, id 2 the sentinel; C = ceil(4 * 2 / 2 * 0.25) = 1 slot per expert.
+    experts_nk = jnp.array([[0, 1], [0, 2], [1, 0], [0, 2]])
+    weights_nk = jnp.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    mask_n = jnp.array([False, True, True, True])
+    y_nd, dropped = capacity_dispatch(
+        x_nd,
+        weights_nk,
+        experts_nk,
+        scale_batched,
+        2,
+        capacity_factor=0.25,
+        min_capacity=0,
+        drop_policy=policy,
+        token_mask_n=mask_n,
+        scores_nk=None if scores is None else jnp.array(scores),
+    )
+    # 4 valid routed assignments (t1:e0, t2:e1, t2:e0, t3:e0); expert 0 keeps one of three.
+    np.testing.assert_allclose(dropped, 0.5)
+    # t0 is padding; t2 keeps e1 (0.5 * 2 * x) and loses e0.
+    np.testing.assert_allclose(
+        y_nd, [[0.0, 0.0], y_row1, [3.0, 3.0], y_row3], rtol=1e-6, err_msg=policy
+    )
+
+
+def capacity_oracle(experts_nk, mask_n, scores_nk, num_experts, cap, policy):
+    """NumPy: walk the assignments in priority order, counting per expert; -> kept_nk."""
+    num_tokens, top_k = experts_nk.shape
+    flat = [(n, k) for n in range(num_tokens) for k in range(top_k)]
+    if policy == "score":
+        flat.sort(key=lambda nk: -scores_nk[nk])  # stable: ties keep token order
+    counts = np.zeros(num_experts, int)
+    kept_nk = np.zeros((num_tokens, top_k), bool)
+    for n, k in flat:
+        e = experts_nk[n, k]
+        if mask_n[n] and e < num_experts and counts[e] < cap:
+            counts[e] += 1
+            kept_nk[n, k] = True
+    return kept_nk
+
+
+@nnx.jit(static_argnames=("policy", "cap_factor"))
+def capacity_loss_and_grads(
+    bank, x_nd, weights_nk, experts_nk, mask_n, scores_nk, probe_nd, policy, cap_factor
+):
+    def loss(bank, x_nd, weights_nk):
+        y_nd, dropped = capacity_dispatch(
+            x_nd,
+            weights_nk,
+            experts_nk,
+            bank.batched,
+            3,
+            capacity_factor=cap_factor,
+            min_capacity=2,
+            drop_policy=policy,
+            token_mask_n=mask_n,
+            scores_nk=scores_nk,
+        )
+        return jnp.sum(y_nd * probe_nd), dropped
+
+    return nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(bank, x_nd, weights_nk)
+
+
+@nnx.jit
+def masked_oracle_loss_and_grads(bank, x_nd, weights_nk, experts_nk, kept_nk, probe_nd):
+    """The dense oracle on the kept assignments only (dropped ones become sentinels)."""
+
+    def loss(bank, x_nd, weights_nk):
+        experts = jnp.where(kept_nk, experts_nk, 3)
+        return jnp.sum(dense_reference(x_nd, weights_nk, experts, bank.batched, 3) * probe_nd)
+
+    return nnx.value_and_grad(loss, argnums=(0, 1, 2))(bank, x_nd, weights_nk)
+
+
+@pytest.mark.parametrize(
+    "policy, top_k, choices, cap_factor",
+    [
+        # N = 11, k = 2 of E = 3: C = ceil(22 / 3 * 0.7) = 6, some experts overflow.
+        ("position", 2, (0, 1, 2), 0.7),
+        ("score", 2, (0, 1, 2), 0.7),
+        # Sentinel slots (id 3) mixed in; C = max(ceil(33 / 3 * 0.3), 2) = 4.
+        ("score", 3, (0, 1, 2, 3), 0.3),
+        # Every token on expert 1: C = ceil(11 / 3 * 1.0) = 4 of its 9 valid tokens survive.
+        ("position", 1, (1,), 1.0),
+    ],
+)
+def test_capacity_matches_loop_oracle_values_and_gradients(policy, top_k, choices, cap_factor):
+    weights_nk, experts_nk = random_routing(4, 11, top_k, choices)
+    rng = np.random.default_rng(5)
+    x_nd = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
+    probe_nd = jnp.asarray(rng.normal(size=(11, 5)), jnp.float32)
+    mask_n = np.ones(11, bool)
+    mask_n[[0, 6]] = False  # padding first: it must not take the slots of later tokens
+    scores_nk = jnp.asarray(rng.uniform(size=experts_nk.shape), jnp.float32)
+    cap = capacity(11, top_k, 3, cap_factor, 2)
+    kept_nk = capacity_oracle(np.asarray(experts_nk), mask_n, np.asarray(scores_nk), 3, cap, policy)
+    bank = make_bank(0)
+    (value, dropped), grads = capacity_loss_and_grads(
+        bank,
+        x_nd,
+        weights_nk,
+        experts_nk,
+        jnp.asarray(mask_n),
+        scores_nk,
+        probe_nd,
+        policy=policy,
+        cap_factor=cap_factor,
+    )
+    ref_value, ref_grads = masked_oracle_loss_and_grads(
+        bank, x_nd, weights_nk, experts_nk, jnp.asarray(kept_nk), probe_nd
+    )
+    valid_nk = mask_n[:, None] & (np.asarray(experts_nk) < 3)
+    np.testing.assert_allclose(dropped, 1.0 - kept_nk.sum() / valid_nk.sum(), rtol=1e-6)
+    assert 0 < kept_nk.sum() < valid_nk.sum()  # the case really drops something
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_rejects_bad_policy_and_missing_scores():
+    x_nd, weights_nk, experts_nk = jnp.zeros((4, 5)), jnp.zeros((4, 2)), jnp.zeros((4, 2), int)
+    kwargs = dict(capacity_factor=1.0, min_capacity=0, token_mask_n=jnp.ones(4, bool))
+    with pytest.raises(ValueError, match="drop_policy"):
+        capacity_dispatch(
+            x_nd, weights_nk, experts_nk, scale_batched, 3, drop_policy="random", **kwargs
+        )
+    with pytest.raises(ValueError, match="scores_nk"):
+        capacity_dispatch(
+            x_nd, weights_nk, experts_nk, scale_batched, 3, drop_policy="score", **kwargs
+        )

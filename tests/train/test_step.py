@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.tiny_model import model_config
-from unimoe.models.unimoe import UniMoE
+from tests.tiny_model import TOKEN_IDS, model_config, model_dict
+from unimoe.models.unimoe import UniMoE, UniMoEConfig
 from unimoe.train import optim, stages
 from unimoe.train import step as step_lib
 
@@ -51,8 +51,8 @@ def test_train_step_updates_only_trainable_params_and_lowers_the_loss():
         'attn_mask': jnp.ones((4, 11), bool),
     }
     losses = []
-    for _ in range(8):
-        trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch)
+    for i in range(8):
+        trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch, i)
         losses.append(float(metrics['loss']))
     assert losses[-1] < losses[0] - 0.05
     assert metrics['expert_load'].shape == (2, 3)
@@ -67,3 +67,43 @@ def test_train_step_updates_only_trainable_params_and_lowers_the_loss():
                 np.asarray(after.get_value()),
                 err_msg=stages.path_str(path),
             )
+
+
+def test_expert_usage_by_modality_rows_are_each_modalitys_shares():
+    # One MoE layer, two examples of modality 1 with (2, 0) and (1, 1) assignments to 2 experts.
+    counts_lbe = jnp.array([[[2.0, 0.0], [1.0, 1.0]]])
+    usage = step_lib.expert_usage_by_modality(counts_lbe, jnp.array([1, 1]))
+    assert usage.shape == (len(step_lib.MODALITIES), 2)
+    np.testing.assert_allclose(usage[1], [0.75, 0.25])
+    np.testing.assert_array_equal(np.delete(np.asarray(usage), 1, axis=0), 0.0)
+
+
+def test_router_bias_is_updated_by_the_step_from_the_load_not_by_the_optimizer():
+    md = model_dict()
+    md.moe = dict(num_experts=3, top_k=2, router='sigmoid_bias', bias_update_rate=0.125)
+    cfg = UniMoEConfig.from_dict(
+        md, vocab_size=41, token_ids=TOKEN_IDS, num_labels=(5, 7), moe=True, lora_rank=0
+    )
+    model = UniMoE(cfg, rngs=nnx.Rngs(0))
+    trains = 'router'
+    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(trains), ...)
+    assert not any('router_bias' in stages.path_str(p) for p, _ in nnx.to_flat_state(trainable))
+    optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=2)
+    opt_state = optim.make_optimizer(optim_cfg).init(trainable)
+    train_step = step_lib.make_train_step(graphdef, trains, optim_cfg, step_lib.LossConfig())
+    rng = np.random.default_rng(1)
+    batch = {
+        'tokens': jnp.asarray(rng.integers(6, 41, size=(3, 7))),
+        'loss_mask': jnp.ones((3, 7)),
+        'attn_mask': jnp.ones((3, 7), bool),
+    }
+    trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch, 0)
+    load_le = np.asarray(metrics['expert_load'])
+    biases = [
+        layer.ffn.router_bias.get_value()
+        for layer in nnx.merge(graphdef, trainable, rest).llm.layers
+    ]
+    for load_e, bias_e in zip(load_le, biases, strict=True):
+        expected = 0.125 * np.sign(load_e.mean() - load_e)
+        np.testing.assert_allclose(bias_e, expected, atol=1e-7)
+    assert np.abs(np.stack(biases)).max() > 0

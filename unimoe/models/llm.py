@@ -8,6 +8,7 @@ logits. Sequences are right-padded: positions are 0..T-1 and padding keys are ma
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -198,16 +199,32 @@ class DecoderLayer(nnx.Module):
         return isinstance(self.ffn, MoELayer)
 
     def __call__(
-        self, x_btd: jax.Array, attn_mask_bt: jax.Array
+        self, x_btd: jax.Array, attn_mask_bt: jax.Array, token_weight_bt: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """Returns (x_btd, aux of the MoE FFN or None for a dense one)."""
         x_btd = x_btd + self.attn(self.attn_norm(x_btd), attn_mask_bt)
         ffn_in_btd = self.ffn_norm(x_btd)
         if self.is_moe:
-            ffn_out_btd, aux = self.ffn(ffn_in_btd, attn_mask_bt)
+            ffn_out_btd, aux = self.ffn(ffn_in_btd, attn_mask_bt, token_weight_bt=token_weight_bt)
         else:
             ffn_out_btd, aux = self.ffn(ffn_in_btd), None
         return x_btd + ffn_out_btd, aux
+
+
+# Auxiliary losses: summed over MoE layers (the trainer weights the sum); other aux are stacked.
+SUMMED_AUX = ("balance_loss", "z_loss", "dcmoe_balance_loss")
+
+
+def empty_moe_aux(batch: int, num_experts: int) -> dict[str, jax.Array]:
+    """The aux of a model without MoE layers: every key, L_moe = 0."""
+    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+    return {
+        **{key: zeros((0,)) for key in SUMMED_AUX},
+        "expert_load": zeros((0, num_experts)),
+        "dropped_fraction": zeros((0,)),
+        "router_entropy": zeros((0,)),
+        "expert_counts_be": zeros((0, batch, num_experts)),
+    }
 
 
 class DecoderLM(nnx.Module):
@@ -236,12 +253,15 @@ class DecoderLM(nnx.Module):
         return self.embed(tokens_bt).astype(self.cfg.dtype)
 
     def __call__(
-        self, x_btd: jax.Array, attn_mask_bt: jax.Array
+        self, x_btd: jax.Array, attn_mask_bt: jax.Array, *, token_weight_bt: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x_btd (embedded, right-padded) -> (float32 logits_btv, aux).
 
-        aux: 'balance_loss' and 'z_loss' summed over MoE layers, 'expert_load' float32 [L_moe, E];
-        zeros and shape [0, E] without MoE layers, so callers never branch.
+        `token_weight_bt` weights tokens in the DCMoE balance loss (e.g. answers 10x prompts).
+        aux: the losses of `SUMMED_AUX` summed over MoE layers; every other MoE statistic stacked
+        over MoE layers ('expert_load' [L_moe, E], 'dropped_fraction' [L_moe], 'router_entropy'
+        [L_moe], 'expert_counts_be' [L_moe, B, E]); zeros and L_moe = 0 without MoE layers, so
+        callers never branch.
         """
         cfg = self.cfg
         if x_btd.ndim != 3 or x_btd.shape[-1] != cfg.dim:
@@ -253,7 +273,7 @@ class DecoderLM(nnx.Module):
         x_btd = x_btd.astype(cfg.dtype)
         layer_aux = []
         for layer in self.layers:
-            x_btd, aux = layer(x_btd, attn_mask_bt)
+            x_btd, aux = layer(x_btd, attn_mask_bt, token_weight_bt)
             if aux is not None:
                 layer_aux.append(aux)
         x_btd = self.final_norm(x_btd)
@@ -261,12 +281,9 @@ class DecoderLM(nnx.Module):
             logits_btv = self.embed.attend(x_btd)
         else:
             logits_btv = self.lm_head(x_btd)
-        num_experts = cfg.moe.num_experts
-        aux = {
-            "balance_loss": sum((a["balance_loss"] for a in layer_aux), jnp.zeros((), jnp.float32)),
-            "z_loss": sum((a["z_loss"] for a in layer_aux), jnp.zeros((), jnp.float32)),
-            "expert_load": jnp.stack([a["expert_load"] for a in layer_aux])
-            if layer_aux
-            else jnp.zeros((0, num_experts), jnp.float32),
-        }
+        if layer_aux:
+            aux = {key: jnp.stack([a[key] for a in layer_aux]) for key in layer_aux[0]}
+        else:
+            aux = empty_moe_aux(x_btd.shape[0], cfg.moe.num_experts)
+        aux = {key: v.sum(0) if key in SUMMED_AUX else v for key, v in aux.items()}
         return logits_btv.astype(jnp.float32), aux

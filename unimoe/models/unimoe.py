@@ -146,9 +146,12 @@ class UniMoE(nnx.Module):
             x_btd = splice(x_btd, tokens_bt == token_id, media_bnd.astype(x_btd.dtype))
         return x_btd
 
-    def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, batch: Mapping[str, jax.Array], *, token_weight_bt: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         tokens_bt = batch['tokens']
-        return self.llm(self.embed(tokens_bt, self.encode_media(batch)), batch['attn_mask'])
+        x_btd = self.embed(tokens_bt, self.encode_media(batch))
+        return self.llm(x_btd, batch['attn_mask'], token_weight_bt=token_weight_bt)
 
     def classify_image(self, image_bhwc: jax.Array) -> jax.Array:
         return self.image_head(self.vision.pooled(image_bhwc))

@@ -6,10 +6,13 @@ Combining happens in float32 so bf16 expert outputs are not summed with bf16 wei
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from unimoe.moe.gmm import gather_rows
 
 # (x_md sorted by expert, group_sizes_e) -> y_md, e.g. `ExpertBank.grouped`.
 GroupedExpertFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -32,6 +35,12 @@ def _combine(y_nkd: jax.Array, weights_nk: jax.Array, dtype: jnp.dtype) -> jax.A
     return y_nd.astype(dtype)
 
 
+def _sentinel_ids(experts_nk: jax.Array, num_experts: int) -> jax.Array:
+    """Maps every id outside [0, E) to the sentinel E (a slot that computes nothing)."""
+    in_range_nk = (experts_nk >= 0) & (experts_nk < num_experts)
+    return jnp.where(in_range_nk, experts_nk, num_experts).astype(jnp.int32)
+
+
 def dropless_dispatch(
     x_nd: jax.Array,
     weights_nk: jax.Array,
@@ -42,16 +51,114 @@ def dropless_dispatch(
     """No capacity, no dropped tokens: sort the N*K assignments by expert and run grouped matmuls.
 
     The sort is stable, so within an expert rows keep token order (deterministic results).
+    Sentinel slots (expert id == num_experts, e.g. null experts or unused top-p slots) sort last,
+    are in no group, and contribute zero whatever their weight.
     """
     _check_routing(x_nd, weights_nk, experts_nk)
     num_tokens, top_k = experts_nk.shape
-    experts_m = experts_nk.reshape(-1)
+    num_rows = num_tokens * top_k
+    experts_m = _sentinel_ids(experts_nk, num_experts).reshape(-1)
     order_m = jnp.argsort(experts_m, stable=True)
-    token_of_sorted_m = order_m // top_k
+    rank_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(num_rows), unique_indices=True)
+    # bincount drops the sentinel id E: it is in no group.
     group_sizes_e = jnp.bincount(experts_m, length=num_experts).astype(jnp.int32)
-    y_sorted_md = expert_fn(x_nd[token_of_sorted_m], group_sizes_e)
-    y_md = jnp.zeros_like(y_sorted_md).at[order_m].set(y_sorted_md, unique_indices=True)
+    x_sorted_md = gather_rows(x_nd, order_m // top_k, rank_m.reshape(num_tokens, top_k))
+    y_sorted_md = expert_fn(x_sorted_md, group_sizes_e)
+    # Sentinel assignments read a row past the end, i.e. zero; sorted row j is read by
+    # assignment order_m[j] unless that one is a sentinel (then by none, so the backward pass
+    # sends it no gradient either).
+    routed_m = experts_m < num_experts
+    y_index_m = jnp.where(routed_m, rank_m, num_rows)
+    reader_m = jnp.where(routed_m[order_m], order_m, num_rows)
+    y_md = gather_rows(y_sorted_md, y_index_m, reader_m[:, None])
     return _combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
+
+
+def capacity(
+    num_tokens: int, top_k: int, num_experts: int, capacity_factor: float, min_capacity: int
+) -> int:
+    """Static rows per expert: max(ceil(N * K / E * cf), min_capacity), at most N.
+
+    N is the static token count, padding included (the number of valid tokens is only known at
+    run time), so C is an upper bound on the balanced share of the valid tokens. An expert never
+    gets more than N assignments, so a larger C would only add padding.
+    """
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
+    balanced = math.ceil(num_tokens * top_k / num_experts * capacity_factor)
+    return max(1, min(max(balanced, min_capacity), num_tokens))
+
+
+DROP_POLICIES = ("position", "score")
+
+
+def capacity_dispatch(
+    x_nd: jax.Array,
+    weights_nk: jax.Array,
+    experts_nk: jax.Array,
+    expert_fn_batched: BatchedExpertFn,
+    num_experts: int,
+    *,
+    capacity_factor: float,
+    min_capacity: int,
+    drop_policy: str,
+    token_mask_n: jax.Array,
+    scores_nk: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Each expert computes at most C = `capacity(...)` assignments; the overflow is dropped.
+
+    drop_policy 'position' keeps each expert's first C assignments in token order (n, then k);
+    'score' keeps the C with the highest `scores_nk` (the router score of each assignment; ties
+    by position). Padding tokens (token_mask_n False) and sentinel slots never take capacity and
+    produce zero. A dropped assignment contributes zero; its weight is not renormalised away.
+    Returns (y_nd, dropped_fraction = dropped valid assignments / valid routed assignments).
+    """
+    _check_routing(x_nd, weights_nk, experts_nk)
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    if drop_policy == "score" and (scores_nk is None or scores_nk.shape != experts_nk.shape):
+        raise ValueError(f"drop_policy 'score' needs scores_nk of shape {experts_nk.shape}")
+    num_tokens, top_k = experts_nk.shape
+    if token_mask_n.shape != (num_tokens,):
+        raise ValueError(f"token_mask must be [N={num_tokens}], got {token_mask_n.shape}")
+    num_rows = num_tokens * top_k
+    cap = capacity(num_tokens, top_k, num_experts, capacity_factor, min_capacity)
+
+    experts_m = _sentinel_ids(experts_nk, num_experts).reshape(-1)
+    valid_m = (experts_m < num_experts) & jnp.repeat(token_mask_n.astype(bool), top_k)
+    experts_m = jnp.where(valid_m, experts_m, num_experts)
+    if drop_policy == "position":
+        priority_m = jnp.arange(num_rows)
+    else:
+        # Rank of each assignment by descending score; argsort is stable, so ties keep position.
+        by_score_m = jnp.argsort(-scores_nk.reshape(-1).astype(jnp.float32), stable=True)
+        priority_m = jnp.zeros_like(by_score_m).at[by_score_m].set(jnp.arange(num_rows))
+    # Sorted by expert, then priority: an assignment's rank inside its expert's run is its place
+    # in that expert's queue.
+    order_m = jnp.lexsort((priority_m, experts_m))
+    starts_e = jnp.cumsum(jnp.bincount(experts_m, length=num_experts + 1)) - jnp.bincount(
+        experts_m, length=num_experts + 1
+    )
+    sorted_experts_m = experts_m[order_m]
+    queue_sorted_m = jnp.arange(num_rows) - starts_e[sorted_experts_m]
+    queue_m = jnp.zeros_like(queue_sorted_m).at[order_m].set(queue_sorted_m)
+    kept_m = valid_m & (queue_m < cap)
+    slot_m = jnp.where(kept_m, experts_m * cap + queue_m, num_experts * cap)
+
+    # Buffer slot -> the assignment filling it (num_rows = empty), then gathers both ways.
+    filler_s = jnp.full((num_experts * cap + 1,), num_rows).at[slot_m].set(jnp.arange(num_rows))
+    filler_s = filler_s[:-1]
+    token_s = jnp.where(filler_s < num_rows, filler_s // top_k, num_tokens)
+    x_ecd = gather_rows(x_nd, token_s, slot_m.reshape(num_tokens, top_k))
+    y_ecd = expert_fn_batched(x_ecd.reshape(num_experts, cap, -1))
+    y_md = gather_rows(y_ecd.reshape(num_experts * cap, -1), slot_m, filler_s[:, None])
+    y_nd = _combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
+
+    num_valid = jnp.sum(valid_m.astype(jnp.float32))
+    num_dropped = jnp.sum((valid_m & ~kept_m).astype(jnp.float32))
+    return y_nd, num_dropped / jnp.maximum(num_valid, 1.0)
 
 
 def dense_reference(
@@ -61,9 +168,14 @@ def dense_reference(
     expert_fn: BatchedExpertFn,
     num_experts: int,
 ) -> jax.Array:
-    """Slow oracle: every expert on every token, then pick each token's K outputs."""
+    """Slow oracle: every expert on every token, then pick each token's K outputs.
+
+    Sentinel slots (ids outside [0, E)) pick zero.
+    """
     _check_routing(x_nd, weights_nk, experts_nk)
     x_end = jnp.broadcast_to(x_nd[None], (num_experts, *x_nd.shape))
     y_end = expert_fn(x_end)
-    y_nkd = y_end[experts_nk, jnp.arange(x_nd.shape[0])[:, None]]
+    routed_nk = (experts_nk >= 0) & (experts_nk < num_experts)
+    y_nkd = y_end[jnp.where(routed_nk, experts_nk, 0), jnp.arange(x_nd.shape[0])[:, None]]
+    y_nkd = jnp.where(routed_nk[..., None], y_nkd, 0)
     return _combine(y_nkd, weights_nk, x_nd.dtype)

@@ -20,57 +20,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimoe.models.lora import BASE_INIT_STDDEV, LoRAConfig, lora_a_init, lora_dropout
+from unimoe.moe.gmm import (
+    GROUPED_IMPLS,
+    default_tile,
+    gather_rows,
+    ragged_matmul,
+    tile_layout,
+    tiled_matmul,
+)
 
 
 # (activations, per-expert weights [E, in, out]) -> activations; grouped or batched.
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _ragged_matmul(x_md: jax.Array, w_eij: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
-    return jax.lax.ragged_dot(x_md, w_eij.astype(x_md.dtype), group_sizes_e)
-
-
 def _batched_matmul(x_eci: jax.Array, w_eij: jax.Array) -> jax.Array:
     return jnp.einsum("eci,eij->ecj", x_eci, w_eij.astype(x_eci.dtype))
-
-
-def _tiled_matmul(x_tci: jax.Array, w_eij: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
-    return _batched_matmul(x_tci, w_eij[tile_expert_t])
-
-
-GROUPED_IMPLS = ("ragged_dot", "tiles")
-
-
-def tile_layout(
-    group_sizes_e: jax.Array, num_rows: int, tile: int
-) -> tuple[jax.Array, jax.Array, jax.Array, int]:
-    """Where each expert-sorted row goes when every group is padded to whole tiles.
-
-    Returns (dest_m: padded row of sorted row m, valid_m: row m belongs to a group,
-    tile_expert_t: the expert owning tile t, num_tiles). The padded size is static: at most
-    tile - 1 padding rows per group. Rows past sum(group_sizes) (none in dropless dispatch) go
-    after the last group; callers zero them.
-    """
-    num_experts = group_sizes_e.shape[0]
-    num_tiles = -(-(num_rows + num_experts * (tile - 1)) // tile)
-    padded_sizes_e = -(-group_sizes_e // tile) * tile
-    ends_e = jnp.cumsum(group_sizes_e)
-    padded_ends_e = jnp.cumsum(padded_sizes_e)
-    rows_m = jnp.arange(num_rows)
-    group_m = jnp.searchsorted(ends_e, rows_m, side="right")
-    valid_m = group_m < num_experts
-    group_m = jnp.minimum(group_m, num_experts - 1)
-    rank_m = rows_m - (ends_e[group_m] - group_sizes_e[group_m])
-    dest_m = jnp.where(
-        valid_m,
-        padded_ends_e[group_m] - padded_sizes_e[group_m] + rank_m,
-        padded_ends_e[-1] + rows_m - ends_e[-1],
-    )
-    tile_expert_t = jnp.minimum(
-        jnp.searchsorted(padded_ends_e, jnp.arange(num_tiles) * tile, side="right"),
-        num_experts - 1,
-    )
-    return dest_m, valid_m, tile_expert_t, num_tiles
 
 
 class ExpertBank(nnx.Module):
@@ -141,27 +106,48 @@ class ExpertBank(nnx.Module):
         """Base projection plus, when present, the scaled LoRA update on dropout(x)."""
         y = matmul(x, w_base[...])
         if lora_a is not None:
-            y = y + matmul(matmul(self._drop(x), lora_a[...]), lora_b[...]) * self.lora_scale
+            y = y + self._lora_update(matmul, x, lora_a, lora_b)
         return y
 
-    def _swiglu(self, matmul: Matmul, x: jax.Array) -> jax.Array:
-        gate = self._project(matmul, x, self.w_gate_edf, self.lora_gate_a_edr, self.lora_gate_b_erf)
-        up = self._project(matmul, x, self.w_up_edf, self.lora_up_a_edr, self.lora_up_b_erf)
+    def _lora_update(
+        self, matmul: Matmul, x: jax.Array, lora_a: nnx.LoRAParam, lora_b: nnx.LoRAParam
+    ) -> jax.Array:
+        return matmul(matmul(self._drop(x), lora_a[...]), lora_b[...]) * self.lora_scale
+
+    def _swiglu(self, matmul: Matmul, x: jax.Array, *, fuse_gate_up: bool = False) -> jax.Array:
+        if fuse_gate_up:
+            # One [E, D, 2F] matmul instead of two: the rows are read once and each per-tile
+            # matmul is twice as wide, which matters for narrow (fine-grained) experts.
+            w_gate_up_edf = jnp.concatenate([self.w_gate_edf[...], self.w_up_edf[...]], axis=-1)
+            gate, up = jnp.split(matmul(x, w_gate_up_edf), 2, axis=-1)
+            if self.has_lora:
+                gate = gate + self._lora_update(
+                    matmul, x, self.lora_gate_a_edr, self.lora_gate_b_erf
+                )
+                up = up + self._lora_update(matmul, x, self.lora_up_a_edr, self.lora_up_b_erf)
+        else:
+            gate = self._project(
+                matmul, x, self.w_gate_edf, self.lora_gate_a_edr, self.lora_gate_b_erf
+            )
+            up = self._project(matmul, x, self.w_up_edf, self.lora_up_a_edr, self.lora_up_b_erf)
         hidden = jax.nn.silu(gate) * up
         return self._project(
             matmul, hidden, self.w_down_efd, self.lora_down_a_efr, self.lora_down_b_erd
         )
 
     def grouped(
-        self, x_md: jax.Array, group_sizes_e: jax.Array, *, impl: str = "tiles", tile: int = 128
+        self,
+        x_md: jax.Array,
+        group_sizes_e: jax.Array,
+        *,
+        impl: str = "tiles",
+        tile: int | None = None,
     ) -> jax.Array:
         """Rows sorted by expert, group_sizes_e[e] rows for expert e -> y_md.
 
-        `impl` picks the grouped matmul: "ragged_dot" (`jax.lax.ragged_dot`; native on TPU, but on
-        CPU it computes every group densely, E times the work) or "tiles": pad each group to
-        whole tiles of `tile` rows and run one batched matmul over tiles against the gathered
-        weights of each tile's expert (at most E * (tile - 1) padded rows, no dense waste; the
-        gathered weights cost num_tiles / E times the bank's memory, fine at CPU scale).
+        Rows past sum(group_sizes_e) come back zero. `impl` picks the grouped matmul of
+        `unimoe.moe.gmm`: "ragged_dot" or "tiles" (each group padded to whole tiles of `tile`
+        rows, default `gmm.default_tile(M, E)`, and a loop over tiles).
         """
         if x_md.ndim != 2 or x_md.shape[-1] != self.dim:
             raise ValueError(f"ExpertBank.grouped expects x [M, {self.dim}], got {x_md.shape}")
@@ -170,20 +156,25 @@ class ExpertBank(nnx.Module):
                 f"group_sizes must be [{self.num_experts}] (num_experts), got {group_sizes_e.shape}"
             )
         if impl == "ragged_dot":
-            return self._swiglu(
-                functools.partial(_ragged_matmul, group_sizes_e=group_sizes_e), x_md
-            )
+            return self._swiglu(functools.partial(ragged_matmul, group_sizes_e=group_sizes_e), x_md)
         if impl != "tiles":
             raise ValueError(f"grouped impl must be one of {GROUPED_IMPLS}, got {impl!r}")
         num_rows = x_md.shape[0]
+        if tile is None:
+            tile = default_tile(num_rows, self.num_experts)
+        if tile < 1:
+            raise ValueError(f"ExpertBank.grouped tile must be >= 1, got {tile}")
         dest_m, valid_m, tile_expert_t, num_tiles = tile_layout(group_sizes_e, num_rows, tile)
-        x_md = jnp.where(valid_m[:, None], x_md, 0)
-        x_pd = jnp.zeros((num_tiles * tile, self.dim), x_md.dtype)
-        x_tcd = x_pd.at[dest_m].set(x_md, unique_indices=True).reshape(num_tiles, tile, self.dim)
-        matmul = functools.partial(_tiled_matmul, tile_expert_t=tile_expert_t)
+        num_padded = num_tiles * tile
+        # Both directions are gathers with a gather backward (no scatter-add): padded row p reads
+        # sorted row source_p (num_rows = a zero padding row); rows past the groups read nothing.
+        dest_m = jnp.where(valid_m, dest_m, num_padded)
+        source_p = jnp.full((num_padded,), num_rows).at[dest_m].set(jnp.arange(num_rows))
+        x_pd = gather_rows(x_md, source_p, dest_m[:, None])
+        matmul = functools.partial(tiled_matmul, tile_expert_t=tile_expert_t)
         # Padding rows are zero and SwiGLU(0) = 0, so they never leak into real rows.
-        y_tcd = self._swiglu(matmul, x_tcd)
-        return y_tcd.reshape(num_tiles * tile, self.dim)[dest_m]
+        y_tcd = self._swiglu(matmul, x_pd.reshape(num_tiles, tile, self.dim), fuse_gate_up=True)
+        return gather_rows(y_tcd.reshape(num_padded, self.dim), dest_m, source_p[:, None])
 
     def batched(self, x_ecd: jax.Array) -> jax.Array:
         """A block of C rows per expert: x_ecd [E, C, D] -> y_ecd."""

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from unimoe.data.tasks import MODALITIES
 from unimoe.models.unimoe import UniMoE
+from unimoe.moe import routing
 from unimoe.train import optim, stages
 
 Batch = Mapping[str, jax.Array]
@@ -22,15 +24,32 @@ LOSS_KINDS = ('chat', 'lm_text', 'classify_image', 'classify_audio')
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """`kind` is one of LOSS_KINDS (it equals the data mode the stage reads)."""
+    """What the loss of a stage adds up.
+
+    kind: one of LOSS_KINDS (it equals the data mode the stage reads).
+    balance_coef: weight of the Switch balance loss (summed over MoE layers); linearly annealed to
+      `balance_coef_end` over `balance_decay_steps` when that is set (UniMoE-Audio), else constant.
+    dcmoe_coef: weight of the DCMoE balance loss, whose tokens are weighted `answer_token_weight`
+      on supervised (answer) tokens and 1 on the prompt (DCMoE uses 10).
+    z_coef: weight of the router z-loss.
+    """
 
     kind: str = 'chat'
     balance_coef: float = 0.0
+    balance_coef_end: float | None = None
+    balance_decay_steps: int = 0
+    dcmoe_coef: float = 0.0
+    answer_token_weight: float = 1.0
     z_coef: float = 0.0
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss kind {self.kind!r} is not one of {LOSS_KINDS}")
+        if self.balance_coef_end is not None and self.balance_decay_steps < 1:
+            raise ValueError(
+                f"balance_coef_end={self.balance_coef_end} needs balance_decay_steps >= 1, "
+                f"got {self.balance_decay_steps}"
+            )
 
 
 def next_token_loss(
@@ -60,31 +79,79 @@ def classification_loss(logits_bc: jax.Array, labels_b: jax.Array) -> tuple[jax.
     return (ce * valid).sum() / denom, {'accuracy': (correct * valid).sum() / denom}
 
 
-def compute_loss(model: UniMoE, batch: Batch, cfg: LossConfig) -> tuple[jax.Array, Metrics]:
+def expert_usage_by_modality(counts_lbe: jax.Array, modality_b: jax.Array) -> jax.Array:
+    """float32 [M, E]: each modality's share of routed assignments per expert (rows sum to 1).
+
+    The matrix behind Uni-MoE's expert-specialization figures; rows of absent modalities are 0.
+    """
+    onehot_bm = jax.nn.one_hot(modality_b, len(MODALITIES), dtype=jnp.float32)
+    counts_me = jnp.einsum('be,bm->me', counts_lbe.sum(0), onehot_bm)
+    return counts_me / jnp.maximum(counts_me.sum(-1, keepdims=True), 1.0)
+
+
+def compute_loss(
+    model: UniMoE, batch: Batch, cfg: LossConfig, step: jax.Array
+) -> tuple[jax.Array, Metrics]:
     if cfg.kind == 'classify_image':
         return classification_loss(model.classify_image(batch['image']), batch['image_label'])
     if cfg.kind == 'classify_audio':
         return classification_loss(model.classify_audio(batch['audio_mel']), batch['audio_label'])
-    logits, aux = model(batch)
+    answer_bt = batch['loss_mask'] > 0
+    token_weight_bt = batch['attn_mask'] * jnp.where(answer_bt, cfg.answer_token_weight, 1.0)
+    logits, aux = model(batch, token_weight_bt=token_weight_bt)
     ce, metrics = next_token_loss(logits, batch['tokens'], batch['loss_mask'])
-    loss = ce + cfg.balance_coef * aux['balance_loss'] + cfg.z_coef * aux['z_loss']
-    return loss, {
-        **metrics,
-        'ce': ce,
-        'balance_loss': aux['balance_loss'],
-        'z_loss': aux['z_loss'],
-        'expert_load': aux['expert_load'],
+    balance_weight = routing.aux_weight(
+        step, start=cfg.balance_coef, end=cfg.balance_coef_end, decay_steps=cfg.balance_decay_steps
+    )
+    loss = (
+        ce
+        + balance_weight * aux['balance_loss']
+        + cfg.dcmoe_coef * aux['dcmoe_balance_loss']
+        + cfg.z_coef * aux['z_loss']
+    )
+    moe_metrics = {
+        key: aux[key]
+        for key in (
+            'balance_loss',
+            'dcmoe_balance_loss',
+            'z_loss',
+            'expert_load',
+            'dropped_fraction',
+            'router_entropy',
+        )
     }
+    if 'modality' in batch:
+        moe_metrics['expert_usage_by_modality'] = expert_usage_by_modality(
+            aux['expert_counts_be'], batch['modality']
+        )
+    return loss, {**metrics, **moe_metrics, 'ce': ce, 'balance_weight': balance_weight}
 
 
-TrainStep = Callable[[nnx.State, Any, nnx.State, Batch], tuple[nnx.State, Any, nnx.State, Metrics]]
+def update_router_biases(model: UniMoE, expert_load_le: jax.Array) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): nudge each selection bias toward balanced load.
+
+    Outside the optimizer on purpose: the bias is a `RouterBias` variable, not a Param.
+    """
+    moe_layers = [layer.ffn for layer in model.llm.layers if layer.is_moe]
+    for layer, load_e in zip(moe_layers, expert_load_le, strict=True):
+        bias = getattr(layer, 'router_bias', None)
+        if bias is not None:
+            bias.set_value(
+                routing.bias_update(bias.get_value(), load_e, layer.cfg.bias_update_rate)
+            )
+
+
+TrainStep = Callable[
+    [nnx.State, Any, nnx.State, Batch, jax.Array], tuple[nnx.State, Any, nnx.State, Metrics]
+]
 
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(
     graphdef: nnx.GraphDef, trains: str, optim_cfg: optim.OptimConfig, loss_cfg: LossConfig
 ) -> TrainStep:
-    """Jitted `step(trainable, opt_state, rest, batch)`; cached so same-shaped stages compile once.
+    """Jitted `step(trainable, opt_state, rest, batch, step_index)`; cached per shape and config so
+    same-shaped stages compile once. `step_index` (0-based) drives the aux-weight schedule.
 
     `trainable` are the Params selected by `trains` (see `stages.trainable_filter`); `rest` is
     everything else (frozen params, RNG state for dropout). Buffers are donated: callers must use the
@@ -93,11 +160,11 @@ def make_train_step(
     tx = optim.make_optimizer(optim_cfg)
     is_trainable = stages.trainable_filter(trains)
 
-    def step(trainable, opt_state, rest, batch):
+    def step(trainable, opt_state, rest, batch, step_index):
         def loss_fn(trainable, rest):
             # copy=True makes fresh Variables at this trace level, so dropout may advance its RNG count.
             model = nnx.merge(graphdef, trainable, rest, copy=True)
-            loss, metrics = compute_loss(model, batch, loss_cfg)
+            loss, metrics = compute_loss(model, batch, loss_cfg, step_index)
             # Dropout advanced its RNG counters: hand the new `rest` back out of the pure function.
             _, _, new_rest = nnx.split(model, is_trainable, ...)
             return loss, (metrics, new_rest)
@@ -105,6 +172,10 @@ def make_train_step(
         (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, rest)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        if 'expert_load' in metrics and metrics['expert_load'].shape[0]:
+            model = nnx.merge(graphdef, trainable, rest, copy=True)
+            update_router_biases(model, jax.lax.stop_gradient(metrics['expert_load']))
+            _, _, rest = nnx.split(model, is_trainable, ...)
         return (
             trainable,
             opt_state,

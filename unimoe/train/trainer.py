@@ -112,7 +112,13 @@ def train_stage(
         grad_clip=stage.grad_clip,
     )
     loss_cfg = step_lib.LossConfig(
-        kind=stage.mode, balance_coef=stage.balance_coef, z_coef=stage.z_coef
+        kind=stage.mode,
+        balance_coef=stage.balance_coef,
+        balance_coef_end=stage.get('balance_coef_end'),
+        balance_decay_steps=stage.get('balance_decay_steps', 0),
+        dcmoe_coef=stage.get('dcmoe_coef', 0.0),
+        answer_token_weight=stage.get('answer_token_weight', 1.0),
+        z_coef=stage.z_coef,
     )
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
     loader = pipeline.make_train_loader(
@@ -148,7 +154,9 @@ def train_stage(
         writer.update(start_step)
         for step in range(start_step + 1, stage.steps + 1):
             batch = next(data_iter)
-            trainable, opt_state, rest, metrics = train_step(trainable, opt_state, rest, batch)
+            trainable, opt_state, rest, metrics = train_step(
+                trainable, opt_state, rest, batch, np.int32(step - 1)
+            )
             writer.update(1)
             if step % config.log_every == 0 or step == stage.steps:
                 last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}

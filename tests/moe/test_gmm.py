@@ -1,0 +1,77 @@
+"""Grouped-matmul backends: tile layout, tile choice, and the tiled matmul's custom VJP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unimoe.moe.gmm import default_tile, gather_rows, tile_layout, tiled_matmul
+
+
+def test_default_tile_is_a_quarter_of_a_balanced_group_within_bounds():
+    assert default_tile(8192, 8) == 128  # Mixtral shape: 1024 rows per expert, capped
+    assert default_tile(32768, 64) == 128  # fine-grained: 512 rows per expert
+    assert default_tile(2048, 16) == 32  # 128 rows per expert
+    assert default_tile(13, 3) == 8  # tiny: the floor
+
+
+def test_tile_layout_marks_the_tiles_past_the_last_group():
+    # Groups of 3, 0 and 5 rows plus 2 sentinel rows, tiles of 4: expert 0 in tile 0, expert 2
+    # in tiles 1-2; the sentinel rows land in tile 3, owned by the sentinel expert 3.
+    dest_m, valid_m, tile_expert_t, num_tiles = tile_layout(jnp.array([3, 0, 5]), 10, 4)
+    assert num_tiles == 5  # ceil((10 + 3 * 3) / 4)
+    np.testing.assert_array_equal(dest_m, [0, 1, 2, 4, 5, 6, 7, 8, 12, 13])
+    np.testing.assert_array_equal(valid_m, [True] * 8 + [False] * 2)
+    np.testing.assert_array_equal(tile_expert_t, [0, 2, 2, 3, 3])
+
+
+def test_tiled_matmul_values_and_gradients_match_a_per_tile_loop():
+    rng = np.random.default_rng(0)
+    # 4 tiles of 3 rows, in 5 -> out 7, E = 3; tile 3 belongs to the sentinel expert 3.
+    x_tci = rng.normal(size=(4, 3, 5)).astype(np.float32)
+    w_eij = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    dy_tcj = rng.normal(size=(4, 3, 7)).astype(np.float32)
+    tile_expert_t = np.array([0, 2, 2, 3])
+
+    y_tcj, vjp = jax.vjp(lambda x, w: tiled_matmul(x, w, jnp.asarray(tile_expert_t)), x_tci, w_eij)
+    dx_tci, dw_eij = vjp(jnp.asarray(dy_tcj))
+
+    ref_y = np.zeros((4, 3, 7), np.float32)
+    ref_dx = np.zeros_like(x_tci)
+    ref_dw = np.zeros_like(w_eij)
+    for t, e in enumerate(tile_expert_t[:3]):
+        ref_y[t] = x_tci[t] @ w_eij[e]
+        ref_dx[t] = dy_tcj[t] @ w_eij[e].T
+        ref_dw[e] += x_tci[t].T @ dy_tcj[t]
+    np.testing.assert_allclose(y_tcj, ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx_tci, ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw_eij, ref_dw, rtol=1e-5, atol=1e-5)
+    assert not np.any(dw_eij[1])  # expert 1 owns no tile
+
+
+@pytest.mark.parametrize("tile", [1, 4, 16])
+def test_tiled_matmul_through_the_layout_equals_ragged_dot(tile):
+    rng = np.random.default_rng(1)
+    group_sizes_e = jnp.array([4, 0, 6, 1])  # 11 rows in groups, 2 sentinel rows after them
+    x_mi = jnp.asarray(rng.normal(size=(13, 5)), jnp.float32)
+    w_eij = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+    dest_m, valid_m, tile_expert_t, num_tiles = tile_layout(group_sizes_e, 13, tile)
+    x_pi = jnp.zeros((num_tiles * tile, 5)).at[dest_m].set(jnp.where(valid_m[:, None], x_mi, 0))
+    y_pj = tiled_matmul(x_pi.reshape(num_tiles, tile, 5), w_eij, tile_expert_t)
+    y_mj = y_pj.reshape(-1, 3)[dest_m]
+    ref_mj = jax.lax.ragged_dot(x_mi, w_eij, group_sizes_e)
+    np.testing.assert_allclose(y_mj, ref_mj, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(y_mj[11:], 0.0)
+
+
+def test_gather_rows_backward_is_the_vjp_of_the_plain_gather():
+    rng = np.random.default_rng(2)
+    x_sd = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+    dy_rd = jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)
+    # Rows 0 and 3 read source 1, row 1 reads source 0, rows 2 and 4 read nothing (index 3).
+    index_r = jnp.array([1, 0, 3, 1, 3])
+    readers_sk = jnp.array([[1, 5], [0, 3], [5, 5]])  # 5 = out of range: no reader
+    y_rd, vjp = jax.vjp(lambda x: gather_rows(x, index_r, readers_sk), x_sd)
+    np.testing.assert_array_equal(y_rd, [x_sd[1], x_sd[0], [0, 0], x_sd[1], [0, 0]])
+    (dx_sd,) = vjp(dy_rd)
+    np.testing.assert_allclose(dx_sd, [dy_rd[1], dy_rd[0] + dy_rd[3], [0, 0]], rtol=1e-6)

@@ -1,0 +1,141 @@
+"""Grouped matmul backends: rows sorted by expert times that expert's weight matrix.
+
+Axis letters: M rows (expert-sorted assignments), E experts (groups), I in / J out features,
+P padded rows, T tiles, C rows per tile.
+
+- "ragged_dot": `jax.lax.ragged_dot`. Native on TPU/GPU, but on CPU it masks the rows into an
+  [E, M, I] operand and computes every group densely (E times the work).
+- "tiles": pad each group to whole tiles of C rows (at most C - 1 padding rows per group) and
+  loop over the tiles with `lax.scan`, each tile reading its expert's weights in place. The
+  backward pass is a custom VJP: d_x tile by tile, and d_w accumulated into the [E, I, J]
+  gradient carry with an in-place add, so no per-tile copy of the weights is ever materialised
+  (a batched einsum over gathered weights costs num_tiles / E copies of the bank, and its
+  weight gradient a scatter-add of as many [I, J] blocks).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+GROUPED_IMPLS = ("ragged_dot", "tiles")
+
+
+def ragged_matmul(x_mi: jax.Array, w_eij: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+    return jax.lax.ragged_dot(x_mi, w_eij.astype(x_mi.dtype), group_sizes_e)
+
+
+def default_tile(num_rows: int, num_experts: int) -> int:
+    """Rows per tile for the "tiles" backend, from the static M and E.
+
+    About a quarter of a balanced group, a power of two in [8, 128]: smaller tiles waste fewer
+    padding rows, larger ones amortise the per-tile loop overhead. Measured on a 2-core CPU
+    (benchmarks/RESULTS.md): 128 beat 64 and 256 at both M=8192, E=8 and M=32768, E=64.
+    """
+    target = max(num_rows // (4 * num_experts), 1)
+    return int(min(128, max(8, 1 << (target.bit_length() - 1))))
+
+
+@jax.custom_vjp
+def gather_rows(x_sd: jax.Array, index_r: jax.Array, readers_sk: jax.Array) -> jax.Array:
+    """y_rd[r] = x_sd[index_r[r]], zero where index_r[r] is out of range.
+
+    readers_sk[s] lists the rows r that read source row s (out of range = none), so the backward
+    pass is another gather plus a sum over k rather than XLA's scatter-add (as MaxText does).
+    """
+    return jnp.take(x_sd, index_r, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(x_sd, index_r, readers_sk):
+    return gather_rows(x_sd, index_r, readers_sk), (index_r, readers_sk)
+
+
+def _gather_rows_bwd(res, dy_rd):
+    index_r, readers_sk = res
+    dx_skd = jnp.take(dy_rd, readers_sk, axis=0, mode="fill", fill_value=0)
+    return jnp.sum(dx_skd, axis=1), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def tile_layout(
+    group_sizes_e: jax.Array, num_rows: int, tile: int
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Where each expert-sorted row goes when every group is padded to whole tiles.
+
+    Returns (dest_m: padded row of sorted row m, valid_m: row m belongs to a group,
+    tile_expert_t: the expert owning tile t, or E for the tiles past the last group, num_tiles).
+    The padded size is static: at most tile - 1 padding rows per group. Rows past
+    sum(group_sizes) (sentinel assignments of dropless dispatch) go after the last group, into
+    tiles of expert E, which `tiled_matmul` skips.
+    """
+    num_experts = group_sizes_e.shape[0]
+    num_tiles = -(-(num_rows + num_experts * (tile - 1)) // tile)
+    padded_sizes_e = -(-group_sizes_e // tile) * tile
+    ends_e = jnp.cumsum(group_sizes_e)
+    padded_ends_e = jnp.cumsum(padded_sizes_e)
+    rows_m = jnp.arange(num_rows)
+    group_m = jnp.searchsorted(ends_e, rows_m, side="right")
+    valid_m = group_m < num_experts
+    group_m = jnp.minimum(group_m, num_experts - 1)
+    rank_m = rows_m - (ends_e[group_m] - group_sizes_e[group_m])
+    dest_m = jnp.where(
+        valid_m,
+        padded_ends_e[group_m] - padded_sizes_e[group_m] + rank_m,
+        padded_ends_e[-1] + rows_m - ends_e[-1],
+    )
+    tile_expert_t = jnp.searchsorted(padded_ends_e, jnp.arange(num_tiles) * tile, side="right")
+    return dest_m, valid_m, tile_expert_t, num_tiles
+
+
+def _tile_scan(x_tci: jax.Array, w_eij: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
+    w_eij = jnp.asarray(w_eij)
+    num_experts, out_dim = w_eij.shape[0], w_eij.shape[-1]
+
+    def step(_, xs):
+        x_ci, expert = xs
+        # The static tile count allows tile - 1 padding rows per group; the tiles that padding
+        # did not use (expert E) cost nothing.
+        y_cj = jax.lax.cond(
+            expert < num_experts,
+            lambda: x_ci @ w_eij[expert],
+            lambda: jnp.zeros((x_ci.shape[0], out_dim), x_ci.dtype),
+        )
+        return None, y_cj
+
+    return jax.lax.scan(step, None, (x_tci, tile_expert_t))[1]
+
+
+@jax.custom_vjp
+def tiled_matmul(x_tci: jax.Array, w_eij: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
+    """y_tcj[t] = x_tci[t] @ w_eij[tile_expert_t[t]], one tile at a time."""
+    return _tile_scan(x_tci, w_eij.astype(x_tci.dtype), tile_expert_t)
+
+
+def _tiled_matmul_fwd(x_tci, w_eij, tile_expert_t):
+    return tiled_matmul(x_tci, w_eij, tile_expert_t), (x_tci, w_eij, tile_expert_t)
+
+
+def _tiled_matmul_bwd(res, dy_tcj):
+    x_tci, w_eij, tile_expert_t = res
+    w_t_eji = jnp.swapaxes(w_eij, 1, 2).astype(dy_tcj.dtype)
+    dx_tci = _tile_scan(dy_tcj, w_t_eji, tile_expert_t)
+
+    def accumulate(dw_eij, xs):
+        x_ci, dy_cj, expert = xs
+
+        def add(dw_eij):
+            # In place into the carry: XLA updates one [I, J] block, not the whole bank.
+            block_ij = jax.lax.dynamic_index_in_dim(dw_eij, expert, keepdims=False)
+            block_ij = block_ij + (x_ci.T @ dy_cj).astype(jnp.float32)
+            return jax.lax.dynamic_update_index_in_dim(dw_eij, block_ij, expert, axis=0)
+
+        return jax.lax.cond(expert < w_eij.shape[0], add, lambda dw: dw, dw_eij), None
+
+    dw_eij = jnp.zeros(w_eij.shape, jnp.float32)
+    dw_eij = jax.lax.scan(accumulate, dw_eij, (x_tci, dy_tcj, tile_expert_t))[0]
+    return dx_tci.astype(x_tci.dtype), dw_eij.astype(w_eij.dtype), None
+
+
+tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
