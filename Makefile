@@ -22,5 +22,10 @@ demo: $(VENV)/.base
 test: $(VENV)/.test
 	$(PY) -m pytest -q
 
+# Performance scripts (ratios against peers measured in the same process); see benchmarks/RESULTS.md.
+bench: $(VENV)/.test
+	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/train_step.py
+
 clean:
 	rm -rf runs .cache

@@ -1,0 +1,39 @@
+"""The benchmark scripts still run (tiny `--quick` shapes) and end with their RESULT line.
+
+Only the format is checked: timings on a shared CPU do not belong in tests.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parent.parent / 'benchmarks'
+EXPECTED_KEYS = {
+    'moe_layer.py': [
+        'R_fwd',
+        'R_fwd_bwd',
+        'R_fwd_bwd_fine',
+        'R_ragged_dot',
+        'R_onehot',
+        'R_torch_hf',
+    ],
+    'train_step.py': ['train_speedup'],
+}
+
+
+@pytest.mark.parametrize('script', sorted(EXPECTED_KEYS))
+def test_benchmark_quick_run_ends_with_result_line(script):
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), '--quick'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith('RESULT '), last
+    fields = dict(item.split('=') for item in last.removeprefix('RESULT ').split())
+    assert list(fields) == EXPECTED_KEYS[script]
+    assert all(float(value) > 0 for value in fields.values()), fields
