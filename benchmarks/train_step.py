@@ -56,12 +56,30 @@ class Shape:
 
 
 FULL = Shape(
-    num_layers=8, dim=512, num_heads=8, num_experts=8, top_k=2, ffn_dim=1024,
-    seq=512, batch=8, vocab=8192, warmup=2, steps=5,
+    num_layers=8,
+    dim=512,
+    num_heads=8,
+    num_experts=8,
+    top_k=2,
+    ffn_dim=1024,
+    seq=512,
+    batch=8,
+    vocab=8192,
+    warmup=2,
+    steps=5,
 )
 QUICK = Shape(
-    num_layers=2, dim=64, num_heads=8, num_experts=8, top_k=2, ffn_dim=128,
-    seq=32, batch=2, vocab=512, warmup=2, steps=3,
+    num_layers=2,
+    dim=64,
+    num_heads=8,
+    num_experts=8,
+    top_k=2,
+    ffn_dim=128,
+    seq=32,
+    batch=2,
+    vocab=512,
+    warmup=2,
+    steps=3,
 )
 
 
@@ -178,7 +196,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
     parser.add_argument("--steps", type=int, default=0, help="measured steps per side (0: shape's)")
-    parser.add_argument("--warmup", type=int, default=-1, help="warm-up steps per side (-1: shape's)")
+    parser.add_argument(
+        "--warmup", type=int, default=-1, help="warm-up steps per side (-1: shape's)"
+    )
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
     if args.steps > 0:
