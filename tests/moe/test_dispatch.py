@@ -9,7 +9,13 @@ import pytest
 from flax import nnx
 
 from unimoe.models.lora import LoRAConfig
-from unimoe.moe.dispatch import capacity, capacity_dispatch, dense_reference, dropless_dispatch
+from unimoe.moe.dispatch import (
+    capacity,
+    capacity_dispatch,
+    dense_reference,
+    dropless_dispatch,
+    dropless_tiled_dispatch,
+)
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank, tile_layout
 
 
@@ -60,6 +66,8 @@ def loss_and_grads(bank, x_nd, weights_nk, experts_nk, probe_nd, use_oracle, gro
     def loss(bank, x_nd, weights_nk):
         if use_oracle:
             y_nd = dense_reference(x_nd, weights_nk, experts_nk, bank.batched, 3)
+        elif grouped_impl == "tiled_dispatch":
+            y_nd = dropless_tiled_dispatch(x_nd, weights_nk, experts_nk, bank.tiled, 3, tile=4)
         else:
             # Tiles of 4 rows: no group size here is a multiple of it.
             grouped = functools.partial(bank.grouped, impl=grouped_impl, tile=4)
@@ -69,7 +77,7 @@ def loss_and_grads(bank, x_nd, weights_nk, experts_nk, probe_nd, use_oracle, gro
     return nnx.value_and_grad(loss, argnums=(0, 1, 2))(bank, x_nd, weights_nk)
 
 
-@pytest.mark.parametrize("grouped_impl", GROUPED_IMPLS)
+@pytest.mark.parametrize("grouped_impl", (*GROUPED_IMPLS, "tiled_dispatch"))
 @pytest.mark.parametrize(
     "top_k, choices, lora_rank",
     [
@@ -117,6 +125,21 @@ def test_dropless_sentinel_slots_contribute_zero_but_keep_their_weight():
     weights_nk = jnp.array([[0.75, 0.25], [0.5, 0.5], [0.1, 0.9]])
     y_nd = dropless_dispatch(x_nd, weights_nk, experts_nk, scale_by_expert_id, 3)
     # 0.75 * 3 = 2.25 (the sentinel's 0.25 is not renormalised away); 0; 0.1*1 + 0.9*2 = 1.9.
+    np.testing.assert_allclose(y_nd, [[2.25, 4.5], [0.0, 0.0], [0.95, 7.6]], rtol=1e-6)
+
+
+def scale_tiles_by_expert_id(x_tcd: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
+    """Tiled twin of `scale_by_expert_id`: the tiles of expert e are multiplied by e + 1."""
+    return x_tcd * (tile_expert_t + 1)[:, None, None].astype(x_tcd.dtype)
+
+
+def test_dropless_tiled_sentinel_slots_contribute_zero_but_keep_their_weight():
+    x_nd = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]])
+    experts_nk = jnp.array([[2, 3], [3, 3], [0, 1]])
+    weights_nk = jnp.array([[0.75, 0.25], [0.5, 0.5], [0.1, 0.9]])
+    y_nd = dropless_tiled_dispatch(x_nd, weights_nk, experts_nk, scale_tiles_by_expert_id, 3, 2)
+    # As the sorted dispatch: sentinel slots read a zero row (the tiles past the groups are
+    # never read back, even though this expert function scales them too).
     np.testing.assert_allclose(y_nd, [[2.25, 4.5], [0.0, 0.0], [0.95, 7.6]], rtol=1e-6)
 
 

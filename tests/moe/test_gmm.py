@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimoe.moe.gmm import default_tile, gather_rows, tile_layout, tiled_matmul
+from unimoe.moe.gmm import default_tile, gather_rows, tile_layout, tiled_matmul, tiled_swiglu
 
 
 def test_default_tile_is_a_quarter_of_a_balanced_group_within_bounds():
@@ -75,3 +75,58 @@ def test_gather_rows_backward_is_the_vjp_of_the_plain_gather():
     np.testing.assert_array_equal(y_rd, [x_sd[1], x_sd[0], [0, 0], x_sd[1], [0, 0]])
     (dx_sd,) = vjp(dy_rd)
     np.testing.assert_allclose(dx_sd, [dy_rd[1], dy_rd[0] + dy_rd[3], [0, 0]], rtol=1e-6)
+
+
+def swiglu_np(x, w_gate, w_up, w_down):
+    gate = x @ w_gate
+    return (gate / (1 + np.exp(-gate)) * (x @ w_up)) @ w_down
+
+
+def test_tiled_swiglu_values_and_gradients_match_autodiff_of_a_per_tile_loop():
+    rng = np.random.default_rng(2)
+    # 5 tiles of 3 rows, D = 4, F = 6, E = 3: expert 1 owns no tile, tile 4 is a sentinel (E).
+    x_tcd = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32) for _ in range(2))
+    w_down = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
+    dy_tcd = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
+    tile_expert_t = jnp.array([0, 0, 2, 2, 3])
+
+    def loop(x_tcd, w_gate, w_up, w_down):
+        tiles = [
+            jax.nn.silu(x_tcd[t] @ w_gate[e]) * (x_tcd[t] @ w_up[e]) @ w_down[e]
+            for t, e in enumerate([0, 0, 2, 2])
+        ]
+        return jnp.stack([*tiles, jnp.zeros((3, 4))])
+
+    def fused(x_tcd, w_gate, w_up, w_down):
+        return tiled_swiglu(x_tcd, w_gate, w_up, w_down, tile_expert_t)
+
+    args = (x_tcd, w_gate, w_up, w_down)
+    y_tcd, vjp = jax.vjp(fused, *args)
+    ref_y, ref_vjp = jax.vjp(loop, *args)
+    np.testing.assert_allclose(y_tcd, ref_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y_tcd[0], swiglu_np(x_tcd[0], w_gate[0], w_up[0], w_down[0]), rtol=1e-4
+    )
+    for got, want in zip(vjp(dy_tcd), ref_vjp(dy_tcd)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    d_w_gate = np.asarray(vjp(dy_tcd)[1])
+    assert not np.any(d_w_gate[1]) and np.all(np.any(d_w_gate[[0, 2]], axis=(1, 2)))
+
+
+def test_tiled_swiglu_bfloat16_rows_float32_weights():
+    rng = np.random.default_rng(3)
+    x_tcd = jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.bfloat16)
+    w_gate, w_up = (jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32) for _ in range(2))
+    w_down = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+    tile_expert_t = jnp.array([1, 0])
+    grads = jax.grad(
+        lambda x, *w: tiled_swiglu(x, *w, tile_expert_t).astype(jnp.float32).sum(),
+        argnums=(0, 1, 2, 3),
+    )(x_tcd, w_gate, w_up, w_down)
+    # Cotangents keep their primal's dtype (bf16 rows, f32 weights accumulated in f32).
+    assert [g.dtype for g in grads] == [jnp.bfloat16] + [jnp.float32] * 3
+    x32 = np.asarray(x_tcd, np.float32)
+    y = tiled_swiglu(x_tcd, w_gate, w_up, w_down, tile_expert_t)
+    want = swiglu_np(x32[0], *(np.asarray(w[1]) for w in (w_gate, w_up, w_down)))
+    np.testing.assert_allclose(np.asarray(y[0], np.float32), want, rtol=0.05, atol=0.25)

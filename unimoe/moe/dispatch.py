@@ -12,10 +12,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from unimoe.moe.gmm import gather_rows
+from unimoe.moe.gmm import gather_rows, tile_layout
 
 # (x_md sorted by expert, group_sizes_e) -> y_md, e.g. `ExpertBank.grouped`.
 GroupedExpertFn = Callable[[jax.Array, jax.Array], jax.Array]
+# (x_tcd in expert-padded tiles, tile_expert_t) -> y_tcd, e.g. `ExpertBank.tiled`.
+TiledExpertFn = Callable[[jax.Array, jax.Array], jax.Array]
 # x_ecd -> y_ecd: every expert on its own block of rows, e.g. `ExpertBank.batched`.
 BatchedExpertFn = Callable[[jax.Array], jax.Array]
 
@@ -41,6 +43,19 @@ def _sentinel_ids(experts_nk: jax.Array, num_experts: int) -> jax.Array:
     return jnp.where(in_range_nk, experts_nk, num_experts).astype(jnp.int32)
 
 
+def _sort_by_expert(
+    experts_nk: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(experts_m with sentinels, stable expert order, rank of each assignment, group sizes)."""
+    num_rows = experts_nk.size
+    experts_m = _sentinel_ids(experts_nk, num_experts).reshape(-1)
+    order_m = jnp.argsort(experts_m, stable=True)
+    rank_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(num_rows), unique_indices=True)
+    # bincount drops the sentinel id E: it is in no group.
+    group_sizes_e = jnp.bincount(experts_m, length=num_experts).astype(jnp.int32)
+    return experts_m, order_m, rank_m, group_sizes_e
+
+
 def dropless_dispatch(
     x_nd: jax.Array,
     weights_nk: jax.Array,
@@ -57,11 +72,7 @@ def dropless_dispatch(
     _check_routing(x_nd, weights_nk, experts_nk)
     num_tokens, top_k = experts_nk.shape
     num_rows = num_tokens * top_k
-    experts_m = _sentinel_ids(experts_nk, num_experts).reshape(-1)
-    order_m = jnp.argsort(experts_m, stable=True)
-    rank_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(num_rows), unique_indices=True)
-    # bincount drops the sentinel id E: it is in no group.
-    group_sizes_e = jnp.bincount(experts_m, length=num_experts).astype(jnp.int32)
+    experts_m, order_m, rank_m, group_sizes_e = _sort_by_expert(experts_nk, num_experts)
     x_sorted_md = gather_rows(x_nd, order_m // top_k, rank_m.reshape(num_tokens, top_k))
     y_sorted_md = expert_fn(x_sorted_md, group_sizes_e)
     # Sentinel assignments read a row past the end, i.e. zero; sorted row j is read by
@@ -71,6 +82,37 @@ def dropless_dispatch(
     y_index_m = jnp.where(routed_m, rank_m, num_rows)
     reader_m = jnp.where(routed_m[order_m], order_m, num_rows)
     y_md = gather_rows(y_sorted_md, y_index_m, reader_m[:, None])
+    return _combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
+
+
+def dropless_tiled_dispatch(
+    x_nd: jax.Array,
+    weights_nk: jax.Array,
+    experts_nk: jax.Array,
+    tiled_fn: TiledExpertFn,
+    num_experts: int,
+    tile: int,
+) -> jax.Array:
+    """`dropless_dispatch` with tokens gathered straight into expert-padded tiles.
+
+    Same result; one gather in and one gather out instead of a sort gather plus a tile-padding
+    gather each way, which matters when N*K rows are many (fine-grained experts, large K).
+    Sentinel slots land in no tile and contribute zero whatever their weight.
+    """
+    _check_routing(x_nd, weights_nk, experts_nk)
+    num_tokens, top_k = experts_nk.shape
+    num_rows = num_tokens * top_k
+    experts_m, _, rank_m, group_sizes_e = _sort_by_expert(experts_nk, num_experts)
+    dest_j, _, tile_expert_t, num_tiles = tile_layout(group_sizes_e, num_rows, tile)
+    num_padded = num_tiles * tile
+    # Padded row of assignment m; num_padded (out of range) for sentinels.
+    pos_m = jnp.where(experts_m < num_experts, dest_j[rank_m], num_padded)
+    # Which token / assignment fills padded row p (N / M = none: a zero padding row).
+    token_p = jnp.full((num_padded,), num_tokens).at[pos_m].set(jnp.arange(num_rows) // top_k)
+    assignment_p = jnp.full((num_padded,), num_rows).at[pos_m].set(jnp.arange(num_rows))
+    x_pd = gather_rows(x_nd, token_p, pos_m.reshape(num_tokens, top_k))
+    y_tcd = tiled_fn(x_pd.reshape(num_tiles, tile, x_nd.shape[-1]), tile_expert_t)
+    y_md = gather_rows(y_tcd.reshape(num_padded, -1), pos_m, assignment_p[:, None])
     return _combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
 
 

@@ -4,9 +4,11 @@ Expert e computes down(silu(x @ w_gate_edf[e]) * (x @ w_up_edf[e])), the same co
 dense `unimoe.models.llm.MLP`, so a dense FFN copied into slot e (gate.kernel -> w_gate_edf[e],
 up.kernel -> w_up_edf[e], down.kernel -> w_down_efd[e]) is that FFN exactly (upcycling).
 
-Two entry points serve the dispatch strategies:
+Three entry points serve the dispatch strategies:
 - `grouped(x_md, group_sizes_e)`: rows already sorted by expert, expert e owning a contiguous run
   of group_sizes_e[e] rows (dropless dispatch);
+- `tiled(x_tcd, tile_expert_t)`: rows already padded into whole tiles per expert (dropless
+  dispatch straight into the tile layout, `dispatch.dropless_tiled_dispatch`);
 - `batched(x_ecd)`: a fixed-size block of rows per expert (capacity dispatch, dense oracle).
 """
 
@@ -27,6 +29,7 @@ from unimoe.moe.gmm import (
     ragged_matmul,
     tile_layout,
     tiled_matmul,
+    tiled_swiglu,
 )
 
 
@@ -171,10 +174,22 @@ class ExpertBank(nnx.Module):
         dest_m = jnp.where(valid_m, dest_m, num_padded)
         source_p = jnp.full((num_padded,), num_rows).at[dest_m].set(jnp.arange(num_rows))
         x_pd = gather_rows(x_md, source_p, dest_m[:, None])
-        matmul = functools.partial(tiled_matmul, tile_expert_t=tile_expert_t)
-        # Padding rows are zero and SwiGLU(0) = 0, so they never leak into real rows.
-        y_tcd = self._swiglu(matmul, x_pd.reshape(num_tiles, tile, self.dim), fuse_gate_up=True)
+        y_tcd = self.tiled(x_pd.reshape(num_tiles, tile, self.dim), tile_expert_t)
         return gather_rows(y_tcd.reshape(num_padded, self.dim), dest_m, source_p[:, None])
+
+    def tiled(self, x_tcd: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
+        """Tiles of C rows, tile t all for expert tile_expert_t[t] (E = none) -> y_tcd.
+
+        Padding rows must be zero: SwiGLU(0) = 0, so they stay zero. Without LoRA the whole FFN
+        runs tile by tile in one loop (`gmm.tiled_swiglu`); with LoRA, tiled matmuls per
+        projection (the adapters and their dropout sit between them).
+        """
+        if self.has_lora:
+            matmul = functools.partial(tiled_matmul, tile_expert_t=tile_expert_t)
+            return self._swiglu(matmul, x_tcd, fuse_gate_up=True)
+        return tiled_swiglu(
+            x_tcd, self.w_gate_edf[...], self.w_up_edf[...], self.w_down_efd[...], tile_expert_t
+        )
 
     def batched(self, x_ecd: jax.Array) -> jax.Array:
         """A block of C rows per expert: x_ecd [E, C, D] -> y_ecd."""

@@ -15,6 +15,8 @@ P padded rows, T tiles, C rows per tile.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -117,21 +119,33 @@ def _tiled_matmul_fwd(x_tci, w_eij, tile_expert_t):
     return tiled_matmul(x_tci, w_eij, tile_expert_t), (x_tci, w_eij, tile_expert_t)
 
 
+def _accumulate_block(
+    dw_eij: jax.Array, expert: jax.Array, block_ij: jax.Array, num_experts: int
+) -> jax.Array:
+    """dw_eij[expert] += block_ij, in place (XLA updates one [I, J] block, not the bank).
+
+    Sentinel tiles (expert E) bring a zero block, added to expert E - 1: outside any `cond`,
+    so the carry is never copied by a conditional that returns it.
+    """
+    expert = jnp.minimum(expert, num_experts - 1)
+    old_ij = jax.lax.dynamic_index_in_dim(dw_eij, expert, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(dw_eij, old_ij + block_ij, expert, axis=0)
+
+
 def _tiled_matmul_bwd(res, dy_tcj):
     x_tci, w_eij, tile_expert_t = res
+    num_experts = w_eij.shape[0]
     w_t_eji = jnp.swapaxes(w_eij, 1, 2).astype(dy_tcj.dtype)
     dx_tci = _tile_scan(dy_tcj, w_t_eji, tile_expert_t)
 
     def accumulate(dw_eij, xs):
         x_ci, dy_cj, expert = xs
-
-        def add(dw_eij):
-            # In place into the carry: XLA updates one [I, J] block, not the whole bank.
-            block_ij = jax.lax.dynamic_index_in_dim(dw_eij, expert, keepdims=False)
-            block_ij = block_ij + (x_ci.T @ dy_cj).astype(jnp.float32)
-            return jax.lax.dynamic_update_index_in_dim(dw_eij, block_ij, expert, axis=0)
-
-        return jax.lax.cond(expert < w_eij.shape[0], add, lambda dw: dw, dw_eij), None
+        block_ij = jax.lax.cond(
+            expert < num_experts,
+            lambda: (x_ci.T @ dy_cj).astype(jnp.float32),
+            lambda: jnp.zeros(w_eij.shape[1:], jnp.float32),
+        )
+        return _accumulate_block(dw_eij, expert, block_ij, num_experts), None
 
     dw_eij = jnp.zeros(w_eij.shape, jnp.float32)
     dw_eij = jax.lax.scan(accumulate, dw_eij, (x_tci, dy_tcj, tile_expert_t))[0]
@@ -139,3 +153,97 @@ def _tiled_matmul_bwd(res, dy_tcj):
 
 
 tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+
+
+@jax.custom_vjp
+def tiled_swiglu(
+    x_tcd: jax.Array,
+    w_gate_edf: jax.Array,
+    w_up_edf: jax.Array,
+    w_down_efd: jax.Array,
+    tile_expert_t: jax.Array,
+) -> jax.Array:
+    """y_tcd[t] = SwiGLU of tile t with expert tile_expert_t[t]'s weights, tiles of expert E zero.
+
+    The whole FFN runs inside one loop over tiles, so the [rows, F] activations only exist a tile
+    at a time in cache (the three `tiled_matmul` calls of the unfused path write gate, up and the
+    hidden activation out to memory and read them back); the backward pass is one loop too.
+    """
+    return _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t)[0]
+
+
+def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t):
+    num_experts, _, ffn_dim = w_gate_edf.shape
+    dtype = x_tcd.dtype
+
+    def tile_ffn(x_cd, expert):
+        gate_cf = x_cd @ w_gate_edf[expert].astype(dtype)
+        up_cf = x_cd @ w_up_edf[expert].astype(dtype)
+        return (jax.nn.silu(gate_cf) * up_cf) @ w_down_efd[expert].astype(dtype), gate_cf, up_cf
+
+    def skip(x_cd, expert):
+        zeros_cf = jnp.zeros((x_cd.shape[0], ffn_dim), dtype)
+        return jnp.zeros_like(x_cd), zeros_cf, zeros_cf
+
+    def step(_, xs):
+        x_cd, expert = xs
+        return None, jax.lax.cond(expert < num_experts, tile_ffn, skip, x_cd, expert)
+
+    y_tcd, gate_tcf, up_tcf = jax.lax.scan(step, None, (x_tcd, tile_expert_t))[1]
+    res = (x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, gate_tcf, up_tcf)
+    return y_tcd, res
+
+
+def _tiled_swiglu_bwd(res, dy_tcd):
+    x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, gate_tcf, up_tcf = res
+    num_experts = w_gate_edf.shape[0]
+    dtype = x_tcd.dtype
+
+    def tile_grads(x_cd, dy_cd, gate_cf, up_cf, expert):
+        sig_cf = jax.nn.sigmoid(gate_cf)
+        silu_cf = gate_cf * sig_cf
+        d_hidden_cf = dy_cd.astype(dtype) @ w_down_efd[expert].astype(dtype).T
+        d_gate_cf = d_hidden_cf * up_cf * sig_cf * (1 + gate_cf * (1 - sig_cf))
+        d_up_cf = d_hidden_cf * silu_cf
+        dx_cd = (
+            d_gate_cf @ w_gate_edf[expert].astype(dtype).T
+            + d_up_cf @ w_up_edf[expert].astype(dtype).T
+        )
+        f32 = jnp.float32
+        return (
+            dx_cd,
+            (x_cd.T @ d_gate_cf).astype(f32),
+            (x_cd.T @ d_up_cf).astype(f32),
+            ((silu_cf * up_cf).T @ dy_cd.astype(dtype)).astype(f32),
+        )
+
+    def skip(x_cd, dy_cd, gate_cf, up_cf, expert):
+        zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+        return (
+            jnp.zeros_like(x_cd),
+            zeros(w_gate_edf.shape[1:]),
+            zeros(w_up_edf.shape[1:]),
+            zeros(w_down_efd.shape[1:]),
+        )
+
+    def step(dw, xs):
+        expert = xs[-1]
+        dx_cd, *blocks = jax.lax.cond(expert < num_experts, tile_grads, skip, *xs)
+        dw = tuple(
+            _accumulate_block(dw_e, expert, block, num_experts) for dw_e, block in zip(dw, blocks)
+        )
+        return dw, dx_cd
+
+    dw0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w_gate_edf, w_up_edf, w_down_efd))
+    xs = (x_tcd, dy_tcd, gate_tcf, up_tcf, tile_expert_t)
+    (dw_gate, dw_up, dw_down), dx_tcd = jax.lax.scan(step, dw0, xs)
+    return (
+        dx_tcd,
+        dw_gate.astype(w_gate_edf.dtype),
+        dw_up.astype(w_up_edf.dtype),
+        dw_down.astype(w_down_efd.dtype),
+        None,
+    )
+
+
+tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)

@@ -13,6 +13,7 @@ from flax import nnx
 from unimoe.models.lora import Linear, LoRAConfig
 from unimoe.moe import dispatch, routing
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank
+from unimoe.moe.gmm import default_tile
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,17 @@ class MoELayer(nnx.Module):
             cfg.num_slots,
             batch * seq,
         )
-        if cfg.impl == "dropless":
+        if cfg.impl == "dropless" and grouped_impl == "tiles":
+            y_nd = dispatch.dropless_tiled_dispatch(
+                x_nd,
+                weights_nk,
+                experts_nk,
+                self.experts.tiled,
+                num_experts,
+                tile=default_tile(experts_nk.size, num_experts),
+            )
+            dropped_fraction = jnp.zeros((), jnp.float32)
+        elif cfg.impl == "dropless":
             y_nd = dispatch.dropless_dispatch(
                 x_nd,
                 weights_nk,
