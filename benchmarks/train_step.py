@@ -35,6 +35,7 @@ from flax import nnx
 from unimoe.models.llm import DecoderLM, LLMConfig
 from unimoe.moe.layer import MoEConfig
 from unimoe.train import optim
+from unimoe.train.step import next_token_loss
 
 AUX_COEF = 0.01
 LEARNING_RATE = 1e-4
@@ -112,9 +113,7 @@ def make_ours(shape: Shape, tokens_bt: np.ndarray):
         def loss_fn(params):
             model = nnx.merge(graphdef, params, rest, copy=True)
             logits_btv, aux = model(model.embed_tokens(tokens_bt), attn_mask_bt)
-            ce = optax.softmax_cross_entropy_with_integer_labels(
-                logits_btv[:, :-1], tokens_bt[:, 1:]
-            ).mean()
+            ce, _ = next_token_loss(logits_btv, tokens_bt, attn_mask_bt)
             return ce + AUX_COEF * aux["balance_loss"]
 
         loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from unimoe.models import llm
 from unimoe.models.llm import DecoderLM, LLMConfig, resolve_moe_layers
 
 VOCAB, DIM, HEADS, FFN, T, B = 37, 24, 3, 40, 7, 3
@@ -198,3 +199,22 @@ def test_config_from_plain_kwargs_and_validation():
         tiny_config(moe={"num_experts": 2, "top_k": 3})
     with pytest.raises(ValueError, match="dtype"):
         tiny_config(dtype="float64")
+
+
+def test_blocked_causal_attention_equals_full_masked_softmax():
+    # 300 query rows = blocks of 128, 128 and 44; GQA (2 kv heads x 3); row 1 right-padded.
+    rng = np.random.default_rng(0)
+    q_btgrd = rng.normal(size=(2, 300, 2, 3, 8)).astype(np.float32)
+    k_bsgd, v_bsgd = (rng.normal(size=(2, 300, 2, 8)).astype(np.float32) for _ in range(2))
+    key_mask_bs = np.ones((2, 300), np.int32)
+    key_mask_bs[1, 170:] = 0
+    got = llm.causal_attention(*map(jnp.asarray, (q_btgrd, k_bsgd, v_bsgd, key_mask_bs)))
+
+    scores = np.einsum("btgrd,bsgd->bgrts", q_btgrd, k_bsgd) / np.sqrt(8)
+    allowed = np.tril(np.ones((300, 300), bool))[None] & key_mask_bs.astype(bool)[:, None, :]
+    scores = np.where(allowed[:, None, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bgrts,bsgd->btgrd", probs, v_bsgd)
+    assert llm.CAUSAL_BLOCK < 300
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -11,7 +11,14 @@ from unimoe.models.lora import LoRAConfig
 from unimoe.moe.layer import MoEConfig, MoELayer, RouterBias
 
 DIM, FFN, NUM_EXPERTS = 7, 11, 4
-AUX_SCALARS = ("balance_loss", "z_loss", "dcmoe_balance_loss", "router_entropy", "dropped_fraction")
+AUX_SCALARS = (
+    "balance_loss",
+    "z_loss",
+    "dcmoe_balance_loss",
+    "router_entropy",
+    "dropped_fraction",
+    "experts_per_token",
+)
 
 
 def random_module(make, seed: int, std: float = 0.4):
@@ -172,6 +179,8 @@ def test_layer_matches_per_token_reference(router, renormalize, kw):
             counts_ne[n, e] += 1
     np.testing.assert_array_equal(aux["expert_counts_be"], counts_ne.reshape(2, 5, -1).sum(1))
     np.testing.assert_allclose(aux["expert_load"], counts_ne.sum(0) / counts_ne.sum(), rtol=1e-6)
+    # Routed experts a token runs: the dynamic k_n of top-P less its null picks, else K.
+    np.testing.assert_allclose(aux["experts_per_token"], counts_ne.sum() / 10, rtol=1e-6)
     if router == "top_p":
         # The rule must actually vary k here, and a null expert must be picked somewhere.
         assert len({len(c) for c in columns}) > 1
@@ -230,6 +239,7 @@ def test_padding_tokens_count_in_no_loss_and_no_load():
         np.testing.assert_allclose(aux[name], aux_valid[name], rtol=1e-6, err_msg=name)
     np.testing.assert_array_equal(aux["expert_counts_be"].sum(0), aux_valid["expert_counts_be"][0])
     np.testing.assert_array_equal(aux["expert_counts_be"].sum(1), [10, 6])
+    assert aux["experts_per_token"] == 2.0  # top-2, padding tokens excluded
     # Dropless routing: a token's output depends on that token only.
     np.testing.assert_allclose(np.asarray(y_btd)[mask_bt], y_valid[0], rtol=1e-5, atol=1e-6)
 

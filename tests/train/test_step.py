@@ -107,3 +107,32 @@ def test_router_bias_is_updated_by_the_step_from_the_load_not_by_the_optimizer()
         expected = 0.125 * np.sign(load_e.mean() - load_e)
         np.testing.assert_allclose(bias_e, expected, atol=1e-7)
     assert np.abs(np.stack(biases)).max() > 0
+
+
+def test_both_balance_losses_anneal_over_the_decay_steps():
+    model = UniMoE(model_config(moe=True), rngs=nnx.Rngs(0))
+    cfg = step_lib.LossConfig(
+        kind='chat',
+        balance_coef=0.1,
+        balance_coef_end=0.0,
+        dcmoe_coef=0.5,
+        dcmoe_coef_end=0.1,
+        balance_decay_steps=10,
+    )
+    rng = np.random.default_rng(1)
+    batch = {
+        'tokens': jnp.asarray(rng.integers(6, 41, size=(2, 9))),
+        'loss_mask': jnp.ones((2, 9)),
+        'attn_mask': jnp.ones((2, 9), bool),
+    }
+    loss_at = nnx.jit(lambda m, step: step_lib.compute_loss(m, batch, cfg, step))
+    loss_0, m_0 = loss_at(model, 0)
+    loss_5, m_5 = loss_at(model, 5)
+    np.testing.assert_allclose([m_0['balance_weight'], m_0['dcmoe_weight']], [0.1, 0.5])
+    np.testing.assert_allclose([m_5['balance_weight'], m_5['dcmoe_weight']], [0.05, 0.3])
+    # Same model and batch: the losses differ by the change of the two weights only.
+    expected = 0.05 * m_0['balance_loss'] + 0.2 * m_0['dcmoe_balance_loss']
+    np.testing.assert_allclose(loss_0 - loss_5, expected, rtol=1e-4)
+    assert m_0['dcmoe_balance_loss'] > 0
+    with pytest.raises(ValueError, match='dcmoe_coef_end'):
+        step_lib.LossConfig(dcmoe_coef=0.5, dcmoe_coef_end=0.1)

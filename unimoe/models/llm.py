@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from unimoe.models.lora import BASE_INIT_STDDEV, Linear, LoRAConfig
@@ -131,6 +133,43 @@ def apply_rope(x_bthd: jax.Array, cos_th: jax.Array, sin_th: jax.Array) -> jax.A
     return x_bthd * cos + rotated * sin
 
 
+# Query rows per block of `causal_attention`: S=512 then costs 10 of 16 score blocks.
+CAUSAL_BLOCK = 128
+
+
+def causal_attention(
+    q_btgrd: jax.Array, k_bsgd: jax.Array, v_bsgd: jax.Array, key_mask_bs: jax.Array
+) -> jax.Array:
+    """softmax(q k^T / sqrt(d) + causal and key-padding mask) v, scores in float32.
+
+    Axis letters: G kv heads, R query heads per kv head (GQA). Queries go in blocks of
+    CAUSAL_BLOCK rows, each against only the keys up to its last row, so the masked upper
+    triangle is mostly never computed (as flash attention skips it); the [B, G, R, block, S]
+    scores of one block stay small. Masked scores are finfo.min, not -inf, so a row with no
+    allowed key (all padding) stays finite.
+    """
+    seq, head_dim = q_btgrd.shape[1], q_btgrd.shape[-1]
+    q_bgrtd = jnp.einsum("btgrd->bgrtd", q_btgrd)
+    k_bgsd = jnp.einsum("bsgd->bgsd", k_bsgd)
+    v_bgsd = jnp.einsum("bsgd->bgsd", v_bsgd)
+    key_mask_bs = key_mask_bs.astype(bool)
+    scale = 1.0 / math.sqrt(head_dim)
+    outs = []
+    for start in range(0, seq, CAUSAL_BLOCK):
+        stop = min(start + CAUSAL_BLOCK, seq)
+        scores_bgrts = jnp.einsum(
+            "bgrtd,bgsd->bgrts", q_bgrtd[:, :, :, start:stop], k_bgsd[:, :, :stop]
+        ).astype(jnp.float32)
+        causal_ts = np.tril(np.ones((stop - start, stop), bool), k=start)
+        allowed_bts = causal_ts[None] & key_mask_bs[:, None, :stop]
+        scores_bgrts = jnp.where(
+            allowed_bts[:, None, None], scores_bgrts * scale, jnp.finfo(jnp.float32).min
+        )
+        probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(v_bsgd.dtype)
+        outs.append(jnp.einsum("bgrts,bgsd->bgrtd", probs_bgrts, v_bgsd[:, :, :stop]))
+    return jnp.einsum("bgrtd->btgrd", jnp.concatenate(outs, axis=3))
+
+
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with key padding mask; LoRA on q, k, v, o."""
 
@@ -157,16 +196,7 @@ class Attention(nnx.Module):
         k_btgd = apply_rope(k_btgd, cos_th, sin_th)
         # Query head h reads kv head h // group (HF repeat_kv), without materializing copies.
         q_btgrd = q_bthd.reshape(batch, seq, self.num_kv_heads, group, self.head_dim)
-        scores_bgrts = jnp.einsum("btgrd,bsgd->bgrts", q_btgrd, k_btgd).astype(jnp.float32)
-        scores_bgrts = scores_bgrts / jnp.sqrt(jnp.float32(self.head_dim))
-        causal_ts = jnp.tril(jnp.ones((seq, seq), bool))
-        allowed_bts = causal_ts[None] & attn_mask_bt.astype(bool)[:, None, :]
-        # finfo.min, not -inf: a row with no allowed key (all padding) stays finite.
-        scores_bgrts = jnp.where(
-            allowed_bts[:, None, None], scores_bgrts, jnp.finfo(jnp.float32).min
-        )
-        probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(x_btd.dtype)
-        out_btgrd = jnp.einsum("bgrts,bsgd->btgrd", probs_bgrts, v_btgd)
+        out_btgrd = causal_attention(q_btgrd, k_btgd, v_btgd, attn_mask_bt)
         return self.o(out_btgrd.reshape(batch, seq, self.num_heads * self.head_dim))
 
 
@@ -222,6 +252,7 @@ def empty_moe_aux(batch: int, num_experts: int) -> dict[str, jax.Array]:
         **{key: zeros((0,)) for key in SUMMED_AUX},
         "expert_load": zeros((0, num_experts)),
         "dropped_fraction": zeros((0,)),
+        "experts_per_token": zeros((0,)),
         "router_entropy": zeros((0,)),
         "expert_counts_be": zeros((0, batch, num_experts)),
     }
@@ -259,7 +290,8 @@ class DecoderLM(nnx.Module):
 
         `token_weight_bt` weights tokens in the DCMoE balance loss (e.g. answers 10x prompts).
         aux: the losses of `SUMMED_AUX` summed over MoE layers; every other MoE statistic stacked
-        over MoE layers ('expert_load' [L_moe, E], 'dropped_fraction' [L_moe], 'router_entropy'
+        over MoE layers ('expert_load' [L_moe, E], 'dropped_fraction' [L_moe], 'experts_per_token'
+        [L_moe], 'router_entropy'
         [L_moe], 'expert_counts_be' [L_moe, B, E]); zeros and L_moe = 0 without MoE layers, so
         callers never branch.
         """

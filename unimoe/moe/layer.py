@@ -318,9 +318,11 @@ class MoELayer(nnx.Module):
         token_weight_bt: per-token weight of the DCMoE balance loss (e.g. 1 prompt, 10 answer;
         multiplied by the mask); default the mask.
         aux (every key always present, zeros when unused): 'balance_loss', 'z_loss',
-        'dcmoe_balance_loss', 'router_entropy', 'dropped_fraction' (scalars), 'expert_load' [E]
-        (fraction of the valid tokens' routed assignments per expert, sentinel slots excluded), 'expert_counts_be' [B, E]
-        (routed assignments per example, for per-modality expert usage).
+        'dcmoe_balance_loss', 'router_entropy', 'dropped_fraction', 'experts_per_token' (scalars:
+        the last is the mean number of routed experts a valid token runs, K for top-k, the dynamic
+        k_n of top-P without its null experts), 'expert_load' [E] (fraction of the valid tokens'
+        routed assignments per expert, sentinel slots excluded), 'expert_counts_be' [B, E] (routed
+        assignments per example, for per-modality expert usage).
         """
         batch, seq, dim = x_btd.shape
         if token_mask_bt is None:
@@ -434,4 +436,5 @@ class MoELayer(nnx.Module):
             "router_entropy": routing.router_entropy(probs_ne, mask_n),
             "expert_load": routing.expert_load(experts_nk, mask_n, num_experts),
             "expert_counts_be": counts_ne.reshape(batch, -1, num_experts).sum(axis=1),
+            "experts_per_token": counts_ne.sum() / jnp.maximum(mask_n.sum(), 1),
         }

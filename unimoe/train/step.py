@@ -30,7 +30,8 @@ class LossConfig:
     balance_coef: weight of the Switch balance loss (summed over MoE layers); linearly annealed to
       `balance_coef_end` over `balance_decay_steps` when that is set (UniMoE-Audio), else constant.
     dcmoe_coef: weight of the DCMoE balance loss, whose tokens are weighted `answer_token_weight`
-      on supervised (answer) tokens and 1 on the prompt (DCMoE uses 10).
+      on supervised (answer) tokens and 1 on the prompt (DCMoE uses 10); annealed to
+      `dcmoe_coef_end` over the same `balance_decay_steps` when that is set, else constant.
     z_coef: weight of the router z-loss.
     """
 
@@ -39,26 +40,33 @@ class LossConfig:
     balance_coef_end: float | None = None
     balance_decay_steps: int = 0
     dcmoe_coef: float = 0.0
+    dcmoe_coef_end: float | None = None
     answer_token_weight: float = 1.0
     z_coef: float = 0.0
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"loss kind {self.kind!r} is not one of {LOSS_KINDS}")
-        if self.balance_coef_end is not None and self.balance_decay_steps < 1:
-            raise ValueError(
-                f"balance_coef_end={self.balance_coef_end} needs balance_decay_steps >= 1, "
-                f"got {self.balance_decay_steps}"
-            )
+        for name in ('balance_coef_end', 'dcmoe_coef_end'):
+            if getattr(self, name) is not None and self.balance_decay_steps < 1:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} needs balance_decay_steps >= 1, "
+                    f"got {self.balance_decay_steps}"
+                )
 
 
 def next_token_loss(
     logits_btv: jax.Array, tokens_bt: jax.Array, loss_mask_bt: jax.Array
 ) -> tuple[jax.Array, Metrics]:
-    """Mean cross-entropy of token t+1 given positions <= t, over supervised tokens only."""
-    logits = logits_btv[:, :-1].astype(jnp.float32)
-    targets = tokens_bt[:, 1:]
-    weights = loss_mask_bt[:, 1:].astype(jnp.float32)
+    """Mean cross-entropy of token t+1 given positions <= t, over supervised tokens only.
+
+    Position t is scored against token t+1 with the last position weighted 0, rather than
+    slicing logits[:, :-1]: the slice would copy the [B, T, V] logits (and pad their gradient
+    back), the largest tensor of a step.
+    """
+    logits = logits_btv.astype(jnp.float32)
+    targets = jnp.pad(tokens_bt[:, 1:], ((0, 0), (0, 1)))
+    weights = jnp.pad(loss_mask_bt[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     denom = jnp.maximum(weights.sum(), 1.0)
     correct = (logits.argmax(-1) == targets).astype(jnp.float32)
@@ -103,10 +111,13 @@ def compute_loss(
     balance_weight = routing.aux_weight(
         step, start=cfg.balance_coef, end=cfg.balance_coef_end, decay_steps=cfg.balance_decay_steps
     )
+    dcmoe_weight = routing.aux_weight(
+        step, start=cfg.dcmoe_coef, end=cfg.dcmoe_coef_end, decay_steps=cfg.balance_decay_steps
+    )
     loss = (
         ce
         + balance_weight * aux['balance_loss']
-        + cfg.dcmoe_coef * aux['dcmoe_balance_loss']
+        + dcmoe_weight * aux['dcmoe_balance_loss']
         + cfg.z_coef * aux['z_loss']
     )
     moe_metrics = {
@@ -117,6 +128,7 @@ def compute_loss(
             'z_loss',
             'expert_load',
             'dropped_fraction',
+            'experts_per_token',
             'router_entropy',
         )
     }
@@ -124,7 +136,8 @@ def compute_loss(
         moe_metrics['expert_usage_by_modality'] = expert_usage_by_modality(
             aux['expert_counts_be'], batch['modality']
         )
-    return loss, {**metrics, **moe_metrics, 'ce': ce, 'balance_weight': balance_weight}
+    weights = {'balance_weight': balance_weight, 'dcmoe_weight': dcmoe_weight}
+    return loss, {**metrics, **moe_metrics, 'ce': ce, **weights}
 
 
 def update_router_biases(model: UniMoE, expert_load_le: jax.Array) -> None:
