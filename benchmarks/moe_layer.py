@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -184,6 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     shape, fine = (QUICK, QUICK_FINE) if args.quick else (FULL, FULL_FINE)
     print(f"jax {jax.__version__} on {jax.default_backend()}; shape {shape}; fine {fine}")
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (make bench sets hugetlb=1)")
 
     thunks = jax_variants(shape, "", peers=True)
     thunks.update(jax_variants(fine, "fine_", peers=False))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 
@@ -214,6 +215,7 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
     print(f"shape {shape}; {tokens_per_step} tokens/step, float32")
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (make bench sets hugetlb=1)")
     tokens_bt = np.random.default_rng(0).integers(0, shape.vocab, (shape.batch, shape.seq))
 
     ours, ours_params = make_ours(shape, tokens_bt)
