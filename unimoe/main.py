@@ -1,7 +1,8 @@
 """Runs an experiment: `python -m unimoe.main --config=configs/unimoe_tiny.py[:arg] --workdir=DIR`.
 
 Kept thin on purpose: the work is in `unimoe.run` so tests and notebooks call the same code.
-Overrides: `--config.stages.s3_moe.steps=100`.
+Overrides: `--config.stages.s3_moe.steps=100`. `--dry_run` prints what each stage's model costs
+(parameters, active parameters and training FLOPs per token, memory) and trains nothing.
 """
 
 import logging
@@ -10,13 +11,21 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from unimoe import run
+from unimoe import accounting, run
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file.', lock_config=True
 )
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, logs and results (not needed with --dry_run).'
+)
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run',
+    False,
+    'Print parameter counts, active parameters and training FLOPs per token and memory of every '
+    'stage (models built abstractly, nothing trained or written), then exit.',
+)
+flags.mark_flags_as_required(['config'])
 
 
 def main(argv: list[str]) -> None:
@@ -24,6 +33,12 @@ def main(argv: list[str]) -> None:
     # Library INFO chatter (orbax writes several lines per checkpoint) hides the run's own progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger('unimoe').setLevel(logging.INFO)
+    print(f'config (after command-line overrides):\n{_CONFIG.value}')
+    if _DRY_RUN.value:
+        print(accounting.format_accounts(accounting.account_stages(_CONFIG.value)))
+        return
+    if _WORKDIR.value is None:
+        raise app.UsageError('--workdir is required to train (or pass --dry_run)')
     table = run.run_experiment(_CONFIG.value, _WORKDIR.value)
     print(table)
 
