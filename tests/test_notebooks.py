@@ -26,14 +26,20 @@ def test_every_notebook_is_paired_with_its_script():
         )
 
 
+@pytest.fixture(scope='module')
+def shared_workdir(tmp_path_factory) -> pathlib.Path:
+    """One run directory for all notebooks: later ones reuse the stages earlier ones trained."""
+    return tmp_path_factory.mktemp('notebook_run')
+
+
 @pytest.mark.parametrize('name', NOTEBOOKS)
-def test_notebook_runs_top_to_bottom(name, builtin_test_data, tmp_path, monkeypatch):
+def test_notebook_runs_top_to_bottom(name, builtin_test_data, shared_workdir, monkeypatch):
     notebook = nbformat.read(COLAB / f'{name}.ipynb', as_version=4)
     # As papermill does: a cell after the one tagged "parameters" overrides its values.
     index = next(
         i for i, c in enumerate(notebook.cells) if 'parameters' in c.metadata.get('tags', [])
     )
-    overrides = f'TINY = True\nWORKDIR = {str(tmp_path / "run")!r}'
+    overrides = f'TINY = True\nWORKDIR = {str(shared_workdir)!r}'
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(overrides))
     monkeypatch.setenv('UNIMOE_DATA_DIR', builtin_test_data)
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
