@@ -263,19 +263,32 @@ def to_hf(
     )
 
 
-def pretrained_params(ckpt_dirs: Mapping[str, str]) -> dict[str, np.ndarray]:
-    """{unimoe path: array} from converted checkpoints, e.g. {'llm': VICUNA, 'vision': CLIP}.
+def planned_shapes(hf_config: dict, options: Options = Options()) -> dict[str, tuple[int, ...]]:
+    """{unimoe path: shape} that converting a folder with this config.json writes (no tensors
+    needed): what a model config must match to load it."""
+    family = FAMILIES[family_of(hf_config, "config.json")]
+    configs = family.configs(hf_config, options)
+    shapes = param_shapes(abstract_modules(configs))
+    return {rule.path: shapes[rule.path] for rule in family.rules(hf_config, configs, set())}
 
-    The form `unimoe.train.stages.load_params` takes as a source; a key naming modules the
-    directory does not hold is an error.
+
+def pretrained_params(ckpt_dirs: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """{unimoe path: array} merged from converted checkpoints ({label: directory}, e.g.
+    {'llm': VICUNA_DIR, 'vision': CLIP_DIR, 'audio': WHISPER_DIR}; empty directories skipped).
+
+    The form `unimoe.train.stages.load_params` takes as a source. Two directories defining the
+    same parameter is an error.
     """
     merged: dict[str, np.ndarray] = {}
-    for part, ckpt_dir in ckpt_dirs.items():
+    owner: dict[str, str] = {}
+    for label, ckpt_dir in ckpt_dirs.items():
         if not ckpt_dir:
             continue
-        params = load(ckpt_dir).params
-        picked = {p: v for p, v in params.items() if p.split("/", 1)[0] in part.split("+")}
-        if not picked:
-            raise ValueError(f"converted checkpoint {ckpt_dir} holds no {part!r} params")
-        merged.update(picked)
+        for path, value in load(ckpt_dir).params.items():
+            if path in merged:
+                raise ValueError(
+                    f"param {path} is in both {owner[path]} and {ckpt_dir} ({label}); "
+                    "each module must come from one converted checkpoint"
+                )
+            merged[path], owner[path] = value, ckpt_dir
     return merged

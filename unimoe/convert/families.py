@@ -293,28 +293,38 @@ def _clip_configs(cfg: dict, options: Options) -> dict:
     }
 
 
+def clip_prefix(names: set[str]) -> str:
+    """'vision_model.' in CLIPModel folders (and older CLIPVisionModel ones), '' in
+    transformers 5 CLIPVisionModel folders."""
+    return "vision_model." if "vision_model.pre_layrnorm.weight" in names else ""
+
+
 def _clip_rules(cfg: dict, configs: dict, names: set[str]) -> list[Rule]:
     vc: vision.ViTEncoder.Config = configs["vision"]
-    emb = "vision_model.embeddings"
+    top = clip_prefix(names)
+    emb = f"{top}embeddings"
     out = [
         Rule("vision/patch_embedding/kernel", (f"{emb}.patch_embedding.weight",), "conv2d"),
         Rule("vision/class_embedding", (f"{emb}.class_embedding",), "copy"),
         Rule("vision/position_embedding/embedding", (f"{emb}.position_embedding.weight",), "copy"),
-        *_layer_norm("vision/pre_layrnorm", "vision_model.pre_layrnorm"),
+        *_layer_norm("vision/pre_layrnorm", f"{top}pre_layrnorm"),
     ]
     for i in range(vc.depth):
-        p, h = f"vision/layers/{i}", f"vision_model.encoder.layers.{i}"
+        p, h = f"vision/layers/{i}", f"{top}encoder.layers.{i}"
         out += _layer_norm(f"{p}/layer_norm1", f"{h}.layer_norm1")
         out += _attention(f"{p}/self_attn", f"{h}.self_attn", key_bias=True)
         out += _layer_norm(f"{p}/layer_norm2", f"{h}.layer_norm2")
         out += _linear(f"{p}/mlp/fc1", f"{h}.mlp.fc1", bias=True)
         out += _linear(f"{p}/mlp/fc2", f"{h}.mlp.fc2", bias=True)
-    return out + _layer_norm("vision/post_layernorm", "vision_model.post_layernorm")
+    return out + _layer_norm("vision/post_layernorm", f"{top}post_layernorm")
+
+
+# A full CLIPModel (as clip-vit-large-patch14-336) also holds these; Uni-MoE uses the vision tower.
+_CLIP_NON_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
 
 def _clip_kept(name: str) -> bool:
-    # A full CLIPModel also holds the text tower and projections; Uni-MoE uses the vision tower.
-    return name == "vision_model.embeddings.position_ids" or not name.startswith("vision_model.")
+    return name.endswith("embeddings.position_ids") or name.startswith(_CLIP_NON_VISION)
 
 
 # ---------------------------------------------------------------- Whisper
