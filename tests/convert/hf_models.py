@@ -60,17 +60,36 @@ def qwen2_moe() -> transformers.PreTrainedModel:
     return transformers.Qwen2MoeForCausalLM(cfg)
 
 
+CLIP_VISION = dict(
+    hidden_size=48,
+    intermediate_size=72,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    image_size=20,
+    patch_size=4,
+    hidden_act="quick_gelu",
+)
+
+
 def clip_vision() -> transformers.PreTrainedModel:
-    cfg = transformers.CLIPVisionConfig(
-        hidden_size=48,
-        intermediate_size=72,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        image_size=20,
-        patch_size=4,
-        hidden_act="quick_gelu",
+    return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_VISION))
+
+
+def clip_full() -> transformers.PreTrainedModel:
+    """A whole CLIPModel, as the published clip-vit-large-patch14-336 folder."""
+    text = dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
-    return transformers.CLIPVisionModel(cfg)
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=CLIP_VISION, projection_dim=24)
+    return transformers.CLIPModel(cfg)
 
 
 def whisper() -> transformers.PreTrainedModel:
@@ -113,6 +132,7 @@ BUILDERS = {
     "mixtral": mixtral,
     "qwen2_moe": qwen2_moe,
     "clip_vision": clip_vision,
+    "clip_full": clip_full,
     "whisper": whisper,
 }
 

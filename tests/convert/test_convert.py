@@ -2,6 +2,9 @@
 
 import json
 import pathlib
+import runpy
+import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 
 from tests.convert import hf_models
 from unimoe.convert import core, hf_io, parity
-from unimoe.convert.__main__ import main, parse_size
+from unimoe.convert.cli import main, parse_size
 from unimoe.convert.families import Options
 from unimoe.train.checkpoint import Checkpointer
 
@@ -76,9 +79,13 @@ def test_parity_command_exit_status(tmp_path, capsys):
     hf_dir = hf_models.save("llama", tmp_path / "hf")
     assert main(["parity", str(hf_dir)]) == 0
     assert "PASS" in capsys.readouterr().out
-    # float32 rounding alone differs by ~1e-6, so a zero tolerance must fail.
-    assert main(["parity", str(hf_dir), "--tolerance", "0"]) == 1
-    assert "FAIL" in capsys.readouterr().out
+    # float32 rounding alone differs by ~1e-6, so a zero tolerance must fail, with the exit status
+    # of `python -m unimoe.convert` (run in-process: a fresh interpreter costs seconds).
+    argv = ["unimoe.convert", "parity", str(hf_dir), "--tolerance", "0"]
+    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("unimoe.convert", run_name="__main__")
+    assert exit_info.value.code == 1
+    assert "FAIL: max abs diff" in capsys.readouterr().out
 
 
 def test_parity_catches_a_wrong_rope(tmp_path):

@@ -27,10 +27,22 @@ def dense_llama(tmp_path_factory) -> tuple[DecoderLM, dict[str, np.ndarray]]:
 
 
 def _moe_llama(dense: DecoderLM, **moe) -> DecoderLM:
+    """An abstract MoE twin of `dense`: every weight must then be loaded (a random init of all of
+    it would cost more than the tests)."""
     # ragged_dot: the cheapest grouped matmul to run on CPU at this size.
     moe_cfg = MoEConfig(**moe, grouped_impl="ragged_dot")
     cfg = dataclasses.replace(dense.cfg, moe_layers="all", moe=moe_cfg)
-    return DecoderLM(cfg, rngs=nnx.Rngs(1))
+    return nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(1)))
+
+
+def _new_routers(model: DecoderLM) -> tuple[str, dict[str, np.ndarray]]:
+    """Upcycling leaves routers new: random ones, as an init would draw."""
+    rng = np.random.default_rng(1)
+    routers = {}
+    for i, layer in enumerate(model.layers):
+        shape = layer.ffn.router.kernel.get_value().shape
+        routers[f"layers/{i}/ffn/router/kernel"] = rng.normal(size=shape).astype(np.float32)
+    return "new_routers", routers
 
 
 @nnx.jit
@@ -45,9 +57,10 @@ TOKENS_BT = RNG.integers(0, hf_models.LM["vocab_size"], (2, 11)).astype(np.int32
 def test_copies_of_one_ffn_give_the_dense_model_output(dense_llama):
     dense, flat = dense_llama
     moe = _moe_llama(dense, num_experts=6, top_k=3, router="softmax_topk")
-    origin = stages.load_params(moe, [("dense", flat)], [("dense", flat)], upcycle_mode="copies")
+    sources = [("dense", flat), _new_routers(moe)]
+    origin = stages.load_params(moe, sources, [("dense", flat)], upcycle_mode="copies")
     assert origin["layers/1/ffn/experts/w_down_efd"] == "dense"
-    assert not any("router" in path for path in origin)  # the router stays new
+    assert origin["layers/1/ffn/router/kernel"] == "new_routers"
     dense_logits, _ = _logits(dense, TOKENS_BT)
     moe_logits, aux = _logits(moe, TOKENS_BT)
     # The random router spreads tokens over the experts, yet every mix of equal experts with
@@ -60,7 +73,7 @@ def test_experts_from_different_models_change_the_output(dense_llama):
     dense, flat = dense_llama
     moe = _moe_llama(dense, num_experts=2, top_k=1, router="softmax_topk")
     shifted = {path: v + 0.05 if "mlp" in path or "ffn" in path else v for path, v in flat.items()}
-    stages.load_params(moe, [("a", flat)], [("a", flat), ("b", shifted)])
+    stages.load_params(moe, [("a", flat), _new_routers(moe)], [("a", flat), ("b", shifted)])
     bank = moe.layers[0].ffn.experts
     np.testing.assert_array_equal(bank.w_up_edf[...][0], flat["layers/0/ffn/up/kernel"])
     np.testing.assert_array_equal(bank.w_up_edf[...][1], shifted["layers/0/ffn/up/kernel"])
@@ -69,12 +82,14 @@ def test_experts_from_different_models_change_the_output(dense_llama):
 
 def test_slices_partition_the_hidden_units_and_sum_to_the_dense_ffn():
     dim, ffn, experts = 12, 20, 4
-    mlp = MLP(dim, ffn, rngs=nnx.Rngs(0))
     dense = {
-        "gate/kernel": np.asarray(mlp.gate.kernel[...]),
-        "up/kernel": np.asarray(mlp.up.kernel[...]),
-        "down/kernel": np.asarray(mlp.down.kernel[...]),
+        "gate/kernel": 0.3 * RNG.normal(size=(dim, ffn)).astype(np.float32),
+        "up/kernel": 0.3 * RNG.normal(size=(dim, ffn)).astype(np.float32),
+        "down/kernel": 0.3 * RNG.normal(size=(ffn, dim)).astype(np.float32),
     }
+    mlp = nnx.eval_shape(lambda: MLP(dim, ffn, rngs=nnx.Rngs(0)))
+    for name, linear in (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)):
+        linear.kernel.set_value(jnp.asarray(dense[f"{name}/kernel"]))
     banks = upcycle.upcycle_ffn(dense, "slices", experts)
     assert banks["experts/w_gate_edf"].shape == (experts, dim, ffn // experts)
     assert banks["experts/w_down_efd"].shape == (experts, ffn // experts, dim)
@@ -84,7 +99,7 @@ def test_slices_partition_the_hidden_units_and_sum_to_the_dense_ffn():
     np.testing.assert_array_equal(
         np.concatenate(banks["experts/w_down_efd"], axis=0), dense["down/kernel"]
     )
-    bank = ExpertBank(experts, dim, ffn // experts, rngs=nnx.Rngs(1))
+    bank = nnx.eval_shape(lambda: ExpertBank(experts, dim, ffn // experts, rngs=nnx.Rngs(1)))
     bank.w_gate_edf.set_value(jnp.asarray(banks["experts/w_gate_edf"]))
     bank.w_up_edf.set_value(jnp.asarray(banks["experts/w_up_edf"]))
     bank.w_down_efd.set_value(jnp.asarray(banks["experts/w_down_efd"]))
@@ -98,13 +113,14 @@ def test_slices_partition_the_hidden_units_and_sum_to_the_dense_ffn():
 def test_slices_through_load_params(dense_llama):
     dense, flat = dense_llama
     moe = _moe_llama(dense, num_experts=4, top_k=2, ffn_dim=20)  # 80 hidden units / 4
-    stages.load_params(moe, [("dense", flat)], [("dense", flat)], upcycle_mode="slices")
+    sources = [("dense", flat), _new_routers(moe)]
+    stages.load_params(moe, sources, [("dense", flat)], upcycle_mode="slices")
     gate = np.asarray(moe.layers[1].ffn.experts.w_gate_edf[...])
     np.testing.assert_array_equal(gate[2], flat["layers/1/ffn/gate/kernel"][:, 40:60])
 
     wrong_width = _moe_llama(dense, num_experts=4, top_k=2)  # experts as wide as the dense FFN
     with pytest.raises(ValueError, match=r"layers/0/ffn/experts/w_\w+: upcycling \(slices\)"):
-        stages.load_params(wrong_width, [], [("dense", flat)], upcycle_mode="slices")
+        stages.load_params(wrong_width, sources, [("dense", flat)], upcycle_mode="slices")
 
 
 def test_per_source_stacks_in_source_order():
