@@ -263,15 +263,6 @@ def to_hf(
     )
 
 
-def planned_shapes(hf_config: dict, options: Options = Options()) -> dict[str, tuple[int, ...]]:
-    """{unimoe path: shape} that converting a folder with this config.json writes (no tensors
-    needed): what a model config must match to load it."""
-    family = FAMILIES[family_of(hf_config, "config.json")]
-    configs = family.configs(hf_config, options)
-    shapes = param_shapes(abstract_modules(configs))
-    return {rule.path: shapes[rule.path] for rule in family.rules(hf_config, configs, set())}
-
-
 def pretrained_params(ckpt_dirs: Mapping[str, str]) -> dict[str, np.ndarray]:
     """{unimoe path: array} merged from converted checkpoints ({label: directory}, e.g.
     {'llm': VICUNA_DIR, 'vision': CLIP_DIR, 'audio': WHISPER_DIR}; empty directories skipped).

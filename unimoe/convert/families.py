@@ -169,11 +169,8 @@ def _mixtral_configs(cfg: dict, options: Options) -> dict:
 def _qwen2_moe_sparse_layers(cfg: dict) -> tuple[int, ...]:
     step = cfg.get("decoder_sparse_step", 1)
     dense = set(cfg.get("mlp_only_layers") or ())
-    return tuple(
-        i
-        for i in range(cfg["num_hidden_layers"])
-        if i not in dense and cfg["num_experts"] > 0 and (i + 1) % step == 0
-    )
+    num_layers = _require(cfg, "num_hidden_layers", "qwen2_moe")
+    return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
 
 
 def _qwen2_moe_configs(cfg: dict, options: Options) -> dict:
