@@ -1,5 +1,6 @@
 """HF folder -> orbax checkpoint -> HF folder round trips, parity with transformers, bad input."""
 
+import argparse
 import json
 import pathlib
 import runpy
@@ -195,4 +196,6 @@ def test_from_hf_refuses_to_overwrite(llama_folder, tmp_path):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("30KB") == 30_000
-    assert parse_size("1000") == 1000 and parse_size("0") == 0
+    assert parse_size("1000") == 1000 and parse_size("0") == 0 and parse_size("2M") == 2 * 10**6
+    with pytest.raises(argparse.ArgumentTypeError, match="not like 5GB"):
+        parse_size("5 gigs")

@@ -16,7 +16,7 @@ import re
 from unimoe.convert import core, parity
 from unimoe.convert.families import Options
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
 
 
 def parse_size(text: str) -> int:
