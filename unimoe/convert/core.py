@@ -35,8 +35,9 @@ NEW_PARAMS = ("audio_conn/query_tokens", "audio_conn/out_proj/", "audio_conn/enc
 
 @dataclasses.dataclass
 class Converted:
-    """One HF model in unimoe terms. params: unimoe path -> float32 array; extra: HF tensors kept
-    verbatim; dtypes: every HF tensor's stored dtype, restored by `to_hf_tensors`."""
+    """One HF model in unimoe terms. params: unimoe path -> array in the HF tensor's stored dtype
+    (modules cast to float32 when loading; a bf16 checkpoint stays half the size); extra: HF
+    tensors kept verbatim; dtypes: every HF tensor's stored dtype, restored by `to_hf_tensors`."""
 
     family: str
     hf_config: dict
@@ -96,7 +97,7 @@ def _to_ours(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:
         out = a[: rule.rows]
     else:
         raise ValueError(f"unknown rule kind {rule.kind!r}")
-    return np.ascontiguousarray(out.astype(np.float32))
+    return np.ascontiguousarray(out)
 
 
 def _to_hf(rule: Rule, value: np.ndarray, extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -112,7 +113,7 @@ def _to_hf(rule: Rule, value: np.ndarray, extra: Mapping[str, np.ndarray]) -> di
     if rule.kind == "stack_linear":
         return {name: value[e].T for e, name in enumerate(names)}
     if rule.kind == "rows":
-        full = np.array(extra[names[0]], dtype=np.float32)
+        full = np.array(extra[names[0]])
         full[: rule.rows] = value
         return {names[0]: full}
     raise ValueError(f"unknown rule kind {rule.kind!r}")
@@ -128,6 +129,7 @@ def read_hf(hf_dir: str | pathlib.Path, options: Options = Options()) -> Convert
     files = hf_io.tensor_files(hf_dir)
     tensors = hf_io.read_tensors(hf_dir)
     family.check(hf_config, tensors, files)
+    dtypes = {name: str(tensor.dtype) for name, tensor in tensors.items()}
     shapes = param_shapes(abstract_modules(configs))
     params: dict[str, np.ndarray] = {}
     extra: dict[str, np.ndarray] = {}
@@ -156,6 +158,8 @@ def read_hf(hf_dir: str | pathlib.Path, options: Options = Options()) -> Convert
         used.update(rule.hf_names)
         if rule.kind == "rows":
             extra[rule.hf_names[0]] = tensors[rule.hf_names[0]]
+        for name in rule.hf_names:  # converted: free the HF copy (7B models are large)
+            tensors[name] = None
     unknown = sorted(n for n in tensors if n not in used and not family.kept(n))
     if unknown:
         raise ValueError(
@@ -166,7 +170,6 @@ def read_hf(hf_dir: str | pathlib.Path, options: Options = Options()) -> Convert
     uncovered = sorted(p for p in shapes if p not in params and not p.startswith(NEW_PARAMS))
     if uncovered:
         raise AssertionError(f"{family_name} map leaves unimoe params unset: {uncovered[:5]}")
-    dtypes = {name: str(tensor.dtype) for name, tensor in tensors.items()}
     return Converted(family_name, hf_config, configs, params, extra, dtypes)
 
 
