@@ -47,6 +47,39 @@ def resolve_moe_layers(spec: str | Sequence[int], num_layers: int) -> tuple[int,
     return tuple(sorted(layers))
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as Hugging Face's `rope_parameters` / `rope_scaling`.
+
+    'default': none; 'linear': positions divided by `factor` (Vicuna-16k style); 'llama3': low
+    frequencies divided by `factor`, high ones kept, the band between interpolated (Llama 3.1).
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}"
+            )
+        if self.factor <= 0:
+            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and not (
+            0 < self.low_freq_factor < self.high_freq_factor and self.original_max_positions > 0
+        ):
+            raise ValueError(
+                "RopeScaling 'llama3' needs 0 < low_freq_factor < high_freq_factor and "
+                f"original_max_positions > 0, got {self}"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
     """Decoder LM shape. Built from plain kwargs: nested `moe` / `lora` may be dicts and
@@ -54,6 +87,8 @@ class LLMConfig:
 
     dtype: activation (compute) dtype; parameters stay float32, the router and softmaxes run in
     float32 and logits are returned in float32.
+    qkv_bias: biases on the q, k and v projections (Qwen2 / Qwen2-MoE); LLaMA has none.
+    rope_scaling: a `RopeScaling` (or its kwargs) applied to the RoPE frequencies.
     """
 
     vocab_size: int
@@ -70,6 +105,8 @@ class LLMConfig:
     lora: LoRAConfig = LoRAConfig()
     tie_embeddings: bool = False
     dtype: str = "float32"
+    qkv_bias: bool = False
+    rope_scaling: RopeScaling = RopeScaling()
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim"):
@@ -95,6 +132,8 @@ class LLMConfig:
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if isinstance(self.lora, dict):
             object.__setattr__(self, "lora", LoRAConfig(**self.lora))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         object.__setattr__(self, "moe_layers", resolve_moe_layers(self.moe_layers, self.num_layers))
 
     @property
@@ -116,9 +155,33 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * normed
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [T, head_dim] for positions 0..T-1, the two halves repeated as in HF."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> jax.Array:
+    """Inverse frequencies [head_dim // 2], scaled as HF's `ROPE_INIT_FUNCTIONS`."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        context = scaling.original_max_positions
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(
+            wavelen > context / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq
+        )
+        smooth = (context / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelen >= context / scaling.high_freq_factor) & (
+            wavelen <= context / scaling.low_freq_factor
+        )
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, head_dim] for positions 0..T-1, the two halves repeated as in HF."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     angles_tf = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
     angles_th = jnp.concatenate([angles_tf, angles_tf], axis=-1)
     return jnp.cos(angles_th), jnp.sin(angles_th)
@@ -178,11 +241,13 @@ class Attention(nnx.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.resolved_head_dim
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
         q_width = cfg.num_heads * self.head_dim
         kv_width = cfg.num_kv_heads * self.head_dim
-        self.q = Linear(cfg.dim, q_width, lora=cfg.lora, rngs=rngs)
-        self.k = Linear(cfg.dim, kv_width, lora=cfg.lora, rngs=rngs)
-        self.v = Linear(cfg.dim, kv_width, lora=cfg.lora, rngs=rngs)
+        bias = cfg.qkv_bias
+        self.q = Linear(cfg.dim, q_width, lora=cfg.lora, use_bias=bias, rngs=rngs)
+        self.k = Linear(cfg.dim, kv_width, lora=cfg.lora, use_bias=bias, rngs=rngs)
+        self.v = Linear(cfg.dim, kv_width, lora=cfg.lora, use_bias=bias, rngs=rngs)
         self.o = Linear(q_width, cfg.dim, lora=cfg.lora, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array, attn_mask_bt: jax.Array) -> jax.Array:
@@ -191,7 +256,7 @@ class Attention(nnx.Module):
         q_bthd = self.q(x_btd).reshape(batch, seq, self.num_heads, self.head_dim)
         k_btgd = self.k(x_btd).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         v_btgd = self.v(x_btd).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-        cos_th, sin_th = rope_cos_sin(seq, self.head_dim, self.rope_theta)
+        cos_th, sin_th = rope_cos_sin(seq, self.head_dim, self.rope_theta, self.rope_scaling)
         q_bthd = apply_rope(q_bthd, cos_th, sin_th)
         k_btgd = apply_rope(k_btgd, cos_th, sin_th)
         # Query head h reads kv head h // group (HF repeat_kv), without materializing copies.

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimoe.convert import upcycle
+
 log = logging.getLogger(__name__)
 
 # Parameter-path regexes, matched against '/'-joined paths such as 'llm/layers/0/ffn/gate/kernel'.
@@ -29,13 +31,6 @@ TRAINABLE_PARTS: dict[str, str] = {
     'ffn': r'^llm/layers/\d+/ffn/',
     'lora': r'(^|/)lora',
     'router': r'/router/',
-}
-
-# Dense FFN weight -> expert-bank weight of the same layer (both [in, out] per expert).
-_UPCYCLE = {
-    'gate/kernel': 'experts/w_gate_edf',
-    'up/kernel': 'experts/w_up_edf',
-    'down/kernel': 'experts/w_down_efd',
 }
 
 
@@ -78,12 +73,15 @@ def load_params(
     model: nnx.Module,
     sources: Sequence[tuple[str, Mapping[str, np.ndarray]]],
     experts_from: Sequence[tuple[str, Mapping[str, np.ndarray]]] = (),
+    upcycle_mode: str = 'per_source',
 ) -> dict[str, str]:
     """Copies parameters into `model` by path; returns {path: source name} of what was copied.
 
-    `sources` are (name, flat params) applied in order. `experts_from[e]` fills expert `e` of every
-    MoE layer from the dense FFN at the same layer. A path found with a different shape is an error:
-    silently skipping it would train from a half-initialised model.
+    `sources` are (name, flat params) applied in order. `experts_from` fills the expert banks of
+    every MoE layer from the dense FFNs at the same layer (`unimoe.convert.upcycle`): with
+    'per_source', expert `e` from `experts_from[e]`; with 'copies' or 'slices', all experts from the
+    one source. A path found with a different shape is an error: silently skipping it would train
+    from a half-initialised model.
     """
     state = nnx.state(model, nnx.Param)
     origin: dict[str, str] = {}
@@ -94,35 +92,15 @@ def load_params(
             if key in flat:
                 value = _checked(key, flat[key], value.shape, name)
                 origin[key] = name
-        expert_key = _expert_source_key(key)
-        if experts_from and expert_key is not None:
-            if len(experts_from) != value.shape[0]:
-                raise ValueError(
-                    f"{key}: {value.shape[0]} experts but experts_from names {len(experts_from)} stages"
-                )
-            stacked = []
-            for name, flat in experts_from:
-                if expert_key not in flat:
-                    raise ValueError(
-                        f"{key}: stage {name!r} has no dense FFN weight {expert_key!r} to upcycle"
-                    )
-                stacked.append(_checked(expert_key, flat[expert_key], value.shape[1:], name))
-            value = np.stack(stacked)
-            origin[key] = '+'.join(name for name, _ in experts_from)
+        if experts_from:
+            upcycled = upcycle.expert_bank_value(key, value.shape, experts_from, upcycle_mode)
+            if upcycled is not None:
+                value = upcycled
+                origin[key] = '+'.join(name for name, _ in experts_from)
         # The State holds the model's own Variables, so this writes into the model.
         variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
     log.info('initialised %d params from earlier stages', len(origin))
     return origin
-
-
-def _expert_source_key(key: str) -> str | None:
-    match = re.match(r'^(llm/layers/\d+/ffn/)(.*)$', key)
-    if not match:
-        return None
-    for dense, expert in _UPCYCLE.items():
-        if match.group(2) == expert:
-            return match.group(1) + dense
-    return None
 
 
 def _checked(key: str, value: np.ndarray, shape: tuple[int, ...], source: str) -> np.ndarray:

@@ -1,0 +1,167 @@
+r"""Uni-MoE 4E (speech) at paper scale, assembled from converted pretrained checkpoints.
+
+Convert the three Hugging Face folders once (local copies; nothing is downloaded):
+
+  python -m unimoe.convert from-hf clip-vit-large-patch14-336 ckpt/clip
+  python -m unimoe.convert from-hf whisper-small ckpt/whisper --num-queries 50
+  python -m unimoe.convert from-hf vicuna-7b-v1.5 ckpt/vicuna
+
+then name them in the config arg:
+
+  --config=configs/unimoe_paper_4e.py:vicuna=ckpt/vicuna,clip=ckpt/clip,whisper=ckpt/whisper
+
+`config.pretrained` maps those labels to the directories; `unimoe.convert.core.pretrained_params`
+merges them into one flat source for `unimoe.train.stages.load_params` (the converted
+directories hold exactly the 'llm/', 'vision/' and 'audio/' + 'audio_conn/' parameters of this
+model, shape-checked by tests/convert/test_paper_config.py against the published config.json
+files). Stage 1 starts from that source; the connectors' own parts (the vision projector, the 50
+query embeddings and the speech projection) start new, as in Uni-MoE.
+
+Shapes (`../shared/reference/unimoe.md` §1-2): Vicuna-7B (4096 wide, 32 layers, 32 heads, FFN
+11008, vocab 32000), CLIP ViT-L/14-336 (576 patch tokens of hidden_states[-2]), Whisper-small
+encoder (3000 mel frames of 80 bins) and decoder as the speech connector (50 queries), experts on
+every layer, top-2 of 4 with the softmax over the top-k logits, LoRA r8 / alpha 16 / dropout 0.05.
+Stage 3: lr 4e-5, global batch 8, cosine, warmup 3%, weight decay 0, balance loss 0.01 (8E's
+value; the 4E code has none). Uni-MoE released only stage-3 scripts, so the stage-1/2 learning
+rates and every stage's step count here are this project's choices, to be set per data mixture.
+
+Not yet here: the LLaMA SentencePiece tokenizer (the model's vocab comes from the tokenizer, so the
+built-in byte-level BPE's vocab does not fit Vicuna's 32000-row embedding) and Uni-MoE's own data
+mixtures; `data` reads the built-in dataset at the paper's media shapes.
+"""
+
+import os
+
+import ml_collections
+
+from unimoe import config as config_lib
+
+MODALITY_STAGES = ('image', 'video', 'speech', 'audio')
+ALL_TASKS = (
+    'text_qa',
+    'image_qa',
+    'video_qa',
+    'speech_qa',
+    'audio_qa',
+    'image_speech_qa',
+    'image_caption',
+    'video_caption',
+    'speech_transcript',
+    'audio_caption',
+)
+CAPTION_TASKS = ('image_caption', 'video_caption', 'speech_transcript', 'audio_caption')
+STAGE2_TASKS = {
+    'image': ('image_qa', 'image_caption', 'text_qa'),
+    'video': ('video_qa', 'video_caption', 'text_qa'),
+    'speech': ('speech_qa', 'speech_transcript', 'image_speech_qa', 'text_qa'),
+    'audio': ('audio_qa', 'audio_caption', 'text_qa'),
+}
+
+
+def stage(
+    *, trains: str, tasks, steps: int, learning_rate: float, **kwargs
+) -> ml_collections.ConfigDict:
+    fields = dict(
+        trains=trains,
+        mode='chat',
+        tasks=','.join(tasks),
+        steps=steps,
+        learning_rate=learning_rate,
+        warmup_steps=max(1, steps * 3 // 100),
+        weight_decay=0.0,
+        grad_clip=1.0,
+        batch_size=8,
+        init_from='',
+        experts_from='',
+        moe=False,
+        lora_rank=0,
+        balance_coef=0.0,
+        z_coef=0.0,
+    )
+    fields.update(kwargs)
+    return ml_collections.ConfigDict(fields)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = config_lib.parse_arg(arg, vicuna='', clip='', whisper='')
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.pretrained = dict(llm=arg.vicuna, vision=arg.clip, audio=arg.whisper)
+    c.data = dict(
+        data_dir=os.environ.get('UNIMOE_DATA_DIR', os.path.join('.cache', 'unimoe_data')),
+        builder_config='tiny',
+        seq_len=2048,
+        batch_size=8,
+        image_size=336,
+        num_frames=8,
+        audio_frames=3000,
+        num_mel_bins=80,
+        n_image_tokens=576,
+        n_video_tokens=576,
+        n_audio_tokens=50,
+        skip_too_long=False,
+        seed=0,
+    )
+    c.model = dict(
+        llm=dict(
+            dim=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=32,
+            ffn_dim=11008,
+            rope_theta=10000.0,
+            norm_eps=1e-5,
+            dtype='bfloat16',
+        ),
+        vision=dict(
+            image_size=336,
+            patch_size=14,
+            width=1024,
+            depth=24,
+            num_heads=16,
+            mlp_dim=4096,
+            select_layer=-2,
+        ),
+        audio=dict(
+            num_mel_bins=80, max_frames=3000, width=768, depth=12, num_heads=12, mlp_dim=3072
+        ),
+        audio_conn=dict(num_queries=50, width=768, depth=12, num_heads=12, mlp_dim=3072),
+        moe_layers='all',
+        moe=dict(num_experts=len(MODALITY_STAGES), top_k=2, router='topk_softmax'),
+        lora=dict(alpha=16.0, dropout=0.05),
+    )
+
+    c.stage_order = ','.join(['s1_align'] + [f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe'])
+    c.stages = ml_collections.ConfigDict()
+    c.stages.s1_align = stage(
+        trains='connectors', tasks=CAPTION_TASKS, steps=10_000, learning_rate=1e-3
+    )
+    for m in MODALITY_STAGES:
+        c.stages[f's2_{m}'] = stage(
+            trains='ffn+connectors',
+            tasks=STAGE2_TASKS[m],
+            steps=10_000,
+            learning_rate=2e-5,
+            init_from='s1_align',
+        )
+    c.stages.s3_moe = stage(
+        trains='lora+router+connectors',
+        tasks=ALL_TASKS,
+        steps=20_000,
+        learning_rate=4e-5,
+        init_from='s1_align',
+        experts_from=','.join(f's2_{m}' for m in MODALITY_STAGES),
+        moe=True,
+        lora_rank=8,
+        balance_coef=0.01,
+    )
+    c.eval = dict(
+        stages=','.join([f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe']),
+        tasks='text_qa,image_qa,video_qa,speech_qa,audio_qa,image_speech_qa',
+        batch_size=8,
+        max_new_tokens=64,
+    )
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    return c

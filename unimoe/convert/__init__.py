@@ -1,0 +1,1 @@
+"""Hugging Face <-> unimoe weight conversion, parity checks and dense -> MoE upcycling."""
