@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import pipeline, tasks as tasks_lib
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
 from unimoe.train import checkpoint, metrics as metrics_lib, optim, stages, step as step_lib
@@ -86,8 +87,13 @@ def build_stage_model(
         config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed
     )
     sources = [(src, final_params(workdir, src)) for src in split_list(stage.init_from)]
+    pretrained = {label: d for label, d in config.get('pretrained', {}).items() if d}
+    if pretrained and not sources:
+        # The first stages start from the converted checkpoints (`python -m unimoe.convert`).
+        sources = [('pretrained', convert_core.pretrained_params(pretrained))]
     experts = [(src, final_params(workdir, src)) for src in split_list(stage.experts_from)]
-    return model, stages.load_params(model, sources, experts)
+    mode = stage.get('upcycle_mode', 'per_source')
+    return model, stages.load_params(model, sources, experts, upcycle_mode=mode)
 
 
 def train_stage(
@@ -191,10 +197,15 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
                     f"stage {name!r} starts from {source!r}, which does not run before it"
                 )
         experts = split_list(stage.experts_from)
-        if experts and (not stage.moe or len(experts) != config.model.moe.num_experts):
+        mode = stage.get('upcycle_mode', 'per_source')
+        if mode not in upcycle.MODES:
+            raise ValueError(f"stage {name!r}: upcycle_mode={mode!r} is not one of {upcycle.MODES}")
+        wanted = config.model.moe.num_experts if mode == 'per_source' else 1
+        if experts and (not stage.moe or len(experts) != wanted):
             raise ValueError(
-                f"stage {name!r}: experts_from names {len(experts)} stages; it needs "
-                f"moe=True and model.moe.num_experts={config.model.moe.num_experts} sources"
+                f"stage {name!r}: experts_from names {len(experts)} stages; upcycle_mode="
+                f"{mode!r} needs moe=True and {wanted} source(s) (model.moe.num_experts="
+                f"{config.model.moe.num_experts})"
             )
         if stage.steps < 1:
             raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
