@@ -51,14 +51,14 @@ def wav_bytes(seconds: float, rate: int = 22050, channels: int = 1, freq: float 
 
 
 def video_bytes(num_frames: int, hw=(32, 48)) -> bytes:
-    """An MPEG-4 clip whose frame i is uniformly grey level 10 + 20 i (so sampling is checkable)."""
+    """An MPEG-4 clip whose frame i is uniformly grey level 10 + 15 i (so sampling is checkable)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.height, stream.width = hw
         stream.pix_fmt = "yuv420p"
         for i in range(num_frames):
-            frame = np.full((*hw, 3), 10 + 20 * i, np.uint8)
+            frame = np.full((*hw, 3), 10 + 15 * i, np.uint8)
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return buf.getvalue()
