@@ -33,7 +33,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes now: a truncated file fails here, not later in a worker
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"{name}: cannot decode image ({e})") from e
 
@@ -75,7 +75,7 @@ _AUDIO_PROBE_OPTIONS = {"probesize": "32768"}
 
 
 def _read_pcm_wav(data: bytes) -> tuple[np.ndarray, int] | None:
-    """[channels, samples] floats and the rate of a 16-bit PCM WAV (stdlib `wave`), else None.
+    """Mono samples (channel mean) and rate of a 16-bit PCM WAV (stdlib `wave`), else None.
 
     The common case of speech corpora, read without FFmpeg's per-file setup (~10 ms).
     """
@@ -89,11 +89,12 @@ def _read_pcm_wav(data: bytes) -> tuple[np.ndarray, int] | None:
             pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
     except (wave.Error, EOFError):
         return None  # let FFmpeg try, and report
-    return pcm.reshape(-1, channels).T / 32768.0, rate
+    return pcm.reshape(-1, channels).mean(axis=1) / 32768.0, rate
 
 
-def _decode_with_ffmpeg(data: bytes, name: str) -> tuple[list[np.ndarray], int | None]:
-    chunks, rate = [], None
+def _decode_with_ffmpeg(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
+    """Mono samples (channel mean) and rate of any audio FFmpeg decodes."""
+    chunks, rate = [np.zeros(0)], None
     try:
         with av.open(io.BytesIO(data), mode="r", options=_AUDIO_PROBE_OPTIONS) as container:
             if not container.streams.audio:
@@ -106,10 +107,10 @@ def _decode_with_ffmpeg(data: bytes, name: str) -> tuple[list[np.ndarray], int |
                     samples = samples.reshape(-1, len(frame.layout.channels)).T
                 if samples.dtype.kind == "i":
                     samples = samples / float(np.iinfo(samples.dtype).max + 1)
-                chunks.append(samples.astype(np.float64))
+                chunks.append(samples.astype(np.float64).mean(axis=0))
     except av.error.FFmpegError as e:
         raise MediaError(f"{name}: cannot decode audio ({e})") from e
-    return chunks, rate
+    return np.concatenate(chunks), rate
 
 
 def decode_audio(data: bytes, name: str, sample_rate: int = media.SAMPLE_RATE) -> np.ndarray:
@@ -117,12 +118,9 @@ def decode_audio(data: bytes, name: str, sample_rate: int = media.SAMPLE_RATE) -
 
     16-bit PCM WAVs are read with the stdlib; everything else (and WAVs it rejects) with PyAV.
     """
-    pcm = _read_pcm_wav(data)
-    chunks, rate = ([pcm[0]], pcm[1]) if pcm is not None else _decode_with_ffmpeg(data, name)
-    chunks = [c.mean(axis=0) for c in chunks]
-    if not chunks or sum(len(c) for c in chunks) == 0:
+    samples, rate = _read_pcm_wav(data) or _decode_with_ffmpeg(data, name)
+    if len(samples) == 0:
         raise MediaError(f"{name}: audio has no samples")
-    samples = np.concatenate(chunks)
     if rate != sample_rate:
         samples = speech.resample(samples, rate, sample_rate)
     return samples.astype(np.float32)

@@ -87,25 +87,19 @@ def reference_supervision(
 
 
 def _expand(
-    ids: Sequence[int],
-    supervised: np.ndarray,
-    tokenizer: PretrainedTokenizer,
-    media_lengths: dict[int, Sequence[int]],
+    ids: Sequence[int], supervised: np.ndarray, media_lengths: dict[int, Sequence[int]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each placeholder -> its media's token count (k-th audio tag -> k-th length), unsupervised."""
-    counters = dict.fromkeys(media_lengths, 0)
-    out_ids: list[int] = []
-    out_sup: list[bool] = []
-    for token, sup in zip(ids, supervised, strict=True):
-        if token in media_lengths:
-            length = media_lengths[token][counters[token]]
-            counters[token] += 1
-            out_ids += [token] * length
-            out_sup += [False] * length
-        else:
-            out_ids.append(token)
-            out_sup.append(bool(sup))
-    return np.asarray(out_ids, np.int32), np.asarray(out_sup, bool)
+    ids = np.asarray(ids, np.int32)
+    repeats = np.ones(len(ids), np.int64)
+    is_media = np.zeros(len(ids), bool)
+    for token, lengths in media_lengths.items():
+        positions = np.flatnonzero(ids == token)
+        if len(positions) > len(lengths):
+            raise ValueError(f"{len(positions)} placeholders {token} for {len(lengths)} media")
+        repeats[positions] = lengths[: len(positions)]
+        is_media[positions] = True
+    return np.repeat(ids, repeats), np.repeat(supervised & ~is_media, repeats)
 
 
 def _media_lengths(
@@ -140,7 +134,7 @@ def build_example(
     ids = tokenize(text, tokenizer)
     supervised = reference_supervision(text, ids, tokenizer)
     lengths = _media_lengths(tokenizer, n_image_tokens, n_video_tokens, audio_tokens)
-    tokens, supervised = _expand(ids, supervised, tokenizer, lengths)
+    tokens, supervised = _expand(ids, supervised, lengths)
     if len(tokens) > seq_len:
         raise SequenceTooLongError(f"{len(tokens)} tokens, more than seq_len={seq_len}")
     padded = np.full((seq_len,), tokenizer.pad_id, np.int32)
@@ -161,5 +155,5 @@ def build_prompt(
     """Eval prompt int32 [prompt_len], ending in "ASSISTANT:" (a trailing gpt turn is left out)."""
     ids = tokenize(conversation_text(conversations, with_last_answer=False), tokenizer)
     lengths = _media_lengths(tokenizer, n_image_tokens, n_video_tokens, audio_tokens)
-    tokens, _ = _expand(ids, np.zeros(len(ids), bool), tokenizer, lengths)
+    tokens, _ = _expand(ids, np.zeros(len(ids), bool), lengths)
     return tokens
