@@ -1,6 +1,7 @@
 """The `unimoe_json` TFDS builder, its grain pipeline (on_error, resume, sharding, mixtures,
 grouping, buckets) and the `python -m unimoe.data check` CLI, on a corpus of real media files."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -243,3 +244,14 @@ def test_check_cli_passes_the_fixture_files_without_media(name):
     out = _run_check(real_corpus.FIXTURES / name, "--no-media")
     assert out.returncode == 0, out.stdout
     assert out.stdout.strip().splitlines()[-1].endswith(" ok, 0 errors")
+
+
+def test_too_many_audio_chunks_is_a_record_error(corpus):
+    raw = json.loads(corpus["dirty_json"].read_text())[4]  # 3 voice files: 1 + 1 + 3 chunks
+    builder = json_pipeline.ExampleBuilder(_config(corpus), corpus["tokenizer"])
+    example = builder(json.dumps(raw), 4, "t.json")
+    assert example["audio_chunk_mask"].sum() == 5
+    short = json_pipeline.ExampleBuilder(_config(corpus, max_audio_chunks=4), corpus["tokenizer"])
+    with pytest.raises(formats.RecordError, match="5 audio chunks of 200 frames") as info:
+        short(json.dumps(raw), 4, "t.json")
+    assert (info.value.index, info.value.field) == (4, "voice")

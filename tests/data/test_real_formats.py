@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 import zipfile
 
 import numpy as np
@@ -80,6 +81,19 @@ def test_bad_records_name_file_index_id_and_field(raw, field, message):
         formats.parse_record(raw, 3, "f.json")
     assert (info.value.file, info.value.index, info.value.field) == ("f.json", 3, field)
     assert str(info.value).startswith("f.json: record 3 (id ")
+
+
+def test_record_errors_survive_pickling_between_processes():
+    error = formats.RecordError("f.json", 4, "r4", "voice[1]", "no such file")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.file, copy.index, copy.record_id, copy.field, copy.message) == (
+        "f.json",
+        4,
+        "r4",
+        "voice[1]",
+        "no such file",
+    )
+    assert str(copy) == str(error)
 
 
 def test_media_store_reads_folders_and_zips(tmp_path):

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import os
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 IMAGE_TAG, VIDEO_TAG, AUDIO_TAG = "<image>", "<video>", "<audio>"
@@ -37,6 +37,10 @@ class RecordError(ValueError):
         self.file, self.index, self.record_id, self.field = file, index, record_id, field
         self.message = message
         super().__init__(f"{file}: record {index} (id {record_id!r}), field {field!r}: {message}")
+
+    def __reduce__(self):
+        # Pickled across grain worker processes; the default would pass only the message.
+        return type(self), (self.file, self.index, self.record_id, self.field, self.message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,18 +68,6 @@ class Record:
 
     def error(self, field: str, message: str) -> RecordError:
         return RecordError(self.file, self.index, self.id, field, message)
-
-    def to_json(self) -> str:
-        """The normalised record, readable back with `parse_record`."""
-        out: dict[str, Any] = {"id": self.id, "conversations": list(self.conversations)}
-        if self.images:
-            out["image"] = list(self.images)
-        if self.video:
-            out["video"] = list(self.video)
-        if self.voices:
-            out["voice"] = list(self.voices)
-        out.update(self.extra)
-        return json.dumps(out)
 
 
 def _record_id(raw: Any, index: int) -> str:
@@ -201,7 +193,7 @@ def read_vqa_annotations(path: str | os.PathLike) -> dict[str, list[str]]:
     out = {}
     for index, row in enumerate(rows):
         answers = row.get("answers") if isinstance(row, dict) else None
-        if "question_id" not in row or not isinstance(answers, list):
+        if not isinstance(answers, list) or "question_id" not in row:
             raise RecordError(
                 path, index, _record_id(row, index), "answers", "missing or not a list"
             )
@@ -256,8 +248,3 @@ class MediaStore:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": self.root, "_zip": None, "_zip_pid": -1}
-
-
-def summarize(items: Sequence[Record | RecordError]) -> str:
-    bad = sum(isinstance(i, RecordError) for i in items)
-    return f"{len(items)} records, {len(items) - bad} ok, {bad} errors"

@@ -142,28 +142,30 @@ class ExampleBuilder:
         return np.stack([self._image(record, record.video[i], f"video[{i}]") for i in picked])
 
     def _audio(self, record: formats.Record) -> list[np.ndarray]:
-        """Log-mel chunks [c_k, A, M] of each voice file."""
-        cfg, out = self.cfg, []
+        """Log-mel chunks [c_k, A, M] of each voice file; too many chunks in all is an error
+        (the reference cuts each file at 20 chunks without a word)."""
+        cfg, waves = self.cfg, []
         for k, path in enumerate(record.voices):
             field = f"voice[{k}]"
             try:
-                wave = preprocess.decode_audio(
-                    self._read(record, field, path), self.store.resolve(path)
+                waves.append(
+                    preprocess.decode_audio(
+                        self._read(record, field, path), self.store.resolve(path)
+                    )
                 )
             except preprocess.MediaError as e:
                 raise record.error(field, str(e)) from None
-            out.append(
-                preprocess.chunked_log_mel(
-                    wave, cfg.num_mel_bins, cfg.audio_frames, cfg.max_audio_chunks
-                )
-            )
-        if sum(len(c) for c in out) > cfg.max_audio_chunks:
+        counts = [preprocess.num_audio_chunks(len(w), cfg.audio_frames) for w in waves]
+        if sum(counts) > cfg.max_audio_chunks:
             raise record.error(
                 "voice",
-                f"{sum(len(c) for c in out)} audio chunks of {cfg.audio_frames} frames, more than "
+                f"{sum(counts)} audio chunks of {cfg.audio_frames} frames, more than "
                 f"max_audio_chunks={cfg.max_audio_chunks}",
             )
-        return out
+        return [
+            preprocess.chunked_log_mel(w, cfg.num_mel_bins, cfg.audio_frames, c)
+            for w, c in zip(waves, counts, strict=True)
+        ]
 
     def __call__(self, raw_json: str, index: int, file: str) -> dict[str, np.ndarray]:
         cfg = self.cfg

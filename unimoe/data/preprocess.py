@@ -137,7 +137,8 @@ def chunked_log_mel(
     """float32 [C, frames_per_chunk, num_mel_bins]: consecutive chunks, each a Whisper log-mel.
 
     The last chunk is zero-padded (as WhisperFeatureExtractor pads to 30 s); chunks past
-    `max_chunks` are dropped (the reference caps a file at 20 chunks = 10 minutes).
+    `max_chunks` are dropped (the reference caps a file at 20 chunks = 10 minutes; the pipeline
+    rejects such records instead).
     The reference's chunks overlap by one sample (it takes 480001 samples and the extractor
     keeps 480000); these are exact consecutive 30-s windows.
     """
