@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
@@ -14,6 +16,7 @@ from absl import flags
 from tests.data import real_corpus
 from unimoe.data import formats, json_builder, json_pipeline
 from unimoe.data.tokenizer import PretrainedTokenizer
+from unimoe.train.checkpoint import Checkpointer
 
 NUM_GOOD = 7  # records per copy in real_corpus.write_corpus
 
@@ -255,3 +258,27 @@ def test_too_many_audio_chunks_is_a_record_error(corpus):
     with pytest.raises(formats.RecordError, match="5 audio chunks of 200 frames") as info:
         short(json.dumps(raw), 4, "t.json")
     assert (info.value.index, info.value.field) == (4, "voice")
+
+
+def test_project_checkpointer_restores_a_worker_pipeline(corpus, tmp_path):
+    """Through `train.checkpoint.Checkpointer` (orbax + grain), with worker processes and skips."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    cfg = _config(corpus, sources=("clean", "dirty"), on_error="skip", worker_count=2)
+    tok, state = corpus["tokenizer"], {"w": jnp.arange(3.0)}
+    iterator = iter(json_pipeline.make_dataset(cfg, tok))
+    for _ in range(3):
+        next(iterator)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, state, iterator)
+        ckpt.wait()
+    following = [next(iterator) for _ in range(3)]
+    iterator.close()
+    fresh = iter(json_pipeline.make_dataset(cfg, tok))
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.restore(3, jax.eval_shape(lambda: state), fresh)
+    for want in following:
+        got = next(fresh)
+        for key in ("tokens", "loss_mask", "image", "audio_mel", "num_skipped"):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    fresh.close()
