@@ -1,1 +1,2 @@
-"""Data: offline media synthesis (`media`), the built-in task records and TFDS builder, grain pipelines."""
+"""Data: the built-in synthetic dataset (`media`, `tasks`, `builtin`, `pipeline`) and real Uni-MoE data
+(`formats`, `preprocess`, `vicuna`, `json_builder`, `json_pipeline`, `check`)."""

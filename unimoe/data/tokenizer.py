@@ -93,3 +93,65 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` with special tokens (pad, BOS, EOS, media) skipped; does not stop at EOS."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class PretrainedTokenizer:
+    """A LLaMA-style tokenizer read from local files: SentencePiece `tokenizer.model` or `tokenizer.json`.
+
+    Ids are the file's; pad is unk (LLaMA's `pad_token = unk_token`). The media placeholders, which
+    the model replaces before embedding (the reference uses negative sentinels), get the first ids
+    past the vocabulary: image = vocab, video = vocab + 1, audio = vocab + 2, so `vocab_size`
+    counts them and an embedding table of that size can look every id up.
+    `encode` treats its text as one SentencePiece call (dummy-prefix space included), the way the
+    reference tokenizes each piece between media tags.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        if path.endswith(".json"):
+            self._json = tokenizers.Tokenizer.from_file(path)
+            self._sp = None
+            ids = {t: self._json.token_to_id(t) for t in ("<unk>", "<s>", "</s>")}
+            missing = [t for t, i in ids.items() if i is None]
+            if missing:
+                raise ValueError(f"{path}: no special token(s) {missing}")
+            self.unk_id, self.bos_id, self.eos_id = ids["<unk>"], ids["<s>"], ids["</s>"]
+            base = self._json.get_vocab_size(with_added_tokens=True)
+        else:
+            import sentencepiece  # only needed for `tokenizer.model` files
+
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+            self._json = None
+            self.unk_id, self.bos_id, self.eos_id = (
+                self._sp.unk_id(),
+                self._sp.bos_id(),
+                self._sp.eos_id(),
+            )
+            if min(self.bos_id, self.eos_id) < 0:
+                raise ValueError(f"{path}: the SentencePiece model has no BOS / EOS ids")
+            base = self._sp.get_piece_size()
+        self.path = path
+        self.pad_id = self.unk_id
+        self.image_id, self.video_id, self.audio_id = base, base + 1, base + 2
+        self.vocab_size = base + 3
+
+    def encode(self, text: str) -> list[int]:
+        if self._sp is not None:
+            return self._sp.encode(text)
+        return self._json.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        kept = [int(i) for i in ids if i < self.image_id and i not in (self.bos_id, self.eos_id)]
+        kept = [i for i in kept if i != self.pad_id]
+        if self._sp is not None:
+            return self._sp.decode(kept)
+        return self._json.decode(kept, skip_special_tokens=True)
+
+    def __getstate__(self) -> dict:
+        # SentencePiece processors do not pickle: grain workers reload from the file.
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])

@@ -1,0 +1,7 @@
+"""`python -m unimoe.data check ...` (see `unimoe.data.check`)."""
+
+import sys
+
+from unimoe.data.check import main
+
+sys.exit(main())

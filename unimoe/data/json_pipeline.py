@@ -1,0 +1,400 @@
+"""grain pipelines over `unimoe_json` datasets: Uni-MoE records -> model batches, bad input handled.
+
+Per source dataset (one prepared JSON file): this host's shard of the records -> an infinite
+deterministic order (shuffled each epoch; with `group_by_modality`, Uni-MoE's sampler: records
+grouped by modality type, sorted by length within windows, cut into batches, batches shuffled) ->
+`ExampleBuilder` (validation, media decoding, CLIP / Whisper preprocessing, tokenization) ->
+bad records raised or skipped and counted (`on_error`) -> batches. Sources are mixed batch by
+batch with `weights`, so a batch never mixes sources or (grouped) modality types. `seq_buckets`
+trims each batch's token arrays to the smallest bucket holding its longest row. Every stage is a
+grain dataset, so `iter(...).get_state()` / `set_state()` (and the project's checkpointer)
+restore the exact position, with `worker_count` processes preprocessing ahead.
+
+Batch keys (docs/design.md, "Real data"): the design batch format, except that audio is
+`audio_mel` float32 [B, C, A, M] with `audio_chunk_mask` bool [B, C] (C chunks of A frames: every
+chunk of every voice file of the row, in order; each `<audio>` tag expands to n_audio_tokens per
+chunk of its file), plus `modality_type` int32 [B] and `num_skipped` int32 [B] (bad records
+skipped just before each row; their sum over batches is the skip count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from unimoe.data import formats, json_builder, preprocess, vicuna
+from unimoe.data.conversation import SequenceTooLongError
+from unimoe.data.tasks import MODALITIES
+from unimoe.data.tokenizer import PretrainedTokenizer
+
+ON_ERROR = ("raise", "skip")
+_ERROR_KEY = "_error"
+# Modality type (video 4 + voice 2 + image 1) -> index into tasks.MODALITIES. A `voice` file may be
+# speech or sound; it counts as speech (the reference's speech model reads both with Whisper).
+_MODALITY_OF_TYPE = {
+    0: "text",
+    1: "image",
+    2: "speech",
+    3: "image_speech",
+    4: "video",
+    5: "video",
+    6: "video",
+    7: "video",
+}
+# Records sorted by length together, per modality group (Uni-MoE's megabatch = batch * this).
+_LENGTH_WINDOW_BATCHES = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JsonDataConfig:
+    """Shapes and policies of the real-data pipeline (defaults: the reference's preprocessing)."""
+
+    data_dir: str
+    sources: tuple[str, ...]  # `unimoe_json` config names, prepared in data_dir
+    media_root: str | None  # folder or zip the records' media paths are relative to
+    weights: tuple[float, ...] = ()  # per source, fraction of batches; () = equal
+    seq_len: int
+    batch_size: int  # global: each of `shard_count` hosts gets batch_size / shard_count rows
+    image_size: int = 336
+    image_aspect: str = "square"
+    num_frames: int = 8
+    num_mel_bins: int = 80
+    audio_frames: int = 3000  # per chunk: 3000 frames * 10 ms = 30 s
+    max_audio_chunks: int = 4  # per record, over all its voice files
+    n_image_tokens: int = 576
+    n_video_tokens: int = 576
+    n_audio_tokens: int = 50  # per chunk
+    on_error: str = "raise"
+    group_by_modality: bool = False
+    seq_buckets: tuple[int, ...] = ()
+    seed: int = 0
+    worker_count: int = 0
+
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.image_aspect not in preprocess.IMAGE_ASPECTS:
+            raise ValueError(
+                f"image_aspect must be one of {preprocess.IMAGE_ASPECTS}, got {self.image_aspect!r}"
+            )
+        if not self.sources:
+            raise ValueError("sources must name at least one prepared unimoe_json dataset")
+        if self.weights and len(self.weights) != len(self.sources):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.sources)} sources")
+        if any(b > self.seq_len for b in self.seq_buckets):
+            raise ValueError(f"seq_buckets {self.seq_buckets} exceed seq_len={self.seq_len}")
+
+
+class ExampleBuilder:
+    """One raw record -> one unbatched example; any bad input raises `formats.RecordError`."""
+
+    def __init__(
+        self, cfg: JsonDataConfig, tokenizer: PretrainedTokenizer | None, read_media: bool = True
+    ):
+        """Without a tokenizer, records are validated (and media decoded) but not tokenized."""
+        self.cfg, self.tokenizer, self.read_media = cfg, tokenizer, read_media
+        self.store = formats.MediaStore(cfg.media_root) if read_media else None
+
+    def parse(self, raw_json: str, index: int, file: str) -> formats.Record:
+        try:
+            raw = json.loads(raw_json)
+        except json.JSONDecodeError as e:
+            raise formats.RecordError(file, index, f"#{index}", "<record>", f"bad JSON ({e})")
+        return formats.parse_record(raw, index, file)
+
+    def _read(self, record: formats.Record, field: str, path: str) -> bytes:
+        try:
+            return self.store.read(path)
+        except OSError as e:
+            raise record.error(field, str(e)) from None
+
+    def _image(self, record: formats.Record, path: str, field: str) -> np.ndarray:
+        try:
+            pixels = preprocess.decode_image(
+                self._read(record, field, path), self.store.resolve(path)
+            )
+        except preprocess.MediaError as e:
+            raise record.error(field, str(e)) from None
+        return preprocess.clip_transform(pixels, self.cfg.image_size, self.cfg.image_aspect)
+
+    def _video(self, record: formats.Record) -> np.ndarray:
+        cfg = self.cfg
+        if record.is_video_file:
+            path = record.video[0]
+            try:
+                frames = preprocess.decode_video(
+                    self._read(record, "video", path), self.store.resolve(path), cfg.num_frames
+                )
+            except preprocess.MediaError as e:
+                raise record.error("video", str(e)) from None
+            return np.stack(
+                [preprocess.clip_transform(f, cfg.image_size, cfg.image_aspect) for f in frames]
+            )
+        picked = preprocess.sample_frame_indices(len(record.video), cfg.num_frames)
+        return np.stack([self._image(record, record.video[i], f"video[{i}]") for i in picked])
+
+    def _audio(self, record: formats.Record) -> list[np.ndarray]:
+        """Log-mel chunks [c_k, A, M] of each voice file; too many chunks in all is an error
+        (the reference cuts each file at 20 chunks without a word)."""
+        cfg, waves = self.cfg, []
+        for k, path in enumerate(record.voices):
+            field = f"voice[{k}]"
+            try:
+                waves.append(
+                    preprocess.decode_audio(
+                        self._read(record, field, path), self.store.resolve(path)
+                    )
+                )
+            except preprocess.MediaError as e:
+                raise record.error(field, str(e)) from None
+        counts = [preprocess.num_audio_chunks(len(w), cfg.audio_frames) for w in waves]
+        if sum(counts) > cfg.max_audio_chunks:
+            raise record.error(
+                "voice",
+                f"{sum(counts)} audio chunks of {cfg.audio_frames} frames, more than "
+                f"max_audio_chunks={cfg.max_audio_chunks}",
+            )
+        return [
+            preprocess.chunked_log_mel(w, cfg.num_mel_bins, cfg.audio_frames, c)
+            for w, c in zip(waves, counts, strict=True)
+        ]
+
+    def __call__(self, raw_json: str, index: int, file: str) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        record = self.parse(raw_json, index, file)
+        if len(record.conversations) % 2:
+            raise record.error("conversations", "must end with a gpt turn for training")
+        size, chunk_shape = cfg.image_size, (cfg.audio_frames, cfg.num_mel_bins)
+        example = {
+            "image": np.zeros((size, size, 3), np.float32),
+            "video": np.zeros((cfg.num_frames, size, size, 3), np.float32),
+            "audio_mel": np.zeros((cfg.max_audio_chunks, *chunk_shape), np.float32),
+            "audio_chunk_mask": np.zeros((cfg.max_audio_chunks,), bool),
+            "has_image": np.bool_(bool(record.images)),
+            "has_video": np.bool_(bool(record.video)),
+            "has_audio": np.bool_(bool(record.voices)),
+        }
+        chunks_per_file = [1] * len(record.voices)  # --no-media: one chunk per file assumed
+        if self.read_media:
+            if record.images:
+                example["image"] = self._image(record, record.images[0], "image")
+            if record.video:
+                example["video"] = self._video(record)
+            if record.voices:
+                per_file = self._audio(record)
+                chunks_per_file = [len(m) for m in per_file]
+                mels = np.concatenate(per_file)
+                example["audio_mel"][: len(mels)] = mels
+                example["audio_chunk_mask"][: len(mels)] = True
+        if self.tokenizer is None:
+            return example
+        try:
+            tokens, loss_mask = vicuna.build_example(
+                record.conversations,
+                self.tokenizer,
+                n_image_tokens=cfg.n_image_tokens,
+                n_video_tokens=cfg.n_video_tokens,
+                audio_tokens=[cfg.n_audio_tokens * c for c in chunks_per_file],
+                seq_len=cfg.seq_len,
+            )
+        except (SequenceTooLongError, vicuna.TemplateMismatchError) as e:
+            raise record.error("conversations", str(e)) from None
+        # Right padding: real positions run up to the last non-pad token.
+        length = int(np.flatnonzero(tokens != self.tokenizer.pad_id)[-1]) + 1
+        example.update(
+            tokens=tokens,
+            loss_mask=loss_mask,
+            attn_mask=np.arange(cfg.seq_len) < length,
+            modality_type=np.int32(record.modality_type),
+            modality=np.int32(MODALITIES.index(_MODALITY_OF_TYPE[record.modality_type])),
+        )
+        return example
+
+
+def _epoch_order(
+    keys: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator, grouped: bool
+) -> np.ndarray:
+    """One epoch's permutation of range(len(keys)).
+
+    Ungrouped: a shuffle. Grouped (Uni-MoE's `group_by_modality_length`): per key, shuffle, sort
+    windows of `_LENGTH_WINDOW_BATCHES` batches by length (longest first), cut into batches, drop
+    each key's last partial batch, then shuffle the batches of all keys together.
+    """
+    if not grouped:
+        return rng.permutation(len(keys))
+    batches = []
+    for key in np.unique(keys):
+        members = rng.permutation(np.flatnonzero(keys == key))
+        window = batch_size * _LENGTH_WINDOW_BATCHES
+        for start in range(0, len(members), window):
+            part = members[start : start + window]
+            members[start : start + window] = part[np.argsort(-lengths[part], kind="stable")]
+        full = len(members) // batch_size * batch_size
+        batches += list(members[:full].reshape(-1, batch_size))
+    if not batches:
+        raise ValueError(f"no modality group has a full batch of {batch_size} records")
+    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+
+
+class _EpochOrderDataset(grain.MapDataset):
+    """Infinite random-access view of `parent`: element i is epoch i // n's permutation at i % n."""
+
+    def __init__(
+        self, parent: grain.MapDataset, keys, lengths, batch_size: int, seed: int, grouped: bool
+    ):
+        super().__init__(parent)
+        self._keys, self._lengths = np.asarray(keys), np.asarray(lengths)
+        self._batch_size, self._seed, self._grouped = batch_size, seed, grouped
+        self._epoch_len = len(
+            _epoch_order(self._keys, self._lengths, batch_size, np.random.default_rng(0), grouped)
+        )
+        self._cached: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return np.iinfo(np.int64).max // 2
+
+    def __str__(self) -> str:
+        return f"EpochOrder(grouped={self._grouped})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, self._epoch_len)
+        if self._cached[0] != epoch:
+            rng = np.random.default_rng((self._seed, epoch))
+            order = _epoch_order(self._keys, self._lengths, self._batch_size, rng, self._grouped)
+            self._cached = (epoch, order)
+        return self._parent[int(self._cached[1][position])]
+
+
+class _BuildExample(grain.transforms.Map):
+    """Raw record -> example, or {_ERROR_KEY: message} (never raises, so workers keep going)."""
+
+    def __init__(self, builder: ExampleBuilder, file: str):
+        self.builder, self.file = builder, file
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        raw = element["raw"]
+        raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+        try:
+            return self.builder(raw, int(element["index"]), self.file)
+        except formats.RecordError as e:
+            return {_ERROR_KEY: json.dumps([e.file, e.index, e.record_id, e.field, e.message])}
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, on_error: str, patience: int):
+        super().__init__(parent)
+        self._on_error, self._patience = on_error, patience
+
+    def __next__(self) -> dict[str, Any]:
+        skipped = 0
+        while True:
+            element = next(self._parent)
+            if _ERROR_KEY not in element:
+                return {**element, "num_skipped": np.int32(skipped)}
+            error = formats.RecordError(*json.loads(element[_ERROR_KEY]))
+            if self._on_error == "raise":
+                raise error
+            skipped += 1
+            logging.warning("skipping bad record: %s", error)
+            if skipped > self._patience:
+                raise ValueError(f"{skipped} bad records in a row; the last: {error}")
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class _SkipBadDataset(grain.IterDataset):
+    """Raises on bad records ('raise') or drops them, counting each in the next row's num_skipped."""
+
+    def __init__(self, parent: grain.IterDataset, on_error: str, patience: int):
+        super().__init__(parent)
+        self._on_error, self._patience = on_error, patience
+
+    def __iter__(self) -> _SkipBadIterator:
+        return _SkipBadIterator(self._parent.__iter__(), self._on_error, self._patience)
+
+    def __str__(self) -> str:
+        return f"SkipBad(on_error={self._on_error})"
+
+
+def _trim_to_bucket(batch: dict[str, np.ndarray], buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    longest = int(batch["attn_mask"].sum(axis=1).max())
+    target = min((b for b in buckets if b >= longest), default=batch["tokens"].shape[1])
+    return {
+        k: v[:, :target] if k in ("tokens", "loss_mask", "attn_mask") else v
+        for k, v in batch.items()
+    }
+
+
+def _source_batches(
+    cfg: JsonDataConfig,
+    tokenizer: PretrainedTokenizer,
+    name: str,
+    source_seed: int,
+    shard_index: int,
+    shard_count: int,
+) -> grain.IterDataset:
+    builder = json_builder.builder(cfg.data_dir, name)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"unimoe_json/{name} is not built in {cfg.data_dir}; run json_builder.prepare first"
+        )
+    source = builder.as_data_source(split=json_builder.SPLIT)
+    shard = grain.MapDataset.source(source)[shard_index::shard_count]
+    # Sampling keys only: reads each record's text, no media.
+    keys = np.array([shard[i]["modality_type"] for i in range(len(shard))])
+    lengths = np.array([shard[i]["text_len"] for i in range(len(shard))])
+    per_shard = cfg.batch_size // shard_count
+    ordered = _EpochOrderDataset(
+        shard, keys, lengths, per_shard, source_seed, cfg.group_by_modality
+    )
+    examples = ordered.map(_BuildExample(ExampleBuilder(cfg, tokenizer), f"unimoe_json/{name}"))
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * per_shard)
+    # A whole epoch of bad records in a row means nothing usable is left.
+    kept = _SkipBadDataset(examples.to_iter_dataset(read), cfg.on_error, patience=len(shard))
+    return kept.batch(per_shard, drop_remainder=True)
+
+
+def make_dataset(
+    cfg: JsonDataConfig,
+    tokenizer: PretrainedTokenizer,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """Infinite batches of this host's shard; `iter()` it, and checkpoint the iterator."""
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+    if cfg.batch_size % shard_count:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is not divisible by shard_count={shard_count}"
+        )
+    per_source = [
+        _source_batches(cfg, tokenizer, name, cfg.seed * 1000 + i, shard_index, shard_count)
+        for i, name in enumerate(cfg.sources)
+    ]
+    weights = list(cfg.weights) or [1.0] * len(per_source)
+    batches = per_source[0] if len(per_source) == 1 else grain.IterDataset.mix(per_source, weights)
+    if cfg.seq_buckets:
+        buckets = sorted(cfg.seq_buckets)
+        batches = batches.map(functools.partial(_trim_to_bucket, buckets=buckets))
+    if cfg.worker_count:
+        # Workers already run one per core; OpenBLAS's own threads (one per core in every worker)
+        # only contend with them: the log-mel projection runs 4x slower on 2 cores. Spawned
+        # workers read this when they load numpy (the parent's BLAS is already set up).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return batches

@@ -1,0 +1,174 @@
+"""Decoding and preprocessing of real media files, as the reference models expect them (reference §2, §4.2).
+
+- images: CLIP's transform (shortest side resized with bicubic, centre crop, /255, CLIP mean/std),
+  optionally after Uni-MoE's pad-to-square with the mean colour (`image_aspect='pad'`);
+- speech: any file PyAV (FFmpeg) decodes, averaged to mono, resampled to 16 kHz, cut into chunks
+  of `frames_per_chunk * 160` samples (30 s for Whisper's 3000 frames), each chunk a Whisper log-mel;
+- video: `num_frames` frames at evenly spaced positions, from a list of frame images or a file.
+
+Decoding failures raise `MediaError` naming the file; callers add the record and field.
+"""
+
+from __future__ import annotations
+
+import io
+import wave
+
+import av
+import numpy as np
+from PIL import Image
+
+from unimoe.data import media, speech
+
+IMAGE_ASPECTS = ("square", "pad")
+WHISPER_HOP = 160
+
+
+class MediaError(ValueError):
+    """A media file that cannot be decoded (truncated, empty, not an image / audio / video)."""
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """uint8 [H, W, 3] RGB pixels; a truncated or unreadable file raises MediaError."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes now: a truncated file fails here, not later in a worker
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaError(f"{name}: cannot decode image ({e})") from e
+
+
+def expand_to_square(image_hwc: np.ndarray) -> np.ndarray:
+    """Uni-MoE's `expand2square`: pads to a square of the CLIP mean colour, image centred."""
+    height, width, _ = image_hwc.shape
+    side = max(height, width)
+    background = np.array([int(m * 255) for m in media.CLIP_MEAN], np.uint8)
+    out = np.broadcast_to(background, (side, side, 3)).copy()
+    top, left = (side - height) // 2, (side - width) // 2
+    out[top : top + height, left : left + width] = image_hwc
+    return out
+
+
+def clip_transform(image_hwc: np.ndarray, size: int, image_aspect: str = "square") -> np.ndarray:
+    """float32 [size, size, 3]: CLIPImageProcessor(shortest_edge=size, crop size x size) on uint8 RGB.
+
+    'square' is the reference scripts' setting (no padding: the crop cuts the long side);
+    'pad' first pads to a square so the whole image stays visible.
+    """
+    if image_aspect not in IMAGE_ASPECTS:
+        raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+    if image_aspect == "pad":
+        image_hwc = expand_to_square(image_hwc)
+    height, width, _ = image_hwc.shape
+    short, long = min(height, width), max(height, width)
+    new_long = int(size * long / short)  # truncation, as transformers' resize-size rule
+    new_hw = (new_long, size) if height > width else (size, new_long)
+    resized = Image.fromarray(image_hwc).resize(new_hw[::-1], Image.Resampling.BICUBIC)
+    pixels = np.asarray(resized)
+    top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+    return media.normalize_image(pixels[top : top + size, left : left + size])
+
+
+# FFmpeg's stream probing reads up to 5 MB by default, which costs ~50 ms per short WAV; the
+# header (and one frame of a compressed stream) is enough: the rate is read off decoded frames.
+_AUDIO_PROBE_OPTIONS = {"probesize": "32768"}
+
+
+def _read_pcm_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+    """Mono samples (channel mean) and rate of a 16-bit PCM WAV (stdlib `wave`), else None.
+
+    The common case of speech corpora, read without FFmpeg's per-file setup (~10 ms).
+    """
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            if w.getsampwidth() != 2 or w.getcomptype() != "NONE":
+                return None
+            channels, rate = w.getnchannels(), w.getframerate()
+            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    except (wave.Error, EOFError):
+        return None  # let FFmpeg try, and report
+    return pcm.reshape(-1, channels).mean(axis=1) / 32768.0, rate
+
+
+def _decode_with_ffmpeg(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
+    """Mono samples (channel mean) and rate of any audio FFmpeg decodes."""
+    chunks, rate = [np.zeros(0)], None
+    try:
+        with av.open(io.BytesIO(data), mode="r", options=_AUDIO_PROBE_OPTIONS) as container:
+            if not container.streams.audio:
+                raise MediaError(f"{name}: no audio stream")
+            for frame in container.decode(container.streams.audio[0]):
+                rate = frame.sample_rate
+                # [channels, samples] (planar) or [1, samples * channels] (packed).
+                samples = frame.to_ndarray()
+                if frame.format.is_packed:
+                    samples = samples.reshape(-1, len(frame.layout.channels)).T
+                if samples.dtype.kind == "i":
+                    samples = samples / float(np.iinfo(samples.dtype).max + 1)
+                chunks.append(samples.astype(np.float64).mean(axis=0))
+    except av.error.FFmpegError as e:
+        raise MediaError(f"{name}: cannot decode audio ({e})") from e
+    return np.concatenate(chunks), rate
+
+
+def decode_audio(data: bytes, name: str, sample_rate: int = media.SAMPLE_RATE) -> np.ndarray:
+    """float32 mono samples at `sample_rate` (channels averaged, as librosa.to_mono).
+
+    16-bit PCM WAVs are read with the stdlib; everything else (and WAVs it rejects) with PyAV.
+    """
+    samples, rate = _read_pcm_wav(data) or _decode_with_ffmpeg(data, name)
+    if len(samples) == 0:
+        raise MediaError(f"{name}: audio has no samples")
+    if rate != sample_rate:
+        samples = speech.resample(samples, rate, sample_rate)
+    return samples.astype(np.float32)
+
+
+def num_audio_chunks(num_samples: int, frames_per_chunk: int) -> int:
+    chunk = frames_per_chunk * WHISPER_HOP
+    return max(1, -(-num_samples // chunk))
+
+
+def chunked_log_mel(
+    wave: np.ndarray, num_mel_bins: int, frames_per_chunk: int, max_chunks: int
+) -> np.ndarray:
+    """float32 [C, frames_per_chunk, num_mel_bins]: consecutive chunks, each a Whisper log-mel.
+
+    The last chunk is zero-padded (as WhisperFeatureExtractor pads to 30 s); chunks past
+    `max_chunks` are dropped (the reference caps a file at 20 chunks = 10 minutes; the pipeline
+    rejects such records instead).
+    The reference's chunks overlap by one sample (it takes 480001 samples and the extractor
+    keeps 480000); these are exact consecutive 30-s windows.
+    """
+    chunk = frames_per_chunk * WHISPER_HOP
+    count = min(num_audio_chunks(len(wave), frames_per_chunk), max_chunks)
+    return np.stack(
+        [
+            media.log_mel(wave[i * chunk : (i + 1) * chunk], num_mel_bins, frames_per_chunk)
+            for i in range(count)
+        ]
+    )
+
+
+def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
+    """`num_frames` evenly spaced indices, first and last included (repeats when too few)."""
+    if num_available < 1:
+        raise ValueError("no frames to sample from")
+    return np.round(np.linspace(0, num_available - 1, num_frames)).astype(np.int64)
+
+
+def decode_video(data: bytes, name: str, num_frames: int) -> np.ndarray:
+    """uint8 [num_frames, H, W, 3] frames of a video file, evenly spaced over its length."""
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise MediaError(f"{name}: no video stream")
+            frames = list(container.decode(container.streams.video[0]))
+    except av.error.FFmpegError as e:
+        raise MediaError(f"{name}: cannot decode video ({e})") from e
+    if not frames:
+        raise MediaError(f"{name}: video has no frames")
+    picked = sample_frame_indices(len(frames), num_frames)
+    return np.stack([frames[i].to_ndarray(format="rgb24") for i in picked])
