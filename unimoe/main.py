@@ -14,7 +14,11 @@ from ml_collections import config_flags
 from unimoe import accounting, run
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file.', lock_config=True
+    'config',
+    None,
+    'Experiment config: PATH.py[:ARG], e.g. configs/unimoe_tiny.py:mode=test; any field can then '
+    'be overridden with --config.FIELD=VALUE (e.g. --config.model.moe.top_k=1).',
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, logs and results (not needed with --dry_run).'
