@@ -25,9 +25,10 @@ Stage 3: lr 4e-5, global batch 8, cosine, warmup 3%, weight decay 0, balance los
 value; the 4E code has none). Uni-MoE released only stage-3 scripts, so the stage-1/2 learning
 rates and every stage's step count here are this project's choices, to be set per data mixture.
 
-Not yet here: the LLaMA SentencePiece tokenizer (the model's vocab comes from the tokenizer, so the
-built-in byte-level BPE's vocab does not fit Vicuna's 32000-row embedding) and Uni-MoE's own data
-mixtures; `data` reads the built-in dataset at the paper's media shapes.
+`tokenizer=PATH` (Vicuna's `tokenizer.model`) gives the model Vicuna's vocabulary plus the three
+media placeholders; `--dry_run` then accounts the paper model exactly. Not yet here: training on
+Uni-MoE's JSON data (the stage trainer reads the built-in dataset; `data` reads it at the paper's
+media shapes), so a real run of this config waits for the data wiring of the paper experiments.
 """
 
 import os
@@ -83,11 +84,14 @@ def stage(
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, vicuna='', clip='', whisper='')
+    arg = config_lib.parse_arg(arg, vicuna='', clip='', whisper='', tokenizer='')
 
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.pretrained = dict(llm=arg.vicuna, vision=arg.clip, audio=arg.whisper)
+    # Vicuna's tokenizer.model (or tokenizer.json): sets the LM's vocabulary (32000 + the 3 media
+    # placeholders, whose embedding rows start new when the converted LM is loaded).
+    c.tokenizer = arg.tokenizer
     c.data = dict(
         data_dir=os.environ.get('UNIMOE_DATA_DIR', os.path.join('.cache', 'unimoe_data')),
         builder_config='tiny',

@@ -68,3 +68,23 @@ def test_dry_run_prints_one_row_per_stage_and_trains_nothing(tmp_path):
     ]  # fmt: skip
     assert 'config (after command-line overrides)' in result.stdout
     assert not (tmp_path / 'absent').exists()  # no dataset, tokenizer or checkpoint written
+
+
+def test_a_pretrained_tokenizer_sets_the_vocabulary(tmp_path):
+    import tokenizers
+
+    from unimoe import config as config_lib
+
+    vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, **{f'w{i}': i + 3 for i in range(997)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='<unk>'))
+    backend.save(str(tmp_path / 'tokenizer.json'))
+    config = config_lib.load_config('configs/unimoe_tiny.py:mode=test')
+    config.stage_order = 's0_llm'
+    config.data.data_dir = str(tmp_path / 'absent')
+    builtin_vocab = accounting._tokenizer(config).vocab_size
+    builtin_llm = accounting.account_stages(config)[0].params_by_component['llm']
+    config.tokenizer = str(tmp_path / 'tokenizer.json')
+    llm = accounting.account_stages(config)[0].params_by_component['llm']
+    # 1000 file tokens + 3 media placeholders, in the embedding and the untied head (dim 96).
+    assert llm - builtin_llm == 2 * 96 * (1003 - builtin_vocab)
+    assert builtin_vocab < 1003

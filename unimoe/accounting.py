@@ -20,7 +20,7 @@ import ml_collections
 from flax import nnx
 
 from unimoe.data import tasks as tasks_lib
-from unimoe.data.tokenizer import Tokenizer
+from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 from unimoe.models.unimoe import UniMoE
 from unimoe.train import stages, trainer
 
@@ -100,8 +100,11 @@ def account_model(model: UniMoE, trains: str, seq_len: int, name: str = '') -> S
     )
 
 
-def _tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-    """The cached tokenizer when the data was prepared, else the same one trained in memory."""
+def _tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
+    """`config.tokenizer` (a pretrained LM's file) when set; else the built-in tokenizer, cached
+    when the data was prepared, or the same one trained in memory."""
+    if config.get('tokenizer'):
+        return PretrainedTokenizer(config.tokenizer)
     # Imported here: run -> trainer -> ...; accounting is imported by run.
     from unimoe import run
 

@@ -86,3 +86,27 @@ def test_load_params_rejects_shape_mismatch():
     bad = {'llm/embed/embedding': np.zeros((3, 3), np.float32)}
     with pytest.raises(ValueError, match='llm/embed/embedding'):
         stages.load_params(model, [('s0', bad)])
+
+
+def test_load_params_extends_a_shorter_vocabulary_and_keeps_the_appended_rows():
+    # The model's vocabulary (41) = a pretrained LM's 38 + 3 appended placeholder tokens.
+    model = UniMoE(model_config(), rngs=nnx.Rngs(0))
+    init_embed = np.array(model.llm.embed.embedding[...])
+    init_head = np.array(model.llm.lm_head.kernel[...])
+    rng = np.random.default_rng(0)
+    source = {
+        'llm/embed/embedding': rng.normal(size=(38, 24)).astype(np.float32),
+        'llm/lm_head/kernel': rng.normal(size=(24, 38)).astype(np.float32),
+    }
+    origin = stages.load_params(model, [('vicuna', source)])
+    assert origin == {key: 'vicuna' for key in source}
+    embed = np.asarray(model.llm.embed.embedding[...])
+    head = np.asarray(model.llm.lm_head.kernel[...])
+    np.testing.assert_array_equal(embed[:38], source['llm/embed/embedding'])
+    np.testing.assert_array_equal(embed[38:], init_embed[38:])
+    np.testing.assert_array_equal(head[:, :38], source['llm/lm_head/kernel'])
+    np.testing.assert_array_equal(head[:, 38:], init_head[:, 38:])
+    # Only the vocabulary axis may be shorter, and never longer.
+    for bad in (np.zeros((38, 23), np.float32), np.zeros((45, 24), np.float32)):
+        with pytest.raises(ValueError, match='llm/embed/embedding'):
+            stages.load_params(model, [('vicuna', {'llm/embed/embedding': bad})])

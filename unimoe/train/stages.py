@@ -90,7 +90,7 @@ def load_params(
         value = variable.get_value()
         for name, flat in sources:
             if key in flat:
-                value = _checked(key, flat[key], value.shape, name)
+                value = _checked(key, flat[key], value, name)
                 origin[key] = name
         if experts_from:
             upcycled = upcycle.expert_bank_value(key, value.shape, experts_from, upcycle_mode)
@@ -103,9 +103,37 @@ def load_params(
     return origin
 
 
-def _checked(key: str, value: np.ndarray, shape: tuple[int, ...], source: str) -> np.ndarray:
-    if tuple(value.shape) != tuple(shape):
-        raise ValueError(
-            f"param {key}: stage {source!r} has shape {value.shape}, model expects {shape}"
+# The vocabulary axis of the token tables. A pretrained LM's tables may be shorter than the
+# model's by the tokens appended to its tokenizer (the media placeholders of
+# `data.tokenizer.PretrainedTokenizer`): its rows are copied, the appended rows keep their init.
+VOCAB_AXES = {'llm/embed/embedding': 0, 'llm/lm_head/kernel': 1}
+
+
+def _checked(key: str, value: np.ndarray, current: Any, source: str) -> np.ndarray:
+    shape = tuple(current.shape)
+    if tuple(value.shape) == shape:
+        return value
+    axis = VOCAB_AXES.get(key)
+    if (
+        axis is not None
+        and value.ndim == len(shape)
+        and all(value.shape[i] == shape[i] for i in range(len(shape)) if i != axis)
+        and value.shape[axis] < shape[axis]
+    ):
+        log.info(
+            'param %s: %s has %d vocabulary entries, the model %d; the %d appended ones keep '
+            'their init',
+            key,
+            source,
+            value.shape[axis],
+            shape[axis],
+            shape[axis] - value.shape[axis],
         )
-    return value
+        extended = np.array(current)
+        rows = [slice(None)] * len(shape)
+        rows[axis] = slice(0, value.shape[axis])
+        extended[tuple(rows)] = value
+        return extended
+    raise ValueError(
+        f"param {key}: stage {source!r} has shape {value.shape}, model expects {shape}"
+    )
