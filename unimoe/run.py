@@ -10,7 +10,7 @@ import time
 import ml_collections
 
 from unimoe.data import builtin
-from unimoe.data.tokenizer import Tokenizer
+from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 from unimoe.eval import evaluate
 from unimoe.train import trainer
 
@@ -19,8 +19,15 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILE = 'unimoe_tokenizer.json'
 
 
-def prepare_data(config: ml_collections.ConfigDict) -> Tokenizer:
-    """Builds the built-in dataset if it is missing; returns the tokenizer stored beside it."""
+def prepare_data(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
+    """The tokenizer of the experiment's data.
+
+    With `config.tokenizer` (stages reading Uni-MoE JSON data, prepared with
+    `data.json_builder`): that pretrained LM tokenizer. Otherwise builds the built-in dataset if
+    it is missing and returns the tokenizer stored beside it.
+    """
+    if config.get('tokenizer'):
+        return PretrainedTokenizer(config.tokenizer)
     builtin.prepare(config.data.data_dir, config.data.builder_config)
     return Tokenizer.load_or_train(pathlib.Path(config.data.data_dir) / TOKENIZER_FILE)
 
@@ -33,7 +40,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
     started = time.perf_counter()
     tokenizer = prepare_data(config)
     trainer.run_stages(config, workdir_path, tokenizer)
-    table = evaluate.evaluate(config, workdir_path, tokenizer)
+    table = ''
+    if trainer.split_list(config.eval.stages):
+        table = evaluate.evaluate(config, workdir_path, tokenizer)
     log.info('experiment finished in %.0f s', time.perf_counter() - started)
     (workdir_path / 'timing.json').write_text(
         json.dumps({'seconds': time.perf_counter() - started}) + '\n'

@@ -79,3 +79,17 @@ def test_a_modality_no_example_has_is_not_encoded():
         model.encode_image(batch['image']),
         atol=1e-5,
     )
+
+
+def test_audio_chunks_are_encoded_one_by_one_and_concatenated():
+    model = UniMoE(model_config(), rngs=nnx.Rngs(0))
+    mel_bcam = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 14, 8)), jnp.float32)
+    tokens = model.encode_audio(mel_bcam)
+    queries = model.num_media_tokens['audio']
+    assert tokens.shape == (2, 3 * queries, model.cfg.audio_conn.out_dim)
+    for c in range(3):
+        np.testing.assert_allclose(
+            tokens[:, c * queries : (c + 1) * queries],
+            model.encode_audio(mel_bcam[:, c]),
+            atol=1e-5,
+        )

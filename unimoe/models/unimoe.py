@@ -109,8 +109,19 @@ class UniMoE(nnx.Module):
         frames = self.encode_image(video_bfhwc.reshape(b * f, *video_bfhwc.shape[2:]))
         return frames.reshape(b, f, *frames.shape[1:]).mean(axis=1)
 
-    def encode_audio(self, mel_bam: jax.Array) -> jax.Array:
-        return self.audio_conn(self.audio(mel_bam))
+    def encode_audio(self, mel: jax.Array) -> jax.Array:
+        """One clip per row [B, A, M] -> [B, Q, D], or C chunks per row [B, C, A, M] -> [B, C*Q, D].
+
+        Chunks (30-s windows of long files, `data.json_pipeline`) are encoded one by one and their
+        query tokens concatenated in order (Uni-MoE §2.3); the tokenizer expands a file's
+        `<audio>` to Q tokens per chunk, so the k-th placeholder reads the k-th token. Rows with
+        fewer chunks have fewer placeholders, and their padding chunks are never read.
+        """
+        if mel.ndim == 3:
+            return self.audio_conn(self.audio(mel))
+        b, c = mel.shape[:2]
+        tokens = self.audio_conn(self.audio(mel.reshape(b * c, *mel.shape[2:])))
+        return tokens.reshape(b, c * tokens.shape[1], tokens.shape[2])
 
     def encode_media(self, batch: Mapping[str, jax.Array]) -> dict[int, jax.Array]:
         """{placeholder id: media tokens [B, N, D]} for each modality present in the batch.

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from unimoe.convert import core as convert_core, upcycle
-from unimoe.data import pipeline, tasks as tasks_lib
+from unimoe.data import json_pipeline, pipeline, tasks as tasks_lib
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
 from unimoe.train import checkpoint, metrics as metrics_lib, optim, stages, step as step_lib
 
@@ -27,6 +27,35 @@ def split_list(text: str) -> list[str]:
 
 def data_config(config: ml_collections.ConfigDict, **overrides: Any) -> pipeline.DataConfig:
     return pipeline.DataConfig(**{**config.data.to_dict(), **overrides})
+
+
+def json_data_config(
+    config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, seed: int
+) -> json_pipeline.JsonDataConfig:
+    """The real-data pipeline of a stage with `json_sources`: shapes from `config.data` (what the
+    model expects), everything else (data_dir, media_root, on_error, workers, ...) from
+    `config.json_data`."""
+    shapes = {
+        key: config.data[key]
+        for key in (
+            'seq_len',
+            'image_size',
+            'num_frames',
+            'num_mel_bins',
+            'audio_frames',
+            'n_image_tokens',
+            'n_video_tokens',
+            'n_audio_tokens',
+        )
+    }
+    weights = tuple(float(w) for w in split_list(str(stage.get('json_weights', ''))))
+    return json_pipeline.JsonDataConfig(
+        **{**config.json_data.to_dict(), **shapes},
+        sources=tuple(split_list(stage.json_sources)),
+        weights=weights,
+        batch_size=stage.batch_size,
+        seed=seed,
+    )
 
 
 def build_model(
@@ -127,13 +156,17 @@ def train_stage(
         z_coef=stage.z_coef,
     )
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
-    loader = pipeline.make_train_loader(
-        data_config(config, batch_size=stage.batch_size),
-        tokenizer,
-        split_list(stage.tasks),
-        stage.mode,
-        seed=config.seed + zlib.crc32(name.encode()) % 1000,
-    )
+    seed = config.seed + zlib.crc32(name.encode()) % 1000
+    if stage.get('json_sources'):
+        loader = json_pipeline.make_dataset(json_data_config(config, stage, seed), tokenizer)
+    else:
+        loader = pipeline.make_train_loader(
+            data_config(config, batch_size=stage.batch_size),
+            tokenizer,
+            split_list(stage.tasks),
+            stage.mode,
+            seed=seed,
+        )
     data_iter = iter(loader)
 
     start_step = ckpt.latest_step() or 0
@@ -155,18 +188,25 @@ def train_stage(
         ckpt.save(step, {'params': params, 'opt_state': opt_state}, data_iter, force=force)
 
     last: dict[str, Any] = {}
+    # Bad records the real-data pipeline skipped (on_error='skip'); they travel in the batches,
+    # so the count since this (re)start is exact whatever the workers and resumes.
+    skipped_records = 0
     started = time.perf_counter()
     with metrics_lib.MetricsWriter(stage_dir, total_steps=stage.steps, desc=name) as writer:
         writer.update(start_step)
         for step in range(start_step + 1, stage.steps + 1):
-            batch = next(data_iter)
+            batch = dict(next(data_iter))
+            skipped_records += int(np.sum(batch.pop('num_skipped', 0)))
             trainable, opt_state, rest, metrics = train_step(
                 trainable, opt_state, rest, batch, np.int32(step - 1)
             )
             writer.update(1)
             if step % config.log_every == 0 or step == stage.steps:
                 last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-                writer.write(step, {**last, 'learning_rate': schedule(step - 1)})
+                extra = {'learning_rate': schedule(step - 1)}
+                if stage.get('json_sources'):
+                    extra['skipped_records'] = skipped_records
+                writer.write(step, {**last, **extra})
             if step % config.checkpoint_every == 0 and step < stage.steps:
                 save(step)
     save(stage.steps, force=True)
@@ -209,7 +249,23 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
             )
         if stage.steps < 1:
             raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
+        # Built-in data is tokenized by the built-in tokenizer; Uni-MoE JSON data by the LM's own.
+        if stage.get('json_sources') and not (config.get('tokenizer') and 'json_data' in config):
+            raise ValueError(
+                f"stage {name!r} reads json_sources: set config.tokenizer (the LM's "
+                "tokenizer.model / tokenizer.json) and config.json_data (data_dir, media_root, ...)"
+            )
+        if not stage.get('json_sources') and config.get('tokenizer'):
+            raise ValueError(
+                f"stage {name!r} reads the built-in dataset, which needs the built-in tokenizer: "
+                "unset config.tokenizer, or give the stage json_sources"
+            )
         seen.append(name)
+    if config.get('tokenizer') and split_list(config.get('eval', {}).get('stages', '')):
+        raise ValueError(
+            "config.eval.stages evaluates on the built-in dataset, which needs the built-in "
+            "tokenizer: set config.eval.stages='' when config.tokenizer is set"
+        )
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
