@@ -26,9 +26,10 @@ value; the 4E code has none). Uni-MoE released only stage-3 scripts, so the stag
 rates and every stage's step count here are this project's choices, to be set per data mixture.
 
 `tokenizer=PATH` (Vicuna's `tokenizer.model`) gives the model Vicuna's vocabulary plus the three
-media placeholders; `--dry_run` then accounts the paper model exactly. Not yet here: training on
-Uni-MoE's JSON data (the stage trainer reads the built-in dataset; `data` reads it at the paper's
-media shapes), so a real run of this config waits for the data wiring of the paper experiments.
+media placeholders; `--dry_run` then accounts the paper model exactly. To train, prepare
+Uni-MoE's JSON files with `unimoe.data.json_builder.prepare`, set `config.json_data` and give each
+stage `json_sources` (the trainer refuses a pretrained tokenizer on built-in-data stages); the
+stages below still name the built-in tasks, and the paper's data mixtures are issue 8's configs.
 """
 
 import os
