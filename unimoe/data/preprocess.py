@@ -89,7 +89,11 @@ def _read_pcm_wav(data: bytes) -> tuple[np.ndarray, int] | None:
             pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
     except (wave.Error, EOFError):
         return None  # let FFmpeg try, and report
-    return pcm.reshape(-1, channels).mean(axis=1) / 32768.0, rate
+    # Channel sum by strided slices: numpy's mean over a length-2 inner axis costs ~1 ms a clip.
+    mono = pcm[0::channels].astype(np.float64)
+    for channel in range(1, channels):
+        mono += pcm[channel::channels]
+    return mono / (channels * 32768.0), rate
 
 
 def _decode_with_ffmpeg(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
