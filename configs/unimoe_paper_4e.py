@@ -37,51 +37,14 @@ import os
 import ml_collections
 
 from unimoe import config as config_lib
+from unimoe.data import tasks as tasks_lib
 
-MODALITY_STAGES = ('image', 'video', 'speech', 'audio')
-ALL_TASKS = (
-    'text_qa',
-    'image_qa',
-    'video_qa',
-    'speech_qa',
-    'audio_qa',
-    'image_speech_qa',
-    'image_caption',
-    'video_caption',
-    'speech_transcript',
-    'audio_caption',
-)
-CAPTION_TASKS = ('image_caption', 'video_caption', 'speech_transcript', 'audio_caption')
-STAGE2_TASKS = {
-    'image': ('image_qa', 'image_caption', 'text_qa'),
-    'video': ('video_qa', 'video_caption', 'text_qa'),
-    'speech': ('speech_qa', 'speech_transcript', 'image_speech_qa', 'text_qa'),
-    'audio': ('audio_qa', 'audio_caption', 'text_qa'),
-}
+ALL_TASKS = tasks_lib.INSTRUCTION_TASKS + tasks_lib.ALIGNMENT_TASKS
 
 
-def stage(
-    *, trains: str, tasks, steps: int, learning_rate: float, **kwargs
-) -> ml_collections.ConfigDict:
-    fields = dict(
-        trains=trains,
-        mode='chat',
-        tasks=','.join(tasks),
-        steps=steps,
-        learning_rate=learning_rate,
-        warmup_steps=max(1, steps * 3 // 100),
-        weight_decay=0.0,
-        grad_clip=1.0,
-        batch_size=8,
-        init_from='',
-        experts_from='',
-        moe=False,
-        lora_rank=0,
-        balance_coef=0.0,
-        z_coef=0.0,
-    )
-    fields.update(kwargs)
-    return ml_collections.ConfigDict(fields)
+def stage(**kwargs) -> ml_collections.ConfigDict:
+    """Paper-scale defaults: instruction data, global batch 8, warmup 3% (Uni-MoE's scripts)."""
+    return config_lib.stage(**{'batch_size': 8, 'warmup_fraction': 0.03, **kwargs})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -133,36 +96,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
         audio_conn=dict(num_queries=50, width=768, depth=12, num_heads=12, mlp_dim=3072),
         moe_layers='all',
-        moe=dict(num_experts=len(MODALITY_STAGES), top_k=2, router='topk_softmax'),
+        moe=dict(num_experts=len(tasks_lib.EXPERT_MODALITIES), top_k=2, router='topk_softmax'),
         lora=dict(alpha=16.0, dropout=0.05),
     )
 
-    c.stage_order = ','.join(['s1_align'] + [f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe'])
+    c.stage_order = ','.join(
+        ['s1_align'] + [f's2_{m}' for m in tasks_lib.EXPERT_MODALITIES] + ['s3_moe']
+    )
     c.stages = ml_collections.ConfigDict()
     c.stages.s1_align = stage(
-        trains='connectors', tasks=CAPTION_TASKS, steps=10_000, learning_rate=1e-3
+        trains='connectors', tasks=tasks_lib.ALIGNMENT_TASKS, steps=10_000, learning_rate=1e-3
     )
-    for m in MODALITY_STAGES:
+    for m in tasks_lib.EXPERT_MODALITIES:
         c.stages[f's2_{m}'] = stage(
             trains='ffn+connectors',
-            tasks=STAGE2_TASKS[m],
+            tasks=tasks_lib.EXPERT_TASKS[m],
             steps=10_000,
             learning_rate=2e-5,
-            init_from='s1_align',
+            init_from=('s1_align',),
         )
     c.stages.s3_moe = stage(
         trains='lora+router+connectors',
         tasks=ALL_TASKS,
         steps=20_000,
         learning_rate=4e-5,
-        init_from='s1_align',
-        experts_from=','.join(f's2_{m}' for m in MODALITY_STAGES),
+        init_from=('s1_align',),
+        experts_from=tuple(f's2_{m}' for m in tasks_lib.EXPERT_MODALITIES),
         moe=True,
         lora_rank=8,
         balance_coef=0.01,
     )
     c.eval = dict(
-        stages=','.join([f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe']),
+        stages=','.join([f's2_{m}' for m in tasks_lib.EXPERT_MODALITIES] + ['s3_moe']),
         tasks='text_qa,image_qa,video_qa,speech_qa,audio_qa,image_speech_qa',
         batch_size=8,
         max_new_tokens=64,

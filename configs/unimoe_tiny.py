@@ -43,53 +43,7 @@ import os
 import ml_collections
 
 from unimoe import config as config_lib
-
-MODALITY_STAGES = ('image', 'video', 'speech', 'audio')
-QA_TASKS = ('text_qa', 'image_qa', 'video_qa', 'speech_qa', 'audio_qa', 'image_speech_qa')
-CAPTION_TASKS = ('image_caption', 'video_caption', 'speech_transcript', 'audio_caption')
-# The instruction data each single-modality expert (stage 2) is trained on.
-STAGE2_TASKS = {
-    'image': ('image_qa', 'image_caption', 'text_qa'),
-    'video': ('video_qa', 'video_caption', 'text_qa'),
-    'speech': ('speech_qa', 'speech_transcript', 'image_speech_qa', 'text_qa'),
-    'audio': ('audio_qa', 'audio_caption', 'text_qa'),
-}
-
-
-def stage(
-    *,
-    trains: str,
-    mode: str,
-    tasks,
-    steps: int,
-    learning_rate: float,
-    init_from=(),
-    experts_from=(),
-    moe: bool = False,
-    lora_rank: int = 0,
-    balance_coef: float = 0.0,
-    z_coef: float = 0.0,
-    batch_size: int = 32,
-) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            trains=trains,
-            mode=mode,
-            tasks=','.join(tasks),
-            steps=steps,
-            learning_rate=learning_rate,
-            warmup_steps=max(1, steps // 20),
-            weight_decay=0.0,
-            grad_clip=1.0,
-            batch_size=batch_size,
-            init_from=','.join(init_from),
-            experts_from=','.join(experts_from),
-            moe=moe,
-            lora_rank=lora_rank,
-            balance_coef=balance_coef,
-            z_coef=z_coef,
-        )
-    )
+from unimoe.data import tasks as tasks_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -133,59 +87,59 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         audio=dict(num_mel_bins=32, max_frames=300, width=64, depth=2, num_heads=4, mlp_dim=128),
         audio_conn=dict(num_queries=8, width=64, depth=1, num_heads=4, mlp_dim=128),
         moe_layers='all',
-        moe=dict(num_experts=len(MODALITY_STAGES), top_k=2, router='topk_softmax'),
+        moe=dict(num_experts=len(tasks_lib.EXPERT_MODALITIES), top_k=2, router='topk_softmax'),
         lora=dict(alpha=16.0, dropout=0.05),
     )
 
-    all_tasks = QA_TASKS + CAPTION_TASKS
+    all_tasks = tasks_lib.INSTRUCTION_TASKS + tasks_lib.ALIGNMENT_TASKS
     c.stage_order = ','.join(
         ['s0_llm', 's0_vision', 's0_audio', 's1_align']
-        + [f's2_{m}' for m in MODALITY_STAGES]
+        + [f's2_{m}' for m in tasks_lib.EXPERT_MODALITIES]
         + ['s3_moe']
     )
     c.stages = ml_collections.ConfigDict()
-    c.stages.s0_llm = stage(
+    c.stages.s0_llm = config_lib.stage(
         trains='llm', mode='lm_text', tasks=all_tasks, steps=steps(200), learning_rate=3e-3
     )
-    c.stages.s0_vision = stage(
+    c.stages.s0_vision = config_lib.stage(
         trains='vision',
         mode='classify_image',
         tasks=('image_qa', 'image_caption'),
         steps=steps(300),
         learning_rate=2e-3,
     )
-    c.stages.s0_audio = stage(
+    c.stages.s0_audio = config_lib.stage(
         trains='audio',
         mode='classify_audio',
         tasks=('speech_transcript', 'audio_caption', 'speech_qa', 'audio_qa'),
         steps=steps(200),
         learning_rate=2e-3,
     )
-    c.stages.s1_align = stage(
+    c.stages.s1_align = config_lib.stage(
         trains='connectors',
         mode='chat',
-        tasks=CAPTION_TASKS,
+        tasks=tasks_lib.ALIGNMENT_TASKS,
         steps=steps(200),
         learning_rate=2e-3,
         init_from=('s0_llm', 's0_vision', 's0_audio'),
     )
-    for m in MODALITY_STAGES:
-        c.stages[f's2_{m}'] = stage(
+    for m in tasks_lib.EXPERT_MODALITIES:
+        c.stages[f's2_{m}'] = config_lib.stage(
             trains='ffn+connectors',
             mode='chat',
-            tasks=STAGE2_TASKS[m],
+            tasks=tasks_lib.EXPERT_TASKS[m],
             steps=steps(250),
             learning_rate=1e-3,
             init_from=('s1_align',),
         )
-    c.stages.s3_moe = stage(
+    c.stages.s3_moe = config_lib.stage(
         trains='lora+router+connectors',
         mode='chat',
         tasks=all_tasks,
         steps=steps(400, test_steps=12),
         learning_rate=1e-3,
         init_from=('s1_align',),
-        experts_from=tuple(f's2_{m}' for m in MODALITY_STAGES),
+        experts_from=tuple(f's2_{m}' for m in tasks_lib.EXPERT_MODALITIES),
         moe=True,
         lora_rank=8,
         balance_coef=0.01,
@@ -193,8 +147,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     c.eval = dict(
-        stages=','.join([f's2_{m}' for m in MODALITY_STAGES] + ['s3_moe']),
-        tasks=','.join(QA_TASKS),
+        stages=','.join([f's2_{m}' for m in tasks_lib.EXPERT_MODALITIES] + ['s3_moe']),
+        tasks=','.join(tasks_lib.INSTRUCTION_TASKS),
         batch_size=64,
         max_new_tokens=4,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -58,3 +59,41 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def stage(
+    *,
+    trains: str,
+    tasks: Sequence[str],
+    steps: int,
+    learning_rate: float,
+    mode: str = 'chat',
+    warmup_fraction: float = 0.05,
+    batch_size: int = 32,
+    init_from: Sequence[str] = (),
+    experts_from: Sequence[str] = (),
+    moe: bool = False,
+    lora_rank: int = 0,
+    balance_coef: float = 0.0,
+    z_coef: float = 0.0,
+) -> ml_collections.ConfigDict:
+    """One entry of `config.stages` (the fields `unimoe.train.trainer` reads), for config files."""
+    return ml_collections.ConfigDict(
+        dict(
+            trains=trains,
+            mode=mode,
+            tasks=','.join(tasks),
+            steps=steps,
+            learning_rate=learning_rate,
+            warmup_steps=max(1, int(steps * warmup_fraction)),
+            weight_decay=0.0,
+            grad_clip=1.0,
+            batch_size=batch_size,
+            init_from=','.join(init_from),
+            experts_from=','.join(experts_from),
+            moe=moe,
+            lora_rank=lora_rank,
+            balance_coef=balance_coef,
+            z_coef=z_coef,
+        )
+    )

@@ -43,6 +43,14 @@ ALIGNMENT_TASKS: tuple[str, ...] = (
     "audio_caption",
 )
 INSTRUCTION_TASKS: tuple[str, ...] = tuple(t for t in TASKS if t not in ALIGNMENT_TASKS)
+# Uni-MoE's modality experts (one stage-2 model each) and the data each is trained on.
+EXPERT_MODALITIES: tuple[str, ...] = ("image", "video", "speech", "audio")
+EXPERT_TASKS: dict[str, tuple[str, ...]] = {
+    "image": ("image_qa", "image_caption", "text_qa"),
+    "video": ("video_qa", "video_caption", "text_qa"),
+    "speech": ("speech_qa", "speech_transcript", "image_speech_qa", "text_qa"),
+    "audio": ("audio_qa", "audio_caption", "text_qa"),
+}
 # Tasks whose every record carries a stage-0 encoder label (the others carry -1).
 IMAGE_LABEL_TASKS: tuple[str, ...] = tuple(
     t for t, m in TASKS.items() if m in ("image", "image_speech")
