@@ -117,18 +117,15 @@ def _tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedToken
 def account_stages(config: ml_collections.ConfigDict) -> list[StageAccount]:
     """One account per stage of `config.stage_order`, models built abstractly."""
     tokenizer = _tokenizer(config)
-    # Stages differ in their model only by (moe, lora_rank): build each kind once (an abstract
-    # build of a 7B model takes ~40 s, quadratic in its size through flax's RNG updates).
+    # Stages differ in their model only by (moe, lora_rank): build each kind once.
     models: dict[tuple[bool, int], UniMoE] = {}
     accounts = []
     for name in trainer.split_list(config.stage_order):
         stage = config.stages[name]
         kind = (bool(stage.moe), int(stage.lora_rank))
         if kind not in models:
-            models[kind] = nnx.eval_shape(
-                lambda: trainer.build_model(
-                    config, tokenizer, moe=kind[0], lora_rank=kind[1], seed=config.seed
-                )
+            models[kind] = trainer.build_model(
+                config, tokenizer, moe=kind[0], lora_rank=kind[1], seed=config.seed, abstract=True
             )
         accounts.append(account_model(models[kind], stage.trains, config.data.seq_len, name))
     return accounts

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 
 from unimoe.convert import hf_io
 from unimoe.convert.families import FAMILIES, MODULES, Options, Rule, family_of
+from unimoe.models.abstract import abstract_module
 from unimoe.train.checkpoint import Checkpointer
 from unimoe.train.stages import flat_params, path_str
 
@@ -53,7 +54,7 @@ class Converted:
 def abstract_modules(configs: Mapping[str, Any]) -> dict[str, nnx.Module]:
     """The modules of `configs`, shapes only (no memory for the weights)."""
     return {
-        name: nnx.eval_shape(lambda name=name, cfg=cfg: MODULES[name](cfg, rngs=nnx.Rngs(0)))
+        name: abstract_module(lambda rngs, name=name, cfg=cfg: MODULES[name](cfg, rngs=rngs))
         for name, cfg in configs.items()
     }
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import json_pipeline, pipeline, tasks as tasks_lib
+from unimoe.models.abstract import abstract_module
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
 from unimoe.train import checkpoint, metrics as metrics_lib, optim, stages, step as step_lib
 
@@ -59,8 +60,15 @@ def json_data_config(
 
 
 def build_model(
-    config: ml_collections.ConfigDict, tokenizer: Any, *, moe: bool, lora_rank: int, seed: int
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    *,
+    moe: bool,
+    lora_rank: int,
+    seed: int,
+    abstract: bool = False,
 ) -> UniMoE:
+    """The experiment's model for one stage kind; `abstract`: shapes only (no memory, no init)."""
     model_cfg = UniMoEConfig.from_dict(
         config.model,
         vocab_size=tokenizer.vocab_size,
@@ -73,7 +81,10 @@ def build_model(
         ),
         num_labels=(tasks_lib.NUM_IMAGE_LABELS, tasks_lib.NUM_AUDIO_LABELS),
     )
-    model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
+    if abstract:
+        model = abstract_module(lambda rngs: UniMoE(model_cfg, rngs=rngs), seed)
+    else:
+        model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
     for name, count in model.num_media_tokens.items():
         expected = config.data[f'n_{name}_tokens']
         if count != expected:
