@@ -1,4 +1,4 @@
-"""`python -m unimoe.data check ...` (see `unimoe.data.check`)."""
+"""`python -m unimoe.data check|verify ...` (see `unimoe.data.check`)."""
 
 import sys
 

@@ -1,5 +1,8 @@
 """`python -m unimoe.data check FILE.json [--media-root DIR] [--no-media]`: validates a Uni-MoE JSON file.
 
+(`python -m unimoe.data verify DIR [--checksums TSV] [--record OUT.tsv]` checks downloaded files
+against their published checksums: `unimoe.data.verify`.)
+
 Each record goes through the training pipeline's own `ExampleBuilder` (structure, tag / media
 agreement, media read and decoded, token length when a tokenizer is given). One line per bad
 record names its index, id and field; the last line is `N records, M ok, K errors`. Exit status 1
@@ -11,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
-from unimoe.data import formats, json_pipeline
+from unimoe.data import formats, json_pipeline, verify
 from unimoe.data.tokenizer import PretrainedTokenizer
 
 
@@ -48,7 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tokenizer", default=None, help="tokenizer.model / tokenizer.json: check lengths"
     )
     check.add_argument("--seq-len", type=int, default=2048)
+    verify_cmd = commands.add_parser(
+        "verify", help="check downloaded files against data/checksums.tsv (size + sha256)"
+    )
+    verify_cmd.add_argument("directory", help="where the downloads are (searched recursively)")
+    verify_cmd.add_argument("--checksums", default=str(verify.DEFAULT_TABLE))
+    verify_cmd.add_argument(
+        "--record", default=None, help="write size + sha256 of the files the table does not name"
+    )
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        return _verify(args.directory, args.checksums, args.record)
     cfg = json_pipeline.JsonDataConfig(
         data_dir="",
         sources=("check",),
@@ -71,6 +85,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"record {e.index} (id {e.record_id}): {e.field}: {e.message}")
     print(f"{total} records, {total - len(errors)} ok, {len(errors)} errors")
     return 1 if errors else 0
+
+
+def _verify(directory: str, table: str, record_to: str | None) -> int:
+    try:
+        statuses, others = verify.verify_dir(directory, table)
+    except (FileNotFoundError, AssertionError) as e:  # no directory, or an unreadable table
+        print(e)
+        return 2
+    for s in statuses:
+        if s.status != "missing":
+            print(f"{s.status:8s} {s.filename} {s.detail}".rstrip())
+    missing = sum(s.status == "missing" for s in statuses)
+    bad = sum(s.status == "mismatch" for s in statuses)
+    print(
+        f"{len(statuses) - missing} of {len(statuses)} listed files present: "
+        f"{len(statuses) - missing - bad} ok, {bad} mismatched; {len(others)} files not listed"
+    )
+    if record_to and others:
+        verify.record(others, pathlib.Path(directory), record_to)
+        print(f"recorded {len(others)} files in {record_to}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
