@@ -21,8 +21,11 @@ SIGMA = 6.0
 _DROPPED = frozenset(
     ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
      "...", ";"]
+    # PTB writes brackets as -LRB- ... -RCB- and double quotes as `` / '', all dropped above.
+    + ["(", ")", "[", "]", "{", "}", "\""]
 )  # fmt: skip
 _CLITIC = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+# Quotes: an apostrophe not inside a word (inside ones are clitics, split afterwards).
 _PUNCT = re.compile(r"(\.\.\.|--|[.?!,:;()\[\]{}\"`]|(?<!\w)'|'(?!\w))")
 
 Ngrams = collections.Counter
@@ -30,8 +33,8 @@ Ngrams = collections.Counter
 
 def ptb_tokenize(caption: str) -> list[str]:
     """Lowercased PTB-style tokens without punctuation: "A dog's ball." -> ['a', 'dog', "'s", 'ball']."""
-    text = _CLITIC.sub(r"\1 \2", caption.lower().replace("\n", " "))
-    text = _PUNCT.sub(r" \1 ", text)
+    text = _PUNCT.sub(r" \1 ", caption.lower().replace("\n", " "))
+    text = _CLITIC.sub(r"\1 \2", text)
     # A hyphen inside a word stays (PTB keeps "black-and-white"); lone dashes are dropped below.
     return [t for t in text.split() if t not in _DROPPED]
 
