@@ -46,6 +46,8 @@ EXPERTS_8E = (
 )  # fmt: skip
 # Stage-3 mixtures (reference §3.2): Uni_MoE_Speech.json / Uni_MoE_Cap.json hold 453K records.
 UMOE_SPEECH, UMOE_CAP, MIX665K = "uni_moe_speech", "uni_moe_cap", "llava_v1_5_mix665k"
+# MoE-Task4 trains on the speech set and 665K as one file: batches in proportion to their sizes.
+TASK4_WEIGHTS = (453_000, 665_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Row:
     experts: tuple[str, ...] = ()  # stage-3 expert sources (empty: a dense stage-2 row)
     sources: tuple[str, ...] = ()  # stage-3 unimoe_json datasets
     records: int = 0  # stage-3 records per epoch (sum over sources)
+    weights: tuple[int, ...] = ()  # batches drawn per source in this ratio (() = equal)
     epochs: int = 2
     balance_coef: float = 0.0  # the 4E code has no aux loss; "+ Aux_loss" rows and 8E use 0.01
 
@@ -80,18 +83,19 @@ ROWS = {
     ),
     "moe_task4_4e": Row(
         "Uni-MoE MoE-Task4 4E (I,T,S,V)", "s3_moe", EXPERTS_4E_SPEECH, (UMOE_SPEECH, MIX665K),
-        1_118_000,
+        1_118_000, TASK4_WEIGHTS,
     ),
     "moe_task4_4e_aux": Row(
         "Uni-MoE MoE-Task4 4E (I,T,S,V) + Aux_loss", "s3_moe", EXPERTS_4E_SPEECH,
-        (UMOE_SPEECH, MIX665K), 1_118_000, balance_coef=0.01,
+        (UMOE_SPEECH, MIX665K), 1_118_000, TASK4_WEIGHTS, balance_coef=0.01,
     ),
     "moe_task4_8e": Row(
-        "Uni-MoE MoE-Task4 8E (I,T,S,V)", "s3_moe", EXPERTS_8E, (UMOE_SPEECH, MIX665K), 1_118_000
+        "Uni-MoE MoE-Task4 8E (I,T,S,V)", "s3_moe", EXPERTS_8E, (UMOE_SPEECH, MIX665K), 1_118_000,
+        TASK4_WEIGHTS,
     ),
     "moe_task4_8e_aux": Row(
         "Uni-MoE MoE-Task4 8E (I,T,S,V) + Aux_loss", "s3_moe", EXPERTS_8E,
-        (UMOE_SPEECH, MIX665K), 1_118_000, balance_coef=0.01,
+        (UMOE_SPEECH, MIX665K), 1_118_000, TASK4_WEIGHTS, balance_coef=0.01,
     ),
 }  # fmt: skip
 
@@ -151,6 +155,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             balance_coef=row.balance_coef,
         )
         stage3.json_sources = ",".join(row.sources)
+        stage3.json_weights = ",".join(str(w) for w in row.weights)
         stages.s3_moe = stage3
         order.append("s3_moe")
         c.model.moe.num_experts = row.num_experts
