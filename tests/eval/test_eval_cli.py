@@ -12,6 +12,7 @@ from flax import nnx
 
 from tests.data import real_corpus
 from unimoe import config as config_lib
+from unimoe.data import formats
 from unimoe.eval import metrics, run_benchmark
 from unimoe.train import stages, trainer
 
@@ -127,6 +128,28 @@ def test_audio_records_are_answered_and_scored(stage, tmp_path):
         ]
     )
     assert scores["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_records_with_missing_media_stop_the_run_or_are_skipped(stage, tmp_path):
+    records = json.loads((FIXTURES / "eval_aokvqa.json").read_text())[:3]
+    write_images(records[:2], tmp_path / "media")  # the third record's image is missing
+    data = tmp_path / "aokvqa.json"
+    data.write_text(json.dumps(records))
+    kwargs = dict(
+        checkpoint=str(stage["root"] / "run" / STAGE),
+        benchmark="aokvqa",
+        data=str(data),
+        output=str(tmp_path / "out"),
+        media_root=str(tmp_path / "media"),
+        max_new_tokens=1,
+        batch_size=2,
+    )
+    with pytest.raises(formats.RecordError, match=r"record 2 .*field 'image'.*no such file"):
+        run_benchmark.evaluate_benchmark(stage["config"], **kwargs)
+    scores = run_benchmark.evaluate_benchmark(stage["config"], on_error="skip", **kwargs)
+    assert (scores["n"], scores["skipped_records"]) == (2, 1)
+    predictions = json.loads((tmp_path / "out" / "aokvqa.predictions.json").read_text())
+    assert [p["question_id"] for p in predictions] == [r["question_id"] for r in records[:2]]
 
 
 def test_a_checkpoint_that_is_not_a_finished_stage_is_refused(stage, tmp_path):

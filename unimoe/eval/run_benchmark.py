@@ -124,16 +124,24 @@ def build_examples(
     items: Sequence[benchmarks.EvalItem],
     tokenizer: Any,
     media_root: str | None,
-) -> list[dict[str, np.ndarray]]:
-    """Per item: `prompt` int32 [P] (unpadded) and the media slots; bad media raise RecordError."""
+    on_error: str = "raise",
+) -> tuple[list[benchmarks.EvalItem], list[dict[str, np.ndarray]], int]:
+    """(items kept, their examples, number skipped). An example is `prompt` int32 [P] (unpadded)
+    and the media slots; bad media raise RecordError, or are skipped with on_error='skip'."""
     cfg = _media_config(config, media_root)
     builder = json_pipeline.ExampleBuilder(cfg, tokenizer=None)
-    examples = []
+    kept, examples = [], []
     for item in tqdm.tqdm(items, desc="media", leave=False):
-        example, chunks = builder.media(item.record)
-        example["prompt"] = _prompt(item.record, tokenizer, cfg, chunks)
+        try:
+            example, chunks = builder.media(item.record)
+            example["prompt"] = _prompt(item.record, tokenizer, cfg, chunks)
+        except formats.RecordError:
+            if on_error == "raise":
+                raise
+            continue
+        kept.append(item)
         examples.append(example)
-    return examples
+    return kept, examples, len(items) - len(kept)
 
 
 def generate(
@@ -217,7 +225,10 @@ def evaluate_benchmark(
         raise ValueError(f"{data}: no records to evaluate ({skipped} skipped)")
     tokenizer = load_tokenizer(config)
     model = load_stage(config, checkpoint, tokenizer)
-    examples = build_examples(config, items, tokenizer, media_root)
+    items, examples, bad_media = build_examples(config, items, tokenizer, media_root, on_error)
+    skipped += bad_media
+    if not items:
+        raise ValueError(f"{data}: every record was skipped ({skipped})")
     predictions = generate(
         model, examples, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens
     )
