@@ -103,6 +103,69 @@ def test_scores_of_a_predictions_file_match_the_metric(tmp_path):
         benchmarks.score_predictions_file(benchmarks.get("aokvqa"), path)
 
 
-def test_unknown_benchmark():
+def test_unknown_benchmark_and_an_answers_file_it_does_not_read():
     with pytest.raises(ValueError, match="known:.*aokvqa"):
         benchmarks.get("gqa")
+    with pytest.raises(ValueError, match="mmvet reads its references from the records"):
+        benchmarks.read_items(
+            benchmarks.get("mmvet"),
+            FIXTURES / "eval_mmvet.json",
+            answers_path=FIXTURES / "textvqa_annotations_val.json",
+        )
+
+
+def _record(i: int, question: str, **fields) -> dict:
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": ""}]
+    return {"question_id": i, "conversations": turns, **fields}
+
+
+def test_benchmarks_without_fixtures_read_and_score(tmp_path):
+    cases = {
+        "seed": [
+            _record(0, "Color?\nA. red\nB. blue", answer="B", category="color"),
+            _record(1, "Count?\nA. 1\nB. 2", answer="A", category="count"),
+        ],
+        "pope": [
+            _record(0, "Is there a dog?", label="yes", category="random"),
+            _record(1, "Is there a cat?", label="no", category="random"),
+        ],
+        "clotho": [
+            _record(0, "<audio>\nDescribe.", voice=["/a.wav"], gt=["rain falls", "it rains"]),
+            _record(1, "<audio>\nDescribe.", voice=["/b.wav"], gt=["a dog barks"]),
+        ],
+    }
+    predictions = {
+        "seed": ["The answer is B.", "B"],
+        "pope": ["Yes, there is.", "Yes."],
+        "clotho": ["rain falls", "a dog barks"],
+    }
+    for name, records in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(records))
+        bench = benchmarks.get(name)
+        items, _ = benchmarks.read_items(bench, path)
+        assert items[0].record.conversations[0]["value"].endswith(bench.prompt_suffix)
+        scores = benchmarks.score_items(bench, items, predictions[name])
+        if name == "seed":
+            assert scores["accuracy"] == 0.5
+            assert scores["per_category"] == {"color": 1.0, "count": 0.0}
+        elif name == "pope":
+            assert (scores["accuracy"], scores["precision"], scores["yes_ratio"]) == (0.5, 0.5, 1.0)
+        else:
+            # Every n-gram is in one image's references: IDF log 2 for all. Image 0 copies one
+            # of its two references (cosine 1 for n=1, 2; the other reference shares nothing):
+            # 2 / 4 / 2 refs * 10 = 2.5; image 1 copies its 3-word reference: 3 / 4 * 10 = 7.5.
+            assert scores["cider_d"] == pytest.approx(5.0) and scores["headline"] == "cider_d"
+
+
+def test_a_bad_annotations_row_names_the_annotations_file(tmp_path):
+    data = json.loads((FIXTURES / "textvqa_annotations_val.json").read_text())
+    del data["data"][2]["answers"]
+    path = tmp_path / "textvqa_annotations.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        formats.RecordError, match=r"textvqa_annotations.json: record 2 .*'answers'"
+    ):
+        benchmarks.read_items(
+            benchmarks.get("textvqa"), FIXTURES / "eval_textvqa_llava.json", answers_path=path
+        )

@@ -218,9 +218,9 @@ def read_items(
     """(items, number of bad records skipped) of an eval file; `on_error` 'raise' or 'skip'."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    answers = read_answers_file(answers_path, benchmark.answers_file) if answers_path else None
     if answers_path and not benchmark.answers_file:
         raise ValueError(f"{benchmark.name} reads its references from the records, not a file")
+    answers = read_answers_file(answers_path, benchmark.answers_file) if answers_path else None
     raws = formats.load_json_list(path)
     items, skipped = [], 0
     for index, parsed in enumerate(formats.iter_records(path)):
