@@ -4,6 +4,7 @@ import json
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
 from unimoe.eval import cider, graders, metrics
@@ -176,6 +177,30 @@ def test_cider_d_hand_computed():
     assert per_image["1"] == pytest.approx(2.5 * math.exp(-1 / 72))
     with pytest.raises(ValueError, match="no reference"):
         cider.cider_d({"3": "x"}, refs)
+
+
+def test_cider_d_matches_coco_caption_scorer():
+    # coco-caption's scorer on the same tokens (its Java PTB tokenizer replaced by ours).
+    from pycocoevalcap.cider.cider import Cider
+
+    rng = np.random.default_rng(0)
+    words = "a the dog cat runs sits on grass red ball two men play in park".split()
+
+    def caption() -> str:
+        return " ".join(rng.choice(words, size=rng.integers(3, 10)))
+
+    predictions = {str(i): caption() for i in range(12)}
+    references = {str(i): [caption() for _ in range(rng.integers(1, 6))] for i in range(12)}
+    predictions["0"] = references["0"][0]  # an exact copy
+    corpus, per_image = cider.cider_d(predictions, references)
+    tokens = lambda text: " ".join(cider.ptb_tokenize(text))  # noqa: E731
+    expected, expected_per_image = Cider().compute_score(
+        {k: [tokens(r) for r in v] for k, v in references.items()},
+        {k: [tokens(v)] for k, v in predictions.items()},
+    )
+    assert corpus == pytest.approx(expected, rel=1e-12)
+    assert [per_image[k] for k in predictions] == pytest.approx(list(expected_per_image), rel=1e-12)
+    assert corpus > 0.1
 
 
 def test_mmvet_grading_prompt_and_a_pluggable_grader():
