@@ -165,8 +165,10 @@ def _references(
         if value is None:
             raise record.error("question_id", f"no entry {_answer_key(benchmark, record)!r}")
     if value is None:
-        where = f" (or pass the {benchmark.answers_file} answers file)" * bool(
-            benchmark.answers_file
+        where = (
+            f" (or pass its {benchmark.answers_file} answers file)"
+            if benchmark.answers_file
+            else ""
         )
         raise record.error("/".join(benchmark.answer_fields), f"no reference answer{where}")
     categories = next(
@@ -195,14 +197,7 @@ def _references(
             raise record.error(field, f"POPE label must be 'yes' or 'no', got {value!r}")
         return {"label": values[0], "category": categories}
     if metric == "gpt":
-        cats = (
-            categories
-            if isinstance(categories, list)
-            else []
-            if categories is None
-            else [categories]
-        )
-        return {"answer": values[0], "categories": [str(c) for c in cats]}
+        return {"answer": values[0], "categories": metrics.category_list(categories)}
     if metric == "cider":
         return {"captions": values}
     return {"answers": values, "category": categories}

@@ -161,7 +161,8 @@ def extract_choice(prediction: str, options: Mapping[str, str]) -> str | None:
     return None
 
 
-def _categories(value: Any) -> list[str]:
+def category_list(value: Any) -> list[str]:
+    """A record's category field (absent, one name or a list) as a list of names."""
     if value is None:
         return []
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
@@ -179,7 +180,7 @@ def choice_scores(items: Iterable[Mapping[str, Any]], *, circular: bool = False)
         choice = extract_choice(item["prediction"], item["options"])
         ok = choice is not None and choice == str(item["answer"]).strip().upper()
         correct.append(ok)
-        for category in _categories(item.get("category")):
+        for category in category_list(item.get("category")):
             per_category.setdefault(category, []).append(ok)
         groups.setdefault(item.get("group", len(groups)), []).append(ok)
     if not correct:
@@ -239,7 +240,7 @@ def pope_scores(items: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = _binary_scores(predicted, labels)
     per_category: dict[str, list[int]] = {}
     for i, item in enumerate(items):
-        for category in _categories(item.get("category")):
+        for category in category_list(item.get("category")):
             per_category.setdefault(category, []).append(i)
     out["per_category"] = {
         c: _binary_scores([predicted[i] for i in idx], [labels[i] for i in idx])
@@ -258,7 +259,7 @@ def exact_match_scores(items: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     for item in items:
         ok = any(scoring.exact_match(item["prediction"], a) for a in item["answers"])
         correct.append(ok)
-        for category in _categories(item.get("category")):
+        for category in category_list(item.get("category")):
             per_category.setdefault(category, []).append(ok)
     if not correct:
         raise ValueError("exact_match_scores: no items")
