@@ -11,6 +11,7 @@ import transformers
 
 from unimoe.data import formats, preprocess, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer
+from unimoe.eval import benchmarks
 
 from tests.data import real_corpus
 from tests.data.real_corpus import FIXTURES
@@ -56,8 +57,9 @@ def test_mmbench_gets_an_image_tag_and_annotations_are_read():
     record = formats.read_records(FIXTURES / "eval_mmbench11.json")[0]
     assert record.conversations[0]["value"].startswith("<image>\n")
     assert record.images == ("MMBench1.1/241.jpg",) and record.extra["answer"] == ["B"]
-    answers = formats.read_vqa_annotations(FIXTURES / "textvqa_annotations_val.json")
-    assert len(answers) == 25 and len(answers["34602"]) == 10 and answers["34602"][1] == "dakota"
+    answers = benchmarks.read_answers_file(FIXTURES / "textvqa_annotations_val.json", "textvqa")
+    camera = answers[("003a8ae2ef43b901", "what is the brand of this camera?")]
+    assert len(answers) == 25 and len(camera) == 10 and camera[1] == "dakota"
 
 
 @pytest.mark.parametrize(

@@ -182,25 +182,6 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     return out
 
 
-def read_vqa_annotations(path: str | os.PathLike) -> dict[str, list[str]]:
-    """question_id -> reference answers, from a TextVQA-style `{"data": [{question_id, answers}]}`."""
-    path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    rows = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected {{'data': [...]}} annotations")
-    out = {}
-    for index, row in enumerate(rows):
-        answers = row.get("answers") if isinstance(row, dict) else None
-        if not isinstance(answers, list) or "question_id" not in row:
-            raise RecordError(
-                path, index, _record_id(row, index), "answers", "missing or not a list"
-            )
-        out[str(row["question_id"])] = [str(a) for a in answers]
-    return out
-
-
 class MediaStore:
     """Reads media files named by records, from a folder, a zip file, or as given (root None).
 

@@ -167,11 +167,10 @@ class ExampleBuilder:
             for w, c in zip(waves, counts, strict=True)
         ]
 
-    def __call__(self, raw_json: str, index: int, file: str) -> dict[str, np.ndarray]:
+    def media(self, record: formats.Record) -> tuple[dict[str, np.ndarray], list[int]]:
+        """The media slots of one record (zeros where absent, decoded when `read_media`) and the
+        number of audio chunks of each of its voice files."""
         cfg = self.cfg
-        record = self.parse(raw_json, index, file)
-        if len(record.conversations) % 2:
-            raise record.error("conversations", "must end with a gpt turn for training")
         size, chunk_shape = cfg.image_size, (cfg.audio_frames, cfg.num_mel_bins)
         example = {
             "image": np.zeros((size, size, 3), np.float32),
@@ -194,6 +193,14 @@ class ExampleBuilder:
                 mels = np.concatenate(per_file)
                 example["audio_mel"][: len(mels)] = mels
                 example["audio_chunk_mask"][: len(mels)] = True
+        return example, chunks_per_file
+
+    def __call__(self, raw_json: str, index: int, file: str) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        record = self.parse(raw_json, index, file)
+        if len(record.conversations) % 2:
+            raise record.error("conversations", "must end with a gpt turn for training")
+        example, chunks_per_file = self.media(record)
         if self.tokenizer is None:
             return example
         try:

@@ -1,0 +1,159 @@
+"""`python -m unimoe.eval` end to end on a tiny random stage checkpoint and the real eval records."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.data import real_corpus
+from unimoe import config as config_lib
+from unimoe.data import formats
+from unimoe.eval import metrics, run_benchmark
+from unimoe.train import stages, trainer
+
+ROOT = pathlib.Path(__file__).parent.parent.parent
+FIXTURES = ROOT / "tests" / "data" / "fixtures" / "unimoe_formats"
+STAGE = "s3_moe"  # the tiny config's MoE stage: 4 experts, LoRA
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> dict:
+    """A tiny config with a pretrained (SentencePiece) tokenizer and a finished random stage."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    tokenizer_path = real_corpus.train_sentencepiece(root / "tokenizer.model")
+    config_file = root / "tiny_eval.py"
+    config_file.write_text(
+        "from unimoe import config as config_lib\n\n\n"
+        "def get_config(arg=None):\n"
+        f"    c = config_lib.load_config({str(ROOT / 'configs' / 'unimoe_tiny.py')!r} + ':mode=test')\n"
+        f"    c.tokenizer = {str(tokenizer_path)!r}\n"
+        "    return c\n"
+    )
+    config = config_lib.load_config(str(config_file))
+    tokenizer = run_benchmark.load_tokenizer(config)
+    spec = config.stages[STAGE]
+    model = trainer.build_model(
+        config, tokenizer, moe=spec.moe, lora_rank=spec.lora_rank, seed=config.seed
+    )
+    params = nnx.state(model, nnx.Param)
+    ckpt = trainer.stage_checkpointer(root / "run", STAGE)
+    ckpt.save(0, {"params": params}, force=True)
+    defined = [stages.path_str(p) for p, _ in nnx.to_flat_state(params)]
+    ckpt.mark_done({"final_step": 0, "defined_params": defined})
+    ckpt.close()
+    return {"root": root, "config_file": config_file, "config": config}
+
+
+def write_images(records: list[dict], media: pathlib.Path) -> None:
+    rng = np.random.default_rng(0)
+    for record in records:
+        path = media / record["image"].lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        real_corpus.write_jpeg(path, rng)
+
+
+def test_cli_writes_predictions_and_scores_that_match_them(stage):
+    records = json.loads((FIXTURES / "eval_aokvqa.json").read_text())[:5]
+    media = stage["root"] / "media"
+    write_images(records, media)
+    out = stage["root"] / "out"
+    command = [
+        sys.executable, "-m", "unimoe.eval",
+        f"--config={stage['config_file']}",
+        f"--checkpoint={stage['root'] / 'run' / STAGE}",
+        "--benchmark=aokvqa",
+        f"--data={FIXTURES / 'eval_aokvqa.json'}",
+        f"--media-root={media}",
+        f"--output={out}",
+        "--max-new-tokens=3",
+        "--batch-size=2",
+        "--limit=5",
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "aokvqa: vqa_accuracy = " in done.stdout
+
+    predictions = json.loads((out / "aokvqa.predictions.json").read_text())
+    scores = json.loads((out / "aokvqa.scores.json").read_text())
+    # The input records, in order, each with its answer (5 of them: 2 full batches + 1 padded).
+    assert [{k: v for k, v in p.items() if k != "prediction"} for p in predictions] == records
+    assert all(isinstance(p["prediction"], str) for p in predictions)
+    expected = np.mean([metrics.vqa_accuracy(p["prediction"], p["gt"]) for p in predictions])
+    assert scores["vqa_accuracy"] == pytest.approx(expected)
+    assert (scores["n"], scores["skipped_records"], scores["headline"]) == (5, 0, "vqa_accuracy")
+
+
+def test_audio_records_are_answered_and_scored(stage, tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "rain.wav").write_bytes(real_corpus.wav_bytes(1.5, 16000))
+    (media / "long.wav").write_bytes(real_corpus.wav_bytes(7.0, 22050, channels=2))
+
+    def turns(question: str) -> list[dict]:
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": ""}]
+
+    # 1.5 s is one 3-s chunk of the tiny config's audio, 7 s three; the last record has no audio.
+    records = [
+        {"id": "a0", "voice": ["/rain.wav"], "answer": "yes", "conversations": turns("<audio>\nRain?")},
+        {"id": "a1", "voice": ["/long.wav"], "answer": ["2", "two"], "conversations": turns("<audio>\nHow many?")},
+        {"id": "a2", "answer": "no", "conversations": turns("No audio here?")},
+    ]  # fmt: skip
+    data = tmp_path / "clothoaqa.json"
+    data.write_text(json.dumps(records))
+    scores = run_benchmark.evaluate_benchmark(
+        stage["config"],
+        checkpoint=str(stage["root"] / "run" / STAGE),
+        benchmark="clothoaqa",
+        data=str(data),
+        output=str(tmp_path / "out"),
+        media_root=str(media),
+        max_new_tokens=2,
+        batch_size=2,
+    )
+    predictions = json.loads((tmp_path / "out" / "clothoaqa.predictions.json").read_text())
+    assert [p["id"] for p in predictions] == ["a0", "a1", "a2"]
+    expected = metrics.exact_match_scores(
+        [
+            {
+                "prediction": p["prediction"],
+                "answers": p["answer"] if isinstance(p["answer"], list) else [p["answer"]],
+            }
+            for p in predictions
+        ]
+    )
+    assert scores["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_records_with_missing_media_stop_the_run_or_are_skipped(stage, tmp_path):
+    records = json.loads((FIXTURES / "eval_aokvqa.json").read_text())[:3]
+    write_images(records[:2], tmp_path / "media")  # the third record's image is missing
+    data = tmp_path / "aokvqa.json"
+    data.write_text(json.dumps(records))
+    kwargs = dict(
+        checkpoint=str(stage["root"] / "run" / STAGE),
+        benchmark="aokvqa",
+        data=str(data),
+        output=str(tmp_path / "out"),
+        media_root=str(tmp_path / "media"),
+        max_new_tokens=1,
+        batch_size=2,
+    )
+    with pytest.raises(formats.RecordError, match=r"record 2 .*field 'image'.*no such file"):
+        run_benchmark.evaluate_benchmark(stage["config"], **kwargs)
+    scores = run_benchmark.evaluate_benchmark(stage["config"], on_error="skip", **kwargs)
+    assert (scores["n"], scores["skipped_records"]) == (2, 1)
+    predictions = json.loads((tmp_path / "out" / "aokvqa.predictions.json").read_text())
+    assert [p["question_id"] for p in predictions] == [r["question_id"] for r in records[:2]]
+
+
+def test_a_checkpoint_that_is_not_a_finished_stage_is_refused(stage, tmp_path):
+    with pytest.raises(ValueError, match="not in the config's stages"):
+        run_benchmark.load_stage(stage["config"], tmp_path / "nope", None)
+    with pytest.raises(ValueError, match="has not finished"):
+        run_benchmark.load_stage(stage["config"], tmp_path / "s2_image", None)

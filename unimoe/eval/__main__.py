@@ -1,0 +1,73 @@
+r"""Answers and scores a benchmark with a finished stage.
+
+  python -m unimoe.eval --config=configs/unimoe_paper_4e.py:... \
+      --checkpoint=WORKDIR/s3_moe --benchmark=textvqa --data=eval_textvqa_llava.json \
+      --answers=textvqa_annotations_val.json --media-root=DIR --output=DIR
+
+`--checkpoint` is a finished stage's directory (WORKDIR/STAGE, as `python -m unimoe.main`
+writes it). Writes `<benchmark>.predictions.json` (the input records, each with `prediction`)
+and `<benchmark>.scores.json` under `--output` (default: WORKDIR/STAGE/eval). Benchmarks and
+their record fields: `unimoe/eval/benchmarks.py`.
+"""
+
+import logging
+import pathlib
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from unimoe.eval import benchmarks, run_benchmark
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "The experiment config the stage was trained with (PATH.py[:ARG]).",
+    lock_config=True,
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A finished stage's directory: WORKDIR/STAGE."
+)
+_BENCHMARK = flags.DEFINE_enum("benchmark", None, sorted(benchmarks.BENCHMARKS), "Benchmark name.")
+_DATA = flags.DEFINE_string("data", None, "The benchmark's Uni-MoE eval JSON file.")
+_ANSWERS = flags.DEFINE_string(
+    "answers", None, "Official annotations file, for benchmarks whose records carry no answers."
+)
+_MEDIA_ROOT = flags.DEFINE_string(
+    "media-root", None, "Folder or zip the records' media paths are under."
+)
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory (default WORKDIR/STAGE/eval).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max-new-tokens", 16, "Answer length limit (greedy).")
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 8, "Prompts per generation batch.")
+_LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N records (0: all).")
+_ON_ERROR = flags.DEFINE_enum(
+    "on-error", "raise", ["raise", "skip"], "Bad records: stop, or skip and count them."
+)
+flags.mark_flags_as_required(["config", "checkpoint", "benchmark", "data"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("unimoe").setLevel(logging.INFO)
+    output = _OUTPUT.value or str(pathlib.Path(_CHECKPOINT.value) / "eval")
+    scores = run_benchmark.evaluate_benchmark(
+        _CONFIG.value,
+        checkpoint=_CHECKPOINT.value,
+        benchmark=_BENCHMARK.value,
+        data=_DATA.value,
+        output=output,
+        answers=_ANSWERS.value,
+        media_root=_MEDIA_ROOT.value,
+        max_new_tokens=_MAX_NEW_TOKENS.value,
+        batch_size=_BATCH_SIZE.value,
+        limit=_LIMIT.value,
+        on_error=_ON_ERROR.value,
+    )
+    predictions, scores_path = run_benchmark.output_paths(output, _BENCHMARK.value)
+    print(f"{_BENCHMARK.value}: {scores['headline']} = {scores[scores['headline']]:.4f}")
+    print(f"wrote {predictions} and {scores_path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,249 @@
+"""Answers a benchmark's records with a finished stage and scores them (`python -m unimoe.eval`).
+
+A finished stage is named by its directory, `WORKDIR/STAGE` (what `python -m unimoe.main`
+writes: the stage's checkpoints and DONE.json); the model is built from `config.stages[STAGE]`
+and every parameter restored (`evaluate.load_finished_stage`). Prompts are the Vicuna v1 prompt
+the stage trained on: `data.vicuna` with the config's pretrained tokenizer (`config.tokenizer`),
+`data.conversation` with the built-in one (read from `config.data.data_dir`). Media go through
+the real-data preprocessing (`json_pipeline.ExampleBuilder.media`), shaped by `config.data`.
+Greedy answers come from `evaluate.generate_answers`; one token-buffer length for the whole run,
+so it compiles once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from unimoe import run as run_lib
+from unimoe.data import conversation, formats, json_pipeline, vicuna
+from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
+from unimoe.eval import benchmarks, evaluate
+from unimoe.models.unimoe import UniMoE
+from unimoe.train import trainer
+
+log = logging.getLogger(__name__)
+
+# Token buffers are rounded up to a multiple of this, so nearby prompt lengths share a compile.
+_LENGTH_BUCKET = 64
+_MODEL_KEYS = ("tokens", "prompt_len", "image", "video", "audio_mel")
+_PRESENCE_KEYS = ("has_image", "has_video", "has_audio")
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
+    """The tokenizer the experiment trained with (never trains or downloads one)."""
+    if config.get("tokenizer"):
+        return PretrainedTokenizer(config.tokenizer)
+    path = pathlib.Path(config.data.data_dir) / run_lib.TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the built-in tokenizer is missing; run the experiment (or set "
+            "config.tokenizer to the pretrained tokenizer the stages trained with)"
+        )
+    return Tokenizer.from_file(path)
+
+
+def load_stage(
+    config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, tokenizer: Any
+) -> UniMoE:
+    """The model of the finished stage in directory `checkpoint` (= WORKDIR/STAGE)."""
+    stage_dir = pathlib.Path(checkpoint)
+    workdir, name = stage_dir.parent, stage_dir.name
+    if name not in config.stages:
+        raise ValueError(
+            f"--checkpoint={checkpoint}: stage {name!r} is not in the config's stages "
+            f"{sorted(config.stages)} (the checkpoint is WORKDIR/STAGE)"
+        )
+    if not trainer.stage_checkpointer(workdir, name).is_done():
+        raise ValueError(
+            f"--checkpoint={checkpoint}: stage {name!r} has not finished (no DONE.json)"
+        )
+    return evaluate.load_finished_stage(config, name, workdir, tokenizer)
+
+
+def _media_config(
+    config: ml_collections.ConfigDict, media_root: str | None
+) -> json_pipeline.JsonDataConfig:
+    data = config.data
+    json_data = config.get("json_data") or {}
+    return json_pipeline.JsonDataConfig(
+        data_dir="",  # not read: records come from the benchmark file
+        sources=("benchmark",),
+        media_root=media_root,
+        seq_len=data.seq_len,
+        batch_size=1,
+        image_size=data.image_size,
+        image_aspect=json_data.get("image_aspect", "square"),
+        num_frames=data.num_frames,
+        num_mel_bins=data.num_mel_bins,
+        audio_frames=data.audio_frames,
+        max_audio_chunks=json_data.get("max_audio_chunks", 4),
+        n_image_tokens=data.n_image_tokens,
+        n_video_tokens=data.n_video_tokens,
+        n_audio_tokens=data.n_audio_tokens,
+    )
+
+
+def _prompt(
+    record: formats.Record, tokenizer: Any, cfg: json_pipeline.JsonDataConfig, chunks: list[int]
+) -> np.ndarray:
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return vicuna.build_prompt(
+            record.conversations,
+            tokenizer,
+            n_image_tokens=cfg.n_image_tokens,
+            n_video_tokens=cfg.n_video_tokens,
+            audio_tokens=[cfg.n_audio_tokens * c for c in chunks],
+        )
+    # The built-in template expands every <audio> alike.
+    if len(set(chunks)) > 1:
+        raise record.error(
+            "voice", f"files of {chunks} audio chunks: the built-in tokenizer needs equal ones"
+        )
+    return conversation.build_prompt(
+        record.conversations,
+        tokenizer,
+        n_image_tokens=cfg.n_image_tokens,
+        n_video_tokens=cfg.n_video_tokens,
+        n_audio_tokens=cfg.n_audio_tokens * (chunks[0] if chunks else 1),
+        record_id=record.id,
+    )
+
+
+def build_examples(
+    config: ml_collections.ConfigDict,
+    items: Sequence[benchmarks.EvalItem],
+    tokenizer: Any,
+    media_root: str | None,
+    on_error: str = "raise",
+) -> tuple[list[benchmarks.EvalItem], list[dict[str, np.ndarray]], int]:
+    """(items kept, their examples, number skipped). An example is `prompt` int32 [P] (unpadded)
+    and the media slots; bad media raise RecordError, or are skipped with on_error='skip'."""
+    cfg = _media_config(config, media_root)
+    builder = json_pipeline.ExampleBuilder(cfg, tokenizer=None)
+    kept, examples = [], []
+    for item in tqdm.tqdm(items, desc="media", leave=False):
+        try:
+            example, chunks = builder.media(item.record)
+            example["prompt"] = _prompt(item.record, tokenizer, cfg, chunks)
+        except formats.RecordError:
+            if on_error == "raise":
+                raise
+            continue
+        kept.append(item)
+        examples.append(example)
+    return kept, examples, len(items) - len(kept)
+
+
+def generate(
+    model: UniMoE,
+    examples: Sequence[dict[str, np.ndarray]],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers to every example, in order (the last batch padded with copies)."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1"
+        )
+    longest = max(len(ex["prompt"]) for ex in examples) + max_new_tokens
+    seq_len = -(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    graphdef, state = nnx.split(model)
+    answers = []
+    for start in tqdm.trange(0, len(examples), batch_size, desc="generate", leave=False):
+        chunk = list(examples[start : start + batch_size])
+        num_valid = len(chunk)
+        chunk += [chunk[0]] * (batch_size - num_valid)
+        tokens = np.full((batch_size, seq_len), tokenizer.pad_id, np.int32)
+        for row, ex in enumerate(chunk):
+            tokens[row, : len(ex["prompt"])] = ex["prompt"]
+        batch = {
+            "tokens": tokens,
+            "prompt_len": np.asarray([len(ex["prompt"]) for ex in chunk], np.int32),
+            **{k: np.stack([ex[k] for ex in chunk]) for k in (*_MODEL_KEYS[2:], *_PRESENCE_KEYS)},
+        }
+        ids = evaluate.generate_answers(
+            graphdef,
+            state,
+            batch,
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
+        for row in np.asarray(ids)[:num_valid]:
+            row = [int(t) for t in row]
+            if tokenizer.eos_id in row:
+                row = row[: row.index(tokenizer.eos_id)]
+            answers.append(tokenizer.decode(row).strip())
+    return answers
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def output_paths(output: str | os.PathLike, benchmark: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(predictions, scores) JSON paths of a benchmark under `output`."""
+    out = pathlib.Path(output)
+    return out / f"{benchmark}.predictions.json", out / f"{benchmark}.scores.json"
+
+
+def evaluate_benchmark(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint: str,
+    benchmark: str,
+    data: str,
+    output: str,
+    answers: str | None = None,
+    media_root: str | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    limit: int = 0,
+    on_error: str = "raise",
+) -> dict[str, Any]:
+    """Writes `<benchmark>.predictions.json` (each input record plus `prediction`) and
+    `<benchmark>.scores.json` under `output`; returns the scores."""
+    bench = benchmarks.get(benchmark)
+    items, skipped = benchmarks.read_items(bench, data, answers_path=answers, on_error=on_error)
+    if limit:
+        items = items[:limit]
+    if not items:
+        raise ValueError(f"{data}: no records to evaluate ({skipped} skipped)")
+    tokenizer = load_tokenizer(config)
+    model = load_stage(config, checkpoint, tokenizer)
+    items, examples, bad_media = build_examples(config, items, tokenizer, media_root, on_error)
+    skipped += bad_media
+    if not items:
+        raise ValueError(f"{data}: every record was skipped ({skipped})")
+    predictions = generate(
+        model, examples, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    scores = benchmarks.score_items(bench, items, predictions)
+    scores.update(
+        data=os.fspath(data),
+        answers=answers,
+        checkpoint=os.fspath(checkpoint),
+        skipped_records=skipped,
+        max_new_tokens=max_new_tokens,
+    )
+    predictions_path, scores_path = output_paths(output, benchmark)
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    records = [{**item.raw, benchmarks.PREDICTION_KEY: p} for item, p in zip(items, predictions)]
+    _write_json(predictions_path, records)
+    _write_json(scores_path, scores)
+    log.info("%s: %s = %.4f", benchmark, scores["headline"], scores[scores["headline"]])
+    return scores
