@@ -1,5 +1,6 @@
 """KV-cached generation against an uncached reference that reruns the whole sequence per token."""
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -46,6 +47,8 @@ def prompts_batch(prompts: list[list[int]], width: int = 0) -> dict[str, np.ndar
 
 
 TEXT_PROMPTS = [[1, 7, 8, 9], [1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29], [1, 30]]
+# One max_new_tokens everywhere: tests then share compiled generation functions.
+NEW = 8
 
 
 def run(model: nnx.Module, batch, **kwargs) -> np.ndarray:
@@ -91,8 +94,8 @@ def lm_logits_fn(lm: DecoderLM):
 def test_cached_greedy_equals_uncached_for_the_text_lm(name):
     lm = random_lm(name)
     batch = prompts_batch(TEXT_PROMPTS)
-    cached = run(lm, batch, max_new_tokens=9)
-    reference = uncached_greedy(lm_logits_fn(lm), batch, max_new_tokens=9)
+    cached = run(lm, batch, max_new_tokens=NEW)
+    reference = uncached_greedy(lm_logits_fn(lm), batch, max_new_tokens=NEW)
     np.testing.assert_array_equal(cached, reference)
     assert len(np.unique(cached)) > 5  # the random model says something, not one token repeated
 
@@ -131,66 +134,68 @@ def unimoe_logits_fn(model: UniMoE, batch):
 def test_cached_greedy_equals_uncached_with_image_and_audio_in_the_prompt(moe, lora_rank):
     model = random_unimoe(moe=moe, lora_rank=lora_rank)
     batch = media_batch(model, np.random.default_rng(0))
-    cached = run(model, batch, max_new_tokens=8)
+    cached = run(model, batch, max_new_tokens=NEW)
     np.testing.assert_array_equal(
-        cached, uncached_greedy(unimoe_logits_fn(model, batch), batch, max_new_tokens=8)
+        cached, uncached_greedy(unimoe_logits_fn(model, batch), batch, max_new_tokens=NEW)
     )
     # The media reach the answer: other pixels and mels change what is generated.
     other = dict(batch, image=batch['image'] + 1.0, audio_mel=batch['audio_mel'] - 1.0)
-    assert (run(model, other, max_new_tokens=8) != cached).any()
+    assert (run(model, other, max_new_tokens=NEW) != cached).any()
 
 
 def test_batched_equals_unbatched_with_different_prompt_lengths():
     model = random_unimoe(moe=True, lora_rank=2)
     batch = media_batch(model, np.random.default_rng(1))
-    together = run(model, batch, max_new_tokens=8)
+    together = run(model, batch, max_new_tokens=NEW)
     for row in range(3):
         alone = {k: v[row : row + 1] for k, v in batch.items()}
         alone['tokens'] = alone['tokens'][:, : alone['prompt_len'][0]]
-        np.testing.assert_array_equal(run(model, alone, max_new_tokens=8), together[row : row + 1])
+        np.testing.assert_array_equal(
+            run(model, alone, max_new_tokens=NEW), together[row : row + 1]
+        )
 
 
 def test_stop_tokens_end_each_row_and_pad_after_them():
     lm = random_lm('moe_lora')
     batch = prompts_batch(TEXT_PROMPTS)
-    free = run(lm, batch, max_new_tokens=10)
+    free = run(lm, batch, max_new_tokens=NEW)
     # Stop at the token row 0 produces 3rd and the one row 1 produces 5th.
     stops = (int(free[0, 2]), int(free[1, 4]))
-    stopped = run(lm, batch, max_new_tokens=10, stop_ids=stops)
+    stopped = run(lm, batch, max_new_tokens=NEW, stop_ids=stops)
     for row in range(3):
         hits = np.flatnonzero(np.isin(free[row], stops))
-        end = hits[0] + 1 if len(hits) else 10
+        end = hits[0] + 1 if len(hits) else NEW
         np.testing.assert_array_equal(stopped[row, :end], free[row, :end])
         np.testing.assert_array_equal(stopped[row, end:], PAD)
     assert (stopped == PAD).sum() > (free == PAD).sum()
-    # generate_answers (the evaluation's entry point) stops at eos.
+    # generate_answers (the evaluation's entry point) stops at eos and any other stop id.
     graphdef, state = nnx.split(lm)
     answers = evaluate.generate_answers(
-        graphdef, state, batch, max_new_tokens=10, eos_id=stops[0], pad_id=PAD
+        graphdef, state, batch, max_new_tokens=NEW, eos_id=stops[1], pad_id=PAD, stop_ids=stops[:1]
     )
-    end = np.flatnonzero(free[0] == stops[0])[0] + 1
-    np.testing.assert_array_equal(answers[0, :end], free[0, :end])
-    np.testing.assert_array_equal(answers[0, end:], PAD)
+    np.testing.assert_array_equal(answers, stopped)
 
 
-def test_top_p_near_zero_samples_the_greedy_tokens():
-    lm = random_lm('moe_lora')
-    batch = prompts_batch(TEXT_PROMPTS)
-    greedy = run(lm, batch, max_new_tokens=8)
-    nucleus = generate.SamplingConfig(temperature=1.5, top_p=1e-6, seed=3)
-    np.testing.assert_array_equal(run(lm, batch, max_new_tokens=8, sampling=nucleus), greedy)
-    wide = generate.SamplingConfig(temperature=1.5, top_p=1.0, seed=3)
-    assert (run(lm, batch, max_new_tokens=8, sampling=wide) != greedy).any()
+SAMPLED = generate.SamplingConfig(temperature=1.0, top_p=0.9, seed=7)
 
 
 def test_sampling_is_reproducible_for_a_seed():
     lm = random_lm('dense')
     batch = prompts_batch(TEXT_PROMPTS)
-    config = generate.SamplingConfig(temperature=1.0, top_p=0.9, seed=7)
-    first = run(lm, batch, max_new_tokens=8, sampling=config)
-    np.testing.assert_array_equal(run(lm, batch, max_new_tokens=8, sampling=config), first)
-    other_seed = generate.SamplingConfig(temperature=1.0, top_p=0.9, seed=8)
-    assert (run(lm, batch, max_new_tokens=8, sampling=other_seed) != first).any()
+    first = run(lm, batch, max_new_tokens=NEW, sampling=SAMPLED)
+    np.testing.assert_array_equal(run(lm, batch, max_new_tokens=NEW, sampling=SAMPLED), first)
+    other_seed = dataclasses.replace(SAMPLED, seed=8)
+    assert (run(lm, batch, max_new_tokens=NEW, sampling=other_seed) != first).any()
+    assert (first != run(lm, batch, max_new_tokens=NEW)).any()  # not the greedy tokens
+
+
+def test_top_p_near_zero_samples_the_greedy_tokens():
+    lm = random_lm('dense')
+    batch = prompts_batch(TEXT_PROMPTS)
+    nucleus = generate.SamplingConfig(temperature=1.5, top_p=1e-6, seed=3)
+    np.testing.assert_array_equal(
+        run(lm, batch, max_new_tokens=NEW, sampling=nucleus), run(lm, batch, max_new_tokens=NEW)
+    )
 
 
 @pytest.mark.parametrize('temperature, top_p', [(1.0, 1.0), (0.5, 1.0), (1.0, 0.8)])
@@ -200,6 +205,7 @@ def test_samples_follow_the_tempered_nucleus_softmax(temperature, top_p):
     samples = generate.select_tokens(
         jnp.broadcast_to(logits_v, (draws, 5)),
         jax.random.key(0),
+        greedy=False,
         temperature=temperature,
         top_p=top_p,
     )
@@ -218,9 +224,11 @@ def test_prompt_lengths_within_a_bucket_compile_once():
     lm = random_lm('dense')
     graphdef, state = nnx.split(lm)
 
-    def compiles(prompts):
+    def compiles(prompts, sampling=generate.SamplingConfig()):
         before = generate._generate_bucketed._cache_size()
-        generate.generate(graphdef, state, prompts_batch(prompts), max_new_tokens=3, pad_id=PAD)
+        generate.generate(
+            graphdef, state, prompts_batch(prompts), max_new_tokens=3, pad_id=PAD, sampling=sampling
+        )
         return generate._generate_bucketed._cache_size() - before
 
     assert generate.length_bucket(5) == generate.length_bucket(12) == 16
@@ -231,6 +239,9 @@ def test_prompt_lengths_within_a_bucket_compile_once():
     assert compiles([[1] * 16, [2] * 4, [3]]) == 0
     # A longer prompt moves to the next bucket (32 positions): one new compile.
     assert compiles([[1] * 17, [2]]) == 1
+    # Sampling compiles once; other temperatures, top-p values and seeds reuse it.
+    assert compiles([[1, 2]], generate.SamplingConfig(temperature=0.7, top_p=0.5, seed=1)) == 1
+    assert compiles([[1, 2]], generate.SamplingConfig(temperature=1.3, top_p=0.9, seed=2)) == 0
 
 
 def test_buckets():

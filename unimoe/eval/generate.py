@@ -71,21 +71,29 @@ def length_bucket(length: int) -> int:
 
 
 def select_tokens(
-    logits_bv: jax.Array, key: jax.Array, *, temperature: float, top_p: float
+    logits_bv: jax.Array,
+    key: jax.Array,
+    *,
+    greedy: bool,
+    temperature: float | jax.Array = 1.0,
+    top_p: float | jax.Array = 1.0,
 ) -> jax.Array:
-    """The next token of each row, int32 [B]: argmax if temperature is 0, else a draw from the
-    top-p nucleus of softmax(logits / temperature) with key fold_in(key, row)."""
-    if temperature == 0:
+    """The next token of each row, int32 [B]: the argmax if `greedy`, else a draw from the top-p
+    nucleus of softmax(logits / temperature) with key fold_in(key, row). temperature and top_p
+    may be traced (a new value does not recompile)."""
+    if greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits_bv = logits_bv.astype(jnp.float32) / temperature
-    if top_p < 1.0:
-        probs_bv = jax.nn.softmax(logits_bv, axis=-1)
-        sorted_bv = -jnp.sort(-probs_bv, axis=-1)
-        mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv
-        # The smallest kept probability; ties with it stay too (the nucleus is a set of values).
-        kept = jnp.where(mass_before_bv < top_p, sorted_bv, jnp.inf)
-        threshold_b1 = jnp.min(kept, axis=-1, keepdims=True)
-        logits_bv = jnp.where(probs_bv >= threshold_b1, logits_bv, -jnp.inf)
+    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+    sorted_bv = -jnp.sort(-probs_bv, axis=-1)
+    mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv
+    # The smallest kept probability; ties with it stay too (the nucleus is a set of values).
+    threshold_b1 = jnp.min(
+        jnp.where(mass_before_bv < top_p, sorted_bv, jnp.inf), axis=-1, keepdims=True
+    )
+    # top_p = 1 keeps every token, even those a float32 cumsum would push past 1.
+    in_nucleus_bv = (probs_bv >= threshold_b1) | (top_p >= 1.0)
+    logits_bv = jnp.where(in_nucleus_bv, logits_bv, -jnp.inf)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(logits_bv.shape[0]))
     return jax.vmap(jax.random.categorical)(row_keys, logits_bv).astype(jnp.int32)
 
@@ -95,12 +103,13 @@ def decode(
     x_btd: jax.Array,
     prompt_len_b: jax.Array,
     key: jax.Array,
+    temperature: float | jax.Array,
+    top_p: float | jax.Array,
     *,
     max_new_tokens: int,
     stop_ids: tuple[int, ...],
     pad_id: int,
-    temperature: float,
-    top_p: float,
+    greedy: bool,
 ) -> jax.Array:
     """Prefill the prompt embeddings, then decode: int32 [B, max_new_tokens], each row's first
     stop token included and `pad_id` after it. Stops early once every row has stopped."""
@@ -112,7 +121,11 @@ def decode(
 
     def choose(n, logits_bv, done_b):
         next_b = select_tokens(
-            logits_bv, jax.random.fold_in(key, n), temperature=temperature, top_p=top_p
+            logits_bv,
+            jax.random.fold_in(key, n),
+            greedy=greedy,
+            temperature=temperature,
+            top_p=top_p,
         )
         next_b = jnp.where(done_b, pad_id, next_b)
         return next_b, done_b | jnp.isin(next_b, stop_s)
@@ -142,13 +155,15 @@ def decode(
 
 @functools.partial(
     jax.jit,
-    static_argnames=('graphdef', 'max_new_tokens', 'stop_ids', 'pad_id', 'temperature', 'top_p'),
+    static_argnames=('graphdef', 'max_new_tokens', 'stop_ids', 'pad_id', 'greedy'),
 )
 def _generate_bucketed(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     inputs: Mapping[str, jax.Array],
     key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
     **static: Any,
 ) -> jax.Array:
     model = nnx.merge(graphdef, state)
@@ -159,7 +174,7 @@ def _generate_bucketed(
     else:
         lm = model
         x_btd = lm.embed_tokens(inputs['tokens'])
-    return decode(lm, x_btd, inputs['prompt_len'], key, **static)
+    return decode(lm, x_btd, inputs['prompt_len'], key, temperature, top_p, **static)
 
 
 def generate(
@@ -210,10 +225,11 @@ def generate(
         state,
         inputs,
         jax.random.key(sampling.seed),
+        np.float32(sampling.temperature),
+        np.float32(sampling.top_p),
         max_new_tokens=max_new_tokens,
         stop_ids=tuple(sorted({int(i) for i in stop_ids})),
         pad_id=pad_id,
-        temperature=float(sampling.temperature),
-        top_p=float(sampling.top_p) if not sampling.greedy else 1.0,
+        greedy=sampling.greedy,
     )
     return np.asarray(out)[:num_rows]
