@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import jax
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
+from moe_layer import measure  # benchmarks/ is the script's folder, so on sys.path
 
 from unimoe import config as config_lib
 from unimoe.convert import core
@@ -147,13 +146,7 @@ def main() -> None:
             raise SystemExit(f'greedy outputs differ at batch {batch}:\nunimoe {mine}\nhf     {hf}')
         print(f'batch {batch}: greedy outputs identical ({mine.size} tokens)')
 
-    times: dict[str, list[float]] = {name: [] for name in thunks}
-    for _ in range(rounds):
-        for name, thunk in thunks.items():
-            start = time.perf_counter()
-            thunk()
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = measure(thunks, rounds)
 
     print(f"{'variant':<12}{'ms':>10}{'tok/s':>10}")
     speedups = {}
