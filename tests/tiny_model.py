@@ -1,8 +1,12 @@
 """A tiny UniMoE config shared by model/stage tests (odd sizes so swapped axes fail loudly)."""
 
 import dataclasses
+from collections.abc import Callable
 
+import jax
 import ml_collections
+import numpy as np
+from flax import nnx
 
 from unimoe.models.unimoe import UniMoEConfig
 
@@ -50,3 +54,23 @@ def model_config(*, moe: bool = False, lora_rank: int = 0) -> UniMoEConfig:
         moe=moe,
         lora_rank=lora_rank,
     )
+
+
+def random_module(build: Callable[[], nnx.Module], seed: int = 0, scale: float = 0.3) -> nnx.Module:
+    """`build()` with every Param (LoRA included) drawn N(0, scale) with numpy, norm scales near 1.
+
+    Far from the N(0, 0.02) init, so logits are far from uniform and argmax rarely ties. Built from
+    `nnx.eval_shape` and numpy: initializing eagerly or under jit compiles every random op (seconds
+    per model). The module must hold only Params (no RNG state: no dropout, no noisy router).
+    """
+    graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f'random_module: the module holds non-Param state {rest}')
+    rng = np.random.default_rng(seed)
+
+    def draw(path, var):
+        noise = rng.normal(size=var.shape).astype(np.float32)
+        is_norm_scale = any('norm' in str(p) for p in path) and str(path[-1]) == 'scale'
+        return 1.0 + 0.1 * noise if is_norm_scale else scale * noise
+
+    return nnx.merge(graphdef, jax.tree.map_with_path(draw, params), rest)

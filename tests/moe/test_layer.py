@@ -308,6 +308,18 @@ def test_capacity_large_enough_matches_dropless():
     assert aux["dropped_fraction"] == 0
 
 
+def test_dropless_view_lifts_the_capacity_as_generation_needs():
+    dropless = make_layer()
+    capacity = make_layer(impl="capacity", capacity_factor=0.1, min_capacity=1)
+    y_dropless, _ = forward(dropless, X_BTD, all_valid(X_BTD))
+    _, aux = forward(capacity, X_BTD, all_valid(X_BTD))
+    assert aux["dropped_fraction"] > 0.5
+    lifted = nnx.view(capacity, dropless=True)
+    y_lifted, aux = forward(lifted, X_BTD, all_valid(X_BTD))
+    np.testing.assert_allclose(y_lifted, y_dropless, rtol=1e-5, atol=1e-6)
+    assert aux["dropped_fraction"] == 0
+
+
 def test_router_bias_is_selection_only_and_not_a_param():
     layer = make_layer("sigmoid_bias", bias_update_rate=1e-3)
     assert isinstance(layer.router_bias, RouterBias)

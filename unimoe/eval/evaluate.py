@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Collection, Mapping
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -25,33 +23,27 @@ log = logging.getLogger(__name__)
 _MODEL_KEYS = ('tokens', 'prompt_len', 'image', 'video', 'audio_mel')
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'eos_id', 'pad_id'))
 def generate_answers(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    batch: Mapping[str, jax.Array],
+    batch: Mapping[str, Any],
     *,
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
-) -> jax.Array:
-    """Greedy answer ids [B, max_new_tokens]; media are encoded once, not at every decode step."""
-    model: UniMoE = nnx.merge(graphdef, state)
-    media = model.encode_media(batch)
-    tokens_bt = batch['tokens']
-    # Causal attention: positions past the current one never influence its logits.
-    attn_mask_bt = jnp.ones(tokens_bt.shape, bool)
-
-    def logits_fn(tokens_bt: jax.Array) -> jax.Array:
-        return model.llm(model.embed(tokens_bt, media), attn_mask_bt)[0]
-
-    return generate.greedy_generate(
-        logits_fn,
-        tokens_bt,
-        batch['prompt_len'],
+    stop_ids: Collection[int] = (),
+    sampling: generate.SamplingConfig = generate.SamplingConfig(),
+) -> np.ndarray:
+    """Answer ids [B, max_new_tokens] (greedy by default), each row ending at eos or another of
+    `stop_ids` and padded after it; KV-cached, media encoded once (`generate.generate`)."""
+    return generate.generate(
+        graphdef,
+        state,
+        batch,
         max_new_tokens=max_new_tokens,
-        eos_id=eos_id,
         pad_id=pad_id,
+        stop_ids={eos_id, *stop_ids},
+        sampling=sampling,
     )
 
 

@@ -1,76 +1,235 @@
-"""Greedy decoding over a fixed-shape token buffer (no KV cache: each step reruns the model)."""
+"""Batched generation with a KV cache: greedy, temperature and top-p sampling, stop tokens.
+
+`generate` takes a `UniMoE` (media encoded once, spliced into the prompt embeddings) or a bare
+`DecoderLM`, as (graphdef, state), and a batch of right-padded prompts of different lengths. The
+prompt is prefilled once, then each step decodes one token per row against the cache
+(`unimoe.models.kv_cache`). Generated tokens are embedded as text, even a media placeholder id.
+
+Shapes are bucketed so that new batches reuse compiled code: the batch is padded up to a power of
+two with copies of its first row, the prompt buffer up to `length_bucket` positions; one
+compilation serves every batch of a (batch bucket, length bucket, max_new_tokens, stop ids,
+sampling mode) combination. The model runs as at evaluation: `deterministic` (no dropout or
+router noise) and `dropless` (a capacity-based MoE layer keeps every token, so no decoded token is
+ever dropped).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import functools
+from collections.abc import Collection, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-LogitsFn = Callable[[jax.Array], jax.Array]
+from unimoe.models import kv_cache
+from unimoe.models.llm import DecoderLM
+from unimoe.models.unimoe import UniMoE
+
+# Batch keys the multimodal model reads besides tokens / prompt_len (each optional).
+MEDIA_KEYS = ('image', 'video', 'audio_mel', 'has_image', 'has_video', 'has_audio')
+# Prompt buffers: powers of two from MIN_PROMPT_BUCKET, then multiples of LONG_PROMPT_STEP.
+MIN_PROMPT_BUCKET = 16
+LONG_PROMPT_STEP = 256
 
 
-def greedy_generate(
-    logits_fn: LogitsFn,
-    tokens_bt: jax.Array,
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 = greedy (argmax; top_p and seed unused). Otherwise sample from
+    softmax(logits / temperature) restricted to the top-p nucleus: the most likely tokens whose
+    mass, counted before each token, is < top_p (so the top token always stays). Draws depend only
+    on (seed, row index, step), not on the batch bucket."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f'SamplingConfig.temperature must be >= 0, got {self.temperature}')
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f'SamplingConfig.top_p must be in (0, 1], got {self.top_p}')
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def batch_bucket(batch: int) -> int:
+    """Rows a batch of `batch` prompts is padded to: the next power of two."""
+    return 1 << max(batch - 1, 0).bit_length()
+
+
+def length_bucket(length: int) -> int:
+    """Prompt buffer length for a longest prompt of `length` tokens."""
+    if length <= LONG_PROMPT_STEP:
+        return max(MIN_PROMPT_BUCKET, 1 << max(length - 1, 0).bit_length())
+    return -(-length // LONG_PROMPT_STEP) * LONG_PROMPT_STEP
+
+
+def select_tokens(
+    logits_bv: jax.Array,
+    key: jax.Array,
+    *,
+    greedy: bool,
+    temperature: float | jax.Array = 1.0,
+    top_p: float | jax.Array = 1.0,
+) -> jax.Array:
+    """The next token of each row, int32 [B]: the argmax if `greedy`, else a draw from the top-p
+    nucleus of softmax(logits / temperature) with key fold_in(key, row). temperature and top_p
+    may be traced (a new value does not recompile)."""
+    if greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = logits_bv.astype(jnp.float32) / temperature
+    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+    sorted_bv = -jnp.sort(-probs_bv, axis=-1)
+    mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv
+    # The smallest kept probability; ties with it stay too (the nucleus is a set of values).
+    threshold_b1 = jnp.min(
+        jnp.where(mass_before_bv < top_p, sorted_bv, jnp.inf), axis=-1, keepdims=True
+    )
+    # top_p = 1 keeps every token, even those a float32 cumsum would push past 1.
+    in_nucleus_bv = (probs_bv >= threshold_b1) | (top_p >= 1.0)
+    logits_bv = jnp.where(in_nucleus_bv, logits_bv, -jnp.inf)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(logits_bv.shape[0]))
+    return jax.vmap(jax.random.categorical)(row_keys, logits_bv).astype(jnp.int32)
+
+
+def decode(
+    lm: DecoderLM,
+    x_btd: jax.Array,
     prompt_len_b: jax.Array,
+    key: jax.Array,
+    temperature: float | jax.Array,
+    top_p: float | jax.Array,
     *,
     max_new_tokens: int,
-    eos_id: int,
+    stop_ids: tuple[int, ...],
     pad_id: int,
+    greedy: bool,
 ) -> jax.Array:
-    """Appends up to `max_new_tokens` argmax tokens to each row's prompt; returns int32 [B, N].
+    """Prefill the prompt embeddings, then decode: int32 [B, max_new_tokens], each row's first
+    stop token included and `pad_id` after it. Stops early once every row has stopped."""
+    logits_bv, cache = kv_cache.prefill(
+        lm, x_btd, prompt_len_b, max_len=x_btd.shape[1] + max_new_tokens - 1
+    )
+    stop_s = jnp.asarray(stop_ids, jnp.int32)
+    batch = x_btd.shape[0]
 
-    `logits_fn(tokens_bt) -> logits_btv` must be causal (logits at t depend on tokens <= t only),
-    so the tokens after a row's current position do not matter. Row b's prompt is
-    `tokens_bt[b, :prompt_len_b[b]]`; its n-th new token is read from the logits at position
-    `prompt_len_b[b] + n - 1` and written into the buffer at `prompt_len_b[b] + n`. A row's output
-    includes its `eos_id` and is `pad_id` after it. Jittable; `max_new_tokens`, `eos_id` and
-    `pad_id` are static.
-    """
-    if tokens_bt.ndim != 2:
-        raise ValueError(f'greedy_generate: tokens_bt must be [B, T], got shape {tokens_bt.shape}')
-    batch, seq_len = tokens_bt.shape
-    if prompt_len_b.shape != (batch,):
-        raise ValueError(
-            f'greedy_generate: prompt_len_b must have shape ({batch},), got {prompt_len_b.shape}'
+    def choose(n, logits_bv, done_b):
+        next_b = select_tokens(
+            logits_bv,
+            jax.random.fold_in(key, n),
+            greedy=greedy,
+            temperature=temperature,
+            top_p=top_p,
         )
-    if max_new_tokens < 1:
-        raise ValueError(f'greedy_generate: max_new_tokens must be >= 1, got {max_new_tokens}')
-    if not isinstance(prompt_len_b, jax.core.Tracer):
-        prompt_len = np.asarray(prompt_len_b)
-        if prompt_len.min() < 1 or prompt_len.max() + max_new_tokens > seq_len:
-            raise ValueError(
-                f'greedy_generate: every prompt_len must be >= 1 and max(prompt_len) + max_new_tokens '
-                f'<= T; got prompt_len in [{prompt_len.min()}, {prompt_len.max()}], '
-                f'max_new_tokens={max_new_tokens}, T={seq_len}'
-            )
-
-    tokens_bt = jnp.asarray(tokens_bt, jnp.int32)
-    prompt_len_b = jnp.asarray(prompt_len_b, jnp.int32)
-    rows_b = jnp.arange(batch)
-
-    def decode_step(n, carry):
-        tokens_bt, done_b, new_bn = carry
-        write_pos_b = prompt_len_b + n
-        logits_bv = logits_fn(tokens_bt)[rows_b, write_pos_b - 1]
-        next_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
         next_b = jnp.where(done_b, pad_id, next_b)
-        return (
-            tokens_bt.at[rows_b, write_pos_b].set(next_b),
-            done_b | (next_b == eos_id),
-            new_bn.at[:, n].set(next_b),
-        )
+        return next_b, done_b | jnp.isin(next_b, stop_s)
 
-    def step_or_skip(n, carry):
-        # Once every row has emitted eos, the remaining iterations skip the model call.
-        return jax.lax.cond(jnp.all(carry[1]), lambda n, c: c, decode_step, n, carry)
+    def step(carry):
+        n, logits_bv, cache, done_b, out_bn = carry
+        next_b, done_b = choose(n, logits_bv, done_b)
+        logits_bv, cache = kv_cache.decode_step(lm, lm.embed_tokens(next_b[:, None])[:, 0], cache)
+        return n + 1, logits_bv, cache, done_b, out_bn.at[:, n].set(next_b)
+
+    def running(carry):
+        n, _, _, done_b, _ = carry
+        return (n < max_new_tokens - 1) & ~jnp.all(done_b)
 
     init = (
-        tokens_bt,
+        jnp.int32(0),
+        logits_bv,
+        cache,
         jnp.zeros((batch,), bool),
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
     )
-    _, _, new_bn = jax.lax.fori_loop(0, max_new_tokens, step_or_skip, init)
-    return new_bn
+    # The last token needs no decode step after it, so the loop stops one short and picks it here
+    # (pad for every row if all stopped early).
+    n, logits_bv, _, done_b, out_bn = jax.lax.while_loop(running, step, init)
+    return out_bn.at[:, n].set(choose(n, logits_bv, done_b)[0])
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=('graphdef', 'max_new_tokens', 'stop_ids', 'pad_id', 'greedy'),
+)
+def _generate_bucketed(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    inputs: Mapping[str, jax.Array],
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    **static: Any,
+) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    model = nnx.view(model, deterministic=True, dropless=True, raise_if_not_found=False)
+    if isinstance(model, UniMoE):
+        x_btd = model.embed(inputs['tokens'], model.encode_media(inputs))
+        lm = model.llm
+    else:
+        lm = model
+        x_btd = lm.embed_tokens(inputs['tokens'])
+    return decode(lm, x_btd, inputs['prompt_len'], key, temperature, top_p, **static)
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: Collection[int] = (),
+    sampling: SamplingConfig = SamplingConfig(),
+) -> np.ndarray:
+    """New tokens int32 [B, max_new_tokens] for the prompts of `batch`.
+
+    graphdef, state: `nnx.split` of a `UniMoE` or a `DecoderLM`.
+    batch: 'tokens' int [B, T] (row b's prompt is tokens[b, :prompt_len[b]], the rest ignored),
+    'prompt_len' int [B], and for a UniMoE the media of `MEDIA_KEYS` it has (batch-major arrays).
+    A row's output ends at its first token in `stop_ids` (included) and is `pad_id` after it.
+    """
+    tokens = np.asarray(batch['tokens'])
+    prompt_len = np.asarray(batch['prompt_len'])
+    if tokens.ndim != 2:
+        raise ValueError(f"generate: batch['tokens'] must be [B, T], got shape {tokens.shape}")
+    num_rows, width = tokens.shape
+    if prompt_len.shape != (num_rows,):
+        raise ValueError(
+            f"generate: batch['prompt_len'] must have shape ({num_rows},), got {prompt_len.shape}"
+        )
+    if num_rows == 0 or prompt_len.min() < 1 or prompt_len.max() > width:
+        raise ValueError(
+            f"generate: every batch['prompt_len'] must be in [1, T={width}], got {prompt_len}"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f'generate: max_new_tokens must be >= 1, got {max_new_tokens}')
+    rows = batch_bucket(num_rows)
+    length = length_bucket(int(prompt_len.max()))
+    # Extra rows repeat row 0 (their outputs are dropped); the buffer is cut or padded to `length`.
+    take = np.concatenate([np.arange(num_rows), np.zeros(rows - num_rows, int)])
+    buffer = np.full((rows, length), pad_id, np.int32)
+    kept = min(width, length)
+    buffer[:, :kept] = tokens[take, :kept]
+    inputs = {'tokens': buffer, 'prompt_len': prompt_len[take].astype(np.int32)}
+    for name in MEDIA_KEYS:
+        if name in batch:
+            inputs[name] = np.asarray(batch[name])[take]
+    out = _generate_bucketed(
+        graphdef,
+        state,
+        inputs,
+        jax.random.key(sampling.seed),
+        np.float32(sampling.temperature),
+        np.float32(sampling.top_p),
+        max_new_tokens=max_new_tokens,
+        stop_ids=tuple(sorted({int(i) for i in stop_ids})),
+        pad_id=pad_id,
+        greedy=sampling.greedy,
+    )
+    return np.asarray(out)[:num_rows]

@@ -178,21 +178,27 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScalin
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()
+    positions: int | jax.Array, head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()
 ) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [T, head_dim] for positions 0..T-1, the two halves repeated as in HF."""
+    """cos, sin [..., head_dim] at integer `positions` (an int T means 0..T-1, giving [T, hd]),
+    the two halves repeated as in HF. Decoding passes each row's own positions, [B, 1]."""
+    if isinstance(positions, int):
+        positions = jnp.arange(positions, dtype=jnp.float32)
     inv_freq = rope_inv_freq(head_dim, theta, scaling)
-    angles_tf = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    angles_th = jnp.concatenate([angles_tf, angles_tf], axis=-1)
-    return jnp.cos(angles_th), jnp.sin(angles_th)
+    angles_pf = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles_ph = jnp.concatenate([angles_pf, angles_pf], axis=-1)
+    return jnp.cos(angles_ph), jnp.sin(angles_ph)
 
 
-def apply_rope(x_bthd: jax.Array, cos_th: jax.Array, sin_th: jax.Array) -> jax.Array:
-    """HF LLaMA convention: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+def apply_rope(x_bthd: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF LLaMA convention: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+
+    cos, sin: [T, hd] (every row at the same positions) or [B, T, hd] (per-row positions).
+    """
     half = x_bthd.shape[-1] // 2
     rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
-    cos = cos_th[None, :, None, :].astype(x_bthd.dtype)
-    sin = sin_th[None, :, None, :].astype(x_bthd.dtype)
+    cos = cos[..., None, :].astype(x_bthd.dtype)
+    sin = sin[..., None, :].astype(x_bthd.dtype)
     return x_bthd * cos + rotated * sin
 
 
@@ -211,26 +217,40 @@ def causal_attention(
     scores of one block stay small. Masked scores are finfo.min, not -inf, so a row with no
     allowed key (all padding) stays finite.
     """
-    seq, head_dim = q_btgrd.shape[1], q_btgrd.shape[-1]
+    seq = q_btgrd.shape[1]
     q_bgrtd = jnp.einsum("btgrd->bgrtd", q_btgrd)
     k_bgsd = jnp.einsum("bsgd->bgsd", k_bsgd)
     v_bgsd = jnp.einsum("bsgd->bgsd", v_bsgd)
     key_mask_bs = key_mask_bs.astype(bool)
-    scale = 1.0 / math.sqrt(head_dim)
     outs = []
     for start in range(0, seq, CAUSAL_BLOCK):
         stop = min(start + CAUSAL_BLOCK, seq)
-        scores_bgrts = jnp.einsum(
-            "bgrtd,bgsd->bgrts", q_bgrtd[:, :, :, start:stop], k_bgsd[:, :, :stop]
-        ).astype(jnp.float32)
         causal_ts = np.tril(np.ones((stop - start, stop), bool), k=start)
         allowed_bts = causal_ts[None] & key_mask_bs[:, None, :stop]
-        scores_bgrts = jnp.where(
-            allowed_bts[:, None, None], scores_bgrts * scale, jnp.finfo(jnp.float32).min
+        outs.append(
+            masked_attention(
+                q_bgrtd[:, :, :, start:stop], k_bgsd[:, :, :stop], v_bgsd[:, :, :stop], allowed_bts
+            )
         )
-        probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(v_bsgd.dtype)
-        outs.append(jnp.einsum("bgrts,bgsd->bgrtd", probs_bgrts, v_bgsd[:, :, :stop]))
     return jnp.einsum("bgrtd->btgrd", jnp.concatenate(outs, axis=3))
+
+
+def masked_attention(
+    q_bgrtd: jax.Array, k_bgsd: jax.Array, v_bgsd: jax.Array, allowed_bts: jax.Array
+) -> jax.Array:
+    """softmax(q k^T / sqrt(d), disallowed keys at finfo.min) v, scores in float32.
+
+    The attention math of both training (`causal_attention`, per query block) and cached decoding
+    (`kv_cache.decode_step`, one query against the cache), so the two cannot drift apart.
+    """
+    scores_bgrts = jnp.einsum("bgrtd,bgsd->bgrts", q_bgrtd, k_bgsd).astype(jnp.float32)
+    scores_bgrts = jnp.where(
+        allowed_bts[:, None, None],
+        scores_bgrts * (1.0 / math.sqrt(q_bgrtd.shape[-1])),
+        jnp.finfo(jnp.float32).min,
+    )
+    probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(v_bgsd.dtype)
+    return jnp.einsum("bgrts,bgsd->bgrtd", probs_bgrts, v_bgsd)
 
 
 class Attention(nnx.Module):
@@ -251,17 +271,27 @@ class Attention(nnx.Module):
         self.o = Linear(q_width, cfg.dim, lora=cfg.lora, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array, attn_mask_bt: jax.Array) -> jax.Array:
+        q_btgrd, k_btgd, v_btgd = self.qkv(x_btd, x_btd.shape[1])
+        return self.output(causal_attention(q_btgrd, k_btgd, v_btgd, attn_mask_bt))
+
+    def qkv(
+        self, x_btd: jax.Array, positions: int | jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rotated q_btgrd and k_btgd, and v_btgd, at `positions` (see `rope_cos_sin`)."""
         batch, seq, _ = x_btd.shape
         group = self.num_heads // self.num_kv_heads
         q_bthd = self.q(x_btd).reshape(batch, seq, self.num_heads, self.head_dim)
         k_btgd = self.k(x_btd).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         v_btgd = self.v(x_btd).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-        cos_th, sin_th = rope_cos_sin(seq, self.head_dim, self.rope_theta, self.rope_scaling)
-        q_bthd = apply_rope(q_bthd, cos_th, sin_th)
-        k_btgd = apply_rope(k_btgd, cos_th, sin_th)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, self.rope_scaling)
+        q_bthd = apply_rope(q_bthd, cos, sin)
+        k_btgd = apply_rope(k_btgd, cos, sin)
         # Query head h reads kv head h // group (HF repeat_kv), without materializing copies.
         q_btgrd = q_bthd.reshape(batch, seq, self.num_kv_heads, group, self.head_dim)
-        out_btgrd = causal_attention(q_btgrd, k_btgd, v_btgd, attn_mask_bt)
+        return q_btgrd, k_btgd, v_btgd
+
+    def output(self, out_btgrd: jax.Array) -> jax.Array:
+        batch, seq = out_btgrd.shape[:2]
         return self.o(out_btgrd.reshape(batch, seq, self.num_heads * self.head_dim))
 
 
@@ -298,9 +328,15 @@ class DecoderLayer(nnx.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """Returns (x_btd, aux of the MoE FFN or None for a dense one)."""
         x_btd = x_btd + self.attn(self.attn_norm(x_btd), attn_mask_bt)
+        return self.ffn_block(x_btd, attn_mask_bt, token_weight_bt)
+
+    def ffn_block(
+        self, x_btd: jax.Array, token_mask_bt: jax.Array, token_weight_bt: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """The second residual half, x + ffn(norm(x)); masked tokens count in no MoE statistic."""
         ffn_in_btd = self.ffn_norm(x_btd)
         if self.is_moe:
-            ffn_out_btd, aux = self.ffn(ffn_in_btd, attn_mask_bt, token_weight_bt=token_weight_bt)
+            ffn_out_btd, aux = self.ffn(ffn_in_btd, token_mask_bt, token_weight_bt=token_weight_bt)
         else:
             ffn_out_btd, aux = self.ffn(ffn_in_btd), None
         return x_btd + ffn_out_btd, aux
@@ -373,14 +409,17 @@ class DecoderLM(nnx.Module):
             x_btd, aux = layer(x_btd, attn_mask_bt, token_weight_bt)
             if aux is not None:
                 layer_aux.append(aux)
-        x_btd = self.final_norm(x_btd)
-        if self.lm_head is None:
-            logits_btv = self.embed.attend(x_btd)
-        else:
-            logits_btv = self.lm_head(x_btd)
+        logits_btv = self.logits(x_btd)
         if layer_aux:
             aux = {key: jnp.stack([a[key] for a in layer_aux]) for key in layer_aux[0]}
         else:
             aux = empty_moe_aux(x_btd.shape[0], cfg.moe.num_experts)
         aux = {key: v.sum(0) if key in SUMMED_AUX else v for key, v in aux.items()}
-        return logits_btv.astype(jnp.float32), aux
+        return logits_btv, aux
+
+    def logits(self, x_btd: jax.Array) -> jax.Array:
+        """Final norm and LM head on the last layer's output -> float32 logits_btv."""
+        x_btd = self.final_norm(x_btd)
+        if self.lm_head is None:
+            return self.embed.attend(x_btd).astype(jnp.float32)
+        return self.lm_head(x_btd).astype(jnp.float32)

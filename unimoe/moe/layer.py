@@ -219,7 +219,10 @@ class MoELayer(nnx.Module):
     Slots that compute nothing (a null expert, an unused top-P slot) get the sentinel expert id E
     before dispatch: they keep their weight but produce zero output and take no capacity.
     `deterministic` (set by `nnx.view(model, deterministic=True)` / `model.eval()`) turns off
-    jitter and Gumbel sampling.
+    jitter and Gumbel sampling. `dropless` (`nnx.view(model, dropless=True)`, what generation
+    uses) runs an `impl='capacity'` layer through the dropless path: same routing and weights,
+    no capacity, so a decode step never drops a token (capacity with C = N would compute the
+    same sum).
     """
 
     Config = MoEConfig
@@ -233,9 +236,11 @@ class MoELayer(nnx.Module):
         lora: LoRAConfig = LoRAConfig(),
         rngs: nnx.Rngs,
         deterministic: bool = False,
+        dropless: bool = False,
     ):
         self.cfg = cfg
         self.deterministic = deterministic
+        self.dropless = dropless
         expert_ffn = cfg.ffn_dim or ffn_dim
         self.router = Linear(dim, cfg.num_router_columns, rngs=rngs)
         self.experts = ExpertBank(cfg.num_experts, dim, expert_ffn, lora=lora, rngs=rngs)
@@ -252,10 +257,13 @@ class MoELayer(nnx.Module):
         # Only stochastic configs carry RNG state, so deterministic layers keep a pure param tree.
         self.router_rngs = rngs.router.fork() if cfg.stochastic else None
 
-    def set_view(self, deterministic: bool | None = None):
-        """Used by `nnx.view`: deterministic=True turns off router jitter and Gumbel sampling."""
+    def set_view(self, deterministic: bool | None = None, dropless: bool | None = None):
+        """Used by `nnx.view`: deterministic=True turns off router jitter and Gumbel sampling;
+        dropless=True lifts the capacity of an impl='capacity' layer."""
         if deterministic is not None:
             self.deterministic = deterministic
+        if dropless is not None:
+            self.dropless = dropless
 
     @property
     def _sampling(self) -> bool:
@@ -349,18 +357,19 @@ class MoELayer(nnx.Module):
 
         # Runs once per trace under jit, so this names the path each compiled step takes.
         grouped_impl = cfg.resolved_grouped_impl()
+        impl = "dropless" if self.dropless else cfg.impl
         log.info(
             "MoELayer: %s router, %s dispatch (%s), E=%d (+%d null, %d shared) K=%d, %d tokens",
             cfg.router,
-            cfg.impl,
-            grouped_impl if cfg.impl == "dropless" else "batched",
+            impl,
+            grouped_impl if impl == "dropless" else "batched",
             num_experts,
             cfg.num_null_experts,
             cfg.num_shared_experts,
             cfg.num_slots,
             batch * seq,
         )
-        if cfg.impl == "dropless" and grouped_impl == "tiles":
+        if impl == "dropless" and grouped_impl == "tiles":
             y_nd = dispatch.dropless_tiled_dispatch(
                 x_nd,
                 weights_nk,
@@ -370,7 +379,7 @@ class MoELayer(nnx.Module):
                 tile=default_tile(experts_nk.size, num_experts),
             )
             dropped_fraction = jnp.zeros((), jnp.float32)
-        elif cfg.impl == "dropless":
+        elif impl == "dropless":
             y_nd = dispatch.dropless_dispatch(
                 x_nd,
                 weights_nk,
