@@ -128,6 +128,7 @@ def test_audio_records_are_answered_and_scored(stage, tmp_path):
         ]
     )
     assert scores["accuracy"] == pytest.approx(expected["accuracy"])
+    assert scores["sampling"] == {"temperature": 0.0, "top_p": 1.0, "seed": 0}
 
 
 def test_records_with_missing_media_stop_the_run_or_are_skipped(stage, tmp_path):

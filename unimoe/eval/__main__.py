@@ -37,7 +37,15 @@ _MEDIA_ROOT = flags.DEFINE_string(
     "media-root", None, "Folder or zip the records' media paths are under."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory (default WORKDIR/STAGE/eval).")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max-new-tokens", 16, "Answer length limit (greedy).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max-new-tokens", 16, "Answer length limit.")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature",
+    None,
+    "Sampling temperature (0: greedy). Default: the benchmark's protocol (Uni-MoE: greedy for "
+    "VQA and multiple choice, 0.2 for video QA).",
+)
+_TOP_P = flags.DEFINE_float("top-p", 1.0, "Nucleus sampling mass (with a temperature > 0).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH_SIZE = flags.DEFINE_integer("batch-size", 8, "Prompts per generation batch.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N records (0: all).")
 _ON_ERROR = flags.DEFINE_enum(
@@ -63,6 +71,9 @@ def main(argv: list[str]) -> None:
         batch_size=_BATCH_SIZE.value,
         limit=_LIMIT.value,
         on_error=_ON_ERROR.value,
+        temperature=_TEMPERATURE.value,
+        top_p=_TOP_P.value,
+        seed=_SEED.value,
     )
     predictions, scores_path = run_benchmark.output_paths(output, _BENCHMARK.value)
     print(f"{_BENCHMARK.value}: {scores['headline']} = {scores[scores['headline']]:.4f}")

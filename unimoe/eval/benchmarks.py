@@ -40,6 +40,8 @@ class Benchmark:
     category_fields: tuple[str, ...] = ()
     answers_file: str = ""  # the official annotations format read by --answers, if any
     circular: bool = False  # MMBench: rotated copies of a question count once
+    # Uni-MoE's eval.py decodes VQA and multiple choice greedily, video with T=0.2 sampling.
+    temperature: float = 0.0
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -76,7 +78,15 @@ BENCHMARKS: dict[str, Benchmark] = {
         # `gt` with <AND> / <OR>, `capability` a list; GPT-4 graded.
         Benchmark("mmvet", "MM-Vet", "gpt", "", ("gt",), ("capability",)),
         # `answer` (Video-ChatGPT's field); GPT-3.5 graded.
-        Benchmark("activitynet_qa", "ActivityNet-QA", "gpt", "", ("answer", "gt"), ("category",)),
+        Benchmark(
+            "activitynet_qa",
+            "ActivityNet-QA",
+            "gpt",
+            "",
+            ("answer", "gt"),
+            ("category",),
+            temperature=0.2,
+        ),
         # `answer` or `gt`: one answer or a list.
         Benchmark("clothoaqa", "ClothoAQA", "exact_match", SHORT_ANSWER, ("answer", "gt")),
         # `gt` or `captions`: the reference captions.

@@ -6,12 +6,14 @@ and every parameter restored (`evaluate.load_finished_stage`). Prompts are the V
 the stage trained on: `data.vicuna` with the config's pretrained tokenizer (`config.tokenizer`),
 `data.conversation` with the built-in one (read from `config.data.data_dir`). Media go through
 the real-data preprocessing (`json_pipeline.ExampleBuilder.media`), shaped by `config.data`.
-Greedy answers come from `evaluate.generate_answers`; one token-buffer length for the whole run,
-so it compiles once.
+Answers come from `evaluate.generate_answers`, greedy or sampled as the benchmark's protocol says
+(`Benchmark.temperature`, overridable); one token-buffer length for the whole run, so it compiles
+once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ from unimoe import run as run_lib
 from unimoe.data import conversation, formats, json_pipeline, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 from unimoe.eval import benchmarks, evaluate
+from unimoe.eval.generate import SamplingConfig
 from unimoe.models.unimoe import UniMoE
 from unimoe.train import trainer
 
@@ -151,8 +154,9 @@ def generate(
     *,
     batch_size: int,
     max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
 ) -> list[str]:
-    """Greedy answers to every example, in order (the last batch padded with copies)."""
+    """Answers to every example, in order (the last batch padded with copies)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(
             f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1"
@@ -180,6 +184,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
+            sampling=sampling,
         )
         for row in np.asarray(ids)[:num_valid]:
             row = [int(t) for t in row]
@@ -214,10 +219,19 @@ def evaluate_benchmark(
     batch_size: int = 8,
     limit: int = 0,
     on_error: str = "raise",
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Writes `<benchmark>.predictions.json` (each input record plus `prediction`) and
-    `<benchmark>.scores.json` under `output`; returns the scores."""
+    `<benchmark>.scores.json` under `output`; returns the scores. `temperature` None: the
+    benchmark's protocol (`Benchmark.temperature`)."""
     bench = benchmarks.get(benchmark)
+    sampling = SamplingConfig(
+        temperature=bench.temperature if temperature is None else temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     items, skipped = benchmarks.read_items(bench, data, answers_path=answers, on_error=on_error)
     if limit:
         items = items[:limit]
@@ -230,7 +244,12 @@ def evaluate_benchmark(
     if not items:
         raise ValueError(f"{data}: every record was skipped ({skipped})")
     predictions = generate(
-        model, examples, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens
+        model,
+        examples,
+        tokenizer,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
     )
     scores = benchmarks.score_items(bench, items, predictions)
     scores.update(
@@ -239,6 +258,7 @@ def evaluate_benchmark(
         checkpoint=os.fspath(checkpoint),
         skipped_records=skipped,
         max_new_tokens=max_new_tokens,
+        sampling=dataclasses.asdict(sampling),
     )
     predictions_path, scores_path = output_paths(output, benchmark)
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
