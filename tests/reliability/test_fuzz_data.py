@@ -5,7 +5,7 @@ Fixed budget: derandomized examples (the same inputs every run), a per-example d
 15 s in all. Bugs these found and fixed: invalid UTF-8 in a JSON file raised a bare
 UnicodeDecodeError; a WAV with an odd-length or overrunning data chunk raised ValueError /
 RuntimeError from the stdlib reader; undecodable container metadata raised UnicodeDecodeError
-from PyAV.
+from PyAV; a clip of a few samples resampled to an empty array (now a MediaError).
 """
 
 import io
