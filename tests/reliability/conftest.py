@@ -74,7 +74,7 @@ class Runner:
         self.config_path, self.cache_dir = config_path, cache_dir
 
     def __call__(
-        self, workdir: pathlib.Path, *hooks: str, timeout: float = 240
+        self, workdir: pathlib.Path, *hooks: str, timeout: float = 600
     ) -> subprocess.CompletedProcess:
         env = {
             **os.environ,
@@ -86,8 +86,9 @@ class Runner:
             'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
             'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
         }
-        command = [sys.executable, str(DRIVER), *hooks]
-        command += [f'--config={self.config_path}', f'--workdir={workdir}']
+        # Hooks last: `--config.FIELD=` overrides must follow `--config=`.
+        command = [sys.executable, str(DRIVER), f'--config={self.config_path}']
+        command += [f'--workdir={workdir}', *hooks]
         return subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
         )
