@@ -145,11 +145,11 @@ def train_stage(
     name: str,
     workdir: pathlib.Path,
     tokenizer: Any,
-    guard: preemption.PreemptionGuard | None = None,
+    signals: preemption.PreemptionGuard | None = None,
 ) -> dict[str, Any]:
     """Trains one stage to its last step, resuming from its latest restorable checkpoint.
 
-    If `guard` has caught SIGTERM / SIGINT, saves a checkpoint after the current step and raises
+    If `signals` has caught SIGTERM / SIGINT, saves a checkpoint after the current step and raises
     `preemption.Preempted`.
     """
     stage = config.stages[name]
@@ -256,10 +256,10 @@ def train_stage(
                     if stage.get('json_sources'):
                         extra['skipped_records'] = counters['skipped_records']
                     writer.write(step, {**last, **extra})
-                if guard is not None and guard.requested and step < stage.steps:
+                if signals is not None and signals.requested and step < stage.steps:
                     save(step, force=True)
                     ckpt.wait()
-                    raise preemption.Preempted(name, step, guard.requested)
+                    raise preemption.Preempted(name, step, signals.requested)
                 if step % config.checkpoint_every == 0 and step < stage.steps:
                     save(step)
         save(stage.steps, force=True)
@@ -323,7 +323,7 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
 def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
     """Trains every unfinished stage; SIGTERM / SIGINT raise `preemption.Preempted` after saving."""
     validate_stages(config)
-    with preemption.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as signals:
         for name in split_list(config.stage_order):
             ckpt = stage_checkpointer(workdir, name)
             done, latest = ckpt.is_done(), ckpt.latest_step()
@@ -331,9 +331,9 @@ def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokeniz
             if done:
                 log.info('stage %s: finished earlier, skipping', name)
                 continue
-            if guard.requested:  # arrived after the previous stage's last step
-                raise preemption.Preempted(name, latest or 0, guard.requested)
-            summary = train_stage(config, name, workdir, tokenizer, guard)
+            if signals.requested:  # arrived after the previous stage's last step
+                raise preemption.Preempted(name, latest or 0, signals.requested)
+            summary = train_stage(config, name, workdir, tokenizer, signals)
             log.info('stage %s done: %s', name, summary)
-        if guard.requested:  # arrived during the last stage's last step: stop before evaluating
-            raise preemption.Preempted(name, config.stages[name].steps, guard.requested)
+        if signals.requested:  # arrived during the last stage's last step: stop before evaluating
+            raise preemption.Preempted(name, config.stages[name].steps, signals.requested)
