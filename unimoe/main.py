@@ -3,15 +3,20 @@
 Kept thin on purpose: the work is in `unimoe.run` so tests and notebooks call the same code.
 Overrides: `--config.stages.s3_moe.steps=100`. `--dry_run` prints what each stage's model costs
 (parameters, active parameters and training FLOPs per token, memory) and trains nothing.
+
+Exit codes: 0 done; 75 (`unimoe.train.preemption.EXIT_CODE`) stopped by SIGTERM / SIGINT after
+saving a checkpoint: run the same command again to resume; anything else is an error.
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from unimoe import accounting, run
+from unimoe.train import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config',
@@ -43,7 +48,11 @@ def main(argv: list[str]) -> None:
         return
     if _WORKDIR.value is None:
         raise app.UsageError('--workdir is required to train (or pass --dry_run)')
-    table = run.run_experiment(_CONFIG.value, _WORKDIR.value)
+    try:
+        table = run.run_experiment(_CONFIG.value, _WORKDIR.value)
+    except preemption.Preempted as e:
+        logging.getLogger('unimoe').warning('%s (exit code %d)', e, preemption.EXIT_CODE)
+        sys.exit(preemption.EXIT_CODE)
     print(table)
 
 

@@ -12,7 +12,7 @@ import ml_collections
 from unimoe.data import builtin
 from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 from unimoe.eval import evaluate
-from unimoe.train import trainer
+from unimoe.train import trainer, validate
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,12 @@ def prepare_data(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTok
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Trains the stages `config.stage_order` lists, evaluates, and returns the results table."""
+    """Trains the stages `config.stage_order` lists, evaluates, and returns the results table.
+
+    Raises `unimoe.train.preemption.Preempted` if SIGTERM / SIGINT stopped training (after a
+    checkpoint); calling it again resumes.
+    """
+    validate.validate_experiment(config)
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')

@@ -149,14 +149,18 @@ def parse_record(raw: Any, index: int, file: str) -> Record:
     )
 
 
+def _load_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from e
+
+
 def load_json_list(path: str | os.PathLike) -> list[Any]:
     """The raw records of a Uni-MoE JSON file; a file that is not a JSON list is a hard error."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    data = _load_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data

@@ -72,6 +72,9 @@ def clip_transform(image_hwc: np.ndarray, size: int, image_aspect: str = "square
 # FFmpeg's stream probing reads up to 5 MB by default, which costs ~50 ms per short WAV; the
 # header (and one frame of a compressed stream) is enough: the rate is read off decoded frames.
 _AUDIO_PROBE_OPTIONS = {"probesize": "32768"}
+# Container metadata (titles, tags) is never used; undecodable bytes in it must not fail a file
+# whose media decode fine (PyAV's default 'strict' raises UnicodeDecodeError).
+_METADATA_ERRORS = "replace"
 
 
 def _read_pcm_wav(data: bytes) -> tuple[np.ndarray, int] | None:
@@ -85,10 +88,13 @@ def _read_pcm_wav(data: bytes) -> tuple[np.ndarray, int] | None:
         with wave.open(io.BytesIO(data)) as w:
             if w.getsampwidth() != 2 or w.getcomptype() != "NONE":
                 return None
-            channels, rate = w.getnchannels(), w.getframerate()
-            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    except (wave.Error, EOFError):
+            channels, rate, declared = w.getnchannels(), w.getframerate(), w.getnframes()
+            frames = w.readframes(declared)
+    except (wave.Error, EOFError, RuntimeError):  # RuntimeError: a chunk size past the end
         return None  # let FFmpeg try, and report
+    if len(frames) != declared * 2 * channels:
+        return None  # a truncated file: FFmpeg decodes the whole frames there are, or reports
+    pcm = np.frombuffer(frames, "<i2")
     # Channel sum by strided slices: numpy's mean over a length-2 inner axis costs ~1 ms a clip.
     mono = pcm[0::channels].astype(np.float64)
     for channel in range(1, channels):
@@ -100,7 +106,12 @@ def _decode_with_ffmpeg(data: bytes, name: str) -> tuple[np.ndarray, int | None]
     """Mono samples (channel mean) and rate of any audio FFmpeg decodes."""
     chunks, rate = [np.zeros(0)], None
     try:
-        with av.open(io.BytesIO(data), mode="r", options=_AUDIO_PROBE_OPTIONS) as container:
+        with av.open(
+            io.BytesIO(data),
+            mode="r",
+            options=_AUDIO_PROBE_OPTIONS,
+            metadata_errors=_METADATA_ERRORS,
+        ) as container:
             if not container.streams.audio:
                 raise MediaError(f"{name}: no audio stream")
             for frame in container.decode(container.streams.audio[0]):
@@ -126,7 +137,13 @@ def decode_audio(data: bytes, name: str, sample_rate: int = media.SAMPLE_RATE) -
     if len(samples) == 0:
         raise MediaError(f"{name}: audio has no samples")
     if rate != sample_rate:
+        count = len(samples)
         samples = _resample(samples, rate, sample_rate)
+        if len(samples) == 0:
+            # FFmpeg's resampler swallows a few dozen samples into its filter delay.
+            raise MediaError(
+                f"{name}: {count} samples at {rate} Hz are too few to resample to {sample_rate} Hz"
+            )
     return samples.astype(np.float32)
 
 
@@ -178,7 +195,7 @@ def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
 def decode_video(data: bytes, name: str, num_frames: int) -> np.ndarray:
     """uint8 [num_frames, H, W, 3] frames of a video file, evenly spaced over its length."""
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(io.BytesIO(data), mode="r", metadata_errors=_METADATA_ERRORS) as container:
             if not container.streams.video:
                 raise MediaError(f"{name}: no video stream")
             frames = list(container.decode(container.streams.video[0]))

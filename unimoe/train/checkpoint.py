@@ -2,15 +2,19 @@
 
 A thin wrapper over `orbax.checkpoint.CheckpointManager`. Each step is written to a temporary
 directory and renamed when complete, so a save killed half-way leaves the previous checkpoint as
-the latest one. The data iterator is stored beside the state so a resumed run continues the same
-sample order.
+the latest one (the leftover temporary directory is deleted when the directory is opened again).
+The data iterator is stored beside the state so a resumed run continues the same sample order.
+`restore_latest` falls back past damaged checkpoints (truncated or deleted array files, garbage
+metadata), naming the step and the file, and moves them aside.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +22,23 @@ import grain.python as pygrain
 import jax
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 DONE_FILE = 'DONE.json'
+# Damaged checkpoints are moved here, beside the checkpoint directory, for inspection.
+DAMAGED_DIR_SUFFIX = '_damaged'
 _STATE = 'state'
 _DATA = 'data'
+# Files orbax and grain write as JSON; a garbage one is reported by name.
+_JSON_FILES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding', '*.json', 'process_*')
+
+
+class DamagedCheckpointError(ValueError):
+    """The checkpoint of `step` cannot be restored; `str()` names the step, the file and why."""
+
+    def __init__(self, step: int, path: str | os.PathLike, reason: str):
+        self.step, self.path, self.reason = step, os.fspath(path), reason
+        super().__init__(f'checkpoint step {step} is damaged: {self.path}: {reason}')
 
 
 class Checkpointer:
@@ -85,6 +103,71 @@ class Checkpointer:
                 )
             items[_DATA] = pygrain.PyGrainCheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
+
+    def restore_latest(
+        self, abstract_state: Any, data_iterator: Iterator | None = None
+    ) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores, or None if there is none.
+
+        A checkpoint that fails to restore is logged (step, file, reason) and the previous one
+        tried. Once one restores, the newer failed ones are moved to `<directory>_damaged/` so
+        the steps are saved afresh. If none restores, raises `DamagedCheckpointError` for the
+        newest, listing all, and moves nothing: a changed model or config fails every step alike.
+        """
+        failures: list[DamagedCheckpointError] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                self.verify_files(step)
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # orbax / tensorstore raise bare Exceptions, KeyErrors, ...
+                failure = e if isinstance(e, DamagedCheckpointError) else self._damage(step, e)
+                log.warning('%s; trying the previous checkpoint', failure)
+                failures.append(failure)
+                continue
+            for failure in failures:
+                self._move_aside(failure.step)
+            return step, state
+        if failures:
+            newest = failures[0]
+            raise DamagedCheckpointError(
+                newest.step,
+                newest.path,
+                f'{newest.reason}; no checkpoint in {self.directory} restores: '
+                + '; '.join(str(f) for f in failures[1:]),
+            ) from newest
+        return None
+
+    def verify_files(self, step: int) -> None:
+        """Raises `DamagedCheckpointError` naming the first missing part or unparsable metadata
+        file of `step` (array data is checked by restoring it)."""
+        step_dir = self._step_dir(step)
+        if not (step_dir / _STATE).is_dir():
+            raise DamagedCheckpointError(step, step_dir / _STATE, 'missing')
+        for pattern in _JSON_FILES:
+            for path in sorted(p for p in step_dir.rglob(pattern) if p.is_file()):
+                try:
+                    json.loads(path.read_bytes())
+                except (OSError, ValueError) as e:
+                    raise DamagedCheckpointError(step, path, f'unreadable metadata ({e})') from e
+
+    def _damage(self, step: int, error: BaseException) -> DamagedCheckpointError:
+        # The innermost cause names the array and file (tensorstore: 'Error reading
+        # "params.llm...kernel.value/0.0" in OCDBT database at local file ...'); orbax's wrapper
+        # prints the whole TensorStore spec instead.
+        root = error
+        while root.__cause__ is not None:
+            root = root.__cause__
+        reason = f'{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ""}'
+        return DamagedCheckpointError(step, self._step_dir(step), reason)
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            target = self.directory.with_name(self.directory.name + DAMAGED_DIR_SUFFIX)
+            target.mkdir(exist_ok=True)
+            destination = target / f'{step}.{time.time_ns()}'
+            os.replace(self._step_dir(step), destination)
+            log.warning('moved the damaged checkpoint of step %d to %s', step, destination)
+        self._manager.reload()
 
     def restore_raw(self, step: int | None = None) -> Any:
         """The saved state (default: latest step) as numpy arrays, in the structure it was saved with.

@@ -26,6 +26,11 @@ class MetricsWriter:
     Values may be Python/numpy/jax scalars or small arrays (1-D per expert, 2-D per layer and
     expert). A non-finite value under a key containing `loss` raises `FloatingPointError`, before
     anything of that step is written.
+
+    `initial_step` is the step training (re)starts after: records of later steps already in the
+    log were written by a run killed after its last checkpoint, and are dropped (the resumed run
+    writes them again), so `metrics.jsonl` has each step once; TensorBoard hides the killed
+    run's events after it (`purge_step`).
     """
 
     def __init__(
@@ -45,9 +50,12 @@ class MetricsWriter:
             )
         self.logdir = pathlib.Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(self.logdir / METRICS_FILE, initial_step)
         # Append, so a resumed run continues the same log.
         self._jsonl = open(self.logdir / METRICS_FILE, 'a', encoding='utf-8')
-        self._tensorboard = tensorboardX.SummaryWriter(str(self.logdir))
+        self._tensorboard = tensorboardX.SummaryWriter(
+            str(self.logdir), purge_step=initial_step + 1
+        )
         self._progress = tqdm.tqdm(
             total=total_steps,
             initial=initial_step,
@@ -114,6 +122,28 @@ class MetricsWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _drop_records_after(path: pathlib.Path, step: int) -> None:
+    """Rewrites `path` (atomically) without the records of steps after `step`; a line cut short by
+    a kill is dropped too (it is the file's last, written after the last checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                continue
+            raise ValueError(f'{path}, line {number}: not a JSON record: {line!r:.200}') from None
+        if record['step'] <= step:
+            kept.append(line if line.endswith('\n') else line + '\n')
+    if len(kept) < len(lines):
+        tmp_path = path.with_name(path.name + '.tmp')
+        tmp_path.write_text(''.join(kept), encoding='utf-8')
+        os.replace(tmp_path, path)
 
 
 def read_metrics(logdir: str | os.PathLike) -> list[dict[str, Any]]:

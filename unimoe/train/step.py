@@ -157,6 +157,13 @@ def update_router_biases(model: UniMoE, expert_load_le: jax.Array) -> None:
 TrainStep = Callable[
     [nnx.State, Any, nnx.State, Batch, jax.Array], tuple[nnx.State, Any, nnx.State, Metrics]
 ]
+# Keys of a train step's metrics that are the non-finite guard's flags, not values to log.
+NONFINITE_KEYS = ('nonfinite_loss', 'nonfinite_grads')
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `ok`, else `old`, leaf by leaf; leaves the step passed through are not copied."""
+    return jax.tree.map(lambda n, o: n if n is o else jax.lax.select(ok, n, o), new, old)
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,6 +176,13 @@ def make_train_step(
     `trainable` are the Params selected by `trains` (see `stages.trainable_filter`); `rest` is
     everything else (frozen params, RNG state for dropout). Buffers are donated: callers must use the
     returned state.
+
+    Non-finite guard: a step whose loss or any gradient leaf is NaN / Inf returns its inputs
+    unchanged (no update, no optimizer or RNG advance). Its metrics carry the flags
+    `nonfinite_loss` (bool) and `nonfinite_grads` (bool [leaves of `trainable`], in
+    `jax.tree.leaves` order), read by `unimoe.train.nonfinite.NonFiniteGuard`. The check reuses the
+    per-leaf squared norms of `grad_norm` (a leaf whose squared norm overflows float32 counts as
+    non-finite: clipping by an infinite norm would zero or NaN the update).
     """
     tx = optim.make_optimizer(optim_cfg)
     is_trainable = stages.trainable_filter(trains)
@@ -182,18 +196,31 @@ def make_train_step(
             _, _, new_rest = nnx.split(model, is_trainable, ...)
             return loss, (metrics, new_rest)
 
-        (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, rest)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, rest
+        )
+        sq_norms = jnp.stack(
+            [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)]
+        )
+        nonfinite_grads = ~jnp.isfinite(sq_norms)
+        ok = jnp.isfinite(loss) & ~jnp.any(nonfinite_grads)
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
         if 'expert_load' in metrics and metrics['expert_load'].shape[0]:
-            model = nnx.merge(graphdef, trainable, rest, copy=True)
+            model = nnx.merge(graphdef, new_trainable, new_rest, copy=True)
             update_router_biases(model, jax.lax.stop_gradient(metrics['expert_load']))
-            _, _, rest = nnx.split(model, is_trainable, ...)
+            _, _, new_rest = nnx.split(model, is_trainable, ...)
         return (
-            trainable,
-            opt_state,
-            rest,
-            {**metrics, 'loss': loss, 'grad_norm': optax.tree.norm(grads)},
+            _keep_if(ok, new_trainable, trainable),
+            _keep_if(ok, new_opt_state, opt_state),
+            _keep_if(ok, new_rest, rest),
+            {
+                **metrics,
+                'loss': loss,
+                'grad_norm': jnp.sqrt(jnp.sum(sq_norms)),
+                'nonfinite_loss': ~jnp.isfinite(loss),
+                'nonfinite_grads': nonfinite_grads,
+            },
         )
 
     return jax.jit(step, donate_argnums=(0, 1, 2))

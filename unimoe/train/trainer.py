@@ -1,4 +1,11 @@
-"""Runs an experiment's stages in order: build, initialise, train, checkpoint, resume, skip done."""
+"""Runs an experiment's stages in order: build, initialise, train, checkpoint, resume, skip done.
+
+Resume is exact: a checkpoint holds every Param, the other model variables (dropout RNG state,
+router biases), the optimizer state (its step count drives the learning-rate schedule), the
+stage's counters and the data iterator position, so an interrupted and resumed stage logs the same
+losses and ends with the same parameters as an uninterrupted one. See docs/design.md,
+"Reliability".
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,15 @@ from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import json_pipeline, pipeline, tasks as tasks_lib
 from unimoe.models.abstract import abstract_module
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
-from unimoe.train import checkpoint, metrics as metrics_lib, optim, stages, step as step_lib
+from unimoe.train import (
+    checkpoint,
+    metrics as metrics_lib,
+    nonfinite,
+    optim,
+    preemption,
+    stages,
+    step as step_lib,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +152,19 @@ def build_stage_model(
 
 
 def train_stage(
-    config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path, tokenizer: Any
+    config: ml_collections.ConfigDict,
+    name: str,
+    workdir: pathlib.Path,
+    tokenizer: Any,
+    signals: preemption.PreemptionGuard | None = None,
 ) -> dict[str, Any]:
-    """Trains one stage to its last step, resuming from its latest checkpoint if there is one."""
+    """Trains one stage to its last step, resuming from its latest restorable checkpoint.
+
+    If `signals` has caught SIGTERM / SIGINT, saves a checkpoint after the current step and raises
+    `preemption.Preempted`.
+    """
     stage = config.stages[name]
     stage_dir = workdir / name
-    ckpt = stage_checkpointer(workdir, name)
     model, origin = build_stage_model(config, name, workdir, tokenizer)
     is_trainable = stages.trainable_filter(stage.trains)
     graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
@@ -179,58 +201,88 @@ def train_stage(
             seed=seed,
         )
     data_iter = iter(loader)
+    # Bad records the real-data pipeline skipped (on_error='skip'; they travel in the batches) and
+    # steps the non-finite guard skipped, since the stage started: checkpointed with the state.
+    counters = {'skipped_records': np.int32(0), 'nonfinite_steps': np.int32(0)}
 
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-        abstract = jax.eval_shape(
-            lambda: {'params': nnx.state(model, nnx.Param), 'opt_state': opt_state}
+    def train_state() -> dict[str, Any]:
+        merged = nnx.merge(graphdef, trainable, rest)
+        return {
+            'params': nnx.state(merged, nnx.Param),
+            # Dropout RNG keys and counts, router biases: what a resumed step needs besides Params.
+            'model_state': nnx.state(merged, nnx.Not(nnx.Param)),
+            'opt_state': opt_state,
+            'counters': counters,
+        }
+
+    # Closing waits for a save in flight, also when training stops on an error.
+    with stage_checkpointer(workdir, name) as ckpt:
+        start_step = 0
+        restored = ckpt.restore_latest(jax.eval_shape(train_state), data_iter)
+        if restored is not None:
+            start_step, state = restored
+            nnx.update(model, state['params'], state['model_state'])
+            graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
+            opt_state = state['opt_state']
+            counters = {k: np.int32(v) for k, v in state['counters'].items()}
+            log.info('stage %s: resumed at step %d', name, start_step)
+
+        train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
+        schedule = optim.learning_rate_schedule(optim_cfg)
+        finite_guard = nonfinite.NonFiniteGuard(
+            config.get('nonfinite', 'stop'),
+            nonfinite.leaf_paths(trainable),
+            name,
+            skipped_steps=int(counters['nonfinite_steps']),
         )
-        restored = ckpt.restore(start_step, abstract, data_iter)
-        nnx.update(model, restored['params'])
-        graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
-        opt_state = restored['opt_state']
-        log.info('stage %s: resumed at step %d', name, start_step)
 
-    train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
-    schedule = optim.learning_rate_schedule(optim_cfg)
+        def save(step: int, force: bool = False) -> None:
+            finite_guard.check()  # in 'stop' mode, never checkpoint past a bad step unnoticed
+            counters['nonfinite_steps'] = np.int32(finite_guard.skipped_steps)
+            ckpt.save(step, train_state(), data_iter, force=force)
 
-    def save(step: int, force: bool = False) -> None:
-        params = nnx.state(nnx.merge(graphdef, trainable, rest), nnx.Param)
-        ckpt.save(step, {'params': params, 'opt_state': opt_state}, data_iter, force=force)
-
-    last: dict[str, Any] = {}
-    # Bad records the real-data pipeline skipped (on_error='skip'); they travel in the batches,
-    # so the count since this (re)start is exact whatever the workers and resumes.
-    skipped_records = 0
-    started = time.perf_counter()
-    with metrics_lib.MetricsWriter(stage_dir, total_steps=stage.steps, desc=name) as writer:
-        writer.update(start_step)
-        for step in range(start_step + 1, stage.steps + 1):
-            batch = dict(next(data_iter))
-            skipped_records += int(np.sum(batch.pop('num_skipped', 0)))
-            trainable, opt_state, rest, metrics = train_step(
-                trainable, opt_state, rest, batch, np.int32(step - 1)
-            )
-            writer.update(1)
-            if step % config.log_every == 0 or step == stage.steps:
-                last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-                extra = {'learning_rate': schedule(step - 1)}
-                if stage.get('json_sources'):
-                    extra['skipped_records'] = skipped_records
-                writer.write(step, {**last, **extra})
-            if step % config.checkpoint_every == 0 and step < stage.steps:
-                save(step)
-    save(stage.steps, force=True)
-    ckpt.wait()
-    summary = {
-        'final_step': stage.steps,
-        'seconds': time.perf_counter() - started,
-        **{k: float(v) for k, v in last.items() if np.ndim(v) == 0},
-    }
-    # Not in the returned summary (it is long): what later stages may take from this one.
-    ckpt.mark_done({**summary, 'defined_params': defined})
-    ckpt.close()
-    return summary
+        last: dict[str, Any] = {}
+        started = time.perf_counter()
+        with metrics_lib.MetricsWriter(
+            stage_dir, total_steps=stage.steps, desc=name, initial_step=start_step
+        ) as writer:
+            for step in range(start_step + 1, stage.steps + 1):
+                batch = dict(next(data_iter))
+                counters['skipped_records'] += np.int32(np.sum(batch.pop('num_skipped', 0)))
+                trainable, opt_state, rest, metrics = train_step(
+                    trainable, opt_state, rest, batch, np.int32(step - 1)
+                )
+                finite_guard.add(step, metrics)
+                writer.update(1)
+                if step % config.log_every == 0 or step == stage.steps:
+                    bad_steps = finite_guard.check()
+                    last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+                    # A skipped step's NaN / Inf values are not logged; its step is counted instead.
+                    last = {k: v for k, v in last.items() if np.all(np.isfinite(v))}
+                    # Skipped steps do not advance the optimizer, nor so its schedule.
+                    applied = step - 1 - finite_guard.skipped_steps + (step in bad_steps)
+                    extra = {'learning_rate': schedule(applied)}
+                    if finite_guard.mode == 'skip':
+                        extra['nonfinite_steps'] = finite_guard.skipped_steps
+                    if stage.get('json_sources'):
+                        extra['skipped_records'] = counters['skipped_records']
+                    writer.write(step, {**last, **extra})
+                if signals is not None and signals.requested and step < stage.steps:
+                    save(step, force=True)
+                    ckpt.wait()
+                    raise preemption.Preempted(name, step, signals.requested)
+                if step % config.checkpoint_every == 0 and step < stage.steps:
+                    save(step)
+        save(stage.steps, force=True)
+        ckpt.wait()
+        summary = {
+            'final_step': stage.steps,
+            'seconds': time.perf_counter() - started,
+            **{k: float(v) for k, v in last.items() if np.ndim(v) == 0},
+        }
+        # Not in the returned summary (it is long): what later stages may take from this one.
+        ckpt.mark_done({**summary, 'defined_params': defined})
+        return summary
 
 
 def validate_stages(config: ml_collections.ConfigDict) -> None:
@@ -280,10 +332,19 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
+    """Trains every unfinished stage; SIGTERM / SIGINT raise `preemption.Preempted` after saving."""
     validate_stages(config)
-    for name in split_list(config.stage_order):
-        if stage_checkpointer(workdir, name).is_done():
-            log.info('stage %s: finished earlier, skipping', name)
-            continue
-        summary = train_stage(config, name, workdir, tokenizer)
-        log.info('stage %s done: %s', name, summary)
+    with preemption.PreemptionGuard() as signals:
+        for name in split_list(config.stage_order):
+            ckpt = stage_checkpointer(workdir, name)
+            done, latest = ckpt.is_done(), ckpt.latest_step()
+            ckpt.close()
+            if done:
+                log.info('stage %s: finished earlier, skipping', name)
+                continue
+            if signals.requested:  # arrived after the previous stage's last step
+                raise preemption.Preempted(name, latest or 0, signals.requested)
+            summary = train_stage(config, name, workdir, tokenizer, signals)
+            log.info('stage %s done: %s', name, summary)
+        if signals.requested:  # arrived during the last stage's last step: stop before evaluating
+            raise preemption.Preempted(name, config.stages[name].steps, signals.requested)

@@ -1,0 +1,95 @@
+"""Runs `python -m unimoe.main` in this process, optionally interrupting it at a chosen point.
+
+  python tests/reliability/driver.py [--kill_after_step=N | --kill_in_save=N |
+      --sigterm_at_step=N] --config=CONFIG.py --workdir=DIR
+
+The interruptions are real: SIGKILL (no handler can run) right after step N's metrics line is
+written and the checkpoints before it are committed, SIGKILL inside orbax's commit of step N's checkpoint (after its files are written,
+before the rename that publishes it), or SIGTERM to this process after step N's metrics line;
+`--poison_every` puts NaNs into some records (for the non-finite guard).
+"""
+
+import os
+import signal
+import zlib
+
+# Before jax starts (tests/conftest.py's 8 fake devices are not wanted here).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from orbax.checkpoint._src.path import atomicity  # noqa: E402
+from unimoe import main as main_lib  # noqa: E402
+from unimoe.data import pipeline  # noqa: E402
+from unimoe.train import checkpoint, metrics  # noqa: E402
+
+_KILL_AFTER_STEP = flags.DEFINE_integer('kill_after_step', 0, 'SIGKILL after this step is logged')
+_KILL_IN_SAVE = flags.DEFINE_integer('kill_in_save', 0, 'SIGKILL while committing this step')
+_SIGTERM_AT_STEP = flags.DEFINE_integer('sigterm_at_step', 0, 'SIGTERM after this step is logged')
+_POISON_EVERY = flags.DEFINE_integer(
+    'poison_every', 0, 'NaN loss_mask in the records whose crc32(id) % N == 0'
+)
+
+
+def _interrupt_after_logging(step: int, signum: int) -> None:
+    """`signum` to this process once `step` is logged and earlier checkpoints are committed (an
+    asynchronous save still in flight would make which checkpoint survives a matter of timing)."""
+    write, save = metrics.MetricsWriter.write, checkpoint.Checkpointer.save
+    checkpointers = []
+
+    def save_and_remember(self, *args, **kwargs):
+        checkpointers.append(self)
+        return save(self, *args, **kwargs)
+
+    def write_then_signal(self, logged_step, scalars):
+        write(self, logged_step, scalars)
+        if logged_step == step:
+            for ckpt in checkpointers:
+                ckpt.wait()
+            os.kill(os.getpid(), signum)
+
+    checkpoint.Checkpointer.save = save_and_remember
+    metrics.MetricsWriter.write = write_then_signal
+
+
+def _kill_in_commit(step: int) -> None:
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize_or_die(self):
+        if self.get_final().name == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        await finalize(self)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+
+
+def _poison_records(every: int) -> None:
+    """A NaN in some records' loss mask: the loss and every gradient of their batch become NaN,
+    as real data (a corrupt feature) or an overflow would make them. Chosen by record id, so the
+    same batches are bad whatever the reader threads' order."""
+    preprocess = pipeline._Preprocess.map
+
+    def map_and_poison(self, record):
+        example = preprocess(self, record)
+        if example and zlib.crc32(pipeline._text(record['id']).encode()) % every == 0:
+            example['loss_mask'] = np.full_like(example['loss_mask'], np.nan)
+        return example
+
+    pipeline._Preprocess.map = map_and_poison
+
+
+def main(argv):
+    if _KILL_AFTER_STEP.value:
+        _interrupt_after_logging(_KILL_AFTER_STEP.value, signal.SIGKILL)
+    if _SIGTERM_AT_STEP.value:
+        _interrupt_after_logging(_SIGTERM_AT_STEP.value, signal.SIGTERM)
+    if _POISON_EVERY.value:
+        _poison_records(_POISON_EVERY.value)
+    if _KILL_IN_SAVE.value:
+        _kill_in_commit(_KILL_IN_SAVE.value)
+    main_lib.main(argv)
+
+
+if __name__ == '__main__':
+    app.run(main)

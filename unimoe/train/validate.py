@@ -1,0 +1,173 @@
+"""Checks an experiment config before anything is built or compiled; errors say what to change.
+
+`validate_experiment` runs `trainer.validate_stages` (the stage graph) and adds: the non-finite
+policy, the MoE routing shape, the device mesh, the paths the config names, and whether every
+stage's frozen parts are initialised by something (its `init_from` stages, `experts_from`, or
+`config.pretrained`) rather than left at their random init.
+
+Mesh: there is no sharded training yet; a config may declare `config.mesh`, a dict {axis name:
+size} (e.g. `dict(data=4, expert=2)`), whose sizes must multiply to the device count, and whose
+`expert` axis (expert parallelism) must divide the number of experts.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import jax
+import ml_collections
+
+from unimoe.convert import core as convert_core
+from unimoe.data import json_builder, tasks as tasks_lib
+from unimoe.moe import layer as moe_layer
+from unimoe.train import nonfinite, trainer
+
+# The model's parts as far as initialisation goes; 'ffn' is split out of the LM because stage 2
+# trains the FFNs and stage 3 gets them from `experts_from`.
+_LLM = ('llm', 'ffn')
+# What training each part of `stage.trains` defines (LoRA adapters and routers start new on
+# purpose: LoRA's B is zero, a new router is uniform enough).
+_DEFINES = {
+    'llm': _LLM,
+    'ffn': ('ffn',),
+    'vision': ('vision',),
+    'audio': ('audio',),
+    'connectors': ('image connector', 'audio connector'),
+    'lora': (),
+    'router': (),
+}
+# `config.pretrained` labels -> parts (the converted Whisper holds its decoder as the connector's
+# body, but the connector's own projection starts new: stage 1 trains the connectors).
+_PRETRAINED = {'llm': _LLM, 'vision': ('vision',), 'audio': ('audio',)}
+_MEDIA_PARTS = {
+    'image': ('vision', 'image connector'),
+    'video': ('vision', 'image connector'),
+    'speech': ('audio', 'audio connector'),
+    'audio': ('audio', 'audio connector'),
+    'image_speech': ('vision', 'image connector', 'audio', 'audio connector'),
+    'text': (),
+}
+
+
+def validate_experiment(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError / FileNotFoundError naming the config field to change."""
+    trainer.validate_stages(config)
+    mode = config.get('nonfinite', 'stop')
+    if mode not in nonfinite.MODES:
+        raise ValueError(f"config.nonfinite={mode!r} must be one of {nonfinite.MODES}")
+    _check_moe(config)
+    _check_mesh(config)
+    _check_paths(config)
+    _check_initialisation(config)
+
+
+def _check_moe(config: ml_collections.ConfigDict) -> None:
+    names = trainer.split_list(config.stage_order)
+    if not any(config.stages[name].moe for name in names):
+        return
+    moe = config.model.moe
+    experts, top_k = moe.num_experts, moe.get('top_k', 2)
+    columns = experts + moe.get('num_null_experts', 0)
+    if moe.get('router', 'topk_softmax') != 'top_p' and top_k > columns:
+        raise ValueError(
+            f"config.model.moe.top_k={top_k} is larger than the {columns} experts a token can be "
+            f"routed to (num_experts={experts} + num_null_experts="
+            f"{moe.get('num_null_experts', 0)}): lower top_k or add experts"
+        )
+    try:
+        moe_layer.MoEConfig(**moe.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model.moe: {e}") from e
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+    mesh = config.get('mesh')
+    if not mesh:
+        return
+    sizes = dict(mesh)
+    if not all(isinstance(s, int) and s >= 1 for s in sizes.values()):
+        raise ValueError(f"config.mesh={sizes}: every axis size must be an integer >= 1")
+    devices = jax.device_count()
+    if math.prod(sizes.values()) != devices:
+        raise ValueError(
+            f"config.mesh={sizes} has {math.prod(sizes.values())} devices, but JAX sees {devices}: "
+            "make the axis sizes multiply to the device count"
+        )
+    expert = sizes.get('expert', 1)
+    if config.model.moe.num_experts % expert:
+        raise ValueError(
+            f"config.model.moe.num_experts={config.model.moe.num_experts} is not divisible by "
+            f"the expert-parallel degree config.mesh.expert={expert}: each device must hold the "
+            "same number of experts; change one of them"
+        )
+
+
+def _check_paths(config: ml_collections.ConfigDict) -> None:
+    for label, directory in config.get('pretrained', {}).items():
+        if directory and not (pathlib.Path(directory) / convert_core.META_FILE).is_file():
+            raise FileNotFoundError(
+                f"config.pretrained.{label}={directory!r} is not a converted checkpoint (no "
+                f"{convert_core.META_FILE}): convert it with `python -m unimoe.convert from-hf`"
+            )
+    if config.get('tokenizer') and not pathlib.Path(config.tokenizer).is_file():
+        raise FileNotFoundError(f"config.tokenizer={config.tokenizer!r} does not exist")
+    if 'json_data' not in config:
+        return
+    json_data = config.json_data
+    if json_data.get('media_root') and not pathlib.Path(json_data.media_root).exists():
+        raise FileNotFoundError(
+            f"config.json_data.media_root={json_data.media_root!r} does not exist"
+        )
+    for name in trainer.split_list(config.stage_order):
+        for source in trainer.split_list(config.stages[name].get('json_sources', '')):
+            if not json_builder.builder(json_data.data_dir, source).is_prepared():
+                raise FileNotFoundError(
+                    f"stage {name!r} reads json_sources {source!r}, which is not prepared in "
+                    f"config.json_data.data_dir={json_data.data_dir!r}: run "
+                    "unimoe.data.json_builder.prepare first"
+                )
+
+
+def _needed(stage: ml_collections.ConfigDict) -> set[str]:
+    """The parts a stage's forward pass reads."""
+    if stage.mode == 'classify_image':
+        return {'vision'}
+    if stage.mode == 'classify_audio':
+        return {'audio'}
+    needed = set(_LLM)
+    if stage.mode == 'chat' and not stage.get('json_sources'):
+        # JSON data's modalities are only known by reading it: the LM is checked, media are not.
+        for task in trainer.split_list(stage.tasks):
+            needed.update(_MEDIA_PARTS[tasks_lib.TASKS[task]])
+    return needed
+
+
+def _check_initialisation(config: ml_collections.ConfigDict) -> None:
+    pretrained = {
+        part
+        for label, directory in config.get('pretrained', {}).items()
+        if directory
+        for part in _PRETRAINED.get(label, ())
+    }
+    defined: dict[str, set[str]] = {}
+    for name in trainer.split_list(config.stage_order):
+        stage = config.stages[name]
+        sources = trainer.split_list(stage.init_from)
+        provided = set().union(*(defined[s] for s in sources)) if sources else set(pretrained)
+        if trainer.split_list(stage.experts_from):
+            provided.add('ffn')
+        trained = {part for t in stage.trains.split('+') if t for part in _DEFINES[t]}
+        defined[name] = trained | provided
+        missing = sorted(_needed(stage) - defined[name])
+        if missing:
+            labels = sorted(k for k, parts in _PRETRAINED.items() if set(parts) & set(missing))
+            parts = sorted(k for k, parts in _DEFINES.items() if set(parts) & set(missing))
+            fix = f"Set config.pretrained.{{{','.join(labels)}}}, or add" if labels else 'Add'
+            raise ValueError(
+                f"stage {name!r} ({stage.mode}) runs {', '.join(missing)} frozen "
+                f"(trains={stage.trains!r}), but nothing initialises them: not its init_from "
+                f"({stage.init_from or 'none'}), experts_from or config.pretrained. "
+                f"{fix} to init_from stages that train {' or '.join(parts)}, "
+                "or train them in this stage"
+            )
