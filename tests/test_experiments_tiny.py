@@ -5,14 +5,14 @@ import pathlib
 import pytest
 
 from experiments.tiny import config as arms_config, run as arms_run
-from unimoe.train import trainer
+from unimoe.train import trainer, validate
 
 
 @pytest.mark.parametrize('arm', arms_config.ARMS)
 def test_arm_config_is_valid_and_shares_the_base_stages(arm):
     base = arms_config.get_config('arm=moe4,mode=test')
     config = arms_config.get_config(f'arm={arm},mode=test')
-    trainer.validate_stages(config)
+    validate.validate_experiment(config)
     stage = arms_config.stage3_name(arm)
     assert trainer.split_list(config.stage_order)[-1] == stage
     assert config.eval.stages == (
