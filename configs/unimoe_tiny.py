@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         n_video_tokens=16,
         n_audio_tokens=8,
         skip_too_long=False,
+        worker_count=0,  # grain processes preparing batches ahead (0: in the training process)
         seed=0,
     )
 

@@ -89,8 +89,15 @@ class Runner:
         # Hooks last: `--config.FIELD=` overrides must follow `--config=`.
         command = [sys.executable, str(DRIVER), f'--config={self.config_path}']
         command += [f'--workdir={workdir}', *hooks]
+        # Its own process group, so a group signal (Ctrl-C) reaches it and its workers only.
         return subprocess.run(
-            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            command,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
         )
 
 

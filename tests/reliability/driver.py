@@ -5,7 +5,8 @@
 
 The interruptions are real: SIGKILL (no handler can run) right after step N's metrics line is
 written and the checkpoints before it are committed, SIGKILL inside orbax's commit of step N's checkpoint (after its files are written,
-before the rename that publishes it), or SIGTERM to this process after step N's metrics line;
+before the rename that publishes it), SIGTERM to this process after step N's metrics line, or
+SIGINT to its whole process group (a terminal's Ctrl-C, which data-loader workers get too);
 `--poison_every` puts NaNs into some records (for the non-finite guard).
 """
 
@@ -27,12 +28,15 @@ from unimoe.train import checkpoint, metrics  # noqa: E402
 _KILL_AFTER_STEP = flags.DEFINE_integer('kill_after_step', 0, 'SIGKILL after this step is logged')
 _KILL_IN_SAVE = flags.DEFINE_integer('kill_in_save', 0, 'SIGKILL while committing this step')
 _SIGTERM_AT_STEP = flags.DEFINE_integer('sigterm_at_step', 0, 'SIGTERM after this step is logged')
+_SIGINT_GROUP_AT_STEP = flags.DEFINE_integer(
+    'sigint_group_at_step', 0, 'SIGINT to the whole process group (Ctrl-C) after this step'
+)
 _POISON_EVERY = flags.DEFINE_integer(
     'poison_every', 0, 'NaN loss_mask in the records whose crc32(id) % N == 0'
 )
 
 
-def _interrupt_after_logging(step: int, signum: int) -> None:
+def _interrupt_after_logging(step: int, signum: int, *, group: bool = False) -> None:
     """`signum` to this process once `step` is logged and earlier checkpoints are committed (an
     asynchronous save still in flight would make which checkpoint survives a matter of timing)."""
     write, save = metrics.MetricsWriter.write, checkpoint.Checkpointer.save
@@ -47,7 +51,10 @@ def _interrupt_after_logging(step: int, signum: int) -> None:
         if logged_step == step:
             for ckpt in checkpointers:
                 ckpt.wait()
-            os.kill(os.getpid(), signum)
+            if group:  # as a terminal's Ctrl-C: data-loader workers get it too
+                os.killpg(os.getpgrp(), signum)
+            else:
+                os.kill(os.getpid(), signum)
 
     checkpoint.Checkpointer.save = save_and_remember
     metrics.MetricsWriter.write = write_then_signal
@@ -84,6 +91,8 @@ def main(argv):
         _interrupt_after_logging(_KILL_AFTER_STEP.value, signal.SIGKILL)
     if _SIGTERM_AT_STEP.value:
         _interrupt_after_logging(_SIGTERM_AT_STEP.value, signal.SIGTERM)
+    if _SIGINT_GROUP_AT_STEP.value:
+        _interrupt_after_logging(_SIGINT_GROUP_AT_STEP.value, signal.SIGINT, group=True)
     if _POISON_EVERY.value:
         _poison_records(_POISON_EVERY.value)
     if _KILL_IN_SAVE.value:

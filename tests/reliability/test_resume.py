@@ -51,6 +51,17 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_with_the_requeue_code(
     assert_same_run(tmp_path, reference_run)
 
 
+def test_ctrl_c_with_data_loader_workers_saves_and_exits(runner, tmp_path):
+    # SIGINT to the whole process group, as a terminal sends it: the grain workers get it too.
+    stopped = runner(tmp_path, '--sigint_group_at_step=4', '--config.data.worker_count=1')
+    assert stopped.returncode == preemption.EXIT_CODE, stopped.stderr[-3000:]
+    assert 'received SIGINT' in stopped.stderr
+    assert _checkpoint_steps(tmp_path) == [CHECKPOINT_EVERY, 4]
+    resumed = runner(tmp_path, '--config.data.worker_count=1')
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'resumed at step 4' in resumed.stderr
+
+
 def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one(runner, reference_run, tmp_path):
     killed = runner(tmp_path, f'--kill_in_save={2 * CHECKPOINT_EVERY}')
     assert killed.returncode == -9
