@@ -19,6 +19,7 @@ from flax import nnx
 
 from unimoe.models.lora import BASE_INIT_STDDEV, Linear, LoRAConfig
 from unimoe.moe.layer import MoEConfig, MoELayer
+from unimoe.parallel.rules import constrain
 
 
 def resolve_moe_layers(spec: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -342,6 +343,10 @@ class DecoderLayer(nnx.Module):
         return x_btd + ffn_out_btd, aux
 
 
+# Logical axes of the residual stream and the logits (`unimoe.parallel.rules`).
+ACTIVATION_AXES = ("batch", "seq", "act_embed")
+LOGITS_AXES = ("batch", "seq", "act_vocab")
+
 # Auxiliary losses: summed over MoE layers (the trainer weights the sum); other aux are stacked.
 SUMMED_AUX = ("balance_loss", "z_loss", "dcmoe_balance_loss")
 
@@ -403,10 +408,12 @@ class DecoderLM(nnx.Module):
             raise ValueError(
                 f"attn_mask must be [B, T]={x_btd.shape[:2]}, got {attn_mask_bt.shape}"
             )
-        x_btd = x_btd.astype(cfg.dtype)
+        # Layer boundaries pin the residual stream to the batch sharding (no-op on one device).
+        x_btd = constrain(x_btd.astype(cfg.dtype), ACTIVATION_AXES)
         layer_aux = []
         for layer in self.layers:
             x_btd, aux = layer(x_btd, attn_mask_bt, token_weight_bt)
+            x_btd = constrain(x_btd, ACTIVATION_AXES)
             if aux is not None:
                 layer_aux.append(aux)
         logits_btv = self.logits(x_btd)
@@ -421,5 +428,7 @@ class DecoderLM(nnx.Module):
         """Final norm and LM head on the last layer's output -> float32 logits_btv."""
         x_btd = self.final_norm(x_btd)
         if self.lm_head is None:
-            return self.embed.attend(x_btd).astype(jnp.float32)
-        return self.lm_head(x_btd).astype(jnp.float32)
+            logits_btv = self.embed.attend(x_btd)
+        else:
+            logits_btv = self.lm_head(x_btd)
+        return constrain(logits_btv.astype(jnp.float32), LOGITS_AXES)

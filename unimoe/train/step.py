@@ -170,12 +170,39 @@ def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
 def make_train_step(
     graphdef: nnx.GraphDef, trains: str, optim_cfg: optim.OptimConfig, loss_cfg: LossConfig
 ) -> TrainStep:
-    """Jitted `step(trainable, opt_state, rest, batch, step_index)`; cached per shape and config so
-    same-shaped stages compile once. `step_index` (0-based) drives the aux-weight schedule.
+    """`train_step_fn` jitted for one device; cached per shape and config so same-shaped stages
+    compile once. Buffers are donated: callers must use the returned state. (Sharded training
+    jits the same function with shardings: `unimoe.parallel.sharded`.)"""
+    return jax.jit(train_step_fn(graphdef, trains, optim_cfg, loss_cfg), donate_argnums=(0, 1, 2))
+
+
+def make_loss_fn(
+    graphdef: nnx.GraphDef, trains: str, loss_cfg: LossConfig
+) -> Callable[
+    [nnx.State, nnx.State, Batch, jax.Array], tuple[jax.Array, tuple[Metrics, nnx.State]]
+]:
+    """`loss_fn(trainable, rest, batch, step_index) -> (loss, (metrics, new_rest))`, pure."""
+    is_trainable = stages.trainable_filter(trains)
+
+    def loss_fn(trainable, rest, batch, step_index):
+        # copy=True makes fresh Variables at this trace level, so dropout may advance its RNG count.
+        model = nnx.merge(graphdef, trainable, rest, copy=True)
+        loss, metrics = compute_loss(model, batch, loss_cfg, step_index)
+        # Dropout advanced its RNG counters: hand the new `rest` back out of the pure function.
+        _, _, new_rest = nnx.split(model, is_trainable, ...)
+        return loss, (metrics, new_rest)
+
+    return loss_fn
+
+
+def train_step_fn(
+    graphdef: nnx.GraphDef, trains: str, optim_cfg: optim.OptimConfig, loss_cfg: LossConfig
+) -> TrainStep:
+    """Pure `step(trainable, opt_state, rest, batch, step_index)`. `step_index` (0-based) drives
+    the aux-weight schedule.
 
     `trainable` are the Params selected by `trains` (see `stages.trainable_filter`); `rest` is
-    everything else (frozen params, RNG state for dropout). Buffers are donated: callers must use the
-    returned state.
+    everything else (frozen params, RNG state for dropout).
 
     Non-finite guard: a step whose loss or any gradient leaf is NaN / Inf returns its inputs
     unchanged (no update, no optimizer or RNG advance). Its metrics carry the flags
@@ -187,17 +214,11 @@ def make_train_step(
     tx = optim.make_optimizer(optim_cfg)
     is_trainable = stages.trainable_filter(trains)
 
-    def step(trainable, opt_state, rest, batch, step_index):
-        def loss_fn(trainable, rest):
-            # copy=True makes fresh Variables at this trace level, so dropout may advance its RNG count.
-            model = nnx.merge(graphdef, trainable, rest, copy=True)
-            loss, metrics = compute_loss(model, batch, loss_cfg, step_index)
-            # Dropout advanced its RNG counters: hand the new `rest` back out of the pure function.
-            _, _, new_rest = nnx.split(model, is_trainable, ...)
-            return loss, (metrics, new_rest)
+    loss_fn = make_loss_fn(graphdef, trains, loss_cfg)
 
+    def step(trainable, opt_state, rest, batch, step_index):
         (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, rest
+            trainable, rest, batch, step_index
         )
         sq_norms = jnp.stack(
             [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)]
@@ -223,4 +244,4 @@ def make_train_step(
             },
         )
 
-    return jax.jit(step, donate_argnums=(0, 1, 2))
+    return step

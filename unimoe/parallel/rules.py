@@ -1,0 +1,222 @@
+"""Logical axis names for every parameter and the main activations, mapped to mesh axes by rules.
+
+Two tables:
+- `PARAM_AXES`: parameter path regex -> one logical name per array dimension ('vocab', 'embed',
+  'mlp', 'heads', 'expert', 'conv', None = never sharded). Matched by path rather than stored as
+  flax sharding metadata on each `nnx.Param`: the expert banks live in `unimoe/moe`, whose modules
+  stay free of sharding code, and optimizer states (AdamW's moments mirror the parameter paths)
+  get the same names by the same lookup. Every parameter must match (`logical_axes` raises), so a
+  new module cannot silently go unsharded.
+- sharding rules (`config.sharding_rules`, default `DEFAULT_RULES`): logical name -> mesh axes.
+  A dimension that a mesh axis does not divide is not sharded over that axis, and a mesh axis is
+  used once per array (first dimension wins), as MaxText's logical rules do.
+
+Activations are constrained with `constrain(x, names)` at layer boundaries; it is a no-op unless
+a `use_rules(mesh, rules)` context is active, so single-device code traces exactly as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+Logical = tuple[str | None, ...]
+Rules = Mapping[str, tuple[str, ...]]
+
+# Logical name -> mesh axes. FSDP shards weights over `fsdp` on their model-width dimension;
+# tensor parallelism splits heads, FFN width and vocabulary; experts go over `expert`. The batch
+# is split over every axis that holds a data-parallel replica of the non-expert weights: `expert`
+# too (DeepSpeed-MoE's expert parallelism runs data-parallel attention on the expert ranks).
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    'batch': ('data', 'fsdp', 'expert'),
+    'embed': ('fsdp',),
+    'mlp': ('tensor',),
+    'heads': ('tensor',),
+    'vocab': ('tensor',),
+    'expert': ('expert',),
+    # Activations: the model width stays whole (FSDP gathers weights, not activations).
+    'act_embed': (),
+    'act_vocab': ('tensor',),
+    'seq': (),
+    'conv': (),
+}
+
+_ATTN_IN = r'(q|k|v|q_proj|k_proj|v_proj)'
+_ATTN_OUT = r'(o|out_proj)'
+_FFN_IN = r'(gate|up|fc1)'
+_FFN_OUT = r'(down|fc2)'
+# (path regex, logical names): the first match wins. Paths are '/'-joined, e.g.
+# 'llm/layers/0/ffn/experts/w_gate_edf'.
+PARAM_AXES: tuple[tuple[str, Logical], ...] = (
+    (r'(^|/)embed/embedding$', ('vocab', 'embed')),
+    (r'(^|/)lm_head/kernel$', ('embed', 'vocab')),
+    # Expert banks [E, in, out] and their batched LoRA adapters [E, in, r] / [E, r, out].
+    (r'/experts/w_(gate|up)_edf$', ('expert', 'embed', 'mlp')),
+    (r'/experts/w_down_efd$', ('expert', 'mlp', 'embed')),
+    (r'/experts/lora_(gate|up)_a_edr$', ('expert', 'embed', None)),
+    (r'/experts/lora_(gate|up)_b_erf$', ('expert', None, 'mlp')),
+    (r'/experts/lora_down_a_efr$', ('expert', 'mlp', None)),
+    (r'/experts/lora_down_b_erd$', ('expert', None, 'embed')),
+    # Routers and gates: few columns, kept whole so routing needs no collective.
+    (r'/(router|shared_gate)/kernel$', ('embed', None)),
+    (r'/(router|shared_gate)/bias$', (None,)),
+    # Attention and FFN projections (LM, shared experts, ViT, Whisper, connectors) and LoRA.
+    (rf'/{_ATTN_IN}/kernel$', ('embed', 'heads')),
+    (rf'/{_ATTN_IN}/bias$', ('heads',)),
+    (rf'/{_ATTN_IN}/lora_a$', ('embed', None)),
+    (rf'/{_ATTN_IN}/lora_b$', (None, 'heads')),
+    (rf'/{_ATTN_OUT}/kernel$', ('heads', 'embed')),
+    (rf'/{_ATTN_OUT}/lora_a$', ('heads', None)),
+    (rf'/{_ATTN_OUT}/lora_b$', (None, 'embed')),
+    (rf'/{_FFN_IN}/kernel$', ('embed', 'mlp')),
+    (rf'/{_FFN_IN}/bias$', ('mlp',)),
+    (rf'/{_FFN_IN}/lora_a$', ('embed', None)),
+    (rf'/{_FFN_IN}/lora_b$', (None, 'mlp')),
+    (rf'/{_FFN_OUT}/kernel$', ('mlp', 'embed')),
+    (rf'/{_FFN_OUT}/lora_a$', ('mlp', None)),
+    (rf'/{_FFN_OUT}/lora_b$', (None, 'embed')),
+    # Encoder stems, position tables, learned queries, probe heads.
+    (r'/patch_embedding/kernel$', (None, None, None, 'embed')),
+    (r'/conv\d/kernel$', ('conv', None, 'embed')),
+    (r'/(position_embedding|embed_positions)/embedding$', (None, 'embed')),
+    (r'/query_tokens$', (None, 'embed')),
+    (r'^(image|audio)_head/kernel$', ('embed', None)),
+    # Norm scales and the remaining biases / vectors: small, replicated.
+    (r'(^|/)[^/]+$', None),
+)
+_COMPILED = tuple((re.compile(pattern), names) for pattern, names in PARAM_AXES)
+
+
+def logical_axes(path: str, ndim: int) -> Logical:
+    """The logical names of parameter `path` (one per dimension); raises if none fits."""
+    for pattern, names in _COMPILED:
+        if pattern.search(path):
+            if names is None:
+                if ndim > 1:
+                    break  # the catch-all is for vectors only
+                return (None,) * ndim
+            if len(names) != ndim:
+                raise ValueError(
+                    f"parameter {path!r} has {ndim} dimensions, but its sharding rule "
+                    f"{pattern.pattern!r} names {len(names)}: {names}"
+                )
+            return names
+    raise ValueError(
+        f"parameter {path!r} ({ndim}-d) matches no entry of unimoe.parallel.rules.PARAM_AXES: "
+        "add one naming its logical axes"
+    )
+
+
+def parse_rules(config_rules: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
+    """`DEFAULT_RULES` updated by `config.sharding_rules` ({logical: mesh axis | [axes] | None})."""
+    rules = dict(DEFAULT_RULES)
+    for name, axes in dict(config_rules or {}).items():
+        if axes is None:
+            axes = ()
+        elif isinstance(axes, str):
+            axes = (axes,)
+        rules[name] = tuple(axes)
+    return rules
+
+
+def partition_spec(
+    names: Logical, shape: Sequence[int], mesh_shape: Mapping[str, int], rules: Rules
+) -> PartitionSpec:
+    """The PartitionSpec of an array with logical `names`: each dimension takes the mesh axes its
+    name maps to that are unused so far in this array and whose product divides it."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape, strict=True):
+        axes = []
+        if name is not None:
+            if name not in rules:
+                raise ValueError(
+                    f"logical axis {name!r} has no sharding rule; rules: {sorted(rules)}"
+                )
+            product = 1
+            for axis in rules[name]:
+                if axis not in mesh_shape:
+                    raise ValueError(f"sharding rule {name!r} -> {axis!r}: no such mesh axis")
+                if axis in used or mesh_shape[axis] == 1 or size % (product * mesh_shape[axis]):
+                    continue
+                axes.append(axis)
+                product *= mesh_shape[axis]
+        used.update(axes)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*spec)
+
+
+def key_path_str(key_path: Sequence[Any]) -> str:
+    """'/'-joined dict keys of a pytree key path: the parameter path inside optimizer states and
+    `nnx.State`s ('mu', '.value', list indices of optax chains are not dict keys)."""
+    keys = [k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)]
+    return '/'.join(str(k) for k in keys)
+
+
+def tree_shardings(tree: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+    """A NamedSharding per array leaf of `tree` (params, optimizer state, model state), by path.
+
+    Leaves whose path is no parameter's (step counts, RNG keys, router biases) are replicated.
+    """
+    sizes = dict(mesh.shape)
+
+    def sharding(key_path: Sequence[Any], leaf: Any) -> NamedSharding:
+        path, ndim = key_path_str(key_path), len(leaf.shape)
+        if ndim == 0 or not path:
+            return NamedSharding(mesh, PartitionSpec())
+        try:
+            names = logical_axes(path, ndim)
+        except ValueError:
+            if _is_param_path(key_path):
+                raise
+            names = (None,) * ndim
+        return NamedSharding(mesh, partition_spec(names, leaf.shape, sizes, rules))
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def _is_param_path(key_path: Sequence[Any]) -> bool:
+    # Non-parameter state (RNG streams, router biases) has these names on its path.
+    return not any(
+        isinstance(k, jax.tree_util.DictKey) and k.key in ('rngs', 'router_bias', 'count', 'key')
+        for k in key_path
+    )
+
+
+_ACTIVE: contextvars.ContextVar[tuple[jax.sharding.Mesh, Rules] | None] = contextvars.ContextVar(
+    'unimoe_sharding_rules', default=None
+)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
+    """Within this context (while tracing), `constrain` pins activations to `mesh` by `rules`,
+    and `jax.set_mesh(mesh)` is active (the expert-parallel layer reads the mesh from there)."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Logical) -> jax.Array:
+    """`jax.lax.with_sharding_constraint` of `x` to its logical `names`; identity outside
+    `use_rules`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = partition_spec(names, x.shape, dict(mesh.shape), rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_spec(shape: Sequence[int], mesh_shape: Mapping[str, int], rules: Rules) -> PartitionSpec:
+    """Batch arrays: the leading dimension over the 'batch' rule's axes, the rest whole."""
+    return partition_spec(('batch',) + (None,) * (len(shape) - 1), shape, mesh_shape, rules)

@@ -1,0 +1,136 @@
+"""Sharded training state: a mesh and rules from config, directly sharded init, sharded batches,
+and the train step jitted with explicit in / out shardings.
+
+Nothing here copies a full model through the host: `init_module` and `init_optimizer` run the
+initialisers under `jax.jit` with `out_shardings`, so each device materialises only its shards.
+Batches arrive per process (each host reads its own rows) and are assembled into global arrays
+with `jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from unimoe.parallel import mesh as mesh_lib, rules as rules_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A mesh and the logical-to-mesh rules every sharding of a run is derived from."""
+
+    mesh: jax.sharding.Mesh
+    rules: Mapping[str, tuple[str, ...]]
+
+    def shardings(self, tree: Any) -> Any:
+        """NamedShardings for a state tree (arrays or ShapeDtypeStructs), by parameter path."""
+        return rules_lib.tree_shardings(tree, self.mesh, self.rules)
+
+    def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(
+            self.mesh, rules_lib.batch_spec(shape, dict(self.mesh.shape), self.rules)
+        )
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the global batch is split (the 'batch' rule's mesh axes)."""
+        sizes = dict(self.mesh.shape)
+        return int(np.prod([sizes[a] for a in self.rules['batch']]))
+
+    def context(self):
+        """Trace under this: activation constraints apply and `jax.set_mesh` is active."""
+        return rules_lib.use_rules(self.mesh, self.rules)
+
+
+def plan_from_config(config: ml_collections.ConfigDict) -> Plan | None:
+    """The run's Plan, or None when `config.mesh` is absent (single-device training)."""
+    sizes = config.get('mesh')
+    if not sizes:
+        return None
+    return Plan(
+        mesh_lib.make_mesh(dict(sizes)),
+        rules_lib.parse_rules(config.get('sharding_rules')),
+    )
+
+
+ModuleT = Any
+
+
+def init_module(plan: Plan, build: Callable[[], ModuleT]) -> ModuleT:
+    """`build()` with every variable created directly in its shards (jit with out_shardings)."""
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+    shardings = plan.shardings(abstract_state)
+
+    def init_state():
+        return nnx.split(build())[1]
+
+    state = jax.jit(init_state, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def init_optimizer(plan: Plan, tx: optax.GradientTransformation, params: Any) -> Any:
+    """`tx.init(params)` with the moments sharded like their parameters."""
+    shardings = plan.shardings(jax.eval_shape(tx.init, params))
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def place(plan: Plan, tree: Any) -> Any:
+    """`tree` resharded by the rules (e.g. after host-side parameter loading or a restore)."""
+    return jax.device_put(tree, plan.shardings(tree))
+
+
+def shard_batch(plan: Plan, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows (its slice of the global batch, in process order)."""
+    out = {}
+    for key, local in local_batch.items():
+        local = np.asarray(local)
+        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        sharding = plan.batch_sharding(global_shape)
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out
+
+
+def jit_step(
+    plan: Plan,
+    step_fn: Callable[..., Any],
+    state_example: tuple[Any, Any, Any],
+    batch_example: Mapping[str, Any],
+    *,
+    donate: bool = True,
+) -> Callable[..., Any]:
+    """`step_fn(trainable, opt_state, rest, batch, step_index)` jitted with explicit shardings.
+
+    The examples (arrays or ShapeDtypeStructs) give the structure; the state keeps its rule
+    shardings across steps, the batch is split over the 'batch' axes, metrics are replicated.
+    The returned function traces under `plan.context()` (activation constraints, `set_mesh`).
+    """
+    trainable, opt_state, rest = state_example
+    state_shardings = tuple(plan.shardings(t) for t in (trainable, opt_state, rest))
+    batch_shardings = {k: plan.batch_sharding(tuple(v.shape)) for k, v in batch_example.items()}
+    replicated = NamedSharding(plan.mesh, jax.sharding.PartitionSpec())
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(*state_shardings, batch_shardings, replicated),
+        out_shardings=(*state_shardings, replicated),
+        donate_argnums=(0, 1, 2) if donate else (),
+    )
+
+    def call(*args):
+        with plan.context():
+            return jitted(*args)
+
+    call.lower = lambda *args: _lower(plan, jitted, *args)  # type: ignore[attr-defined]
+    return call
+
+
+def _lower(plan: Plan, jitted: Any, *args: Any) -> Any:
+    with plan.context():
+        return jitted.lower(*args)
