@@ -86,7 +86,7 @@ PARAM_AXES: tuple[tuple[str, Logical], ...] = (
     (r'/conv\d/kernel$', ('conv', None, 'embed')),
     (r'/(position_embedding|embed_positions)/embedding$', (None, 'embed')),
     (r'/query_tokens$', (None, 'embed')),
-    (r'^(image|audio)_head/kernel$', ('embed', None)),
+    (r'(^|/)(image|audio)_head/kernel$', ('embed', None)),
     # Norm scales and the remaining biases / vectors: small, replicated.
     (r'(^|/)[^/]+$', None),
 )

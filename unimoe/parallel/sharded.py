@@ -87,6 +87,15 @@ def place(plan: Plan, tree: Any) -> Any:
     return jax.device_put(tree, plan.shardings(tree))
 
 
+def with_shardings(plan: Plan, abstract_tree: Any) -> Any:
+    """ShapeDtypeStructs carrying the rule shardings (restore targets for orbax)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract_tree,
+        plan.shardings(abstract_tree),
+    )
+
+
 def shard_batch(plan: Plan, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """Global arrays from this process's rows (its slice of the global batch, in process order)."""
     out = {}

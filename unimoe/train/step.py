@@ -195,11 +195,13 @@ def make_loss_fn(
     return loss_fn
 
 
+@functools.lru_cache(maxsize=None)
 def train_step_fn(
     graphdef: nnx.GraphDef, trains: str, optim_cfg: optim.OptimConfig, loss_cfg: LossConfig
 ) -> TrainStep:
     """Pure `step(trainable, opt_state, rest, batch, step_index)`. `step_index` (0-based) drives
-    the aux-weight schedule.
+    the aux-weight schedule. Cached, so jitting it again (a resumed sharded stage) hits JAX's
+    compilation cache.
 
     `trainable` are the Params selected by `trains` (see `stages.trainable_filter`); `rest` is
     everything else (frozen params, RNG state for dropout).

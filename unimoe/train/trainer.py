@@ -24,6 +24,7 @@ from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import json_pipeline, pipeline, tasks as tasks_lib
 from unimoe.models.abstract import abstract_module
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe.parallel import mesh as mesh_lib, sharded
 from unimoe.train import (
     checkpoint,
     metrics as metrics_lib,
@@ -82,8 +83,10 @@ def build_model(
     lora_rank: int,
     seed: int,
     abstract: bool = False,
+    plan: sharded.Plan | None = None,
 ) -> UniMoE:
-    """The experiment's model for one stage kind; `abstract`: shapes only (no memory, no init)."""
+    """The experiment's model for one stage kind; `abstract`: shapes only (no memory, no init);
+    `plan`: every variable initialised directly in its shards on the plan's mesh."""
     model_cfg = UniMoEConfig.from_dict(
         config.model,
         vocab_size=tokenizer.vocab_size,
@@ -98,6 +101,8 @@ def build_model(
     )
     if abstract:
         model = abstract_module(lambda rngs: UniMoE(model_cfg, rngs=rngs), seed)
+    elif plan is not None:
+        model = sharded.init_module(plan, lambda: UniMoE(model_cfg, rngs=nnx.Rngs(seed)))
     else:
         model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
     for name, count in model.num_media_tokens.items():
@@ -131,7 +136,11 @@ def final_params(workdir: pathlib.Path, name: str) -> dict[str, np.ndarray]:
 
 
 def build_stage_model(
-    config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path, tokenizer: Any
+    config: ml_collections.ConfigDict,
+    name: str,
+    workdir: pathlib.Path,
+    tokenizer: Any,
+    plan: sharded.Plan | None = None,
 ) -> tuple[UniMoE, dict[str, str]]:
     """The model of stage `name`, initialised from the stages its config names.
 
@@ -139,7 +148,7 @@ def build_stage_model(
     """
     stage = config.stages[name]
     model = build_model(
-        config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed
+        config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed, plan=plan
     )
     sources = [(src, final_params(workdir, src)) for src in split_list(stage.init_from)]
     pretrained = {label: d for label, d in config.get('pretrained', {}).items() if d}
@@ -165,9 +174,15 @@ def train_stage(
     """
     stage = config.stages[name]
     stage_dir = workdir / name
-    model, origin = build_stage_model(config, name, workdir, tokenizer)
+    # With `config.mesh`: sharded init, state and step; each process reads its rows of the batch.
+    plan = sharded.plan_from_config(config)
+    model, origin = build_stage_model(config, name, workdir, tokenizer, plan)
     is_trainable = stages.trainable_filter(stage.trains)
     graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
+    if plan is not None:
+        # Parameters loaded from earlier stages arrive as host arrays: back into their shards.
+        trainable, rest = sharded.place(plan, trainable), sharded.place(plan, rest)
+        log.info('stage %s: mesh %s', name, mesh_lib.describe(plan.mesh))
     defined = sorted(set(origin) | {stages.path_str(p) for p, _ in nnx.to_flat_state(trainable)})
     num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
@@ -188,10 +203,15 @@ def train_stage(
         answer_token_weight=stage.get('answer_token_weight', 1.0),
         z_coef=stage.z_coef,
     )
-    opt_state = optim.make_optimizer(optim_cfg).init(trainable)
+    tx = optim.make_optimizer(optim_cfg)
+    opt_state = tx.init(trainable) if plan is None else sharded.init_optimizer(plan, tx, trainable)
     seed = config.seed + zlib.crc32(name.encode()) % 1000
+    # This process's shard of the records and of every global batch.
+    shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     if stage.get('json_sources'):
-        loader = json_pipeline.make_dataset(json_data_config(config, stage, seed), tokenizer)
+        loader = json_pipeline.make_dataset(
+            json_data_config(config, stage, seed), tokenizer, **shards
+        )
     else:
         loader = pipeline.make_train_loader(
             data_config(config, batch_size=stage.batch_size),
@@ -199,6 +219,7 @@ def train_stage(
             split_list(stage.tasks),
             stage.mode,
             seed=seed,
+            **shards,
         )
     data_iter = iter(loader)
     # Bad records the real-data pipeline skipped (on_error='skip'; they travel in the batches) and
@@ -218,7 +239,10 @@ def train_stage(
     # Closing waits for a save in flight, also when training stops on an error.
     with stage_checkpointer(workdir, name) as ckpt:
         start_step = 0
-        restored = ckpt.restore_latest(jax.eval_shape(train_state), data_iter)
+        abstract_state = jax.eval_shape(train_state)
+        if plan is not None:  # restore each process's shards straight into place
+            abstract_state = sharded.with_shardings(plan, abstract_state)
+        restored = ckpt.restore_latest(abstract_state, data_iter)
         if restored is not None:
             start_step, state = restored
             nnx.update(model, state['params'], state['model_state'])
@@ -227,7 +251,10 @@ def train_stage(
             counters = {k: np.int32(v) for k, v in state['counters'].items()}
             log.info('stage %s: resumed at step %d', name, start_step)
 
-        train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
+        if plan is None:
+            train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
+        else:
+            step_fn = step_lib.train_step_fn(graphdef, stage.trains, optim_cfg, loss_cfg)
         schedule = optim.learning_rate_schedule(optim_cfg)
         finite_guard = nonfinite.NonFiniteGuard(
             config.get('nonfinite', 'stop'),
@@ -249,6 +276,11 @@ def train_stage(
             for step in range(start_step + 1, stage.steps + 1):
                 batch = dict(next(data_iter))
                 counters['skipped_records'] += np.int32(np.sum(batch.pop('num_skipped', 0)))
+                if plan is not None:
+                    batch = sharded.shard_batch(plan, batch)
+                    if step == start_step + 1:
+                        state = (trainable, opt_state, rest)
+                        train_step = sharded.jit_step(plan, step_fn, state, batch)
                 trainable, opt_state, rest, metrics = train_step(
                     trainable, opt_state, rest, batch, np.int32(step - 1)
                 )
