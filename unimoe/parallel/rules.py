@@ -159,26 +159,57 @@ def key_path_str(key_path: Sequence[Any]) -> str:
     return '/'.join(str(k) for k in keys)
 
 
-def tree_shardings(tree: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
-    """A NamedSharding per array leaf of `tree` (params, optimizer state, model state), by path.
+def tree_specs(tree: Any, mesh_shape: Mapping[str, int], rules: Rules) -> Any:
+    """A PartitionSpec per array leaf of `tree` (params, optimizer state, model state), by path.
 
     Leaves whose path is no parameter's (step counts, RNG keys, router biases) are replicated.
     """
-    sizes = dict(mesh.shape)
 
-    def sharding(key_path: Sequence[Any], leaf: Any) -> NamedSharding:
+    def spec(key_path: Sequence[Any], leaf: Any) -> PartitionSpec:
         path, ndim = key_path_str(key_path), len(leaf.shape)
         if ndim == 0 or not path:
-            return NamedSharding(mesh, PartitionSpec())
+            return PartitionSpec()
         try:
             names = logical_axes(path, ndim)
         except ValueError:
             if _is_param_path(key_path):
                 raise
             names = (None,) * ndim
-        return NamedSharding(mesh, partition_spec(names, leaf.shape, sizes, rules))
+        return partition_spec(names, leaf.shape, mesh_shape, rules)
 
-    return jax.tree_util.tree_map_with_path(sharding, tree)
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def tree_shardings(tree: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
+    """`tree_specs` as NamedShardings on `mesh`."""
+    specs = tree_specs(tree, dict(mesh.shape), rules)
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def shard_bytes(tree: Any, mesh_shape: Mapping[str, int], rules: Rules) -> int:
+    """Bytes of `tree`'s arrays that one device holds under the rules on a mesh of `mesh_shape`
+    (a planned pod mesh needs no devices)."""
+    specs = tree_specs(tree, mesh_shape, rules)
+    total = 0
+    for leaf, spec in zip(
+        jax.tree.leaves(tree),
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+        strict=True,
+    ):
+        elements = 1
+        for i, size in enumerate(leaf.shape):
+            axes = spec[i] if i < len(spec) else None
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            split = 1
+            for axis in axes:
+                split *= mesh_shape[axis]
+            elements *= size // split
+        total += elements * jax.numpy.dtype(leaf.dtype).itemsize
+    return total
 
 
 def _is_param_path(key_path: Sequence[Any]) -> bool:

@@ -160,6 +160,28 @@ def build_stage_model(
     return model, stages.load_params(model, sources, experts, upcycle_mode=mode)
 
 
+def stage_optim_config(stage: ml_collections.ConfigDict) -> optim.OptimConfig:
+    return optim.OptimConfig(
+        learning_rate=stage.learning_rate,
+        total_steps=stage.steps,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
+        grad_clip=stage.grad_clip,
+    )
+
+
+def stage_loss_config(stage: ml_collections.ConfigDict) -> step_lib.LossConfig:
+    return step_lib.LossConfig(
+        kind=stage.mode,
+        balance_coef=stage.balance_coef,
+        balance_coef_end=stage.get('balance_coef_end'),
+        balance_decay_steps=stage.get('balance_decay_steps', 0),
+        dcmoe_coef=stage.get('dcmoe_coef', 0.0),
+        answer_token_weight=stage.get('answer_token_weight', 1.0),
+        z_coef=stage.z_coef,
+    )
+
+
 def train_stage(
     config: ml_collections.ConfigDict,
     name: str,
@@ -187,22 +209,7 @@ def train_stage(
     num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
 
-    optim_cfg = optim.OptimConfig(
-        learning_rate=stage.learning_rate,
-        total_steps=stage.steps,
-        warmup_steps=stage.warmup_steps,
-        weight_decay=stage.weight_decay,
-        grad_clip=stage.grad_clip,
-    )
-    loss_cfg = step_lib.LossConfig(
-        kind=stage.mode,
-        balance_coef=stage.balance_coef,
-        balance_coef_end=stage.get('balance_coef_end'),
-        balance_decay_steps=stage.get('balance_decay_steps', 0),
-        dcmoe_coef=stage.get('dcmoe_coef', 0.0),
-        answer_token_weight=stage.get('answer_token_weight', 1.0),
-        z_coef=stage.z_coef,
-    )
+    optim_cfg, loss_cfg = stage_optim_config(stage), stage_loss_config(stage)
     tx = optim.make_optimizer(optim_cfg)
     opt_state = tx.init(trainable) if plan is None else sharded.init_optimizer(plan, tx, trainable)
     seed = config.seed + zlib.crc32(name.encode()) % 1000

@@ -1,0 +1,66 @@
+r"""Uni-MoE 4E / 8E at paper scale with a device mesh: for lowering and memory planning.
+
+  python -m unimoe.parallel.lower --config=configs/paper_scale.py:experts=8,target=v5p-64
+
+Model: `configs/unimoe_paper_4e.py`'s (Vicuna-7B LM, CLIP ViT-L/14-336, Whisper-small encoder
+and connector, experts on every layer, top-2, LoRA r8 on attention and experts) with 4 or 8
+experts, Vicuna's 32000-token vocabulary plus the three media placeholders. The stage is
+Uni-MoE's stage 3 (LoRA + routers + connectors trained, global batch 8 for 4E and 64 for 8E,
+reference §3.2); training configs with data are experiments/paper.
+
+`config.mesh` is the pod's mesh (`target`):
+- v5p-64: 32 chips (64 TensorCores, one JAX device per chip): FSDP inside the slice, experts
+  over `expert` (4E: fsdp=8 x expert=4; 8E: fsdp=4 x expert=8);
+- 8xh100: one host of 8 GPUs (4E: fsdp=2 x expert=4; 8E: expert=8).
+`unimoe.parallel.lower` lowers the same program on 8 simulated CPU devices with the mesh scaled
+down to 8 devices (axes kept, sizes halved), and prints the per-device memory on both meshes.
+
+`size=test` shrinks every width and depth (same code path; what tests/parallel lowers).
+"""
+
+import pathlib
+
+import ml_collections
+
+from unimoe import config as config_lib
+
+BASE_CONFIG = pathlib.Path(__file__).resolve().parent / 'unimoe_paper_4e.py'
+# (target, experts) -> the pod's mesh.
+POD_MESHES = {
+    ('v5p-64', 4): dict(fsdp=8, expert=4),
+    ('v5p-64', 8): dict(fsdp=4, expert=8),
+    ('8xh100', 4): dict(fsdp=2, expert=4),
+    ('8xh100', 8): dict(expert=8),
+}
+# Vicuna's tokenizer.model (32000) + <image>, <video>, <audio> (`PretrainedTokenizer` appends them).
+VOCAB_SIZE = 32003
+BATCH_SIZE = {4: 8, 8: 64}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = config_lib.parse_arg(arg, experts=4, target='v5p-64', size='paper')
+    if (arg.target, arg.experts) not in POD_MESHES:
+        raise ValueError(
+            f"experts={arg.experts}, target={arg.target!r}: expected one of {sorted(POD_MESHES)}"
+        )
+    if arg.size not in ('paper', 'test'):
+        raise ValueError(f"size={arg.size!r}: expected 'paper' or 'test'")
+    c = config_lib.load_config(str(BASE_CONFIG))
+    c.model.moe.num_experts = arg.experts
+    s3 = c.stages.s3_moe
+    s3.update(init_from='', experts_from='', batch_size=BATCH_SIZE[arg.experts])
+    c.stages = ml_collections.ConfigDict({'s3_moe': s3})
+    c.stage_order = 's3_moe'
+    c.eval.stages = ''
+    c.mesh = POD_MESHES[(arg.target, arg.experts)]
+    c.vocab_size = VOCAB_SIZE
+    if arg.size == 'test':
+        c.vocab_size = 99
+        c.model.llm.update(dim=64, num_layers=2, num_heads=4, num_kv_heads=4, ffn_dim=128)
+        c.model.vision.update(image_size=28, patch_size=14, width=32, depth=2, num_heads=2)
+        c.model.vision.mlp_dim = 64
+        c.model.audio.update(max_frames=40, width=32, depth=1, num_heads=2, mlp_dim=64)
+        c.model.audio_conn.update(num_queries=4, width=32, depth=1, num_heads=2, mlp_dim=64)
+        c.data.update(seq_len=32, image_size=28, audio_frames=40, n_image_tokens=4)
+        c.data.update(n_video_tokens=4, n_audio_tokens=4)
+    return c

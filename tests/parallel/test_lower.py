@@ -1,0 +1,61 @@
+"""The paper-scale config's sharded step lowers from abstract shapes on 8 simulated devices
+(`size=test`: the same code path with small widths; the 7B output is recorded in docs/design.md)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from unimoe import config as config_lib
+from unimoe.parallel import lower, rules as rules_lib
+
+CONFIG = 'configs/paper_scale.py'
+
+
+def test_paper_scale_config_lowers_with_expert_sharded_weights():
+    config = config_lib.load_config(f'{CONFIG}:experts=8,target=v5p-64,size=test')
+    report, lowered = lower.lower_stage(config, 's3_moe')
+    assert report.planned_mesh == dict(data=1, fsdp=4, expert=8, tensor=1)
+    assert report.lowered_mesh == dict(data=1, fsdp=1, expert=8, tensor=1)
+    text = lowered.as_text()
+    assert 'num_partitions = 8' in text
+    # The step returns the expert banks (frozen: in `rest`, result 2) and their LoRA adapters
+    # (trained: result 0) split over the `expert` axis, as the rules say.
+    for result, name in ((2, 'w_gate_edf'), (0, 'lora_gate_a_edr')):
+        leaf = f"result[{result}]['llm']['layers'][0]['ffn']['experts']['{name}'].value"
+        assert re.search(
+            re.escape(leaf) + r'", sdy\.sharding = #sdy\.sharding<@mesh, \[\{"expert"\}', text
+        ), name
+    # Per-device memory shrinks by the mesh: the expert banks (most parameters) 8 ways, the rest
+    # 4 ways more on the planned fsdp=4 x expert=8 mesh.
+    planned, lowered_bytes = report.param_bytes
+    assert planned < lowered_bytes < report.account.param_bytes
+    assert report.account.active_params_per_token < report.account.total_params
+    assert 'planned: fsdp=4 expert=8' in report.format()
+
+
+def test_scaled_mesh_keeps_the_axes_and_the_expert_degree():
+    assert lower.scaled_mesh_shape(dict(fsdp=8, expert=4), 8) == dict(
+        data=1, fsdp=2, expert=4, tensor=1
+    )
+    assert lower.scaled_mesh_shape(dict(expert=8), 8)['expert'] == 8
+    with pytest.raises(ValueError, match='halving'):
+        lower.scaled_mesh_shape(dict(data=3, expert=8), 8)
+
+
+def test_shard_bytes_divides_by_the_mesh_axes_of_each_dimension():
+    tree = {
+        'llm': {
+            'layers': {
+                '0': {
+                    'ffn': {
+                        'experts': {'w_gate_edf': jax.ShapeDtypeStruct((8, 64, 32), jnp.float32)}
+                    }
+                }
+            }
+        }
+    }
+    sizes = dict(data=1, fsdp=4, expert=8, tensor=2)
+    # expert 8 ways, embed (fsdp) 4 ways, mlp (tensor) 2 ways.
+    assert rules_lib.shard_bytes(tree, sizes, rules_lib.DEFAULT_RULES) == 8 * 64 * 32 * 4 // 64
