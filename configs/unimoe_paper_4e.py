@@ -132,6 +132,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=8,
         max_new_tokens=64,
     )
+    # Sharding (README "Scaling out"): data-parallel over every device unless overridden, e.g.
+    # --config.mesh.expert=4; several hosts: --config.distributed.auto=True on a TPU pod.
+    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    c.distributed = dict(auto=False, coordinator_address='', num_processes=1)
     c.log_every = 50
     c.checkpoint_every = 1000
     return c

@@ -1,7 +1,8 @@
 """Runs an experiment: `python -m unimoe.main --config=configs/unimoe_tiny.py[:arg] --workdir=DIR`.
 
 Kept thin on purpose: the work is in `unimoe.run` so tests and notebooks call the same code.
-Overrides: `--config.stages.s3_moe.steps=100`. `--dry_run` prints what each stage's model costs
+Overrides: `--config.stages.s3_moe.steps=100`. Sharded / multi-host training: `config.mesh`,
+`config.sharding_rules`, `config.distributed` (see `unimoe.parallel`). `--dry_run` prints what each stage's model costs
 (parameters, active parameters and training FLOPs per token, memory) and trains nothing.
 
 Exit codes: 0 done; 75 (`unimoe.train.preemption.EXIT_CODE`) stopped by SIGTERM / SIGINT after
@@ -16,6 +17,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from unimoe import accounting, run
+from unimoe.parallel import distributed
 from unimoe.train import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,6 +44,8 @@ def main(argv: list[str]) -> None:
     # Library INFO chatter (orbax writes several lines per checkpoint) hides the run's own progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger('unimoe').setLevel(logging.INFO)
+    # Several hosts (`config.distributed`): join them before any device is used.
+    distributed.initialize(_CONFIG.value.get('distributed'))
     print(f'config (after command-line overrides):\n{_CONFIG.value}')
     if _DRY_RUN.value:
         print(accounting.format_accounts(accounting.account_stages(_CONFIG.value)))

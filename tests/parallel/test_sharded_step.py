@@ -6,16 +6,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tests.tiny_model import TOKEN_IDS, model_dict, random_module
+from tests.parallel.sharded_setup import LOSS, OPTIM, TRAINS, initial_state, make_batch, tiny_config
 from unimoe.models.llm import DecoderLM
-from unimoe.models.unimoe import UniMoE, UniMoEConfig
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib, sharded
-from unimoe.train import optim, stages, step as step_lib
+from unimoe.train import stages, step as step_lib
 
-# Everything but the probe heads trains, so gradients flow through every kind of sharded weight.
-TRAINS = 'llm+vision+audio+connectors'
-OPTIM = optim.OptimConfig(learning_rate=1e-3, total_steps=4)
-LOSS = step_lib.LossConfig(kind='chat', balance_coef=0.01, z_coef=0.001)
 # float32: the partitioned program sums in another order (per-shard partial sums, all-reduces).
 RTOL, ATOL = 2e-5, 2e-6
 MESHES = {
@@ -25,35 +20,9 @@ MESHES = {
 }
 
 
-def tiny_config() -> UniMoEConfig:
-    md = model_dict()
-    md.moe = dict(num_experts=4, top_k=2, router='topk_softmax')
-    return UniMoEConfig.from_dict(
-        md, vocab_size=41, token_ids=TOKEN_IDS, num_labels=(5, 7), moe=True, lora_rank=2
-    )
-
-
-def make_batch() -> dict[str, np.ndarray]:
-    """8 rows: 9 image placeholders (the ViT's patches) then text, some rows right-padded."""
-    rng = np.random.default_rng(0)
-    batch, seq = 8, 16
-    tokens = rng.integers(6, 41, size=(batch, seq)).astype(np.int32)
-    tokens[:, :9] = TOKEN_IDS['image_token_id']
-    attn_mask = np.ones((batch, seq), bool)
-    attn_mask[::3, 13:] = False
-    return {
-        'tokens': tokens,
-        'attn_mask': attn_mask,
-        'loss_mask': (attn_mask & (np.arange(seq) >= 9)).astype(np.float32),
-        'image': rng.normal(size=(batch, 12, 12, 3)).astype(np.float32),
-    }
-
-
 @pytest.fixture(scope='module')
 def setup():
-    model = random_module(lambda: UniMoE(tiny_config(), rngs=nnx.Rngs(0)), scale=0.1)
-    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(TRAINS), ...)
-    opt_state = optim.make_optimizer(OPTIM).init(trainable)
+    graphdef, (trainable, opt_state, rest) = initial_state()
     batch = make_batch()
     step = jax.jit(step_lib.train_step_fn(graphdef, TRAINS, OPTIM, LOSS))
     reference = step(trainable, opt_state, rest, batch, np.int32(0))
@@ -93,7 +62,6 @@ def test_sharded_step_matches_one_device(setup, mesh_name):
         step_lib.train_step_fn(graphdef, TRAINS, OPTIM, LOSS),
         placed,
         global_batch,
-        donate=False,  # `placed` may alias the reference state's buffers on device 0
     )
     trainable, opt_state, rest, metrics = step(*placed, global_batch, np.int32(0))
     ref_trainable, ref_opt_state, _, ref_metrics = reference

@@ -49,6 +49,14 @@ def test_mesh_size_must_match_the_devices():
         validate.validate_experiment(config)
 
 
+def test_stage_batch_must_split_over_the_batch_axes():
+    config = _tiny()
+    config.mesh = dict(data=-1, expert=4)
+    config.stages.s0_llm.batch_size = 12
+    with pytest.raises(ValueError, match=r"stage 's0_llm': batch_size=12 .* 8 batch shards"):
+        validate.validate_experiment(config)
+
+
 def test_a_fitting_mesh_passes():
     config = _tiny()
     config.mesh = dict(data=2, expert=4)

@@ -83,8 +83,19 @@ def init_optimizer(plan: Plan, tx: optax.GradientTransformation, params: Any) ->
 
 
 def place(plan: Plan, tree: Any) -> Any:
-    """`tree` resharded by the rules (e.g. after host-side parameter loading or a restore)."""
-    return jax.device_put(tree, plan.shardings(tree))
+    """`tree` resharded by the rules (e.g. after host-side parameter loading or a restore).
+
+    Host values (numpy, or arrays on one local device) must be the same in every process: each
+    process copies in only the shards its devices hold.
+    """
+
+    def put(leaf: Any, sharding: NamedSharding) -> jax.Array:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, plan.shardings(tree))
 
 
 def with_shardings(plan: Plan, abstract_tree: Any) -> Any:

@@ -5,9 +5,10 @@ policy, the MoE routing shape, the device mesh, the paths the config names, and 
 stage's frozen parts are initialised by something (its `init_from` stages, `experts_from`, or
 `config.pretrained`) rather than left at their random init.
 
-Mesh: there is no sharded training yet; a config may declare `config.mesh`, a dict {axis name:
-size} (e.g. `dict(data=4, expert=2)`), whose sizes must multiply to the device count, and whose
-`expert` axis (expert parallelism) must divide the number of experts.
+Mesh: `config.mesh`, a dict {axis name: size} over `unimoe.parallel.mesh.MESH_AXES` (e.g.
+`dict(data=4, expert=2)`, one size may be -1), must cover the device count; its `expert` axis
+must divide the number of experts, and every stage's batch must split over the batch axes of
+the sharding rules and over the processes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ml_collections
 from unimoe.convert import core as convert_core
 from unimoe.data import json_builder, tasks as tasks_lib
 from unimoe.moe import layer as moe_layer
+from unimoe.parallel import mesh as mesh_lib, rules as rules_lib
 from unimoe.train import nonfinite, trainer
 
 # The model's parts as far as initialisation goes; 'ffn' is split out of the LM because stage 2
@@ -85,22 +87,29 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
     mesh = config.get('mesh')
     if not mesh:
         return
-    sizes = dict(mesh)
-    if not all(isinstance(s, int) and s >= 1 for s in sizes.values()):
-        raise ValueError(f"config.mesh={sizes}: every axis size must be an integer >= 1")
-    devices = jax.device_count()
-    if math.prod(sizes.values()) != devices:
-        raise ValueError(
-            f"config.mesh={sizes} has {math.prod(sizes.values())} devices, but JAX sees {devices}: "
-            "make the axis sizes multiply to the device count"
-        )
-    expert = sizes.get('expert', 1)
+    sizes = mesh_lib.mesh_shape(dict(mesh), jax.device_count())
+    expert = sizes['expert']
     if config.model.moe.num_experts % expert:
         raise ValueError(
             f"config.model.moe.num_experts={config.model.moe.num_experts} is not divisible by "
             f"the expert-parallel degree config.mesh.expert={expert}: each device must hold the "
             "same number of experts; change one of them"
         )
+    rules = rules_lib.parse_rules(config.get('sharding_rules'))
+    unknown = sorted({a for axes in rules.values() for a in axes} - set(mesh_lib.MESH_AXES))
+    if unknown:
+        raise ValueError(
+            f"config.sharding_rules names mesh axes {unknown}; the mesh has {mesh_lib.MESH_AXES}"
+        )
+    batch_shards = math.prod(sizes[a] for a in rules['batch'])
+    for name in trainer.split_list(config.stage_order):
+        batch_size = config.stages[name].batch_size
+        if batch_size % batch_shards or batch_size % jax.process_count():
+            raise ValueError(
+                f"stage {name!r}: batch_size={batch_size} must be divisible by the "
+                f"{batch_shards} batch shards of config.mesh={sizes} (sharding rule 'batch' -> "
+                f"{rules['batch']}) and by the {jax.process_count()} processes"
+            )
 
 
 def _check_paths(config: ml_collections.ConfigDict) -> None:
