@@ -1,47 +1,55 @@
-"""The trainer with `config.mesh`: sharded init, batches, step and checkpoints; an interrupted
-sharded stage resumes exactly. (That the sharded step equals the one-device step is
-test_sharded_step.py's.)"""
+"""The trainer with `config.mesh`: sharded init, per-process data, sharded batches and step, and a
+checkpoint that restores into the rule shardings. (That the sharded step equals the one-device
+step is test_sharded_step.py's; multi-process save / restore is test_multihost.py's.)"""
 
 import pathlib
-import shutil
-import time
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from tests.reliability.conftest import small_config
 from unimoe import run
 from unimoe.data.tokenizer import Tokenizer
-from unimoe.train import checkpoint, metrics, trainer, validate
+from unimoe.parallel import sharded
+from unimoe.train import metrics, optim, stages, trainer, validate
 
-STEPS = 4
-MESH = dict(data=2, fsdp=2, expert=2)
-
-
-def train(config, workdir):
-    tokenizer = Tokenizer.load_or_train(pathlib.Path(config.data.data_dir) / run.TOKENIZER_FILE)
-    started = time.perf_counter()
-    trainer.train_stage(config, 's', workdir, tokenizer)
-    print(f'train_stage: {time.perf_counter() - started:.1f} s')
-    return metrics.read_metrics(workdir / 's'), trainer.final_params(workdir, 's')
+STEPS = 3
+COUNTERS = ('skipped_records', 'nonfinite_steps')  # the trainer's checkpointed counters
 
 
-def test_sharded_stage_trains_checkpoints_and_resumes_exactly(builtin_test_data, tmp_path):
+def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(builtin_test_data, tmp_path):
     config = small_config(builtin_test_data)
     config.stages.s.steps = STEPS
     config.stages.s.batch_size = 8
-    config.checkpoint_every = 2
-    config.mesh = MESH
+    config.mesh = dict(data=2, fsdp=2, expert=2)
     validate.validate_experiment(config)
-    log, params = train(config, tmp_path)
+    tokenizer = Tokenizer.load_or_train(pathlib.Path(builtin_test_data) / run.TOKENIZER_FILE)
+    trainer.train_stage(config, 's', tmp_path, tokenizer)
+    log = metrics.read_metrics(tmp_path / 's')
     assert [r['step'] for r in log] == list(range(1, STEPS + 1))
-    assert log[-1]['loss'] < log[0]['loss'] and np.isfinite(log[-1]['loss'])
+    assert all(np.isfinite(r['loss']) for r in log)
+    final = trainer.final_params(tmp_path, 's')
 
-    # Interrupted after the step-2 checkpoint: the sharded state (LoRA dropout RNG, router
-    # biases, AdamW moments) restores into its shards and the stage ends where it did.
-    ckpt_dir = tmp_path / 's' / 'checkpoints'
-    shutil.rmtree(ckpt_dir / str(STEPS))
-    (ckpt_dir / checkpoint.DONE_FILE).unlink()
-    resumed_log, resumed = train(config, tmp_path)
-    assert resumed_log[-1]['loss'] == log[-1]['loss']
-    for path in params:
-        np.testing.assert_array_equal(resumed[path], params[path], err_msg=path)
+    # The stage's last checkpoint (the trainer's train state) restores straight into the
+    # shardings the rules give, as a resumed sharded stage restores it.
+    stage = config.stages.s
+    plan = sharded.plan_from_config(config)
+    model = trainer.build_model(config, tokenizer, moe=True, lora_rank=4, seed=0, abstract=True)
+    _, trainable, _ = nnx.split(model, stages.trainable_filter(stage.trains), ...)
+    tx = optim.make_optimizer(trainer.stage_optim_config(stage))
+    abstract_state = {
+        'params': nnx.state(model, nnx.Param),
+        'model_state': nnx.state(model, nnx.Not(nnx.Param)),
+        'opt_state': jax.eval_shape(tx.init, trainable),
+        'counters': {k: jax.ShapeDtypeStruct((), np.int32) for k in COUNTERS},
+    }
+    with trainer.stage_checkpointer(tmp_path, 's') as ckpt:
+        restored = ckpt.restore(STEPS, sharded.with_shardings(plan, abstract_state))
+    flat = {stages.path_str(p): v.get_value() for p, v in nnx.to_flat_state(restored['params'])}
+    bank = flat['llm/layers/0/ffn/experts/w_gate_edf']
+    assert bank.sharding.spec == P('expert', 'fsdp', None)  # [E=4, D=32, F=64]; tensor=1 unused
+    assert len(bank.addressable_shards) == 8 and bank.addressable_shards[0].data.shape[0] == 2
+    for path, value in final.items():
+        np.testing.assert_array_equal(np.asarray(flat[path]), value, err_msg=path)
