@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from unimoe.kernels import gmm_gpu, gmm_tpu
-from unimoe.kernels.metadata import Visits, local_bounds, local_group_sizes, make_visits
+from unimoe.kernels.metadata import local_bounds, local_group_sizes, make_visits
 
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
@@ -89,8 +89,11 @@ def _manual_axis_type(*operands: jax.Array):
     return types[0].update(varying=varying)
 
 
-def _vary_like(mat, *operands: jax.Array) -> list[jax.Array]:
-    """Marks every operand varying over all of `mat`'s axes (pallas_call takes one vma)."""
+def _vary_alike(*operands: jax.Array) -> list[jax.Array]:
+    """Marks every operand varying over the union of their manual axes: a pallas_call takes one
+    vma for all operands. Done outside the custom VJP, whose cotangents must then match the
+    inputs' types: autodiff transposes this cast into the psum that an invariant input needs."""
+    mat = _manual_axis_type(*operands)
     out = []
     for x in operands:
         missing = tuple(sorted(mat.varying - jax.typeof(x).manual_axis_type.varying))
@@ -104,8 +107,6 @@ def _gmm_call(call: _Call, lhs, rhs, group_sizes, group_offset) -> jax.Array:
     tiling = call.tiling.fit(num_rows, k_dim, n_dim, call.platform)
     visits = make_visits(group_sizes, num_rows, tiling.block_m, group_offset, rhs.shape[0])
     mat = _manual_axis_type(lhs, rhs, group_sizes, group_offset)
-    lhs, rhs, *meta = _vary_like(mat, lhs, rhs, *visits.as_tuple())
-    visits = Visits(*meta)
     out_type = functools.partial(jax.ShapeDtypeStruct, manual_axis_type=mat)
     kernels = gmm_gpu if call.platform in GPU_PLATFORMS else gmm_tpu
     return kernels.gmm(
@@ -131,11 +132,9 @@ def _tgmm_call(call: _Call, lhs, grad, group_sizes, group_offset, num_local) -> 
     common = dict(out_dtype=call.out_dtype, interpret=call.interpret, out_type=out_type)
     if call.platform in GPU_PLATFORMS:
         bounds = local_bounds(group_sizes, num_rows, group_offset, num_local)
-        lhs, grad, *bounds = _vary_like(mat, lhs, grad, *bounds)
-        return gmm_gpu.tgmm(lhs, grad, tuple(bounds), num_local, **blocks, **common)
+        return gmm_gpu.tgmm(lhs, grad, bounds, num_local, **blocks, **common)
     visits = make_visits(group_sizes, num_rows, tiling.block_m, group_offset, num_local)
-    lhs, grad, *meta = _vary_like(mat, lhs, grad, *visits.as_tuple())
-    return gmm_tpu.tgmm(lhs, grad, Visits(*meta), num_local, **blocks, **common)
+    return gmm_tpu.tgmm(lhs, grad, visits, num_local, **blocks, **common)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -209,9 +208,10 @@ def gmm(
     call = _Call(
         tiling, platform, interpret, transpose_rhs, jnp.dtype(preferred_element_type or lhs.dtype)
     )
-    return _gmm(
-        call, lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
+    operands = _vary_alike(
+        lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
     )
+    return _gmm(call, *operands)
 
 
 def tgmm(
@@ -235,10 +235,10 @@ def tgmm(
     platform, interpret = _resolve(platform, interpret)
     call = _Call(tiling, platform, interpret, False, jnp.dtype(preferred_element_type or lhs.dtype))
     num_local = group_sizes.shape[0] if num_local is None else num_local
-    grad = grad.astype(lhs.dtype)
-    return _tgmm_call(
-        call, lhs, grad, group_sizes.astype(jnp.int32), _offset(group_offset), num_local
+    operands = _vary_alike(
+        lhs, grad.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
     )
+    return _tgmm_call(call, *operands, num_local)
 
 
 def _padded_groups(

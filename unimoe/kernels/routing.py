@@ -12,7 +12,7 @@ assignments are stably sorted by expert with the sentinels last (`dispatch._sort
 rank), i.e. a counting sort.
 
 The kernel's grid is (2 phases, token blocks), both sequential: phase 0 routes every block and
-accumulates the per-expert counts in VMEM; phase 1 routes again (cheap next to a pass over
+accumulates the per-expert counts in VMEM; phase 1 routes again, stores the weights and columns (cheap next to a pass over
 the [N, C] logits held in VMEM blocks), turns the counts into expert start rows and gives each
 assignment start + (same-expert assignments before it), the within-block part by a
 lower-triangular matmul. Top-k is k rounds of max-and-mask (lowest column wins a tie, as
@@ -162,8 +162,6 @@ def _route_kernel(
     block_t = logits_ref.shape[0]
     num_ids = spec.num_experts + 1  # routed experts and the sentinel
     weights, cols = _top_slots(spec, logits_ref[...].astype(F32))
-    weights_ref[...] = _slots_to_block(weights, F32)
-    columns_ref[...] = _slots_to_block(cols, jnp.int32)
 
     # Tokens of the edge block past N route garbage: they count nowhere.
     tokens = block * block_t + jax.lax.broadcasted_iota(jnp.int32, (block_t, 1), 0)
@@ -200,6 +198,8 @@ def _route_kernel(
         for onehot in onehots:
             ranks.append(jnp.sum(onehot * base, axis=1, keepdims=True))
             base = base + onehot  # later slots of the same token come after this one
+        weights_ref[...] = _slots_to_block(weights, F32)
+        columns_ref[...] = _slots_to_block(cols, jnp.int32)
         rank_ref[...] = _slots_to_block(ranks, jnp.int32)
         seen_ref[...] += jnp.sum(block_counts, axis=0, keepdims=True)
         sizes_ref[...] = counts_ref[:, : spec.num_experts].astype(jnp.int32)
@@ -213,6 +213,12 @@ def _route_pallas(spec: RouterSpec, block_tokens: int, interpret, logits_nc: jax
 
     def token_block(phase, block):
         return block, 0
+
+    def output_block(phase, block):
+        # Phase 0 stores nothing: parking its steps on block 0 keeps every output block's
+        # visits consecutive (a TPU output block is written back when its index changes and
+        # never read back, so a later revisit would start from garbage).
+        return block * phase, 0
 
     def whole(phase, block):
         return 0, 0
@@ -228,9 +234,9 @@ def _route_pallas(spec: RouterSpec, block_tokens: int, interpret, logits_nc: jax
         grid=(2, num_blocks),
         in_specs=[pl.BlockSpec((block_t, num_columns), token_block)],
         out_specs=(
-            pl.BlockSpec((block_t, k), token_block),
-            pl.BlockSpec((block_t, k), token_block),
-            pl.BlockSpec((block_t, k), token_block),
+            pl.BlockSpec((block_t, k), output_block),
+            pl.BlockSpec((block_t, k), output_block),
+            pl.BlockSpec((block_t, k), output_block),
             pl.BlockSpec((1, spec.num_experts), whole),
         ),
         scratch_shapes=[
