@@ -45,3 +45,22 @@ def test_benchmark_quick_run_ends_with_result_line(script):
     fields = dict(item.split('=') for item in last.removeprefix('RESULT ').split())
     assert list(fields) == EXPECTED_KEYS[script]
     assert all(float(value) > 0 for value in fields.values()), fields
+
+
+def test_kernels_benchmark_on_cpu_checks_the_interpret_path():
+    """On CPU benchmarks/kernels.py times nothing: it checks the Pallas kernels in interpret
+    mode against the XLA references and says so."""
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / 'kernels.py'), '--quick'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={
+            **os.environ,
+            'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])),
+            'JAX_PLATFORMS': 'cpu',
+        },
+    )
+    assert 'interpret mode only' in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == 'RESULT interpret_ok=true', out.stdout

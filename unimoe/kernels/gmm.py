@@ -32,12 +32,7 @@ GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-    """Block sizes (rows, contraction, columns); each is clipped to its dimension when larger.
-
-    128 fills a TPU MXU pass (v5e: 128x128; v5p/v6e accept multiples) and keeps the row waste of
-    a straddled tile (at most block_m - 1 masked rows per group boundary) small; on GPU
-    (Triton) 128x128 output tiles with 64-deep k steps fit the shared memory of Ampere/Hopper.
-    """
+    """Block sizes (rows, contraction, columns) of the kernels; see `default_tiling`."""
 
     block_m: int = 128
     block_k: int = 128
@@ -59,7 +54,16 @@ class Tiling:
         return Tiling(*fitted)
 
 
-DEFAULT_TILING = Tiling()
+def default_tiling(platform: str | None = None) -> Tiling:
+    """Safe defaults, not tuned on hardware (none was available; see docs/design.md "Kernels").
+
+    TPU: 128 x 128 x 128, megablox's default: it fills an MXU pass on every generation and keeps
+    a straddled tile's waste (at most block_m - 1 masked rows per group boundary) small.
+    GPU (Triton): 128 x 64 x 128, i.e. 128 x 128 output tiles with 64-deep k steps, whose three
+    pipeline stages of bf16 operands (96 KiB) fit the shared memory of Ampere and Hopper.
+    """
+    platform = platform or jax.default_backend()
+    return Tiling(128, 64, 128) if platform in GPU_PLATFORMS else Tiling(128, 128, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +197,7 @@ def gmm(
     group_offset: jax.Array | int | None = None,
     transpose_rhs: bool = False,
     preferred_element_type: Any = None,
-    tiling: Tiling = DEFAULT_TILING,
+    tiling: Tiling | None = None,
     interpret: Any = None,
     platform: str | None = None,
 ) -> jax.Array:
@@ -201,12 +205,17 @@ def gmm(
 
     rhs is [G_local, K, N] ([G_local, N, K] with `transpose_rhs`) and is cast to lhs's dtype;
     the result has `preferred_element_type` (default lhs's dtype), accumulated in float32.
-    `platform` overrides the backend the kernel is lowered for (default: the default backend).
+    `platform` overrides the backend the kernel is lowered for (default: the default backend);
+    `tiling` defaults to `default_tiling(platform)`.
     """
     _check(lhs, rhs, group_sizes, transpose_rhs)
     platform, interpret = _resolve(platform, interpret)
     call = _Call(
-        tiling, platform, interpret, transpose_rhs, jnp.dtype(preferred_element_type or lhs.dtype)
+        tiling or default_tiling(platform),
+        platform,
+        interpret,
+        transpose_rhs,
+        jnp.dtype(preferred_element_type or lhs.dtype),
     )
     operands = _vary_alike(
         lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
@@ -222,7 +231,7 @@ def tgmm(
     num_local: int | None = None,
     group_offset: jax.Array | int | None = None,
     preferred_element_type: Any = None,
-    tiling: Tiling = DEFAULT_TILING,
+    tiling: Tiling | None = None,
     interpret: Any = None,
     platform: str | None = None,
 ) -> jax.Array:
@@ -233,7 +242,8 @@ def tgmm(
     if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
         raise ValueError(f"tgmm expects lhs [M, K] and grad [M, N], got {lhs.shape}, {grad.shape}")
     platform, interpret = _resolve(platform, interpret)
-    call = _Call(tiling, platform, interpret, False, jnp.dtype(preferred_element_type or lhs.dtype))
+    dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    call = _Call(tiling or default_tiling(platform), platform, interpret, False, dtype)
     num_local = group_sizes.shape[0] if num_local is None else num_local
     operands = _vary_alike(
         lhs, grad.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
@@ -264,7 +274,7 @@ def gmm_reference(
     group_offset: jax.Array | int | None = None,
     transpose_rhs: bool = False,
     preferred_element_type: Any = None,
-    tiling: Tiling = DEFAULT_TILING,
+    tiling: Tiling | None = None,
     interpret: Any = None,
     platform: str | None = None,
 ) -> jax.Array:
@@ -288,7 +298,7 @@ def tgmm_reference(
     num_local: int | None = None,
     group_offset: jax.Array | int | None = None,
     preferred_element_type: Any = None,
-    tiling: Tiling = DEFAULT_TILING,
+    tiling: Tiling | None = None,
     interpret: Any = None,
     platform: str | None = None,
 ) -> jax.Array:
