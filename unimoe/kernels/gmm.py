@@ -42,13 +42,15 @@ class Tiling:
         """Blocks no larger than needed: TPU blocks are clipped to the dimension (a block must
         divide into (8, 128) tiles or span the whole dimension); Triton blocks stay powers of two
         of at least 16 (`tl.dot`'s minimum), their tails masked."""
+        gpu = platform in GPU_PLATFORMS
         for name, value in dataclasses.asdict(self).items():
-            if value < 1:
-                raise ValueError(f"Tiling.{name} must be >= 1, got {value}")
+            if value < 1 or (gpu and value & (value - 1)):
+                rule = "a power of two (Triton)" if gpu else ">= 1"
+                raise ValueError(f"Tiling.{name} must be {rule}, got {value}")
         dims = (num_rows, k_dim, n_dim)
         blocks = dataclasses.astuple(self)
-        if platform in GPU_PLATFORMS:
-            fitted = (min(b, max(16, pl.next_power_of_2(d))) for b, d in zip(blocks, dims))
+        if gpu:
+            fitted = (max(16, min(b, pl.next_power_of_2(d))) for b, d in zip(blocks, dims))
         else:
             fitted = (min(b, d) for b, d in zip(blocks, dims))
         return Tiling(*fitted)
