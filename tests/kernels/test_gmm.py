@@ -176,3 +176,15 @@ def test_kernels_lower_for_accelerators(platform, lowering):
     marker = "@tpu_custom_call(" if platform == "tpu" else "@__gpu$xla.gpu.triton("
     # Forward gmm, d_lhs gmm (transposed weights) and tgmm.
     assert text.count(marker) == 3, text.count(marker)
+
+
+def test_bad_operands_are_rejected_clearly():
+    x, w, sizes = jnp.zeros((8, 4)), jnp.zeros((2, 5, 3)), jnp.array([4, 4])
+    with pytest.raises(ValueError, match=r"lhs \[M, K\] and rhs \[G, K, N\]"):
+        kgmm.gmm(x, w, sizes, interpret=True)
+    with pytest.raises(ValueError, match="integer"):
+        kgmm.gmm(x, jnp.zeros((2, 4, 3)), jnp.array([4.0, 4.0]), interpret=True)
+    with pytest.raises(ValueError, match="only in interpret mode"):
+        kgmm.gmm(x, jnp.zeros((2, 4, 3)), sizes, interpret=False)
+    with pytest.raises(ValueError, match="power of two"):
+        kgmm.gmm(x, jnp.zeros((2, 4, 3)), sizes, tiling=kgmm.Tiling(24, 16, 16), platform="gpu")
