@@ -89,7 +89,8 @@ def _resolve(platform: str | None, interpret: Any) -> tuple[str, Any]:
 
 
 def _manual_axis_type(*operands: jax.Array):
-    """The union of the operands' varying manual axes (inside `jax.shard_map`), else None."""
+    """The operands' manual axis type with the union of their varying axes (empty outside
+    `jax.shard_map`)."""
     types = [jax.typeof(x).manual_axis_type for x in operands]
     varying = frozenset().union(*(t.varying for t in types))
     return types[0].update(varying=varying)
@@ -107,40 +108,39 @@ def _vary_alike(*operands: jax.Array) -> list[jax.Array]:
     return out
 
 
-def _gmm_call(call: _Call, lhs, rhs, group_sizes, group_offset) -> jax.Array:
-    num_rows, k_dim = lhs.shape
-    n_dim = rhs.shape[1] if call.transpose_rhs else rhs.shape[2]
-    tiling = call.tiling.fit(num_rows, k_dim, n_dim, call.platform)
-    visits = make_visits(group_sizes, num_rows, tiling.block_m, group_offset, rhs.shape[0])
-    mat = _manual_axis_type(lhs, rhs, group_sizes, group_offset)
-    out_type = functools.partial(jax.ShapeDtypeStruct, manual_axis_type=mat)
-    kernels = gmm_gpu if call.platform in GPU_PLATFORMS else gmm_tpu
-    return kernels.gmm(
-        lhs,
-        rhs,
-        visits,
+def _kernel_args(call: _Call, dims: tuple[int, int, int], *operands: jax.Array) -> dict:
+    """Block sizes, output dtype and type (with the operands' manual axes), interpret mode."""
+    tiling = call.tiling.fit(*dims, call.platform)
+    mat = _manual_axis_type(*operands)
+    return dict(
         block_m=tiling.block_m,
         block_k=tiling.block_k,
         block_n=tiling.block_n,
         out_dtype=call.out_dtype,
-        transpose_rhs=call.transpose_rhs,
         interpret=call.interpret,
-        out_type=out_type,
+        out_type=functools.partial(jax.ShapeDtypeStruct, manual_axis_type=mat),
     )
+
+
+def _gmm_call(call: _Call, lhs, rhs, group_sizes, group_offset) -> jax.Array:
+    num_rows, k_dim = lhs.shape
+    n_dim = rhs.shape[1] if call.transpose_rhs else rhs.shape[2]
+    args = _kernel_args(call, (num_rows, k_dim, n_dim), lhs, rhs, group_sizes, group_offset)
+    visits = make_visits(group_sizes, num_rows, args["block_m"], group_offset, rhs.shape[0])
+    kernels = gmm_gpu if call.platform in GPU_PLATFORMS else gmm_tpu
+    return kernels.gmm(lhs, rhs, visits, transpose_rhs=call.transpose_rhs, **args)
 
 
 def _tgmm_call(call: _Call, lhs, grad, group_sizes, group_offset, num_local) -> jax.Array:
     num_rows, k_dim = lhs.shape
-    tiling = call.tiling.fit(num_rows, k_dim, grad.shape[1], call.platform)
-    mat = _manual_axis_type(lhs, grad, group_sizes, group_offset)
-    out_type = functools.partial(jax.ShapeDtypeStruct, manual_axis_type=mat)
-    blocks = dict(block_m=tiling.block_m, block_k=tiling.block_k, block_n=tiling.block_n)
-    common = dict(out_dtype=call.out_dtype, interpret=call.interpret, out_type=out_type)
+    args = _kernel_args(
+        call, (num_rows, k_dim, grad.shape[1]), lhs, grad, group_sizes, group_offset
+    )
     if call.platform in GPU_PLATFORMS:
         bounds = local_bounds(group_sizes, num_rows, group_offset, num_local)
-        return gmm_gpu.tgmm(lhs, grad, bounds, num_local, **blocks, **common)
-    visits = make_visits(group_sizes, num_rows, tiling.block_m, group_offset, num_local)
-    return gmm_tpu.tgmm(lhs, grad, visits, num_local, **blocks, **common)
+        return gmm_gpu.tgmm(lhs, grad, bounds, num_local, **args)
+    visits = make_visits(group_sizes, num_rows, args["block_m"], group_offset, num_local)
+    return gmm_tpu.tgmm(lhs, grad, visits, num_local, **args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -154,10 +154,12 @@ def _gmm_fwd(call, lhs, rhs, group_sizes, group_offset):
 
 def _gmm_bwd(call, res, d_out):
     lhs, rhs, group_sizes, group_offset = res
+    # The operands share lhs's dtype (the public `gmm` casts rhs); both kernels accumulate in
+    # float32 and write the gradients in that dtype.
     d_out = d_out.astype(lhs.dtype)
-    f32_call = dataclasses.replace(call, out_dtype=jnp.float32)
+    grad_call = dataclasses.replace(call, out_dtype=lhs.dtype)
     d_lhs = _gmm_call(
-        dataclasses.replace(f32_call, transpose_rhs=not call.transpose_rhs),
+        dataclasses.replace(grad_call, transpose_rhs=not call.transpose_rhs),
         d_out,
         rhs,
         group_sizes,
@@ -165,10 +167,10 @@ def _gmm_bwd(call, res, d_out):
     )
     num_local = rhs.shape[0]
     if call.transpose_rhs:  # rhs[g] is [N, K]: d_rhs[g] = d_out_g.T @ lhs_g.
-        d_rhs = _tgmm_call(f32_call, d_out, lhs, group_sizes, group_offset, num_local)
+        d_rhs = _tgmm_call(grad_call, d_out, lhs, group_sizes, group_offset, num_local)
     else:
-        d_rhs = _tgmm_call(f32_call, lhs, d_out, group_sizes, group_offset, num_local)
-    return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None, None
+        d_rhs = _tgmm_call(grad_call, lhs, d_out, group_sizes, group_offset, num_local)
+    return d_lhs, d_rhs, None, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)

@@ -237,7 +237,9 @@ def tgmm(
         ),
         cost_estimate=pl.CostEstimate(
             flops=2 * num_rows * k_dim * n_dim,
-            bytes_accessed=(lhs.nbytes + grad.nbytes) * 2 + num_local * k_dim * n_dim * 4,
+            bytes_accessed=lhs.nbytes * grid[1]
+            + grad.nbytes * grid[0]
+            + num_local * k_dim * n_dim * 4,
             transcendentals=0,
         ),
         interpret=interpret,
