@@ -11,6 +11,8 @@ P padded rows, T tiles, C rows per tile.
   gradient carry with an in-place add, so no per-tile copy of the weights is ever materialised
   (a batched einsum over gathered weights costs num_tiles / E copies of the bank, and its
   weight gradient a scatter-add of as many [I, J] blocks).
+  Zeros in loop branches and carries are `zeros_like` an operand so that, inside `shard_map`,
+  they vary over the same mesh axes as the computed values (check_vma).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def _tile_scan(x_tci: jax.Array, w_eij: jax.Array, tile_expert_t: jax.Array) -> 
         y_cj = jax.lax.cond(
             expert < num_experts,
             lambda: x_ci @ w_eij[expert],
-            lambda: jnp.zeros((x_ci.shape[0], out_dim), x_ci.dtype),
+            lambda: jnp.zeros_like(x_ci, shape=(x_ci.shape[0], out_dim)),
         )
         return None, y_cj
 
@@ -143,11 +145,11 @@ def _tiled_matmul_bwd(res, dy_tcj):
         block_ij = jax.lax.cond(
             expert < num_experts,
             lambda: (x_ci.T @ dy_cj).astype(jnp.float32),
-            lambda: jnp.zeros(w_eij.shape[1:], jnp.float32),
+            lambda: jnp.zeros_like(x_ci, jnp.float32, shape=w_eij.shape[1:]),
         )
         return _accumulate_block(dw_eij, expert, block_ij, num_experts), None
 
-    dw_eij = jnp.zeros(w_eij.shape, jnp.float32)
+    dw_eij = jnp.zeros_like(w_eij, jnp.float32)
     dw_eij = jax.lax.scan(accumulate, dw_eij, (x_tci, dy_tcj, tile_expert_t))[0]
     return dx_tci.astype(x_tci.dtype), dw_eij.astype(w_eij.dtype), None
 
@@ -182,7 +184,7 @@ def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t):
         return (jax.nn.silu(gate_cf) * up_cf) @ w_down_efd[expert].astype(dtype), gate_cf, up_cf
 
     def skip(x_cd, expert):
-        zeros_cf = jnp.zeros((x_cd.shape[0], ffn_dim), dtype)
+        zeros_cf = jnp.zeros_like(x_cd, shape=(x_cd.shape[0], ffn_dim))
         return jnp.zeros_like(x_cd), zeros_cf, zeros_cf
 
     def step(_, xs):
@@ -218,12 +220,12 @@ def _tiled_swiglu_bwd(res, dy_tcd):
         )
 
     def skip(x_cd, dy_cd, gate_cf, up_cf, expert):
-        zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+        zeros = functools.partial(jnp.zeros_like, x_cd, jnp.float32)
         return (
             jnp.zeros_like(x_cd),
-            zeros(w_gate_edf.shape[1:]),
-            zeros(w_up_edf.shape[1:]),
-            zeros(w_down_efd.shape[1:]),
+            zeros(shape=w_gate_edf.shape[1:]),
+            zeros(shape=w_up_edf.shape[1:]),
+            zeros(shape=w_down_efd.shape[1:]),
         )
 
     def step(dw, xs):
@@ -234,7 +236,7 @@ def _tiled_swiglu_bwd(res, dy_tcd):
         )
         return dw, dx_cd
 
-    dw0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w_gate_edf, w_up_edf, w_down_efd))
+    dw0 = tuple(jnp.zeros_like(w, jnp.float32) for w in (w_gate_edf, w_up_edf, w_down_efd))
     xs = (x_tcd, dy_tcd, gate_tcf, up_tcf, tile_expert_t)
     (dw_gate, dw_up, dw_down), dx_tcd = jax.lax.scan(step, dw0, xs)
     return (

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimoe.models.lora import Linear, LoRAConfig
-from unimoe.moe import dispatch, routing
+from unimoe.moe import dispatch, expert_parallel, routing
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank
 from unimoe.moe.gmm import default_tile
 
@@ -23,6 +23,7 @@ DISPATCH_IMPLS = ("dropless", "capacity")
 # Routers whose probabilities are a softmax over every router column, so null experts fit in.
 NULL_EXPERT_ROUTERS = ("topk_softmax", "softmax_topk", "top_p")
 GROUP_LIMITED_ROUTERS = ("softmax_topk", "sigmoid_bias")
+EXPERT_PARALLEL = ("auto", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,12 @@ class MoEConfig:
     grouped_impl: the grouped matmul of dropless dispatch (`ExpertBank.grouped`): one of
       GROUPED_IMPLS, or 'auto' = 'tiles' on CPU (ragged_dot computes every group densely there)
       and 'ragged_dot' on accelerators.
+    expert_parallel: 'auto' = when the mesh set with `jax.set_mesh` has an `expert` axis of size
+      > 1, dropless dispatch splits the experts over it (`unimoe.moe.expert_parallel`: shard_map
+      + all_to_all); 'off' = never (the experts then follow the compiler's sharding).
+    ep_capacity_factor: rows each device may send to each expert-parallel peer, as a multiple of
+      its balanced share N_local * K / P; 0 = P, which never drops. Smaller factors drop the
+      overflow (reported in aux['dropped_fraction']).
     """
 
     num_experts: int = 4
@@ -83,6 +90,8 @@ class MoEConfig:
     min_capacity: int = 4
     drop_policy: str = "position"
     grouped_impl: str = "auto"
+    expert_parallel: str = "auto"
+    ep_capacity_factor: float = 0.0
 
     def __post_init__(self):
         def require(ok: bool, field: str, rule: str) -> None:
@@ -168,6 +177,14 @@ class MoEConfig:
             self.grouped_impl in ("auto", *GROUPED_IMPLS),
             "grouped_impl",
             f"must be 'auto' or one of {GROUPED_IMPLS}",
+        )
+        require(
+            self.expert_parallel in EXPERT_PARALLEL,
+            "expert_parallel",
+            f"must be in {EXPERT_PARALLEL}",
+        )
+        require(
+            self.ep_capacity_factor >= 0, "ep_capacity_factor", "must be >= 0 (0 = the EP degree)"
         )
 
     @property
@@ -358,18 +375,32 @@ class MoELayer(nnx.Module):
         # Runs once per trace under jit, so this names the path each compiled step takes.
         grouped_impl = cfg.resolved_grouped_impl()
         impl = "dropless" if self.dropless else cfg.impl
+        ep_size = expert_parallel.expert_parallel_size() if cfg.expert_parallel == "auto" else 1
+        if impl == "dropless" and ep_size > 1:
+            impl = "expert-parallel"
         log.info(
-            "MoELayer: %s router, %s dispatch (%s), E=%d (+%d null, %d shared) K=%d, %d tokens",
+            "MoELayer: %s router, %s dispatch (%s), E=%d (+%d null, %d shared) K=%d, %d tokens%s",
             cfg.router,
             impl,
-            grouped_impl if impl == "dropless" else "batched",
+            grouped_impl if impl != "capacity" else "batched",
             num_experts,
             cfg.num_null_experts,
             cfg.num_shared_experts,
             cfg.num_slots,
             batch * seq,
+            f", expert axis {ep_size}" if impl == "expert-parallel" else "",
         )
-        if impl == "dropless" and grouped_impl == "tiles":
+        if impl == "expert-parallel":
+            y_nd, dropped_fraction = expert_parallel.expert_parallel_dispatch(
+                x_nd,
+                weights_nk,
+                experts_nk,
+                mask_n,
+                self.experts,
+                capacity_factor=cfg.ep_capacity_factor,
+                grouped_impl=grouped_impl,
+            )
+        elif impl == "dropless" and grouped_impl == "tiles":
             y_nd = dispatch.dropless_tiled_dispatch(
                 x_nd,
                 weights_nk,
