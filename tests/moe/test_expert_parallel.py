@@ -2,6 +2,9 @@
 simulated CPU devices: forward, aux statistics and gradients; capacity drops against a hand count;
 the exchanged bytes against the formula and the compiled HLO's all-to-alls."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,3 +197,45 @@ def test_choice_is_logged_and_bad_settings_fail_clearly(caplog):
         MoEConfig(expert_parallel="on")
     with pytest.raises(ValueError, match="ep_capacity_factor"):
         MoEConfig(ep_capacity_factor=-1.0)
+
+
+ELEMENT_BYTES = {"f64": 8, "s64": 8, "f32": 4, "s32": 4, "bf16": 2, "f16": 2, "s8": 1, "pred": 1}
+
+
+def hlo_all_to_all_bytes(hlo_text: str) -> int:
+    """Sum over the compiled HLO's all-to-all ops of their result sizes (one device's share)."""
+    total = 0
+    for line in hlo_text.splitlines():
+        if " all-to-all(" not in line:
+            continue
+        result_type = line.split(" = ", 1)[1].split(" all-to-all(", 1)[0]
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", result_type):
+            total += ELEMENT_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def test_exchanged_bytes_match_formula_and_compiled_hlo():
+    """ep_capacity_factor 1 (C = 2, not the dropless 8): the buffers follow the capacity rule."""
+    capacity_factor = 1.0
+    layer = make_layer(grouped_impl="tiles", ep_capacity_factor=capacity_factor)
+    x_btd, mask_bt, cotangent_btd = inputs()
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def forward(params, x_btd):
+        return nnx.merge(graphdef, params, rest, copy=True)(x_btd, mask_bt)[0]
+
+    def loss(params, x_btd):
+        return jnp.sum(forward(params, x_btd) * cotangent_btd)
+
+    with jax.set_mesh(jax.make_mesh((2, 4), ("data", "expert"))):
+        forward_hlo = jax.jit(forward).lower(params, x_btd).compile().as_text()
+        step_hlo = jax.jit(jax.grad(loss, (0, 1))).lower(params, x_btd).compile().as_text()
+    # 32 tokens over 8 token shards, K = 2, P = 4: C = ceil(1 * 4 * 2 / 4) = 2.
+    want = expert_parallel.exchange_bytes(
+        BATCH * SEQ // 8, 2, DIM, 4, capacity_factor, activation_bytes=4
+    )
+    rows = 4 * 2
+    assert want.forward == 2 * rows * DIM * 4 + 4 * rows and want.backward == 2 * rows * DIM * 4
+    assert hlo_all_to_all_bytes(forward_hlo) == want.forward
+    assert hlo_all_to_all_bytes(step_hlo) == want.total
+    assert want.off_device == want.total * 3 // 4

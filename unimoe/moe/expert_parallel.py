@@ -24,6 +24,7 @@ Padding tokens (mask False) are sent nowhere: they take no capacity and their ro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -64,6 +65,49 @@ def mailbox_capacity(local_assignments: int, ep_size: int, capacity_factor: floa
         )
     factor = capacity_factor or ep_size
     return max(1, min(math.ceil(factor * local_assignments / ep_size), local_assignments))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeBytes:
+    """Bytes one device hands to the expert all-to-alls of one MoE layer for one batch.
+
+    The all-to-all buffers are [P, C, D] (tokens out, results back) and [P, C] int32 (the local
+    expert ids, forward only); the backward pass sends the cotangents of both [P, C, D]
+    exchanges. A device's own block (1 / P of each buffer) does not leave it.
+    """
+
+    ep_size: int
+    capacity: int
+    forward: int
+    backward: int
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+    @property
+    def off_device(self) -> int:
+        """What crosses the interconnect: all but the device's own block."""
+        return self.total * (self.ep_size - 1) // self.ep_size
+
+
+def exchange_bytes(
+    local_tokens: int,
+    top_k: int,
+    dim: int,
+    ep_size: int,
+    capacity_factor: float = 0.0,
+    activation_bytes: int = 4,
+) -> ExchangeBytes:
+    """The formula: C = `mailbox_capacity(local_tokens * K, P, cf)`, rows R = P * C;
+    forward = 2 * R * D * activation_bytes + 4 * R, backward = 2 * R * D * activation_bytes.
+    The buffers are static, so the bytes do not depend on the routing (only what is padding)."""
+    cap = mailbox_capacity(local_tokens * top_k, ep_size, capacity_factor)
+    rows = ep_size * cap
+    activations = rows * dim * activation_bytes
+    return ExchangeBytes(
+        ep_size=ep_size, capacity=cap, forward=2 * activations + 4 * rows, backward=2 * activations
+    )
 
 
 def _constrain(x: jax.Array, spec: P) -> jax.Array:
