@@ -213,8 +213,8 @@ def account_expert_exchange(config: ml_collections.ConfigDict) -> list[ExchangeA
                 config, tokenizer, moe=True, lora_rank=lora_rank, seed=config.seed, abstract=True
             )
         llm_cfg = models[lora_rank].cfg.llm
-        if llm_cfg.moe.expert_parallel == 'off':
-            continue
+        if llm_cfg.moe.expert_parallel not in ('auto', 'all_to_all'):
+            continue  # no all-to-all: 'off', or the all-gather / reduce-scatter exchange
         local_tokens = stage.batch_size * config.data.seq_len // shards
         per_layer = expert_parallel.exchange_bytes(
             local_tokens,

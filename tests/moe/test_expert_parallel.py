@@ -65,6 +65,11 @@ def assert_close_trees(got, want, tol):
 
 CASES = [
     ((8,), ("expert",), dict(grouped_impl="tiles", lora_rank=2)),
+    (
+        (2, 4),
+        ("data", "expert"),
+        dict(expert_parallel="all_gather", router="softmax_topk", grouped_impl="tiles"),
+    ),
     ((2, 4), ("data", "expert"), dict(grouped_impl="ragged_dot", num_shared_experts=1)),
     (
         (2, 4),
@@ -185,7 +190,7 @@ def test_choice_is_logged_and_bad_settings_fail_clearly(caplog):
     with jax.set_mesh(jax.make_mesh((8,), ("expert",))):
         trace(make_layer())
         assert "expert-parallel dispatch (tiles)" in caplog.text
-        assert "expert axis 8" in caplog.text
+        assert "expert axis 8 (all_to_all)" in caplog.text
         caplog.clear()
         # 'off' keeps the single-device dispatch under the same mesh.
         trace(make_layer(expert_parallel="off"))

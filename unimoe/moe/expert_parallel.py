@@ -39,6 +39,7 @@ from unimoe.moe.experts import ExpertBank
 from unimoe.moe.gmm import default_tile, gather_rows
 
 EXPERT_AXIS = "expert"
+EXCHANGES = ("all_to_all", "all_gather")
 # Mesh axes that split model width, not tokens: tokens are replicated over them.
 NON_TOKEN_AXES = ("tensor",)
 
@@ -173,6 +174,54 @@ def _local_dispatch(
     )
 
 
+def _local_bank(graphdef, params, rest, token_axes_: tuple[str, ...]) -> ExpertBank:
+    """This device's experts. The weights vary over `expert` only; made varying over the token
+    axes too, every operand of the tiled loops has the same manual axes (check_vma), and the
+    transpose of this cast sums the weight gradients over the token shards."""
+    params = jax.tree.map(
+        lambda w: jax.lax.pcast(w, tuple(a for a in token_axes_ if a != EXPERT_AXIS), to="varying"),
+        params,
+    )
+    return nnx.merge(graphdef, params, rest)
+
+
+def _all_gather_body(
+    x_nd,
+    weights_nk,
+    experts_nk,
+    mask_n,
+    params,
+    rest,
+    *,
+    graphdef,
+    num_local: int,
+    grouped_impl: str,
+    sum_axes: tuple[str, ...],
+):
+    """The all-gather / reduce-scatter variant: every device of an expert group gathers the
+    group's tokens, runs its own experts on the assignments they got, and the partial outputs
+    (float32, already weighted) are summed and split back with `psum_scatter`."""
+    num_tokens, top_k = experts_nk.shape
+    gather = functools.partial(jax.lax.all_gather, axis_name=EXPERT_AXIS, axis=0, tiled=True)
+    x_gd, weights_gk, experts_gk, mask_g = (
+        gather(a) for a in (x_nd, weights_nk, experts_nk, mask_n)
+    )
+    first = jax.lax.axis_index(EXPERT_AXIS) * num_local
+    mine_gk = (experts_gk >= first) & (experts_gk < first + num_local) & mask_g[:, None]
+    local_m = jnp.where(mine_gk, experts_gk - first, num_local).reshape(-1)
+    bank = _local_bank(graphdef, params, rest, sum_axes)
+    # One row per assignment (weight 1, so each row comes back exactly in x's dtype), then the
+    # weighted sum in float32 as the single-device combine does.
+    y_md = _local_dispatch(bank, jnp.repeat(x_gd, top_k, axis=0), local_m, num_local, grouped_impl)
+    y_gd = jnp.einsum(
+        "gkd,gk->gd",
+        y_md.reshape(-1, top_k, y_md.shape[-1]).astype(jnp.float32),
+        weights_gk.astype(jnp.float32),
+    )
+    y_nd = jax.lax.psum_scatter(y_gd, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+    return y_nd.astype(x_nd.dtype)
+
+
 def _shard_body(
     x_nd,
     weights_nk,
@@ -208,14 +257,7 @@ def _shard_body(
     x_recv_pcd = exchange(x_sd.reshape(ep_size, cap, -1))
     local_recv_pc = exchange(local_s.reshape(ep_size, cap).astype(jnp.int32))
 
-    # The weights vary over `expert` only; made varying over the token axes too, every operand
-    # of the tiled loops has the same manual axes, and the transpose of this cast sums the
-    # weight gradients over the token shards.
-    params = jax.tree.map(
-        lambda w: jax.lax.pcast(w, tuple(a for a in sum_axes if a != EXPERT_AXIS), to="varying"),
-        params,
-    )
-    bank = nnx.merge(graphdef, params, rest)
+    bank = _local_bank(graphdef, params, rest, sum_axes)
     y_rd = _local_dispatch(
         bank, x_recv_pcd.reshape(num_slots, -1), local_recv_pc.reshape(-1), num_local, grouped_impl
     )
@@ -237,14 +279,19 @@ def expert_parallel_dispatch(
     *,
     capacity_factor: float = 0.0,
     grouped_impl: str = "tiles",
+    exchange: str = "all_to_all",
 ) -> tuple[jax.Array, jax.Array]:
     """Routed output of the global batch with the experts split over the current mesh's `expert`
     axis. Returns (y_nd, dropped_fraction = valid assignments dropped by the mailbox capacity /
     valid routed assignments, over the whole batch).
 
     experts_nk holds global expert ids, E (or anything outside [0, E)) for slots that compute
-    nothing. capacity_factor 0 = the EP degree (dropless).
+    nothing. capacity_factor 0 = the EP degree (dropless). exchange: 'all_to_all' (mailboxes)
+    or 'all_gather' (all-gather the expert group's tokens, reduce-scatter the outputs; never
+    drops, and moves P * N_local * D per device each way whatever K: for small P or large K).
     """
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     dispatch._check_routing(x_nd, weights_nk, experts_nk)
     ep_size = expert_parallel_size()
     num_experts = experts.num_experts
@@ -281,6 +328,22 @@ def expert_parallel_dispatch(
         _constrain(a, token_spec) for a in (x_nd, weights_nk, experts_nk, token_mask_n)
     )
     params = jax.tree.map(lambda a: _constrain(a, expert_spec), params)
+    if exchange == "all_gather":
+        y_nd = jax.shard_map(
+            functools.partial(
+                _all_gather_body,
+                graphdef=graphdef,
+                num_local=num_experts // ep_size,
+                grouped_impl=grouped_impl,
+                sum_axes=axes,
+            ),
+            in_specs=(token_spec, token_spec, token_spec, token_spec, expert_spec, P()),
+            out_specs=token_spec,
+            check_vma=True,
+        )(x_nd, weights_nk, experts_nk, token_mask_n, params, rest)
+        if any(t == AxisType.Explicit for t in mesh.axis_types):
+            y_nd = jax.sharding.reshard(y_nd, caller_spec)
+        return y_nd, jnp.zeros((), jnp.float32)
     body = functools.partial(
         _shard_body,
         graphdef=graphdef,

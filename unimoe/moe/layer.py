@@ -23,7 +23,7 @@ DISPATCH_IMPLS = ("dropless", "capacity")
 # Routers whose probabilities are a softmax over every router column, so null experts fit in.
 NULL_EXPERT_ROUTERS = ("topk_softmax", "softmax_topk", "top_p")
 GROUP_LIMITED_ROUTERS = ("softmax_topk", "sigmoid_bias")
-EXPERT_PARALLEL = ("auto", "off")
+EXPERT_PARALLEL = ("auto", "all_to_all", "all_gather", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,11 @@ class MoEConfig:
     grouped_impl: the grouped matmul of dropless dispatch (`ExpertBank.grouped`): one of
       GROUPED_IMPLS, or 'auto' = 'tiles' on CPU (ragged_dot computes every group densely there)
       and 'ragged_dot' on accelerators.
-    expert_parallel: 'auto' = when the mesh set with `jax.set_mesh` has an `expert` axis of size
-      > 1, dropless dispatch splits the experts over it (`unimoe.moe.expert_parallel`: shard_map
-      + all_to_all); 'off' = never (the experts then follow the compiler's sharding).
+    expert_parallel: when the mesh set with `jax.set_mesh` has an `expert` axis of size > 1,
+      dropless dispatch splits the experts over it (`unimoe.moe.expert_parallel`, shard_map):
+      'auto' or 'all_to_all' = per-peer mailboxes and all_to_all; 'all_gather' = all-gather the
+      tokens, reduce-scatter the outputs (never drops; for small expert axes or large K);
+      'off' = never (the experts then follow the compiler's sharding).
     ep_capacity_factor: rows each device may send to each expert-parallel peer, as a multiple of
       its balanced share N_local * K / P; 0 = P, which never drops. Smaller factors drop the
       overflow (reported in aux['dropped_fraction']).
@@ -283,6 +285,10 @@ class MoELayer(nnx.Module):
             self.dropless = dropless
 
     @property
+    def _exchange(self) -> str:
+        return "all_gather" if self.cfg.expert_parallel == "all_gather" else "all_to_all"
+
+    @property
     def _sampling(self) -> bool:
         return self.router_rngs is not None and not self.deterministic
 
@@ -375,7 +381,7 @@ class MoELayer(nnx.Module):
         # Runs once per trace under jit, so this names the path each compiled step takes.
         grouped_impl = cfg.resolved_grouped_impl()
         impl = "dropless" if self.dropless else cfg.impl
-        ep_size = expert_parallel.expert_parallel_size() if cfg.expert_parallel == "auto" else 1
+        ep_size = expert_parallel.expert_parallel_size() if cfg.expert_parallel != "off" else 1
         if impl == "dropless" and ep_size > 1:
             impl = "expert-parallel"
         log.info(
@@ -388,7 +394,7 @@ class MoELayer(nnx.Module):
             cfg.num_shared_experts,
             cfg.num_slots,
             batch * seq,
-            f", expert axis {ep_size}" if impl == "expert-parallel" else "",
+            f", expert axis {ep_size} ({self._exchange})" if impl == "expert-parallel" else "",
         )
         if impl == "expert-parallel":
             y_nd, dropped_fraction = expert_parallel.expert_parallel_dispatch(
@@ -399,6 +405,7 @@ class MoELayer(nnx.Module):
                 self.experts,
                 capacity_factor=cfg.ep_capacity_factor,
                 grouped_impl=grouped_impl,
+                exchange=self._exchange,
             )
         elif impl == "dropless" and grouped_impl == "tiles":
             y_nd = dispatch.dropless_tiled_dispatch(
