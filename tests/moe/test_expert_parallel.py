@@ -195,6 +195,11 @@ def test_choice_is_logged_and_bad_settings_fail_clearly(caplog):
         # 'off' keeps the single-device dispatch under the same mesh.
         trace(make_layer(expert_parallel="off"))
         assert "dropless dispatch" in caplog.text and "expert-parallel" not in caplog.text
+        # 3 tokens do not split over 8 devices (a decode step): the single-device dispatch.
+        caplog.clear()
+        jax.eval_shape(lambda x: make_layer()(x, mask_bt[:1, :3]), x_btd[:1, :3])
+        assert "3 tokens do not split over 8 token shards" in caplog.text
+        assert "dropless dispatch" in caplog.text
         # 6 experts do not split over 8 devices: a clear error, not a wrong layout.
         with pytest.raises(ValueError, match="divisible by the `expert` mesh axis"):
             trace(make_layer(num_experts=6))

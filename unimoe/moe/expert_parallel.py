@@ -55,6 +55,12 @@ def token_axes() -> tuple[str, ...]:
     return tuple(name for name in mesh.axis_names if name not in NON_TOKEN_AXES)
 
 
+def token_shards() -> int:
+    """How many pieces the tokens are split into: the product of the `token_axes` sizes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in token_axes())
+
+
 def mailbox_capacity(local_assignments: int, ep_size: int, capacity_factor: float) -> int:
     """C = ceil(cf * local_assignments / P), in [1, local_assignments]; cf = 0 means cf = P.
 
@@ -308,9 +314,8 @@ def expert_parallel_dispatch(
             "expert parallelism does not draw LoRA dropout masks for the experts: set "
             "lora.dropout=0, run deterministic (model.eval()), or MoEConfig.expert_parallel='off'"
         )
-    axes = token_axes()
+    axes, shards = token_axes(), token_shards()
     mesh = jax.sharding.get_abstract_mesh()
-    shards = math.prod(mesh.shape[a] for a in axes)
     num_tokens, top_k = experts_nk.shape
     if num_tokens % shards:
         raise ValueError(

@@ -383,7 +383,15 @@ class MoELayer(nnx.Module):
         impl = "dropless" if self.dropless else cfg.impl
         ep_size = expert_parallel.expert_parallel_size() if cfg.expert_parallel != "off" else 1
         if impl == "dropless" and ep_size > 1:
-            impl = "expert-parallel"
+            if (batch * seq) % expert_parallel.token_shards() == 0:
+                impl = "expert-parallel"
+            else:
+                # e.g. a decode step of a few tokens: the compiler's sharding is fine there.
+                log.info(
+                    "MoELayer: %d tokens do not split over %d token shards: not expert-parallel",
+                    batch * seq,
+                    expert_parallel.token_shards(),
+                )
         log.info(
             "MoELayer: %s router, %s dispatch (%s), E=%d (+%d null, %d shared) K=%d, %d tokens%s",
             cfg.router,
