@@ -21,11 +21,11 @@ DIM, FFN, NUM_EXPERTS = 7, 11, 8
 BATCH, SEQ = 4, 8  # 32 tokens: 4 per device on 8 token shards
 
 
-def make_layer(lora_rank: int = 0, **kw) -> MoELayer:
+def make_layer(lora_rank: int = 0, lora_dropout: float = 0.0, **kw) -> MoELayer:
     kw.setdefault("num_experts", NUM_EXPERTS)
     kw.setdefault("top_k", 2)
     cfg = MoEConfig(**kw)
-    lora = LoRAConfig(rank=lora_rank)
+    lora = LoRAConfig(rank=lora_rank, dropout=lora_dropout)
     return random_module(lambda: MoELayer(DIM, cfg, ffn_dim=FFN, lora=lora, rngs=nnx.Rngs(0)), 3)
 
 
@@ -249,3 +249,27 @@ def test_exchanged_bytes_match_formula_and_compiled_hlo():
     assert hlo_all_to_all_bytes(forward_hlo) == want.forward
     assert hlo_all_to_all_bytes(step_hlo) == want.total
     assert want.off_device == want.total * 3 // 4
+
+
+def test_lora_dropout_draws_per_device_masks_and_advances_the_stream():
+    """Training with LoRA dropout: the caller's stream advances each call (new masks next time)
+    and each device folds in its index (the same rows on two token shards get different masks).
+    In eval mode the layer equals the single-device one."""
+    layer = make_layer(grouped_impl="tiles", lora_rank=2, lora_dropout=0.5)
+    stream = layer.experts.lora_dropout.rngs
+    # rbg keys: threefry's dropout masks take ~3x longer to compile on CPU, for the same test.
+    stream.key.set_value(jax.random.key(1, impl="unsafe_rbg"))
+    stream.count.set_value(jnp.zeros((), jnp.uint32))
+    # 8 token shards of 4 tokens, all holding the same 4 tokens.
+    x_btd = jnp.tile(inputs()[0][:1, :4], (BATCH, SEQ // 4, 1))
+    call = nnx.jit(lambda m, x: m(x)[0])
+    eval_layer = nnx.view(layer, deterministic=True)
+    want_eval = call(eval_layer, x_btd)
+    with jax.set_mesh(jax.make_mesh((2, 4), ("data", "expert"))):
+        got_train = call(layer, x_btd)
+        got_eval = call(eval_layer, x_btd)
+    assert int(stream.count.get_value()) == 1
+    np.testing.assert_allclose(np.asarray(got_eval), np.asarray(want_eval), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got_train, want_eval)
+    shards = np.asarray(got_train).reshape(8, 4, DIM)
+    assert not np.allclose(shards[0], shards[1])

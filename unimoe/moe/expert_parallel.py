@@ -180,15 +180,24 @@ def _local_dispatch(
     )
 
 
-def _local_bank(graphdef, params, rest, token_axes_: tuple[str, ...]) -> ExpertBank:
+def _local_bank(graphdef, params, rest, dropout_key, token_axes_: tuple[str, ...]) -> ExpertBank:
     """This device's experts. The weights vary over `expert` only; made varying over the token
     axes too, every operand of the tiled loops has the same manual axes (check_vma), and the
-    transpose of this cast sums the weight gradients over the token shards."""
+    transpose of this cast sums the weight gradients over the token shards.
+
+    With LoRA dropout active, the bank's dropout stream restarts from `dropout_key` (drawn
+    outside, so the caller's stream advances) folded with this device's index: each device
+    draws its own masks."""
     params = jax.tree.map(
         lambda w: jax.lax.pcast(w, tuple(a for a in token_axes_ if a != EXPERT_AXIS), to="varying"),
         params,
     )
-    return nnx.merge(graphdef, params, rest)
+    bank = nnx.merge(graphdef, params, rest)
+    if dropout_key is not None:
+        stream = bank.lora_dropout.rngs
+        stream.key[...] = jax.random.fold_in(dropout_key, jax.lax.axis_index(token_axes_))
+        stream.count[...] = jnp.zeros_like(stream.count[...])
+    return bank
 
 
 def _all_gather_body(
@@ -198,6 +207,7 @@ def _all_gather_body(
     mask_n,
     params,
     rest,
+    dropout_key,
     *,
     graphdef,
     num_local: int,
@@ -215,7 +225,7 @@ def _all_gather_body(
     first = jax.lax.axis_index(EXPERT_AXIS) * num_local
     mine_gk = (experts_gk >= first) & (experts_gk < first + num_local) & mask_g[:, None]
     local_m = jnp.where(mine_gk, experts_gk - first, num_local).reshape(-1)
-    bank = _local_bank(graphdef, params, rest, sum_axes)
+    bank = _local_bank(graphdef, params, rest, dropout_key, sum_axes)
     # One row per assignment (weight 1, so each row comes back exactly in x's dtype), then the
     # weighted sum in float32 as the single-device combine does.
     y_md = _local_dispatch(bank, jnp.repeat(x_gd, top_k, axis=0), local_m, num_local, grouped_impl)
@@ -235,6 +245,7 @@ def _shard_body(
     mask_n,
     params,
     rest,
+    dropout_key,
     *,
     graphdef,
     num_local: int,
@@ -263,7 +274,7 @@ def _shard_body(
     x_recv_pcd = exchange(x_sd.reshape(ep_size, cap, -1))
     local_recv_pc = exchange(local_s.reshape(ep_size, cap).astype(jnp.int32))
 
-    bank = _local_bank(graphdef, params, rest, sum_axes)
+    bank = _local_bank(graphdef, params, rest, dropout_key, sum_axes)
     y_rd = _local_dispatch(
         bank, x_recv_pcd.reshape(num_slots, -1), local_recv_pc.reshape(-1), num_local, grouped_impl
     )
@@ -309,11 +320,10 @@ def expert_parallel_dispatch(
         raise ValueError(
             f"num_experts={num_experts} must be divisible by the `expert` mesh axis ({ep_size})"
         )
-    if experts.lora_dropout is not None and not experts.lora_dropout.deterministic:
-        raise ValueError(
-            "expert parallelism does not draw LoRA dropout masks for the experts: set "
-            "lora.dropout=0, run deterministic (model.eval()), or MoEConfig.expert_parallel='off'"
-        )
+    dropout = experts.lora_dropout
+    dropout_key = None
+    if dropout is not None and not dropout.deterministic and dropout.rate > 0:
+        dropout_key = dropout.rngs()
     axes, shards = token_axes(), token_shards()
     mesh = jax.sharding.get_abstract_mesh()
     num_tokens, top_k = experts_nk.shape
@@ -342,10 +352,10 @@ def expert_parallel_dispatch(
                 grouped_impl=grouped_impl,
                 sum_axes=axes,
             ),
-            in_specs=(token_spec, token_spec, token_spec, token_spec, expert_spec, P()),
+            in_specs=(token_spec, token_spec, token_spec, token_spec, expert_spec, P(), P()),
             out_specs=token_spec,
             check_vma=True,
-        )(x_nd, weights_nk, experts_nk, token_mask_n, params, rest)
+        )(x_nd, weights_nk, experts_nk, token_mask_n, params, rest, dropout_key)
         if any(t == AxisType.Explicit for t in mesh.axis_types):
             y_nd = jax.sharding.reshard(y_nd, caller_spec)
         return y_nd, jnp.zeros((), jnp.float32)
@@ -360,10 +370,10 @@ def expert_parallel_dispatch(
     )
     y_nd, num_dropped, num_valid = jax.shard_map(
         body,
-        in_specs=(token_spec, token_spec, token_spec, token_spec, expert_spec, P()),
+        in_specs=(token_spec, token_spec, token_spec, token_spec, expert_spec, P(), P()),
         out_specs=(token_spec, P(), P()),
         check_vma=True,
-    )(x_nd, weights_nk, experts_nk, token_mask_n, params, rest)
+    )(x_nd, weights_nk, experts_nk, token_mask_n, params, rest, dropout_key)
     if any(t == AxisType.Explicit for t in mesh.axis_types):
         y_nd = jax.sharding.reshard(y_nd, caller_spec)
     return y_nd, num_dropped / jnp.maximum(num_valid, 1.0)
