@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,7 @@ def _mailbox_slots(
 
 
 def _local_dispatch(
-    bank: ExpertBank, x_rd: jax.Array, local_r: jax.Array, num_local: int, grouped_impl: str
+    bank: ExpertBank, x_rd: jax.Array, local_r: jax.Array, *, num_local: int, grouped_impl: str
 ) -> jax.Array:
     """The received rows through this device's experts (local id L = an empty row -> 0)."""
     ones_r1 = jnp.ones((x_rd.shape[0], 1), jnp.float32)
@@ -200,24 +201,17 @@ def _local_bank(graphdef, params, rest, dropout_key, token_axes_: tuple[str, ...
     return bank
 
 
-def _all_gather_body(
-    x_nd,
-    weights_nk,
-    experts_nk,
-    mask_n,
-    params,
-    rest,
-    dropout_key,
-    *,
-    graphdef,
-    num_local: int,
-    grouped_impl: str,
-    sum_axes: tuple[str, ...],
-):
+# (received rows x_rd, local expert id per row, L = none) -> y_rd: this device's experts.
+LocalExpertFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _all_gather_exchange(
+    x_nd, weights_nk, experts_nk, mask_n, run_local: LocalExpertFn, num_local: int
+) -> jax.Array:
     """The all-gather / reduce-scatter variant: every device of an expert group gathers the
     group's tokens, runs its own experts on the assignments they got, and the partial outputs
     (float32, already weighted) are summed and split back with `psum_scatter`."""
-    num_tokens, top_k = experts_nk.shape
+    top_k = experts_nk.shape[1]
     gather = functools.partial(jax.lax.all_gather, axis_name=EXPERT_AXIS, axis=0, tiled=True)
     x_gd, weights_gk, experts_gk, mask_g = (
         gather(a) for a in (x_nd, weights_nk, experts_nk, mask_n)
@@ -225,10 +219,9 @@ def _all_gather_body(
     first = jax.lax.axis_index(EXPERT_AXIS) * num_local
     mine_gk = (experts_gk >= first) & (experts_gk < first + num_local) & mask_g[:, None]
     local_m = jnp.where(mine_gk, experts_gk - first, num_local).reshape(-1)
-    bank = _local_bank(graphdef, params, rest, dropout_key, sum_axes)
     # One row per assignment (weight 1, so each row comes back exactly in x's dtype), then the
     # weighted sum in float32 as the single-device combine does.
-    y_md = _local_dispatch(bank, jnp.repeat(x_gd, top_k, axis=0), local_m, num_local, grouped_impl)
+    y_md = run_local(jnp.repeat(x_gd, top_k, axis=0), local_m)
     y_gd = jnp.einsum(
         "gkd,gk->gd",
         y_md.reshape(-1, top_k, y_md.shape[-1]).astype(jnp.float32),
@@ -238,22 +231,17 @@ def _all_gather_body(
     return y_nd.astype(x_nd.dtype)
 
 
-def _shard_body(
+def _all_to_all_exchange(
     x_nd,
     weights_nk,
     experts_nk,
     mask_n,
-    params,
-    rest,
-    dropout_key,
-    *,
-    graphdef,
+    run_local: LocalExpertFn,
     num_local: int,
     ep_size: int,
     cap: int,
-    grouped_impl: str,
-    sum_axes: tuple[str, ...],
-):
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mailboxes out, local experts, results back, combine; (y_nd, dropped_m, valid_m)."""
     num_tokens, top_k = experts_nk.shape
     num_rows = num_tokens * top_k
     num_slots = ep_size * cap
@@ -273,16 +261,43 @@ def _shard_body(
     )
     x_recv_pcd = exchange(x_sd.reshape(ep_size, cap, -1))
     local_recv_pc = exchange(local_s.reshape(ep_size, cap).astype(jnp.int32))
-
-    bank = _local_bank(graphdef, params, rest, dropout_key, sum_axes)
-    y_rd = _local_dispatch(
-        bank, x_recv_pcd.reshape(num_slots, -1), local_recv_pc.reshape(-1), num_local, grouped_impl
-    )
+    y_rd = run_local(x_recv_pcd.reshape(num_slots, -1), local_recv_pc.reshape(-1))
     y_sd = exchange(y_rd.reshape(ep_size, cap, -1)).reshape(num_slots, -1)
 
     y_md = gather_rows(y_sd, slot_m, filler_s[:, None])
     y_nd = dispatch._combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
-    num_dropped = jax.lax.psum(jnp.sum((valid_m & ~kept_m).astype(jnp.float32)), sum_axes)
+    return y_nd, valid_m & ~kept_m, valid_m
+
+
+def _shard_body(
+    x_nd,
+    weights_nk,
+    experts_nk,
+    mask_n,
+    params,
+    rest,
+    dropout_key,
+    *,
+    graphdef,
+    exchange: str,
+    num_local: int,
+    ep_size: int,
+    cap: int,
+    grouped_impl: str,
+    sum_axes: tuple[str, ...],
+):
+    """One device's part: (y_nd of its tokens, dropped and valid assignment counts, psummed)."""
+    bank = _local_bank(graphdef, params, rest, dropout_key, sum_axes)
+    run_local = functools.partial(
+        _local_dispatch, bank, num_local=num_local, grouped_impl=grouped_impl
+    )
+    if exchange == "all_gather":
+        y_nd = _all_gather_exchange(x_nd, weights_nk, experts_nk, mask_n, run_local, num_local)
+        return y_nd, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    y_nd, dropped_m, valid_m = _all_to_all_exchange(
+        x_nd, weights_nk, experts_nk, mask_n, run_local, num_local, ep_size, cap
+    )
+    num_dropped = jax.lax.psum(jnp.sum(dropped_m.astype(jnp.float32)), sum_axes)
     num_valid = jax.lax.psum(jnp.sum(valid_m.astype(jnp.float32)), sum_axes)
     return y_nd, num_dropped, num_valid
 
@@ -343,25 +358,10 @@ def expert_parallel_dispatch(
         _constrain(a, token_spec) for a in (x_nd, weights_nk, experts_nk, token_mask_n)
     )
     params = jax.tree.map(lambda a: _constrain(a, expert_spec), params)
-    if exchange == "all_gather":
-        y_nd = jax.shard_map(
-            functools.partial(
-                _all_gather_body,
-                graphdef=graphdef,
-                num_local=num_experts // ep_size,
-                grouped_impl=grouped_impl,
-                sum_axes=axes,
-            ),
-            in_specs=(token_spec, token_spec, token_spec, token_spec, expert_spec, P(), P()),
-            out_specs=token_spec,
-            check_vma=True,
-        )(x_nd, weights_nk, experts_nk, token_mask_n, params, rest, dropout_key)
-        if any(t == AxisType.Explicit for t in mesh.axis_types):
-            y_nd = jax.sharding.reshard(y_nd, caller_spec)
-        return y_nd, jnp.zeros((), jnp.float32)
     body = functools.partial(
         _shard_body,
         graphdef=graphdef,
+        exchange=exchange,
         num_local=num_experts // ep_size,
         ep_size=ep_size,
         cap=cap,
