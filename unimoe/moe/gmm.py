@@ -11,6 +11,8 @@ P padded rows, T tiles, C rows per tile.
   gradient carry with an in-place add, so no per-tile copy of the weights is ever materialised
   (a batched einsum over gathered weights costs num_tiles / E copies of the bank, and its
   weight gradient a scatter-add of as many [I, J] blocks).
+  Zeros in loop branches and carries are `zeros_like` an operand so that, inside `shard_map`,
+  they vary over the same mesh axes as the computed values (check_vma).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def _tile_scan(x_tci: jax.Array, w_eij: jax.Array, tile_expert_t: jax.Array) -> 
         y_cj = jax.lax.cond(
             expert < num_experts,
             lambda: x_ci @ w_eij[expert],
-            lambda: jnp.zeros((x_ci.shape[0], out_dim), x_ci.dtype),
+            lambda: jnp.zeros_like(x_ci, shape=(x_ci.shape[0], out_dim)),
         )
         return None, y_cj
 
@@ -141,11 +143,11 @@ def _tiled_matmul_bwd(res, dy_tcj):
         block_ij = jax.lax.cond(
             expert < num_experts,
             lambda: (x_ci.T @ dy_cj).astype(jnp.float32),
-            lambda: jnp.zeros(w_eij.shape[1:], jnp.float32),
+            lambda: jnp.zeros_like(x_ci, jnp.float32, shape=w_eij.shape[1:]),
         )
         return _accumulate_block(dw_eij, expert, block_ij, num_experts), None
 
-    dw_eij = jnp.zeros(w_eij.shape, jnp.float32)
+    dw_eij = jnp.zeros_like(w_eij, jnp.float32)
     dw_eij = jax.lax.scan(accumulate, dw_eij, (x_tci, dy_tcj, tile_expert_t))[0]
     return dx_tci.astype(x_tci.dtype), dw_eij.astype(w_eij.dtype), None
 
@@ -184,7 +186,7 @@ def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t):
         return hidden_cf @ w_down_efd[expert].astype(dtype), gate_up_c2f
 
     def skip(x_cd, expert):
-        return jnp.zeros_like(x_cd), jnp.zeros((x_cd.shape[0], 2 * ffn_dim), dtype)
+        return jnp.zeros_like(x_cd), jnp.zeros_like(x_cd, shape=(x_cd.shape[0], 2 * ffn_dim))
 
     def step(_, xs):
         x_cd, expert = xs
@@ -222,8 +224,8 @@ def _tiled_swiglu_bwd(res, dy_tcd):
     def skip(x_cd, dy_cd, gate_up_c2f, expert):
         return (
             jnp.zeros_like(x_cd),
-            jnp.zeros((dim, two_ffn), f32),
-            jnp.zeros(w_down_efd.shape[1:], f32),
+            jnp.zeros_like(x_cd, f32, shape=(dim, two_ffn)),
+            jnp.zeros_like(x_cd, f32, shape=w_down_efd.shape[1:]),
         )
 
     def step(dw, xs):
@@ -234,7 +236,7 @@ def _tiled_swiglu_bwd(res, dy_tcd):
         )
         return dw, dx_cd
 
-    dw0 = (jnp.zeros((num_experts, dim, two_ffn), f32), jnp.zeros(w_down_efd.shape, f32))
+    dw0 = (jnp.zeros_like(w_gate_up_ed2f, f32), jnp.zeros_like(w_down_efd, f32))
     xs = (x_tcd, dy_tcd, gate_up_tc2f, tile_expert_t)
     (dw_gate_up, dw_down), dx_tcd = jax.lax.scan(step, dw0, xs)
     return (

@@ -12,7 +12,7 @@ from flax import nnx
 
 from unimoe.kernels import routing as fused_routing
 from unimoe.models.lora import Linear, LoRAConfig
-from unimoe.moe import dispatch, routing
+from unimoe.moe import dispatch, expert_parallel, routing
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank
 from unimoe.moe.gmm import default_tile
 
@@ -25,6 +25,7 @@ KERNEL_IMPLS = ("auto", "xla", "pallas")
 # Routers whose probabilities are a softmax over every router column, so null experts fit in.
 NULL_EXPERT_ROUTERS = ("topk_softmax", "softmax_topk", "top_p")
 GROUP_LIMITED_ROUTERS = ("softmax_topk", "sigmoid_bias")
+EXPERT_PARALLEL = ("auto", "all_to_all", "all_gather", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,14 @@ class MoEConfig:
       and the expert sort in one kernel) for routers in `kernels.routing.FUSED_ROUTERS` without
       group limiting or Gumbel sampling; interpret mode on CPU (tests only: slow). 'xla' = the
       XLA paths; 'auto' = 'pallas' on TPU and GPU, 'xla' on CPU.
+    expert_parallel: when the mesh set with `jax.set_mesh` has an `expert` axis of size > 1,
+      dropless dispatch splits the experts over it (`unimoe.moe.expert_parallel`, shard_map):
+      'auto' or 'all_to_all' = per-peer mailboxes and all_to_all; 'all_gather' = all-gather the
+      tokens, reduce-scatter the outputs (never drops; for small expert axes or large K);
+      'off' = never (the experts then follow the compiler's sharding).
+    ep_capacity_factor: rows each device may send to each expert-parallel peer, as a multiple of
+      its balanced share N_local * K / P; 0 = P, which never drops. Smaller factors drop the
+      overflow (reported in aux['dropped_fraction']).
     """
 
     num_experts: int = 4
@@ -91,6 +100,8 @@ class MoEConfig:
     drop_policy: str = "position"
     grouped_impl: str = "auto"
     kernel_impl: str = "auto"
+    expert_parallel: str = "auto"
+    ep_capacity_factor: float = 0.0
 
     def __post_init__(self):
         def require(ok: bool, field: str, rule: str) -> None:
@@ -178,6 +189,14 @@ class MoEConfig:
             f"must be 'auto' or one of {GROUPED_IMPLS}",
         )
         require(self.kernel_impl in KERNEL_IMPLS, "kernel_impl", f"must be in {KERNEL_IMPLS}")
+        require(
+            self.expert_parallel in EXPERT_PARALLEL,
+            "expert_parallel",
+            f"must be in {EXPERT_PARALLEL}",
+        )
+        require(
+            self.ep_capacity_factor >= 0, "ep_capacity_factor", "must be >= 0 (0 = the EP degree)"
+        )
 
     @property
     def num_router_columns(self) -> int:
@@ -278,6 +297,10 @@ class MoELayer(nnx.Module):
             self.deterministic = deterministic
         if dropless is not None:
             self.dropless = dropless
+
+    @property
+    def _exchange(self) -> str:
+        return "all_gather" if self.cfg.expert_parallel == "all_gather" else "all_to_all"
 
     @property
     def _sampling(self) -> bool:
@@ -390,20 +413,43 @@ class MoELayer(nnx.Module):
         # Runs once per trace under jit, so this names the path each compiled step takes.
         grouped_impl = "pallas" if pallas else cfg.resolved_grouped_impl()
         impl = "dropless" if self.dropless else cfg.impl
+        ep_size = expert_parallel.expert_parallel_size() if cfg.expert_parallel != "off" else 1
+        if impl == "dropless" and ep_size > 1:
+            if (batch * seq) % expert_parallel.token_shards() == 0:
+                impl = "expert-parallel"
+            else:
+                # e.g. a decode step of a few tokens: the compiler's sharding is fine there.
+                log.info(
+                    "MoELayer: %d tokens do not split over %d token shards: not expert-parallel",
+                    batch * seq,
+                    expert_parallel.token_shards(),
+                )
         log.info(
             "MoELayer: %s router (%s), %s dispatch (%s), E=%d (+%d null, %d shared) K=%d, "
-            "%d tokens",
+            "%d tokens%s",
             cfg.router,
             "fused Pallas kernel" if fused else "XLA",
             impl,
-            grouped_impl if impl == "dropless" else "batched",
+            grouped_impl if impl != "capacity" else "batched",
             num_experts,
             cfg.num_null_experts,
             cfg.num_shared_experts,
             cfg.num_slots,
             batch * seq,
+            f", expert axis {ep_size} ({self._exchange})" if impl == "expert-parallel" else "",
         )
-        if impl == "dropless" and grouped_impl == "tiles":
+        if impl == "expert-parallel":
+            y_nd, dropped_fraction = expert_parallel.expert_parallel_dispatch(
+                x_nd,
+                weights_nk,
+                experts_nk,
+                mask_n,
+                self.experts,
+                capacity_factor=cfg.ep_capacity_factor,
+                grouped_impl=grouped_impl,
+                exchange=self._exchange,
+            )
+        elif impl == "dropless" and grouped_impl == "tiles":
             y_nd = dispatch.dropless_tiled_dispatch(
                 x_nd,
                 weights_nk,
