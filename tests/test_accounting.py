@@ -88,3 +88,26 @@ def test_a_pretrained_tokenizer_sets_the_vocabulary(tmp_path):
     # 1000 file tokens + 3 media placeholders, in the embedding and the untied head (dim 96).
     assert llm - builtin_llm == 2 * 96 * (1003 - builtin_vocab)
     assert builtin_vocab < 1003
+
+
+def test_expert_exchange_per_layer_and_step_follow_the_formula(tmp_path):
+    from unimoe import config as config_lib
+
+    config = config_lib.load_config('configs/unimoe_tiny.py:mode=test')
+    config.data.data_dir = str(tmp_path / 'absent')
+    assert accounting.account_expert_exchange(config) == []  # no mesh, no exchange
+    config.mesh = dict(data=2, expert=-1)  # -1: the other 4 of the 8 test devices
+    (account,) = accounting.account_expert_exchange(config)  # s3_moe, the only MoE stage
+    stage, llm = config.stages.s3_moe, config.model.llm
+    assert account.name == 's3_moe' and account.num_devices == 8
+    tokens = stage.batch_size * config.data.seq_len // 8  # tokens split over data x expert
+    assert account.local_tokens == tokens
+    # Dropless default: C = every local assignment; buffers [4, C, dim] float32 and [4, C] int32.
+    rows = 4 * tokens * config.model.moe.top_k
+    assert account.per_layer.capacity == tokens * config.model.moe.top_k
+    assert account.per_layer.forward == 2 * rows * llm.dim * 4 + 4 * rows
+    assert account.per_layer.backward == 2 * rows * llm.dim * 4
+    assert account.moe_layers == llm.num_layers  # moe_layers='all'
+    assert account.per_step == llm.num_layers * (account.per_layer.forward + rows * llm.dim * 8)
+    table = accounting.format_exchange([account])
+    assert table.splitlines()[2].startswith('| s3_moe | ')

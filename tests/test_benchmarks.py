@@ -26,22 +26,35 @@ EXPECTED_KEYS = {
 }
 
 
-@pytest.mark.parametrize('script', sorted(EXPECTED_KEYS))
-def test_benchmark_quick_run_ends_with_result_line(script):
+def run_quick(script: str, **env: str) -> str:
+    """stdout of `script --quick`, run with this checkout's unimoe (not an installed one)."""
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), '--quick'],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
-        # This checkout's unimoe, not whichever one the environment has installed.
         env={
             **os.environ,
             'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])),
+            **env,
         },
     )
-    last = out.stdout.strip().splitlines()[-1]
+    return out.stdout
+
+
+@pytest.mark.parametrize('script', sorted(EXPECTED_KEYS))
+def test_benchmark_quick_run_ends_with_result_line(script):
+    last = run_quick(script).strip().splitlines()[-1]
     assert last.startswith('RESULT '), last
     fields = dict(item.split('=') for item in last.removeprefix('RESULT ').split())
     assert list(fields) == EXPECTED_KEYS[script]
     assert all(float(value) > 0 for value in fields.values()), fields
+
+
+def test_kernels_benchmark_on_cpu_checks_the_interpret_path():
+    """On CPU benchmarks/kernels.py times nothing: it checks the Pallas kernels in interpret
+    mode against the XLA references and says so."""
+    stdout = run_quick('kernels.py', JAX_PLATFORMS='cpu')
+    assert 'interpret mode only' in stdout
+    assert stdout.strip().splitlines()[-1] == 'RESULT interpret_ok=true', stdout

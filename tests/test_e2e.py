@@ -1,25 +1,19 @@
 """The whole recipe at test size: every stage trains, checkpoints, resumes, and is evaluated."""
 
 import json
-import pathlib
 import shutil
 
 import numpy as np
 
-from unimoe import config as config_lib
 from unimoe import run
+from unimoe.eval import evaluate
 from unimoe.train import checkpoint, metrics, trainer
 
-CONFIG = pathlib.Path(__file__).parent.parent / 'configs' / 'unimoe_tiny.py'
 
-
-def test_recipe_trains_every_stage_resumes_and_evaluates(builtin_test_data, tmp_path):
-    config = config_lib.load_config(f'{CONFIG}:mode=test')
-    config.data.data_dir = builtin_test_data
-    # Without dropout, a resumed stage must end exactly where the uninterrupted one did.
-    config.model.lora.dropout = 0.0
+def test_recipe_trains_every_stage_resumes_and_evaluates(tiny_recipe_run, tmp_path):
+    config, shared_workdir, table = tiny_recipe_run
     workdir = tmp_path / 'run'
-    table = run.run_experiment(config, str(workdir))
+    shutil.copytree(shared_workdir, workdir)  # the interruption below must not touch the original
 
     stage_names = config.stage_order.split(',')
     for name in stage_names:
@@ -60,8 +54,15 @@ def test_recipe_trains_every_stage_resumes_and_evaluates(builtin_test_data, tmp_
     (ckpt_dir / checkpoint.DONE_FILE).unlink()
     s0_log_lines = (workdir / 's0_llm' / 'metrics.jsonl').read_text()
 
-    run.run_experiment(config, str(workdir))
+    cached = {
+        name: (workdir / name / evaluate.SCORES_FILE).read_text() for name in results['models']
+    }
+    resumed_table = run.run_experiment(config, str(workdir))
     resumed = trainer.final_params(workdir, 's3_moe')
+    # Unchanged stage-2 models reuse their scores; the retrained s3_moe is evaluated again.
+    for name, text in cached.items():
+        assert ((workdir / name / evaluate.SCORES_FILE).read_text() == text) == (name != 's3_moe')
+    assert resumed_table.splitlines()[:-2] == table.splitlines()[:-2]
     assert (workdir / 's0_llm' / 'metrics.jsonl').read_text() == s0_log_lines  # skipped
     assert resumed.keys() == first_run.keys()
     for key, value in first_run.items():

@@ -1,6 +1,7 @@
 """The Colab notebooks: each .ipynb matches its jupytext .py, and runs top to bottom (tiny mode)."""
 
 import pathlib
+import shutil
 
 import jupytext
 import nbclient
@@ -27,9 +28,14 @@ def test_every_notebook_is_paired_with_its_script():
 
 
 @pytest.fixture(scope='module')
-def shared_workdir(tmp_path_factory) -> pathlib.Path:
-    """One run directory for all notebooks: later ones reuse the stages earlier ones trained."""
-    return tmp_path_factory.mktemp('notebook_run')
+def shared_workdir(tiny_recipe_run, tmp_path_factory) -> pathlib.Path:
+    """One run directory for all notebooks, starting as a copy of the session's tiny recipe run
+    (the quickstart's config, trained by the same `run.run_experiment`; the end-to-end test checks
+    it): the notebooks' own `run_experiment` calls skip its finished stages and reuse its scores,
+    and later notebooks reuse what earlier ones add."""
+    workdir = tmp_path_factory.mktemp('notebook_run') / 'run'
+    shutil.copytree(tiny_recipe_run[1], workdir)
+    return workdir
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)

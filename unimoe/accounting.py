@@ -8,20 +8,26 @@ The model is built under `nnx.eval_shape`, so a paper-scale config costs no memo
   table, which is a lookup) + 12 * layers * attention width * sequence length (attention scores
   and their weighted sum, forward and backward, over the full sequence);
 - memory: float32 parameters, gradients of the trainable ones, and AdamW's two moments of the
-  trainable ones. Activations are not estimated (they depend on batch size and rematerialisation).
+  trainable ones. Activations are not estimated (they depend on batch size and rematerialisation);
+- expert all-to-all (when `config.mesh` has an `expert` axis > 1): bytes each device puts into the
+  expert-parallel exchanges per MoE layer and per step (`expert_parallel.exchange_bytes`: static
+  buffers, so exact whatever the routing); a rematerialised forward pass would add its exchanges.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 
+import jax
 import ml_collections
 from flax import nnx
 
 from unimoe.data import tasks as tasks_lib
 from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 from unimoe.models.unimoe import UniMoE
+from unimoe.moe import expert_parallel
 from unimoe.train import stages, trainer
 
 BYTES_PER_PARAM = 4  # float32 parameters, gradients and optimizer moments
@@ -152,5 +158,93 @@ def format_accounts(accounts: list[StageAccount]) -> str:
             + ' | '.join(_human(p) for p in parts)
             + f' | {_human(a.trainable_params)} | {_human(a.active_params_per_token)} '
             f'| {_human(a.train_flops_per_token)} | {_human(a.total_bytes, "B")} |'
+        )
+    return '\n'.join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeAccount:
+    """Expert all-to-all traffic of one MoE stage's training step."""
+
+    name: str
+    moe_layers: int
+    local_tokens: int
+    per_layer: expert_parallel.ExchangeBytes
+    num_devices: int
+
+    @property
+    def per_step(self) -> int:
+        """Bytes one device exchanges per step, forward and backward, all MoE layers."""
+        return self.moe_layers * self.per_layer.total
+
+
+ACTIVATION_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
+
+
+def mesh_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """`config.mesh` with a -1 size resolved against the devices JAX sees ({} without a mesh)."""
+    sizes = dict(config.get('mesh') or {})
+    if -1 in sizes.values():
+        known = math.prod(s for s in sizes.values() if s != -1)
+        sizes = {a: jax.device_count() // known if s == -1 else s for a, s in sizes.items()}
+    return sizes
+
+
+def account_expert_exchange(config: ml_collections.ConfigDict) -> list[ExchangeAccount]:
+    """One account per MoE stage when `config.mesh` splits the experts (`expert` axis > 1).
+
+    Tokens per device: the stage's global batch * seq_len over the token shards (every mesh axis
+    but `tensor`), as `expert_parallel.expert_parallel_dispatch` splits them.
+    """
+    sizes = mesh_sizes(config)
+    ep_size = sizes.get('expert', 1)
+    if ep_size < 2:
+        return []
+    shards = math.prod(s for a, s in sizes.items() if a not in expert_parallel.NON_TOKEN_AXES)
+    tokenizer = _tokenizer(config)
+    accounts, models = [], {}
+    for name in trainer.split_list(config.stage_order):
+        stage = config.stages[name]
+        if not stage.moe:
+            continue
+        lora_rank = int(stage.lora_rank)
+        if lora_rank not in models:
+            models[lora_rank] = trainer.build_model(
+                config, tokenizer, moe=True, lora_rank=lora_rank, seed=config.seed, abstract=True
+            )
+        llm_cfg = models[lora_rank].cfg.llm
+        if llm_cfg.moe.expert_parallel not in ('auto', 'all_to_all'):
+            continue  # no all-to-all: 'off', or the all-gather / reduce-scatter exchange
+        local_tokens = stage.batch_size * config.data.seq_len // shards
+        per_layer = expert_parallel.exchange_bytes(
+            local_tokens,
+            llm_cfg.moe.num_slots,
+            llm_cfg.dim,
+            ep_size,
+            llm_cfg.moe.ep_capacity_factor,
+            ACTIVATION_BYTES[llm_cfg.dtype],
+        )
+        accounts.append(
+            ExchangeAccount(
+                name, len(llm_cfg.moe_layers), local_tokens, per_layer, math.prod(sizes.values())
+            )
+        )
+    return accounts
+
+
+def format_exchange(accounts: list[ExchangeAccount]) -> str:
+    """A markdown table, one row per MoE stage (bytes per device unless said otherwise)."""
+    header = (
+        '| stage | MoE layers | expert axis | tokens/device | C | forward/layer | backward/layer '
+        '| per step | per step, off-device | per step, whole mesh |'
+    )
+    lines = [header, '|' + '---|' * 10]
+    for a in accounts:
+        layer = a.per_layer
+        lines.append(
+            f'| {a.name} | {a.moe_layers} | {layer.ep_size} | {a.local_tokens} | {layer.capacity} '
+            f'| {_human(layer.forward, "B")} | {_human(layer.backward, "B")} '
+            f'| {_human(a.per_step, "B")} | {_human(a.moe_layers * layer.off_device, "B")} '
+            f'| {_human(a.per_step * a.num_devices, "B")} |'
         )
     return '\n'.join(lines)

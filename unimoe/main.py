@@ -49,6 +49,10 @@ def main(argv: list[str]) -> None:
     print(f'config (after command-line overrides):\n{_CONFIG.value}')
     if _DRY_RUN.value:
         print(accounting.format_accounts(accounting.account_stages(_CONFIG.value)))
+        exchange = accounting.account_expert_exchange(_CONFIG.value)
+        if exchange:
+            print('Expert all-to-all per device (expert parallelism):')
+            print(accounting.format_exchange(exchange))
         return
     if _WORKDIR.value is None:
         raise app.UsageError('--workdir is required to train (or pass --dry_run)')

@@ -168,16 +168,37 @@ def test_modality_grouped_batches_share_one_type(corpus):
         assert len(set(types.tolist())) == 1, types
 
 
-def test_epoch_order_groups_sorts_by_length_and_drops_partial_batches():
+def test_epoch_order_groups_sorts_by_length_and_loses_no_record():
     keys = np.array([0, 0, 0, 0, 0, 1, 1, 1])
     lengths = np.array([5, 1, 4, 2, 3, 9, 8, 7])
     order = json_pipeline._epoch_order(keys, lengths, 2, np.random.default_rng(0), grouped=True)
     batches = order.reshape(-1, 2)
-    assert len(order) == 6  # 5 -> 4 of type 0, 3 -> 2 of type 1
+    # 5 -> 3 batches of type 0, 3 -> 2 of type 1, each type's last batch completed by wrap-around
+    # (the reference drops each type's last batch instead).
+    assert len(order) == 10 and set(order) == set(range(8))
     for batch in batches:
-        assert len(set(keys[batch])) == 1 and lengths[batch[0]] >= lengths[batch[1]]
+        assert len(set(keys[batch])) == 1
+    # Within a type, full batches before the wrap-around are longest first.
+    type0 = [b for b in batches if keys[b[0]] == 0]
+    assert sum(lengths[b[0]] >= lengths[b[1]] for b in type0) >= 2
     flat = json_pipeline._epoch_order(keys, lengths, 2, np.random.default_rng(0), grouped=False)
     assert sorted(flat) == list(range(8))
+
+
+def test_epoch_order_shards_read_rows_of_the_same_global_batches():
+    keys = np.repeat([0, 1, 3], [7, 5, 4])
+    lengths = np.arange(16)
+    shards = [
+        json_pipeline._epoch_order(
+            keys, lengths, 4, np.random.default_rng(3), grouped=True, shard_index=i, shard_count=2
+        ).reshape(-1, 2)
+        for i in range(2)
+    ]
+    global_batches = np.concatenate(shards, axis=1)
+    assert len(global_batches) == 2 + 2 + 1  # ceil(7/4) + ceil(5/4) + ceil(4/4)
+    for batch in global_batches:
+        assert len(set(keys[batch])) == 1, batch
+    assert set(global_batches.ravel()) == set(range(16))
 
 
 def test_seq_buckets_trim_batches_to_the_smallest_fitting_length(corpus):

@@ -275,3 +275,38 @@ def test_bad_configs_raise(cfg, tok, tmp_path):
         pipeline.make_train_loader(
             dataclasses.replace(cfg, data_dir=str(tmp_path)), tok, ["image_qa"], "chat", seed=0
         )
+
+
+def test_modality_grouped_global_batches_lose_no_record(cfg, tok):
+    """Two shards, 3 rows each: every global batch one modality, every record read per epoch
+    (records told apart by tokens and image; the synthetic text QA has a few equal records, so
+    the expected set is what one plain shuffled epoch reads)."""
+    selected = ["image_caption", "text_qa", "image_qa"]  # 32 image records, 16 text
+
+    def epoch(cfg, num_batches):
+        shards = [
+            iter(
+                pipeline.make_train_loader(
+                    cfg, tok, selected, "chat", seed=2, shard_index=i, shard_count=2
+                )
+            )
+            for i in range(2)
+        ]
+        seen, modalities = set(), []
+        for _ in range(num_batches):
+            halves = [next(shard) for shard in shards]
+            modalities.append({int(m) for half in halves for m in half["modality"]})
+            for half in halves:
+                seen.update(
+                    (t.tobytes(), i.tobytes()) for t, i in zip(half["tokens"], half["image"])
+                )
+        return seen, modalities
+
+    everything, mixed = epoch(cfg, 48 // 6)
+    assert any(len(m) > 1 for m in mixed)  # without the option, batches mix modalities
+    grouped_cfg = dataclasses.replace(cfg, group_by_modality=True)
+    seen, modalities = epoch(grouped_cfg, -(-32 // 6) + -(-16 // 6))
+    assert all(len(m) == 1 for m in modalities)
+    assert seen == everything and len(everything) > 40
+    with pytest.raises(ValueError, match="skip_too_long"):
+        dataclasses.replace(grouped_cfg, skip_too_long=True)

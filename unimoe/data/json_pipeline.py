@@ -1,8 +1,10 @@
 """grain pipelines over `unimoe_json` datasets: Uni-MoE records -> model batches, bad input handled.
 
 Per source dataset (one prepared JSON file): this host's shard of the records -> an infinite
-deterministic order (shuffled each epoch; with `group_by_modality`, Uni-MoE's sampler: records
-grouped by modality type, sorted by length within windows, cut into batches, batches shuffled) ->
+deterministic order (shuffled each epoch; with `group_by_modality`, Uni-MoE's sampler over all
+hosts' records: grouped by modality type, sorted by length within windows, cut into global
+batches, the last one per type completed by wrap-around, batches shuffled; each host reads its
+rows of every global batch) ->
 `ExampleBuilder` (validation, media decoding, CLIP / Whisper preprocessing, tokenization) ->
 bad records raised or skipped and counted (`on_error`) -> batches. Sources are mixed batch by
 batch with `weights`, so a batch never mixes sources or (grouped) modality types. `seq_buckets`
@@ -30,7 +32,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from unimoe.data import formats, json_builder, preprocess, vicuna
+from unimoe.data import formats, grouping, json_builder, preprocess, vicuna
 from unimoe.data.conversation import SequenceTooLongError
 from unimoe.data.tasks import MODALITIES
 from unimoe.data.tokenizer import PretrainedTokenizer
@@ -227,49 +229,48 @@ class ExampleBuilder:
 
 
 def _epoch_order(
-    keys: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator, grouped: bool
+    keys: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    grouped: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> np.ndarray:
-    """One epoch's permutation of range(len(keys)).
+    """One epoch's order of the records `keys` / `lengths` describe.
 
-    Ungrouped: a shuffle. Grouped (Uni-MoE's `group_by_modality_length`): per key, shuffle, sort
-    windows of `_LENGTH_WINDOW_BATCHES` batches by length (longest first), cut into batches, drop
-    each key's last partial batch, then shuffle the batches of all keys together.
+    Ungrouped: a permutation (the records are this shard's). Grouped (Uni-MoE's
+    `group_by_modality_length`, `grouping.modality_batches`): the records are all shards', cut
+    into global batches of `batch_size` of one modality type, longest first within windows of
+    `_LENGTH_WINDOW_BATCHES` batches, each type's last batch completed by wrapping around; this
+    shard's rows of every global batch, in batch order.
     """
     if not grouped:
         return rng.permutation(len(keys))
-    batches = []
-    for key in np.unique(keys):
-        members = rng.permutation(np.flatnonzero(keys == key))
-        window = batch_size * _LENGTH_WINDOW_BATCHES
-        for start in range(0, len(members), window):
-            part = members[start : start + window]
-            members[start : start + window] = part[np.argsort(-lengths[part], kind="stable")]
-        full = len(members) // batch_size * batch_size
-        batches += list(members[:full].reshape(-1, batch_size))
-    if not batches:
-        raise ValueError(f"no modality group has a full batch of {batch_size} records")
-    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+    batches = grouping.modality_batches(
+        keys, batch_size, rng, lengths=lengths, length_window=_LENGTH_WINDOW_BATCHES
+    )
+    return grouping.shard_rows(batches, shard_index, shard_count)
 
 
 class _EpochOrderDataset(grain.MapDataset):
-    """Infinite random-access view of `parent`: element i is epoch i // n's permutation at i % n."""
+    """Infinite random-access view of `parent`: element i is epoch i // n's order at i % n."""
 
-    def __init__(
-        self, parent: grain.MapDataset, keys, lengths, batch_size: int, seed: int, grouped: bool
-    ):
+    def __init__(self, parent: grain.MapDataset, keys, lengths, seed: int, **order_args: Any):
         super().__init__(parent)
         self._keys, self._lengths = np.asarray(keys), np.asarray(lengths)
-        self._batch_size, self._seed, self._grouped = batch_size, seed, grouped
-        self._epoch_len = len(
-            _epoch_order(self._keys, self._lengths, batch_size, np.random.default_rng(0), grouped)
-        )
+        self._seed, self._order_args = seed, order_args
+        self._epoch_len = len(self._order(np.random.default_rng(0)))
         self._cached: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
+
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        return _epoch_order(self._keys, self._lengths, rng=rng, **self._order_args)
 
     def __len__(self) -> int:
         return np.iinfo(np.int64).max // 2
 
     def __str__(self) -> str:
-        return f"EpochOrder(grouped={self._grouped})"
+        return f"EpochOrder(grouped={self._order_args['grouped']})"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -277,8 +278,7 @@ class _EpochOrderDataset(grain.MapDataset):
         epoch, position = divmod(index, self._epoch_len)
         if self._cached[0] != epoch:
             rng = np.random.default_rng((self._seed, epoch))
-            order = _epoch_order(self._keys, self._lengths, self._batch_size, rng, self._grouped)
-            self._cached = (epoch, order)
+            self._cached = (epoch, self._order(rng))
         return self._parent[int(self._cached[1][position])]
 
 
@@ -360,18 +360,27 @@ def _source_batches(
             f"unimoe_json/{name} is not built in {cfg.data_dir}; run json_builder.prepare first"
         )
     source = builder.as_data_source(split=json_builder.SPLIT)
-    shard = grain.MapDataset.source(source)[shard_index::shard_count]
-    # Sampling keys only: reads each record's text, no media.
-    keys = np.array([shard[i]["modality_type"] for i in range(len(shard))])
-    lengths = np.array([shard[i]["text_len"] for i in range(len(shard))])
     per_shard = cfg.batch_size // shard_count
+    if cfg.group_by_modality:
+        # Every shard cuts the same global batches from all records and reads its own rows, so
+        # a global batch is one modality type across hosts.
+        records = grain.MapDataset.source(source)
+        order_args = dict(
+            batch_size=cfg.batch_size, shard_index=shard_index, shard_count=shard_count
+        )
+    else:
+        records = grain.MapDataset.source(source)[shard_index::shard_count]
+        order_args = dict(batch_size=per_shard)
+    # Sampling keys only: reads each record's text, no media.
+    keys = np.array([records[i]["modality_type"] for i in range(len(records))])
+    lengths = np.array([records[i]["text_len"] for i in range(len(records))])
     ordered = _EpochOrderDataset(
-        shard, keys, lengths, per_shard, source_seed, cfg.group_by_modality
+        records, keys, lengths, source_seed, grouped=cfg.group_by_modality, **order_args
     )
     examples = ordered.map(_BuildExample(ExampleBuilder(cfg, tokenizer), f"unimoe_json/{name}"))
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * per_shard)
     # A whole epoch of bad records in a row means nothing usable is left.
-    kept = _SkipBadDataset(examples.to_iter_dataset(read), cfg.on_error, patience=len(shard))
+    kept = _SkipBadDataset(examples.to_iter_dataset(read), cfg.on_error, patience=len(records))
     return kept.batch(per_shard, drop_remainder=True)
 
 

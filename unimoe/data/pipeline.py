@@ -17,7 +17,7 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
-from unimoe.data import builtin, conversation, media
+from unimoe.data import builtin, conversation, grouping, media
 from unimoe.data import tasks as task_defs  # `tasks` is the loaders' parameter name
 from unimoe.data.tokenizer import Tokenizer
 
@@ -53,6 +53,9 @@ class DataConfig:
     seed: int = 0
     # Worker processes preprocessing batches ahead of training (grain); 0 = in the main process.
     worker_count: int = 0
+    # Modality-level data parallelism (Uni-MoE): every global batch of one modality
+    # (`unimoe.data.grouping`); needs skip_too_long=False (a skipped record would shift rows).
+    group_by_modality: bool = False
 
     def __post_init__(self):
         for name in (
@@ -68,6 +71,11 @@ class DataConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_by_modality and self.skip_too_long:
+            raise ValueError(
+                "DataConfig.group_by_modality needs skip_too_long=False: a skipped record would "
+                "pull the next batch's first record (maybe another modality) into this batch"
+            )
 
 
 def _builder(cfg: DataConfig) -> builtin.UnimoeBuiltin:
@@ -255,15 +263,22 @@ def make_train_loader(
     source = builder.as_data_source(
         split=builtin.task_slices(builder.builder_config, "train", selected)
     )
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.ShardOptions(
-            shard_index=shard_index, shard_count=shard_count, drop_remainder=True
-        ),
-        shuffle=True,
-        num_epochs=None,
-        seed=cfg.seed if seed is None else seed,
+    shard_options = grain.ShardOptions(
+        shard_index=shard_index, shard_count=shard_count, drop_remainder=True
     )
+    seed = cfg.seed if seed is None else seed
+    if cfg.group_by_modality:
+        sampler = grouping.ModalityBatchSampler(
+            _record_modalities(builder, selected, len(source)), cfg.batch_size, shard_options, seed
+        )
+    else:
+        sampler = grain.IndexSampler(
+            num_records=len(source),
+            shard_options=shard_options,
+            shuffle=True,
+            num_epochs=None,
+            seed=seed,
+        )
     operations = [
         _Preprocess(cfg, tokenizer, mode, len(source)),
         _NonEmpty(),
@@ -277,8 +292,25 @@ def make_train_loader(
         sampler=sampler,
         operations=operations,
         worker_count=cfg.worker_count,
+        shard_options=shard_options,
         read_options=read_options,
     )
+
+
+def _record_modalities(
+    builder: builtin.UnimoeBuiltin, selected: Sequence[str], num_records: int
+) -> np.ndarray:
+    """Modality index of every record of `builtin.task_slices(..., selected)`, without reading
+    them: the slices are the selected tasks' equal blocks, in the split's task order."""
+    split_tasks = builder.builder_config.split_tasks("train")
+    per_task = builder.builder_config.examples_per_task("train")
+    ordered = sorted(set(selected), key=split_tasks.index)
+    keys = np.repeat([task_defs.MODALITIES.index(task_defs.TASKS[t]) for t in ordered], per_task)
+    if len(keys) != num_records:
+        raise ValueError(
+            f"expected {len(keys)} records for tasks {ordered}, the source has {num_records}"
+        )
+    return keys
 
 
 def load_eval_examples(

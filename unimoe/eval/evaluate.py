@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from collections.abc import Collection, Mapping
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # Keys of an eval batch that the model reads (the rest are strings for scoring).
 _MODEL_KEYS = ('tokens', 'prompt_len', 'image', 'video', 'audio_mel')
+# A finished stage's last scores, beside its checkpoints, with what they were computed from.
+SCORES_FILE = 'eval_scores.json'
 
 
 def generate_answers(
@@ -106,22 +109,57 @@ def predict(
     return records
 
 
+def _scores_key(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path) -> Any:
+    """What a stage's scores depend on: its finished checkpoint (DONE.json records the run that
+    wrote it, seconds included, so a retrained stage never matches) and the eval and data settings.
+    """
+    ckpt = trainer.stage_checkpointer(workdir, name)
+    done = ckpt.read_done()
+    ckpt.close()
+    eval_settings = {k: v for k, v in config.eval.to_dict().items() if k != 'stages'}
+    key = {'stage': done, 'eval': eval_settings, 'data': config.data.to_dict()}
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def stage_scores(
+    config: ml_collections.ConfigDict,
+    name: str,
+    workdir: pathlib.Path,
+    tokenizer: Any,
+    examples: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """`scoring.score` of one finished stage's answers. Reused from `SCORES_FILE` when neither the
+    stage nor the eval settings changed since it was written: re-running a finished experiment
+    (or a notebook over one) does not decode every question again."""
+    cache = workdir / name / SCORES_FILE
+    key = _scores_key(config, name, workdir)
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get('key') == key:
+            log.info('eval %s: unchanged since %s was written, reusing it', name, cache)
+            return saved['scores']
+    model = load_finished_stage(config, name, workdir, tokenizer)
+    records = predict(
+        model,
+        examples,
+        tokenizer,
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        desc=f'eval {name}',
+    )
+    # Through JSON, so a fresh result and a reused one are the same objects.
+    scores = json.loads(json.dumps(scoring.score(records)))
+    cache.write_text(json.dumps({'key': key, 'scores': scores}, indent=1) + '\n')
+    return scores
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> str:
     """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the table."""
     eval_tasks = trainer.split_list(config.eval.tasks)
     examples = pipeline.load_eval_examples(trainer.data_config(config), tokenizer, eval_tasks)
     results = {}
     for name in trainer.split_list(config.eval.stages):
-        model = load_finished_stage(config, name, workdir, tokenizer)
-        records = predict(
-            model,
-            examples,
-            tokenizer,
-            batch_size=config.eval.batch_size,
-            max_new_tokens=config.eval.max_new_tokens,
-            desc=f'eval {name}',
-        )
-        results[name] = scoring.score(records)
+        results[name] = stage_scores(config, name, workdir, tokenizer, examples)
         log.info('eval %s: overall accuracy %.3f', name, results[name]['overall']['accuracy'])
     task_modality = {task: tasks_lib.TASKS[task] for task in eval_tasks}
     chance = {task: tasks_lib.chance_accuracy(task) for task in eval_tasks}

@@ -44,11 +44,21 @@ def _sentinel_ids(experts_nk: jax.Array, num_experts: int) -> jax.Array:
 
 
 def _sort_by_expert(
-    experts_nk: jax.Array, num_experts: int
+    experts_nk: jax.Array,
+    num_experts: int,
+    sort: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(experts_m with sentinels, stable expert order, rank of each assignment, group sizes)."""
+    """(experts_m with sentinels, stable expert order, rank of each assignment, group sizes).
+
+    `sort` = (rank_m, group_sizes_e) already computed (by the fused routing kernel,
+    `unimoe.kernels.routing`) replaces the argsort and bincount.
+    """
     num_rows = experts_nk.size
     experts_m = _sentinel_ids(experts_nk, num_experts).reshape(-1)
+    if sort is not None:
+        rank_m, group_sizes_e = sort
+        order_m = jnp.zeros_like(rank_m).at[rank_m].set(jnp.arange(num_rows), unique_indices=True)
+        return experts_m, order_m, rank_m, group_sizes_e.astype(jnp.int32)
     order_m = jnp.argsort(experts_m, stable=True)
     rank_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(num_rows), unique_indices=True)
     # bincount drops the sentinel id E: it is in no group.
@@ -62,17 +72,20 @@ def dropless_dispatch(
     experts_nk: jax.Array,
     expert_fn: GroupedExpertFn,
     num_experts: int,
+    *,
+    sort: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """No capacity, no dropped tokens: sort the N*K assignments by expert and run grouped matmuls.
 
     The sort is stable, so within an expert rows keep token order (deterministic results).
     Sentinel slots (expert id == num_experts, e.g. null experts or unused top-p slots) sort last,
-    are in no group, and contribute zero whatever their weight.
+    are in no group, and contribute zero whatever their weight. `sort`: (rank_m, group_sizes_e)
+    of that same sort when the router already computed it (`_sort_by_expert`).
     """
     _check_routing(x_nd, weights_nk, experts_nk)
     num_tokens, top_k = experts_nk.shape
     num_rows = num_tokens * top_k
-    experts_m, order_m, rank_m, group_sizes_e = _sort_by_expert(experts_nk, num_experts)
+    experts_m, order_m, rank_m, group_sizes_e = _sort_by_expert(experts_nk, num_experts, sort)
     x_sorted_md = gather_rows(x_nd, order_m // top_k, rank_m.reshape(num_tokens, top_k))
     y_sorted_md = expert_fn(x_sorted_md, group_sizes_e)
     # Sentinel assignments read a row past the end, i.e. zero; sorted row j is read by

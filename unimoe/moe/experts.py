@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unimoe.kernels import gmm as pallas_gmm
 from unimoe.models.lora import BASE_INIT_STDDEV, LoRAConfig, lora_a_init, lora_dropout
 from unimoe.moe.gmm import (
     GROUPED_IMPLS,
@@ -150,7 +151,8 @@ class ExpertBank(nnx.Module):
 
         Rows past sum(group_sizes_e) come back zero. `impl` picks the grouped matmul of
         `unimoe.moe.gmm`: "ragged_dot" or "tiles" (each group padded to whole tiles of `tile`
-        rows, default `gmm.default_tile(M, E)`, and a loop over tiles).
+        rows, default `gmm.default_tile(M, E)`, and a loop over tiles), or "pallas" (the
+        `unimoe.kernels.gmm` kernel; interpret mode on CPU).
         """
         if x_md.ndim != 2 or x_md.shape[-1] != self.dim:
             raise ValueError(f"ExpertBank.grouped expects x [M, {self.dim}], got {x_md.shape}")
@@ -160,8 +162,12 @@ class ExpertBank(nnx.Module):
             )
         if impl == "ragged_dot":
             return self._swiglu(functools.partial(ragged_matmul, group_sizes_e=group_sizes_e), x_md)
+        if impl == "pallas":
+            return self._swiglu(functools.partial(pallas_gmm.gmm, group_sizes=group_sizes_e), x_md)
         if impl != "tiles":
-            raise ValueError(f"grouped impl must be one of {GROUPED_IMPLS}, got {impl!r}")
+            raise ValueError(
+                f"grouped impl must be 'pallas' or one of {GROUPED_IMPLS}, got {impl!r}"
+            )
         num_rows = x_md.shape[0]
         if tile is None:
             tile = default_tile(num_rows, self.num_experts)

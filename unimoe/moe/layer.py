@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unimoe.kernels import routing as fused_routing
 from unimoe.models.lora import Linear, LoRAConfig
-from unimoe.moe import dispatch, routing
+from unimoe.moe import dispatch, expert_parallel, routing
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank
 from unimoe.moe.gmm import default_tile
 
@@ -20,9 +21,11 @@ log = logging.getLogger(__name__)
 ROUTERS = ("topk_softmax", "softmax_topk", "top_p", "sigmoid_bias", "group_equal")
 SECOND_CHOICES = ("argmax", "gumbel")
 DISPATCH_IMPLS = ("dropless", "capacity")
+KERNEL_IMPLS = ("auto", "xla", "pallas")
 # Routers whose probabilities are a softmax over every router column, so null experts fit in.
 NULL_EXPERT_ROUTERS = ("topk_softmax", "softmax_topk", "top_p")
 GROUP_LIMITED_ROUTERS = ("softmax_topk", "sigmoid_bias")
+EXPERT_PARALLEL = ("auto", "all_to_all", "all_gather", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,19 @@ class MoEConfig:
     grouped_impl: the grouped matmul of dropless dispatch (`ExpertBank.grouped`): one of
       GROUPED_IMPLS, or 'auto' = 'tiles' on CPU (ragged_dot computes every group densely there)
       and 'ragged_dot' on accelerators.
+    kernel_impl: 'pallas' = the `unimoe.kernels` Pallas kernels: the grouped matmul of dropless
+      dispatch (instead of `grouped_impl`) and fused routing (logits -> weights, expert counts
+      and the expert sort in one kernel) for routers in `kernels.routing.FUSED_ROUTERS` without
+      group limiting or Gumbel sampling; interpret mode on CPU (tests only: slow). 'xla' = the
+      XLA paths; 'auto' = 'pallas' on TPU and GPU, 'xla' on CPU.
+    expert_parallel: when the mesh set with `jax.set_mesh` has an `expert` axis of size > 1,
+      dropless dispatch splits the experts over it (`unimoe.moe.expert_parallel`, shard_map):
+      'auto' or 'all_to_all' = per-peer mailboxes and all_to_all; 'all_gather' = all-gather the
+      tokens, reduce-scatter the outputs (never drops; for small expert axes or large K);
+      'off' = never (the experts then follow the compiler's sharding).
+    ep_capacity_factor: rows each device may send to each expert-parallel peer, as a multiple of
+      its balanced share N_local * K / P; 0 = P, which never drops. Smaller factors drop the
+      overflow (reported in aux['dropped_fraction']).
     """
 
     num_experts: int = 4
@@ -83,6 +99,9 @@ class MoEConfig:
     min_capacity: int = 4
     drop_policy: str = "position"
     grouped_impl: str = "auto"
+    kernel_impl: str = "auto"
+    expert_parallel: str = "auto"
+    ep_capacity_factor: float = 0.0
 
     def __post_init__(self):
         def require(ok: bool, field: str, rule: str) -> None:
@@ -169,6 +188,15 @@ class MoEConfig:
             "grouped_impl",
             f"must be 'auto' or one of {GROUPED_IMPLS}",
         )
+        require(self.kernel_impl in KERNEL_IMPLS, "kernel_impl", f"must be in {KERNEL_IMPLS}")
+        require(
+            self.expert_parallel in EXPERT_PARALLEL,
+            "expert_parallel",
+            f"must be in {EXPERT_PARALLEL}",
+        )
+        require(
+            self.ep_capacity_factor >= 0, "ep_capacity_factor", "must be >= 0 (0 = the EP degree)"
+        )
 
     @property
     def num_router_columns(self) -> int:
@@ -191,6 +219,11 @@ class MoEConfig:
         if self.grouped_impl != "auto":
             return self.grouped_impl
         return "tiles" if jax.default_backend() == "cpu" else "ragged_dot"
+
+    def resolved_kernel_impl(self) -> str:
+        if self.kernel_impl != "auto":
+            return self.kernel_impl
+        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
 
 
 class RouterBias(nnx.Variable):
@@ -266,8 +299,19 @@ class MoELayer(nnx.Module):
             self.dropless = dropless
 
     @property
+    def _exchange(self) -> str:
+        return "all_gather" if self.cfg.expert_parallel == "all_gather" else "all_to_all"
+
+    @property
     def _sampling(self) -> bool:
         return self.router_rngs is not None and not self.deterministic
+
+    @property
+    def _fusable_routing(self) -> bool:
+        """Whether `kernels.routing` computes this layer's routing exactly as `_route` does."""
+        cfg = self.cfg
+        gumbel = cfg.second_choice == "gumbel" and self._sampling
+        return cfg.router in fused_routing.FUSED_ROUTERS and cfg.top_groups == 0 and not gumbel
 
     def _route(self, logits_ne: jax.Array) -> tuple[jax.Array, jax.Array]:
         """float32 logits over the router columns -> (weights_nk, column ids_nk).
@@ -350,26 +394,62 @@ class MoELayer(nnx.Module):
         if cfg.jitter_eps > 0 and self._sampling:
             router_in_nd = routing.jitter(router_in_nd, cfg.jitter_eps, self.router_rngs())
         logits_ne = self.router(router_in_nd)
-        weights_nk, columns_nk = self._route(logits_ne)
+        pallas = cfg.resolved_kernel_impl() == "pallas"
+        fused = pallas and self._fusable_routing
+        expert_sort = None
+        if fused:
+            spec = fused_routing.RouterSpec(
+                cfg.router, cfg.num_slots, num_experts, cfg.renormalize, cfg.top_p
+            )
+            routed = fused_routing.route(logits_ne, spec)
+            weights_nk, columns_nk = routed.weights_nk, routed.columns_nk
+            expert_sort = (routed.rank_m, routed.group_sizes_e)
+        else:
+            weights_nk, columns_nk = self._route(logits_ne)
         weights_nk = weights_nk * cfg.routed_scaling
         # Null experts and unused top-P slots -> the sentinel id E (computes nothing).
         experts_nk = jnp.minimum(columns_nk, num_experts)
 
         # Runs once per trace under jit, so this names the path each compiled step takes.
-        grouped_impl = cfg.resolved_grouped_impl()
+        grouped_impl = "pallas" if pallas else cfg.resolved_grouped_impl()
         impl = "dropless" if self.dropless else cfg.impl
+        ep_size = expert_parallel.expert_parallel_size() if cfg.expert_parallel != "off" else 1
+        if impl == "dropless" and ep_size > 1:
+            if (batch * seq) % expert_parallel.token_shards() == 0:
+                impl = "expert-parallel"
+            else:
+                # e.g. a decode step of a few tokens: the compiler's sharding is fine there.
+                log.info(
+                    "MoELayer: %d tokens do not split over %d token shards: not expert-parallel",
+                    batch * seq,
+                    expert_parallel.token_shards(),
+                )
         log.info(
-            "MoELayer: %s router, %s dispatch (%s), E=%d (+%d null, %d shared) K=%d, %d tokens",
+            "MoELayer: %s router (%s), %s dispatch (%s), E=%d (+%d null, %d shared) K=%d, "
+            "%d tokens%s",
             cfg.router,
+            "fused Pallas kernel" if fused else "XLA",
             impl,
-            grouped_impl if impl == "dropless" else "batched",
+            grouped_impl if impl != "capacity" else "batched",
             num_experts,
             cfg.num_null_experts,
             cfg.num_shared_experts,
             cfg.num_slots,
             batch * seq,
+            f", expert axis {ep_size} ({self._exchange})" if impl == "expert-parallel" else "",
         )
-        if impl == "dropless" and grouped_impl == "tiles":
+        if impl == "expert-parallel":
+            y_nd, dropped_fraction = expert_parallel.expert_parallel_dispatch(
+                x_nd,
+                weights_nk,
+                experts_nk,
+                mask_n,
+                self.experts,
+                capacity_factor=cfg.ep_capacity_factor,
+                grouped_impl=grouped_impl,
+                exchange=self._exchange,
+            )
+        elif impl == "dropless" and grouped_impl == "tiles":
             y_nd = dispatch.dropless_tiled_dispatch(
                 x_nd,
                 weights_nk,
@@ -386,6 +466,7 @@ class MoELayer(nnx.Module):
                 experts_nk,
                 functools.partial(self.experts.grouped, impl=grouped_impl),
                 num_experts,
+                sort=expert_sort,
             )
             dropped_fraction = jnp.zeros((), jnp.float32)
         else:

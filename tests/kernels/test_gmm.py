@@ -1,0 +1,190 @@
+"""Pallas grouped matmul kernels in interpret mode against the XLA references, forward and VJP.
+
+Both kernel families run on CPU: the TPU (Mosaic) kernels under the HLO interpreter and the TPU
+simulator, the GPU (Triton) kernels under the HLO interpreter. Blocks of 16 with M=40, K=24,
+N=20 make every dimension a non-multiple of its block.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.test_util import check_grads
+
+from unimoe.kernels import gmm as kgmm
+
+TILING = kgmm.Tiling(16, 16, 16)
+M, K, N = 40, 24, 20
+# name -> (group sizes, group_offset, local groups); sizes may sum to less than M.
+CASES = {
+    # An empty group, a group straddling three row tiles, rows 38-39 past every group.
+    "straddle_empty_tail": ([10, 0, 25, 3], None, 4),
+    "one_group_all_rows": ([0, M, 0, 0], None, 4),
+    # Expert-parallel shard: local groups 1-3 of 5 (one empty); rows of groups 0 and 4 are zero.
+    "group_offset": ([7, 9, 0, 2, 12], 1, 3),
+}
+
+
+def operands(case: str, dtype=jnp.float32):
+    sizes, offset, num_local = CASES[case]
+    keys = jax.random.split(jax.random.key(len(case)), 3)
+    x = jax.random.normal(keys[0], (M, K), dtype)
+    w = jax.random.normal(keys[1], (num_local, K, N), dtype)
+    dy = jax.random.normal(keys[2], (M, N), dtype)
+    return x, w, jnp.asarray(sizes, jnp.int32), dy, offset
+
+
+@functools.partial(jax.jit, static_argnames=("reference", "platform", "offset"))
+def out_and_grads(x, w, sizes, dy, *, offset, reference, platform="tpu"):
+    if reference:
+        fn = functools.partial(kgmm.gmm_reference, group_offset=offset)
+    else:
+        fn = functools.partial(
+            kgmm.gmm, group_offset=offset, tiling=TILING, interpret=True, platform=platform
+        )
+    out, vjp = jax.vjp(lambda x, w: fn(x, w, sizes), x, w)
+    return (out, *vjp(dy))
+
+
+def assert_close(got, want, tol):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "case,platform",
+    [
+        ("straddle_empty_tail", "tpu"),
+        ("one_group_all_rows", "tpu"),
+        ("group_offset", "tpu"),
+        ("group_offset", "gpu"),
+    ],
+)
+def test_gmm_matches_ragged_dot_forward_and_grads(case, platform):
+    x, w, sizes, dy, offset = operands(case)
+    got = out_and_grads(x, w, sizes, dy, offset=offset, reference=False, platform=platform)
+    want = out_and_grads(x, w, sizes, dy, offset=offset, reference=True)
+    assert_close(got, want, 1e-4)
+    # Rows outside the (local) groups are exactly zero, and so is their gradient.
+    sizes_np, offset_np = np.asarray(CASES[case][0]), CASES[case][1] or 0
+    first = sizes_np[:offset_np].sum()
+    last = first + sizes_np[offset_np : offset_np + CASES[case][2]].sum()
+    outside = np.r_[0:first, last:M]
+    assert np.all(np.asarray(got[0])[outside] == 0)
+    assert np.all(np.asarray(got[1])[outside] == 0)
+    assert np.abs(np.asarray(got[0])[first:last]).min() > 0 or last == first
+
+
+def test_gmm_bfloat16_accumulates_in_float32():
+    x, w, sizes, dy, offset = operands("straddle_empty_tail", jnp.bfloat16)
+    got = out_and_grads(x, w, sizes, dy, offset=offset, reference=False)
+    want = out_and_grads(x, w, sizes, dy, offset=offset, reference=True)
+    # Same bf16 inputs, float32 accumulation in both: only the final bf16 rounding may differ.
+    assert_close(got, want, 2e-2)
+    exact = jnp.float32(x) @ jnp.float32(w[0])
+    np.testing.assert_allclose(np.float32(got[0][:10]), exact[:10], rtol=1e-2, atol=2e-2)
+
+
+def test_check_grads_numerically():
+    x, w, sizes, _, _ = operands("straddle_empty_tail")
+    fn = jax.jit(
+        lambda x, w: kgmm.gmm(x[:12, :8], w[:, :8, :4], jnp.array([5, 0, 6, 1]), interpret=True)
+    )
+    check_grads(fn, (x, w), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+
+
+def test_gmm_under_shard_map_with_check_vma():
+    """Experts sharded over 2 devices (group_offset per shard): the psum of the shards' outputs
+    is the full grouped matmul, forward and grads, with `check_vma=True`.
+
+    Runs in the TPU simulator: JAX 0.10.2's HLO interpreter (interpret=True) evaluates the
+    pre-traced block index maps (and the GPU kernel's scalar loads) with invariant grid indices
+    against varying operands, which its own vma check then rejects in `dynamic_slice`.
+    """
+    x, _, sizes, dy, _ = operands("straddle_empty_tail")
+    w = jax.random.normal(jax.random.key(7), (4, K, N))
+    mesh = jax.make_mesh((2,), ("expert",), axis_types=(jax.sharding.AxisType.Explicit,))
+    simulator = pltpu.InterpretParams()
+
+    def sharded(x, w, sizes):
+        def shard(x, w_local, sizes):
+            offset = jax.lax.axis_index("expert") * w_local.shape[0]
+            out = kgmm.gmm(
+                x, w_local, sizes, group_offset=offset, tiling=TILING, interpret=simulator
+            )
+            return jax.lax.psum(out, "expert")
+
+        return jax.shard_map(
+            shard,
+            mesh=mesh,
+            in_specs=(jax.P(), jax.P("expert"), jax.P()),
+            out_specs=jax.P(),
+            check_vma=True,
+        )(x, w, sizes)
+
+    @jax.jit
+    def run(x, w):
+        out, vjp = jax.vjp(lambda x, w: sharded(x, w, sizes), x, w)
+        return (out, *vjp(dy))
+
+    with jax.set_mesh(mesh):
+        w_sharded = jax.reshard(w, jax.P("expert"))
+        got = run(x, w_sharded)
+    want = out_and_grads(x, w, sizes, dy, offset=None, reference=True)
+    assert_close(got, want, 1e-4)
+
+
+def test_tpu_kernels_have_no_races_in_the_tpu_simulator():
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+
+    params = pltpu.InterpretParams(
+        detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2
+    )
+    x = jax.random.normal(jax.random.key(0), (32, 16))
+    w = jax.random.normal(jax.random.key(1), (3, 16, 16))
+    dy = jax.random.normal(jax.random.key(2), (32, 16))
+    sizes = jnp.array([10, 0, 19], jnp.int32)
+    out = kgmm.gmm(x, w, sizes, tiling=TILING, interpret=params)
+    grad_w = kgmm.tgmm(x, dy, sizes, tiling=TILING, interpret=params)
+    assert not interpret_pallas_call.races.races_found
+    # Uninitialised memory is NaN here: every row of the outputs must have been written.
+    np.testing.assert_allclose(out, kgmm.gmm_reference(x, w, sizes), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grad_w, kgmm.tgmm_reference(x, dy, sizes), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("platform,lowering", [("tpu", "tpu"), ("gpu", "cuda")])
+def test_kernels_lower_for_accelerators(platform, lowering):
+    """Without the hardware: Pallas lowers both kernels (Mosaic / Triton) for the platform."""
+    x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16)
+    sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+    def loss(x, w, sizes):
+        out = kgmm.gmm(x, w, sizes, platform=platform, interpret=False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = (
+        jax.jit(jax.value_and_grad(loss, (0, 1)))
+        .trace(x, w, sizes)
+        .lower(lowering_platforms=(lowering,))
+        .as_text()
+    )
+    marker = "@tpu_custom_call(" if platform == "tpu" else "@__gpu$xla.gpu.triton("
+    # Forward gmm, d_lhs gmm (transposed weights) and tgmm.
+    assert text.count(marker) == 3, text.count(marker)
+
+
+def test_bad_operands_are_rejected_clearly():
+    x, w, sizes = jnp.zeros((8, 4)), jnp.zeros((2, 5, 3)), jnp.array([4, 4])
+    with pytest.raises(ValueError, match=r"lhs \[M, K\] and rhs \[G, K, N\]"):
+        kgmm.gmm(x, w, sizes, interpret=True)
+    with pytest.raises(ValueError, match="integer"):
+        kgmm.gmm(x, jnp.zeros((2, 4, 3)), jnp.array([4.0, 4.0]), interpret=True)
+    with pytest.raises(ValueError, match="only in interpret mode"):
+        kgmm.gmm(x, jnp.zeros((2, 4, 3)), sizes, interpret=False)
+    with pytest.raises(ValueError, match="power of two"):
+        kgmm.gmm(x, jnp.zeros((2, 4, 3)), sizes, tiling=kgmm.Tiling(24, 16, 16), platform="gpu")

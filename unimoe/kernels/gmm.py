@@ -1,0 +1,322 @@
+"""Grouped matmul (gmm) and its weight-gradient form (tgmm) as Pallas kernels, with XLA references.
+
+Axis letters as in `unimoe.moe.gmm`: rows M sorted by group (expert), G groups, K in, N out.
+`gmm(lhs[M, K], rhs[G, K, N], group_sizes[G])[r] = lhs[r] @ rhs[g]` for row r of group g; rows
+past sum(group_sizes) are zero. `tgmm(lhs[M, K], grad[M, N], group_sizes)[g] = lhs_g.T @ grad_g`.
+`gmm` is a `jax.custom_vjp` whose backward pass is a gmm (d_lhs, with the weights transposed in
+the kernel, not in memory) and a tgmm (d_rhs), so it trains. Both accumulate in float32.
+
+`group_offset` (expert parallelism): rhs holds only G_local = rhs.shape[0] groups, the global
+groups [group_offset, group_offset + G_local) of `group_sizes`; rows of other groups are zero.
+
+Lowering, chosen by platform: TPU -> Mosaic (`gmm_tpu`), GPU -> Triton (`gmm_gpu`), CPU ->
+interpret mode only (the TPU kernels under the HLO interpreter, or under the TPU simulator when
+`interpret` is a `pltpu.InterpretParams`). `interpret=None` means interpret on CPU only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from unimoe.kernels import gmm_gpu, gmm_tpu
+from unimoe.kernels.metadata import local_bounds, local_group_sizes, make_visits
+
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Block sizes (rows, contraction, columns) of the kernels; see `default_tiling`."""
+
+    block_m: int = 128
+    block_k: int = 128
+    block_n: int = 128
+
+    def fit(self, num_rows: int, k_dim: int, n_dim: int, platform: str) -> Tiling:
+        """Blocks no larger than needed: TPU blocks are clipped to the dimension (a block must
+        divide into (8, 128) tiles or span the whole dimension); Triton blocks stay powers of two
+        of at least 16 (`tl.dot`'s minimum), their tails masked."""
+        gpu = platform in GPU_PLATFORMS
+        for name, value in dataclasses.asdict(self).items():
+            if value < 1 or (gpu and value & (value - 1)):
+                rule = "a power of two (Triton)" if gpu else ">= 1"
+                raise ValueError(f"Tiling.{name} must be {rule}, got {value}")
+        dims = (num_rows, k_dim, n_dim)
+        blocks = dataclasses.astuple(self)
+        if gpu:
+            fitted = (max(16, min(b, pl.next_power_of_2(d))) for b, d in zip(blocks, dims))
+        else:
+            fitted = (min(b, d) for b, d in zip(blocks, dims))
+        return Tiling(*fitted)
+
+
+def default_tiling(platform: str | None = None) -> Tiling:
+    """Safe defaults, not tuned on hardware (none was available; see docs/design.md "Kernels").
+
+    TPU: 128 x 128 x 128, megablox's default: it fills an MXU pass on every generation and keeps
+    a straddled tile's waste (at most block_m - 1 masked rows per group boundary) small.
+    GPU (Triton): 128 x 64 x 128, i.e. 128 x 128 output tiles with 64-deep k steps, whose three
+    pipeline stages of bf16 operands (96 KiB) fit the shared memory of Ampere and Hopper.
+    """
+    platform = platform or jax.default_backend()
+    return Tiling(128, 64, 128) if platform in GPU_PLATFORMS else Tiling(128, 128, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """Static arguments of one kernel call (hashable: a `custom_vjp` nondiff argument)."""
+
+    tiling: Tiling
+    platform: str
+    interpret: Any
+    transpose_rhs: bool
+    out_dtype: Any
+
+
+def _resolve(platform: str | None, interpret: Any) -> tuple[str, Any]:
+    platform = platform or jax.default_backend()
+    if interpret is None:
+        interpret = platform == "cpu"
+    if platform == "cpu" and not interpret:
+        raise ValueError("Pallas kernels run on CPU only in interpret mode (interpret=True)")
+    return platform, interpret
+
+
+def _manual_axis_type(*operands: jax.Array):
+    """The operands' manual axis type with the union of their varying axes (empty outside
+    `jax.shard_map`)."""
+    types = [jax.typeof(x).manual_axis_type for x in operands]
+    varying = frozenset().union(*(t.varying for t in types))
+    return types[0].update(varying=varying)
+
+
+def _vary_alike(*operands: jax.Array) -> list[jax.Array]:
+    """Marks every operand varying over the union of their manual axes: a pallas_call takes one
+    vma for all operands. Done outside the custom VJP, whose cotangents must then match the
+    inputs' types: autodiff transposes this cast into the psum that an invariant input needs."""
+    mat = _manual_axis_type(*operands)
+    out = []
+    for x in operands:
+        missing = tuple(sorted(mat.varying - jax.typeof(x).manual_axis_type.varying))
+        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+    return out
+
+
+def _kernel_args(call: _Call, dims: tuple[int, int, int], *operands: jax.Array) -> dict:
+    """Block sizes, output dtype and type (with the operands' manual axes), interpret mode."""
+    tiling = call.tiling.fit(*dims, call.platform)
+    mat = _manual_axis_type(*operands)
+    return dict(
+        block_m=tiling.block_m,
+        block_k=tiling.block_k,
+        block_n=tiling.block_n,
+        out_dtype=call.out_dtype,
+        interpret=call.interpret,
+        out_type=functools.partial(jax.ShapeDtypeStruct, manual_axis_type=mat),
+    )
+
+
+def _gmm_call(call: _Call, lhs, rhs, group_sizes, group_offset) -> jax.Array:
+    num_rows, k_dim = lhs.shape
+    n_dim = rhs.shape[1] if call.transpose_rhs else rhs.shape[2]
+    args = _kernel_args(call, (num_rows, k_dim, n_dim), lhs, rhs, group_sizes, group_offset)
+    visits = make_visits(group_sizes, num_rows, args["block_m"], group_offset, rhs.shape[0])
+    kernels = gmm_gpu if call.platform in GPU_PLATFORMS else gmm_tpu
+    return kernels.gmm(lhs, rhs, visits, transpose_rhs=call.transpose_rhs, **args)
+
+
+def _tgmm_call(call: _Call, lhs, grad, group_sizes, group_offset, num_local) -> jax.Array:
+    num_rows, k_dim = lhs.shape
+    args = _kernel_args(
+        call, (num_rows, k_dim, grad.shape[1]), lhs, grad, group_sizes, group_offset
+    )
+    if call.platform in GPU_PLATFORMS:
+        bounds = local_bounds(group_sizes, num_rows, group_offset, num_local)
+        return gmm_gpu.tgmm(lhs, grad, bounds, num_local, **args)
+    visits = make_visits(group_sizes, num_rows, args["block_m"], group_offset, num_local)
+    return gmm_tpu.tgmm(lhs, grad, visits, num_local, **args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm(call: _Call, lhs, rhs, group_sizes, group_offset):
+    return _gmm_call(call, lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_fwd(call, lhs, rhs, group_sizes, group_offset):
+    return _gmm(call, lhs, rhs, group_sizes, group_offset), (lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_bwd(call, res, d_out):
+    lhs, rhs, group_sizes, group_offset = res
+    # The operands share lhs's dtype (the public `gmm` casts rhs); both kernels accumulate in
+    # float32 and write the gradients in that dtype.
+    d_out = d_out.astype(lhs.dtype)
+    grad_call = dataclasses.replace(call, out_dtype=lhs.dtype)
+    d_lhs = _gmm_call(
+        dataclasses.replace(grad_call, transpose_rhs=not call.transpose_rhs),
+        d_out,
+        rhs,
+        group_sizes,
+        group_offset,
+    )
+    num_local = rhs.shape[0]
+    if call.transpose_rhs:  # rhs[g] is [N, K]: d_rhs[g] = d_out_g.T @ lhs_g.
+        d_rhs = _tgmm_call(grad_call, d_out, lhs, group_sizes, group_offset, num_local)
+    else:
+        d_rhs = _tgmm_call(grad_call, lhs, d_out, group_sizes, group_offset, num_local)
+    return d_lhs, d_rhs, None, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpose_rhs: bool) -> None:
+    k_axis = 2 if transpose_rhs else 1
+    if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[k_axis] != lhs.shape[1]:
+        want = "[G, N, K]" if transpose_rhs else "[G, K, N]"
+        raise ValueError(f"gmm expects lhs [M, K] and rhs {want}, got {lhs.shape}, {rhs.shape}")
+    if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be an integer [G] vector, got {group_sizes}")
+    if group_sizes.shape[0] < rhs.shape[0]:
+        raise ValueError(
+            f"group_sizes has {group_sizes.shape[0]} groups, fewer than rhs's {rhs.shape[0]}"
+        )
+
+
+def _offset(group_offset: jax.Array | int | None) -> jax.Array:
+    return jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
+
+
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    group_offset: jax.Array | int | None = None,
+    transpose_rhs: bool = False,
+    preferred_element_type: Any = None,
+    tiling: Tiling | None = None,
+    interpret: Any = None,
+    platform: str | None = None,
+) -> jax.Array:
+    """out[M, N] = each row times its group's matrix (module docstring); differentiable.
+
+    rhs is [G_local, K, N] ([G_local, N, K] with `transpose_rhs`) and is cast to lhs's dtype;
+    the result has `preferred_element_type` (default lhs's dtype), accumulated in float32.
+    `platform` overrides the backend the kernel is lowered for (default: the default backend);
+    `tiling` defaults to `default_tiling(platform)`.
+    """
+    _check(lhs, rhs, group_sizes, transpose_rhs)
+    platform, interpret = _resolve(platform, interpret)
+    call = _Call(
+        tiling or default_tiling(platform),
+        platform,
+        interpret,
+        transpose_rhs,
+        jnp.dtype(preferred_element_type or lhs.dtype),
+    )
+    operands = _vary_alike(
+        lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
+    )
+    return _gmm(call, *operands)
+
+
+def tgmm(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    num_local: int | None = None,
+    group_offset: jax.Array | int | None = None,
+    preferred_element_type: Any = None,
+    tiling: Tiling | None = None,
+    interpret: Any = None,
+    platform: str | None = None,
+) -> jax.Array:
+    """out[G_local, K, N]: out[g] = lhs_g.T @ grad_g over the rows of local group g (zero if empty).
+
+    G_local = `num_local` (default all G groups) starting at `group_offset`.
+    """
+    if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
+        raise ValueError(f"tgmm expects lhs [M, K] and grad [M, N], got {lhs.shape}, {grad.shape}")
+    platform, interpret = _resolve(platform, interpret)
+    dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    call = _Call(tiling or default_tiling(platform), platform, interpret, False, dtype)
+    num_local = group_sizes.shape[0] if num_local is None else num_local
+    operands = _vary_alike(
+        lhs, grad.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
+    )
+    return _tgmm_call(call, *operands, num_local)
+
+
+def _padded_groups(
+    rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array | int | None, num_rows: int
+) -> tuple[jax.Array, jax.Array]:
+    """rhs with a zero group before and after the local ones, and sizes [pre, local..., post]."""
+    offset = _offset(group_offset)
+    num_local = rhs.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    pre = jnp.sum(jnp.where(jnp.arange(sizes.shape[0]) < offset, sizes, 0))
+    local = local_group_sizes(sizes, offset, num_local)
+    post = num_rows - pre - jnp.sum(local)
+    zero = jnp.zeros_like(rhs[:1])
+    padded_sizes = jnp.concatenate([pre[None], local, jnp.maximum(post, 0)[None]])
+    return jnp.concatenate([zero, rhs, zero]), padded_sizes
+
+
+def gmm_reference(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    group_offset: jax.Array | int | None = None,
+    transpose_rhs: bool = False,
+    preferred_element_type: Any = None,
+    tiling: Tiling | None = None,
+    interpret: Any = None,
+    platform: str | None = None,
+) -> jax.Array:
+    """`gmm` in XLA with `jax.lax.ragged_dot` (same signature; tiling/interpret/platform unused).
+
+    ragged_dot has no working group_offset (jax issue #34168), so the rows outside the local
+    groups form two extra groups with zero weights.
+    """
+    _check(lhs, rhs, group_sizes, transpose_rhs)
+    rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    rhs, sizes = _padded_groups(rhs, group_sizes, group_offset, lhs.shape[0])
+    out = jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), sizes, preferred_element_type=jnp.float32)
+    return out.astype(preferred_element_type or lhs.dtype)
+
+
+def tgmm_reference(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    num_local: int | None = None,
+    group_offset: jax.Array | int | None = None,
+    preferred_element_type: Any = None,
+    tiling: Tiling | None = None,
+    interpret: Any = None,
+    platform: str | None = None,
+) -> jax.Array:
+    """`tgmm` in XLA: a group one-hot [G_local, M] contracted with both operands."""
+    num_local = group_sizes.shape[0] if num_local is None else num_local
+    offset = _offset(group_offset)
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    group_m = jnp.searchsorted(ends, jnp.arange(lhs.shape[0]), side="right") - offset
+    onehot_gm = jax.nn.one_hot(group_m, num_local, dtype=jnp.float32, axis=0)
+    out = jnp.einsum(
+        "gm,mk,mn->gkn",
+        onehot_gm,
+        lhs.astype(jnp.float32),
+        grad.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return out.astype(preferred_element_type or lhs.dtype)
