@@ -35,21 +35,19 @@ def test_two_processes_train_checkpoint_and_match_one_process(tmp_path):
         'PYTHONPATH': str(ROOT),
     }
     port = free_port()
+    logs = [(tmp_path / f'worker{pid}.log').open('w') for pid in range(2)]
     workers = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(port), '2', str(pid), str(tmp_path), str(STEPS)],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.PIPE,
+            # Files, not pipes: nobody reads a pipe while the reference runs, and a full one blocks.
+            stdout=logs[pid],
             stderr=subprocess.STDOUT,
-            text=True,
         )
         for pid in range(2)
     ]
-    for worker in workers:
-        output, _ = worker.communicate(timeout=400)
-        assert worker.returncode == 0, output[-4000:]
-
+    # The one-process reference runs while the workers do (the compiles overlap on the cores).
     graphdef, (trainable, opt_state, rest) = initial_state()
     train_step = jax.jit(step_lib.train_step_fn(graphdef, TRAINS, OPTIM, LOSS))
     losses = []
@@ -58,6 +56,11 @@ def test_two_processes_train_checkpoint_and_match_one_process(tmp_path):
             trainable, opt_state, rest, make_batch(seed=step, image=False), np.int32(step)
         )
         losses.append(float(metrics['loss']))
+    for pid, worker in enumerate(workers):
+        worker.wait(timeout=400)
+        logs[pid].close()
+        output = (tmp_path / f'worker{pid}.log').read_text()
+        assert worker.returncode == 0, output[-4000:]
     np.testing.assert_allclose(
         json.loads((tmp_path / 'losses.json').read_text()), losses, rtol=RTOL
     )
