@@ -24,7 +24,7 @@ demo: $(VENV)/.base
 	$(PY) -m unimoe.main --config=configs/unimoe_tiny.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # Performance scripts (ratios against peers measured in the same process); see benchmarks/RESULTS.md.
 bench: $(VENV)/.test

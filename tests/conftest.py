@@ -52,3 +52,14 @@ def tiny_recipe_run(builtin_test_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp('tiny_recipe') / 'run'
     table = run.run_experiment(config, str(workdir))
     return config, workdir, table
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups for `pytest -n 2 --dist loadgroup` (what `make test` runs): a test file's tests run
+    in one worker, so its module fixtures are built once; every test using the session's tiny
+    recipe run shares one group, so that run is trained once."""
+    for item in items:
+        if item.get_closest_marker('xdist_group') is not None:
+            continue
+        group = 'tiny_recipe' if 'tiny_recipe_run' in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

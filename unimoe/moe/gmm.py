@@ -169,8 +169,9 @@ def tiled_swiglu(
     at a time in cache (the three `tiled_matmul` calls of the unfused path write gate, up and the
     hidden activation out to memory and read them back); the backward pass is one loop too.
     Gate and up run as one [D, 2F] matmul per tile (their weights concatenated once per call, a
-    copy of two banks): on the 2-core CPU that took fwd+bwd from 1.65x to 1.30x a dense FFN at
-    E=64, F=128 and from 1.12x to 0.95x at E=8, F=1024, as small matmuls run below peak.
+    copy of two banks): small matmuls run below the CPU's peak. On the quiet 2-core CPU, A/B in
+    one process, fwd+bwd went from 1.65x to 1.48x a dense FFN at E=64, F=128 and stayed level
+    (0.93x -> 0.95x) at E=8, F=1024.
     """
     return _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t)[0]
 

@@ -23,32 +23,43 @@ PROCESS_ID_ENV = 'UNIMOE_PROCESS_ID'
 _FIELDS = ('auto', 'coordinator_address', 'num_processes', 'process_id', 'local_device_ids')
 
 
-def initialize(distributed: Mapping[str, Any] | None) -> None:
-    """Starts the distributed runtime as `config.distributed` says; a no-op when it is empty."""
+def initialize_arguments(distributed: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`jax.distributed.initialize`'s arguments from `config.distributed`; None = one process."""
     settings = dict(distributed or {})
     if not settings.get('auto') and settings.get('num_processes', 1) <= 1:
-        return  # one process (configs carry the fields with these defaults to allow overrides)
+        return None  # one process (configs carry the fields with these defaults to allow overrides)
     # Empty / unset fields of a config's defaults are not arguments.
     settings = {k: v for k, v in settings.items() if v not in ('', None)}
     unknown = sorted(set(settings) - set(_FIELDS))
     if unknown:
         raise ValueError(f"config.distributed has unknown fields {unknown}; known: {_FIELDS}")
     if settings.pop('auto', False):
+        # num_processes=1 is the configs' one-process default, not a cluster size.
+        if settings.get('num_processes') == 1:
+            del settings['num_processes']
         if settings:
             raise ValueError(
                 f"config.distributed: auto=True detects the cluster; drop {sorted(settings)}"
             )
-    else:
-        if 'process_id' not in settings and PROCESS_ID_ENV in os.environ:
-            settings['process_id'] = int(os.environ[PROCESS_ID_ENV])
-        missing = [
-            k for k in ('coordinator_address', 'num_processes', 'process_id') if k not in settings
-        ]
-        if missing:
-            raise ValueError(
-                f"config.distributed needs {missing} (or auto=True on a TPU pod / Slurm / Open MPI "
-                f"cluster); process_id may also come from ${PROCESS_ID_ENV}"
-            )
+        return {}
+    if 'process_id' not in settings and PROCESS_ID_ENV in os.environ:
+        settings['process_id'] = int(os.environ[PROCESS_ID_ENV])
+    missing = [
+        k for k in ('coordinator_address', 'num_processes', 'process_id') if k not in settings
+    ]
+    if missing:
+        raise ValueError(
+            f"config.distributed needs {missing} (or auto=True on a TPU pod / Slurm / Open MPI "
+            f"cluster); process_id may also come from ${PROCESS_ID_ENV}"
+        )
+    return settings
+
+
+def initialize(distributed: Mapping[str, Any] | None) -> None:
+    """Starts the distributed runtime as `config.distributed` says; a no-op for one process."""
+    settings = initialize_arguments(distributed)
+    if settings is None:
+        return
     if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
         # CPU devices of several processes talk through gloo (TCP); the default has no collectives.
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
