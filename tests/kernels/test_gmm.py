@@ -156,24 +156,31 @@ def test_tpu_kernels_have_no_races_in_the_tpu_simulator():
     np.testing.assert_allclose(grad_w, kgmm.tgmm_reference(x, dy, sizes), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("platform,lowering", [("tpu", "tpu"), ("gpu", "cuda")])
-def test_kernels_lower_for_accelerators(platform, lowering):
-    """Without the hardware: Pallas lowers both kernels (Mosaic / Triton) for the platform."""
+@pytest.mark.parametrize(
+    "platform,gpu_lowering,marker",
+    [
+        ("tpu", None, "@tpu_custom_call("),
+        ("cuda", "triton", "@__gpu$xla.gpu.triton("),
+        ("cuda", "mosaic", "@mosaic_gpu_v2("),
+    ],
+)
+def test_kernels_lower_for_accelerators(platform, gpu_lowering, marker):
+    """Without the hardware: Pallas lowers both kernels (Mosaic TPU / Triton / Mosaic GPU, the
+    last with its layout inference) for the platform."""
     x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16)
     sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
 
     def loss(x, w, sizes):
-        out = kgmm.gmm(x, w, sizes, platform=platform, interpret=False)
+        out = kgmm.gmm(x, w, sizes, platform=platform, interpret=False, gpu_lowering=gpu_lowering)
         return jnp.sum(out.astype(jnp.float32))
 
     text = (
         jax.jit(jax.value_and_grad(loss, (0, 1)))
         .trace(x, w, sizes)
-        .lower(lowering_platforms=(lowering,))
+        .lower(lowering_platforms=(platform,))
         .as_text()
     )
-    marker = "@tpu_custom_call(" if platform == "tpu" else "@__gpu$xla.gpu.triton("
     # Forward gmm, d_lhs gmm (transposed weights) and tgmm.
     assert text.count(marker) == 3, text.count(marker)
 

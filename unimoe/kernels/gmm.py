@@ -9,9 +9,11 @@ the kernel, not in memory) and a tgmm (d_rhs), so it trains. Both accumulate in 
 `group_offset` (expert parallelism): rhs holds only G_local = rhs.shape[0] groups, the global
 groups [group_offset, group_offset + G_local) of `group_sizes`; rows of other groups are zero.
 
-Lowering, chosen by platform: TPU -> Mosaic (`gmm_tpu`), GPU -> Triton (`gmm_gpu`), CPU ->
+Lowering, chosen by platform: TPU -> Mosaic (`gmm_tpu`); GPU -> Mosaic GPU (`gmm_mgpu`) for
+16-bit operands on Hopper, Triton (`gmm_gpu`) otherwise (`gpu_lowering` overrides); CPU ->
 interpret mode only (the TPU kernels under the HLO interpreter, or under the TPU simulator when
-`interpret` is a `pltpu.InterpretParams`). `interpret=None` means interpret on CPU only.
+`interpret` is a `pltpu.InterpretParams`; Mosaic GPU kernels under JAX's GPU interpreter).
+`interpret=None` means interpret on CPU only.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from unimoe.kernels import gmm_gpu, gmm_tpu
+from unimoe.kernels import gmm_gpu, gmm_mgpu, gmm_tpu
 from unimoe.kernels.metadata import local_bounds, local_group_sizes, make_visits
 
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+GPU_LOWERINGS = ("triton", "mosaic")
+# Mosaic GPU blocks: warpgroup MMAs take rows in multiples of 64, and a 128-byte swizzled
+# shared-memory row holds 64 bf16 values.
+MOSAIC_BLOCK_MULTIPLE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +44,17 @@ class Tiling:
     block_k: int = 128
     block_n: int = 128
 
-    def fit(self, num_rows: int, k_dim: int, n_dim: int, platform: str) -> Tiling:
+    def fit(
+        self, num_rows: int, k_dim: int, n_dim: int, platform: str, gpu_lowering: str
+    ) -> Tiling:
         """Blocks no larger than needed: TPU blocks are clipped to the dimension (a block must
         divide into (8, 128) tiles or span the whole dimension); Triton blocks stay powers of two
-        of at least 16 (`tl.dot`'s minimum), their tails masked."""
+        of at least 16 (`tl.dot`'s minimum), their tails masked. Mosaic GPU blocks are kept as
+        given, multiples of 64, and the operands are padded to them."""
+        if platform in GPU_PLATFORMS and gpu_lowering == "mosaic":
+            if any(b % MOSAIC_BLOCK_MULTIPLE for b in dataclasses.astuple(self)):
+                raise ValueError(f"Mosaic GPU blocks must be multiples of 64, got {self}")
+            return self
         gpu = platform in GPU_PLATFORMS
         for name, value in dataclasses.asdict(self).items():
             if value < 1 or (gpu and value & (value - 1)):
@@ -61,11 +74,23 @@ def default_tiling(platform: str | None = None) -> Tiling:
 
     TPU: 128 x 128 x 128, megablox's default: it fills an MXU pass on every generation and keeps
     a straddled tile's waste (at most block_m - 1 masked rows per group boundary) small.
-    GPU (Triton): 128 x 64 x 128, i.e. 128 x 128 output tiles with 64-deep k steps, whose three
-    pipeline stages of bf16 operands (96 KiB) fit the shared memory of Ampere and Hopper.
+    GPU (both lowerings): 128 x 64 x 128, i.e. 128 x 128 output tiles with 64-deep k steps,
+    whose three pipeline stages of bf16 operands (96 KiB) fit the shared memory of Ampere and
+    Hopper; 64 bf16 values are one 128-byte swizzled row for Mosaic GPU.
     """
     platform = platform or jax.default_backend()
     return Tiling(128, 64, 128) if platform in GPU_PLATFORMS else Tiling(128, 128, 128)
+
+
+def default_gpu_lowering(dtype: Any, platform: str) -> str:
+    """'mosaic' for 16-bit operands on a local Hopper GPU (compute capability 9.x, the one
+    with warpgroup MMAs), else 'triton': float32 stays on Triton, where a Hopper MMA would
+    round it to tf32, and lowering for a GPU from a machine without one picks Triton."""
+    if platform not in GPU_PLATFORMS or jnp.dtype(dtype).itemsize != 2:
+        return "triton"
+    devices = jax.devices() if jax.default_backend() in GPU_PLATFORMS else []
+    hopper = bool(devices) and str(getattr(devices[0], "compute_capability", "")).startswith("9")
+    return "mosaic" if hopper else "triton"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +102,30 @@ class _Call:
     interpret: Any
     transpose_rhs: bool
     out_dtype: Any
+    gpu_lowering: str
 
 
-def _resolve(platform: str | None, interpret: Any) -> tuple[str, Any]:
+def _resolve(
+    platform: str | None, interpret: Any, gpu_lowering: str | None, dtype: Any
+) -> tuple[str, Any, str]:
+    """Platform, interpret mode and GPU lowering of a call; interpret=True for a Mosaic GPU
+    kernel means JAX's GPU interpreter."""
     platform = platform or jax.default_backend()
     if interpret is None:
         interpret = platform == "cpu"
     if platform == "cpu" and not interpret:
         raise ValueError("Pallas kernels run on CPU only in interpret mode (interpret=True)")
-    return platform, interpret
+    gpu_lowering = gpu_lowering or default_gpu_lowering(dtype, platform)
+    if gpu_lowering not in GPU_LOWERINGS:
+        raise ValueError(f"gpu_lowering must be one of {GPU_LOWERINGS}, got {gpu_lowering!r}")
+    if gpu_lowering == "mosaic" and jnp.dtype(dtype).itemsize != 2:
+        raise ValueError(f"Mosaic GPU kernels take 16-bit operands (bf16 / f16), got {dtype}")
+    if gpu_lowering == "mosaic" and interpret is True:
+        # JAX 0.10.2 exports the GPU interpreter's parameters only from this private module.
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        interpret = InterpretGPUParams()
+    return platform, interpret, gpu_lowering
 
 
 def _manual_axis_type(*operands: jax.Array):
@@ -110,7 +150,7 @@ def _vary_alike(*operands: jax.Array) -> list[jax.Array]:
 
 def _kernel_args(call: _Call, dims: tuple[int, int, int], *operands: jax.Array) -> dict:
     """Block sizes, output dtype and type (with the operands' manual axes), interpret mode."""
-    tiling = call.tiling.fit(*dims, call.platform)
+    tiling = call.tiling.fit(*dims, call.platform, call.gpu_lowering)
     mat = _manual_axis_type(*operands)
     return dict(
         block_m=tiling.block_m,
@@ -122,10 +162,29 @@ def _kernel_args(call: _Call, dims: tuple[int, int, int], *operands: jax.Array) 
     )
 
 
+def _pad_to(x: jax.Array, blocks: dict[int, int]) -> jax.Array:
+    """x zero-padded at the end of each axis in `blocks` to a multiple of that block."""
+    pads = [(0, -x.shape[a] % blocks[a] if a in blocks else 0) for a in range(x.ndim)]
+    return jnp.pad(x, pads) if any(hi for _, hi in pads) else x
+
+
+def _mosaic_gmm(call: _Call, args: dict, lhs, rhs, group_sizes, group_offset) -> jax.Array:
+    """gmm_mgpu.gmm on operands padded to whole blocks, the result cut back to [M, N]."""
+    bm, bk, bn = args["block_m"], args["block_k"], args["block_n"]
+    num_rows, n_dim = lhs.shape[0], rhs.shape[1] if call.transpose_rhs else rhs.shape[2]
+    lhs = _pad_to(lhs, {0: bm, 1: bk})
+    rhs = _pad_to(rhs, {1: bn, 2: bk} if call.transpose_rhs else {1: bk, 2: bn})
+    visits = make_visits(group_sizes, lhs.shape[0], bm, group_offset, rhs.shape[0])
+    out = gmm_mgpu.gmm(lhs, rhs, visits, transpose_rhs=call.transpose_rhs, **args)
+    return out[:num_rows, :n_dim]
+
+
 def _gmm_call(call: _Call, lhs, rhs, group_sizes, group_offset) -> jax.Array:
     num_rows, k_dim = lhs.shape
     n_dim = rhs.shape[1] if call.transpose_rhs else rhs.shape[2]
     args = _kernel_args(call, (num_rows, k_dim, n_dim), lhs, rhs, group_sizes, group_offset)
+    if call.platform in GPU_PLATFORMS and call.gpu_lowering == "mosaic":
+        return _mosaic_gmm(call, args, lhs, rhs, group_sizes, group_offset)
     visits = make_visits(group_sizes, num_rows, args["block_m"], group_offset, rhs.shape[0])
     kernels = gmm_gpu if call.platform in GPU_PLATFORMS else gmm_tpu
     return kernels.gmm(lhs, rhs, visits, transpose_rhs=call.transpose_rhs, **args)
@@ -133,9 +192,13 @@ def _gmm_call(call: _Call, lhs, rhs, group_sizes, group_offset) -> jax.Array:
 
 def _tgmm_call(call: _Call, lhs, grad, group_sizes, group_offset, num_local) -> jax.Array:
     num_rows, k_dim = lhs.shape
-    args = _kernel_args(
-        call, (num_rows, k_dim, grad.shape[1]), lhs, grad, group_sizes, group_offset
-    )
+    n_dim = grad.shape[1]
+    args = _kernel_args(call, (num_rows, k_dim, n_dim), lhs, grad, group_sizes, group_offset)
+    if call.platform in GPU_PLATFORMS and call.gpu_lowering == "mosaic":
+        bm, bk, bn = args["block_m"], args["block_k"], args["block_n"]
+        bounds = local_bounds(group_sizes, num_rows, group_offset, num_local)
+        lhs, grad = _pad_to(lhs, {0: bm, 1: bk}), _pad_to(grad, {0: bm, 1: bn})
+        return gmm_mgpu.tgmm(lhs, grad, bounds, num_local, **args)[:, :k_dim, :n_dim]
     if call.platform in GPU_PLATFORMS:
         bounds = local_bounds(group_sizes, num_rows, group_offset, num_local)
         return gmm_gpu.tgmm(lhs, grad, bounds, num_local, **args)
@@ -204,22 +267,25 @@ def gmm(
     tiling: Tiling | None = None,
     interpret: Any = None,
     platform: str | None = None,
+    gpu_lowering: str | None = None,
 ) -> jax.Array:
     """out[M, N] = each row times its group's matrix (module docstring); differentiable.
 
     rhs is [G_local, K, N] ([G_local, N, K] with `transpose_rhs`) and is cast to lhs's dtype;
     the result has `preferred_element_type` (default lhs's dtype), accumulated in float32.
     `platform` overrides the backend the kernel is lowered for (default: the default backend);
-    `tiling` defaults to `default_tiling(platform)`.
+    `tiling` defaults to `default_tiling(platform)`; `gpu_lowering` ('triton' | 'mosaic')
+    defaults to `default_gpu_lowering`.
     """
     _check(lhs, rhs, group_sizes, transpose_rhs)
-    platform, interpret = _resolve(platform, interpret)
+    platform, interpret, gpu_lowering = _resolve(platform, interpret, gpu_lowering, lhs.dtype)
     call = _Call(
         tiling or default_tiling(platform),
         platform,
         interpret,
         transpose_rhs,
         jnp.dtype(preferred_element_type or lhs.dtype),
+        gpu_lowering,
     )
     operands = _vary_alike(
         lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
@@ -238,6 +304,7 @@ def tgmm(
     tiling: Tiling | None = None,
     interpret: Any = None,
     platform: str | None = None,
+    gpu_lowering: str | None = None,
 ) -> jax.Array:
     """out[G_local, K, N]: out[g] = lhs_g.T @ grad_g over the rows of local group g (zero if empty).
 
@@ -245,9 +312,10 @@ def tgmm(
     """
     if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
         raise ValueError(f"tgmm expects lhs [M, K] and grad [M, N], got {lhs.shape}, {grad.shape}")
-    platform, interpret = _resolve(platform, interpret)
+    platform, interpret, gpu_lowering = _resolve(platform, interpret, gpu_lowering, lhs.dtype)
     dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    call = _Call(tiling or default_tiling(platform), platform, interpret, False, dtype)
+    tiling = tiling or default_tiling(platform)
+    call = _Call(tiling, platform, interpret, False, dtype, gpu_lowering)
     num_local = group_sizes.shape[0] if num_local is None else num_local
     operands = _vary_alike(
         lhs, grad.astype(lhs.dtype), group_sizes.astype(jnp.int32), _offset(group_offset)
@@ -281,8 +349,9 @@ def gmm_reference(
     tiling: Tiling | None = None,
     interpret: Any = None,
     platform: str | None = None,
+    gpu_lowering: str | None = None,
 ) -> jax.Array:
-    """`gmm` in XLA with `jax.lax.ragged_dot` (same signature; tiling/interpret/platform unused).
+    """`gmm` in XLA with `jax.lax.ragged_dot` (same signature; the kernel arguments unused).
 
     ragged_dot has no working group_offset (jax issue #34168), so the rows outside the local
     groups form two extra groups with zero weights.
@@ -305,6 +374,7 @@ def tgmm_reference(
     tiling: Tiling | None = None,
     interpret: Any = None,
     platform: str | None = None,
+    gpu_lowering: str | None = None,
 ) -> jax.Array:
     """`tgmm` in XLA: a group one-hot [G_local, M] contracted with both operands."""
     num_local = group_sizes.shape[0] if num_local is None else num_local
