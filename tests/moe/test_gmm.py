@@ -119,7 +119,7 @@ def test_tiled_swiglu_bfloat16_rows_float32_weights():
     x_tcd = jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.bfloat16)
     w_gate, w_up = (jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32) for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
-    tile_expert_t = jnp.array([1, 0])
+    tile_expert_t = jnp.array([0, 1])
     grads = jax.grad(
         lambda x, *w: tiled_swiglu(x, *w, tile_expert_t).astype(jnp.float32).sum(),
         argnums=(0, 1, 2, 3),
@@ -128,5 +128,5 @@ def test_tiled_swiglu_bfloat16_rows_float32_weights():
     assert [g.dtype for g in grads] == [jnp.bfloat16] + [jnp.float32] * 3
     x32 = np.asarray(x_tcd, np.float32)
     y = tiled_swiglu(x_tcd, w_gate, w_up, w_down, tile_expert_t)
-    want = swiglu_np(x32[0], *(np.asarray(w[1]) for w in (w_gate, w_up, w_down)))
-    np.testing.assert_allclose(np.asarray(y[0], np.float32), want, rtol=0.05, atol=0.25)
+    want = swiglu_np(x32[1], *(np.asarray(w[1]) for w in (w_gate, w_up, w_down)))
+    np.testing.assert_allclose(np.asarray(y[1], np.float32), want, rtol=0.05, atol=0.25)

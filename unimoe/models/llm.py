@@ -244,14 +244,19 @@ def masked_attention(
     The attention math of both training (`causal_attention`, per query block) and cached decoding
     (`kv_cache.decode_step`, one query against the cache), so the two cannot drift apart.
     """
-    scores_bgrts = jnp.einsum("bgrtd,bgsd->bgrts", q_bgrtd, k_bgsd).astype(jnp.float32)
+    # The R query heads of a kv head share its keys, so (R, T) is folded into one row axis: two
+    # 4-D batched matmuls, which XLA:CPU runs ~20% faster than the 5-D einsums.
+    batch, groups, reps, seq, head_dim = q_bgrtd.shape
+    q_bgqd = q_bgrtd.reshape(batch, groups, reps * seq, head_dim)
+    scores_bgqs = jnp.einsum("bgqd,bgsd->bgqs", q_bgqd, k_bgsd).astype(jnp.float32)
     scores_bgrts = jnp.where(
         allowed_bts[:, None, None],
-        scores_bgrts * (1.0 / math.sqrt(q_bgrtd.shape[-1])),
+        scores_bgqs.reshape(batch, groups, reps, seq, -1) * (1.0 / math.sqrt(head_dim)),
         jnp.finfo(jnp.float32).min,
     )
     probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(v_bgsd.dtype)
-    return jnp.einsum("bgrts,bgsd->bgrtd", probs_bgrts, v_bgsd)
+    out_bgqd = jnp.einsum("bgqs,bgsd->bgqd", probs_bgrts.reshape(scores_bgqs.shape), v_bgsd)
+    return out_bgqd.reshape(q_bgrtd.shape)
 
 
 class Attention(nnx.Module):

@@ -155,6 +155,14 @@ def _tiled_matmul_bwd(res, dy_tcj):
 tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
+def _expert_tile_ranges(tile_expert_t: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """First and one-past-last tile of each expert; tiles are sorted by expert (`tile_layout`)."""
+    experts_e = jnp.arange(num_experts, dtype=tile_expert_t.dtype)
+    first_e = jnp.searchsorted(tile_expert_t, experts_e, side="left")
+    end_e = jnp.searchsorted(tile_expert_t, experts_e, side="right")
+    return first_e, end_e
+
+
 @jax.custom_vjp
 def tiled_swiglu(
     x_tcd: jax.Array,
@@ -165,13 +173,13 @@ def tiled_swiglu(
 ) -> jax.Array:
     """y_tcd[t] = SwiGLU of tile t with expert tile_expert_t[t]'s weights, tiles of expert E zero.
 
-    The whole FFN runs inside one loop over tiles, so the [rows, F] activations only exist a tile
-    at a time in cache (the three `tiled_matmul` calls of the unfused path write gate, up and the
-    hidden activation out to memory and read them back); the backward pass is one loop too.
-    Gate and up run as one [D, 2F] matmul per tile (their weights concatenated once per call, a
-    copy of two banks): small matmuls run below the CPU's peak. On the quiet 2-core CPU, A/B in
-    one process, fwd+bwd went from 1.65x to 1.48x a dense FFN at E=64, F=128 and stayed level
-    (0.93x -> 0.95x) at E=8, F=1024.
+    Tiles must be sorted by expert, as `tile_layout` makes them. The whole FFN runs in one loop
+    over experts with an inner loop over that expert's tiles, so the [rows, F] activations only
+    exist a tile at a time in cache, and each expert's weights are sliced once per call rather
+    than once per tile (a 4 MiB copy per tile at D=512, 2F=2048). The backward pass has the same
+    two loops and sums each expert's weight gradient in the inner loop's carry.
+    Gate and up run as one [D, 2F] matmul per tile (their weights concatenated once per call).
+    Measurements: docs/design.md, "Grouped matmul on CPU".
     """
     return _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t)[0]
 
@@ -180,20 +188,30 @@ def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t):
     num_experts, _, ffn_dim = w_gate_edf.shape
     dtype = x_tcd.dtype
     w_gate_up_ed2f = jnp.concatenate([w_gate_edf, w_up_edf], axis=-1).astype(dtype)
+    first_e, end_e = _expert_tile_ranges(tile_expert_t, num_experts)
 
-    def tile_ffn(x_cd, expert):
-        gate_up_c2f = x_cd @ w_gate_up_ed2f[expert]
-        hidden_cf = jax.nn.silu(gate_up_c2f[:, :ffn_dim]) * gate_up_c2f[:, ffn_dim:]
-        return hidden_cf @ w_down_efd[expert].astype(dtype), gate_up_c2f
+    def expert_step(carry, xs):
+        w_gate_up_d2f, w_down_fd, first, end = xs
+        w_down_fd = w_down_fd.astype(dtype)
 
-    def skip(x_cd, expert):
-        return jnp.zeros_like(x_cd), jnp.zeros_like(x_cd, shape=(x_cd.shape[0], 2 * ffn_dim))
+        def tile_step(t, carry):
+            y_tcd, gate_up_tc2f = carry
+            x_cd = jax.lax.dynamic_index_in_dim(x_tcd, t, keepdims=False)
+            gate_up_c2f = x_cd @ w_gate_up_d2f
+            hidden_cf = jax.nn.silu(gate_up_c2f[:, :ffn_dim]) * gate_up_c2f[:, ffn_dim:]
+            y_tcd = jax.lax.dynamic_update_index_in_dim(y_tcd, hidden_cf @ w_down_fd, t, 0)
+            gate_up_tc2f = jax.lax.dynamic_update_index_in_dim(gate_up_tc2f, gate_up_c2f, t, 0)
+            return y_tcd, gate_up_tc2f
 
-    def step(_, xs):
-        x_cd, expert = xs
-        return None, jax.lax.cond(expert < num_experts, tile_ffn, skip, x_cd, expert)
+        return jax.lax.fori_loop(first, end, tile_step, carry), None
 
-    y_tcd, gate_up_tc2f = jax.lax.scan(step, None, (x_tcd, tile_expert_t))[1]
+    # Tiles of the sentinel expert E are in no expert's range and keep these zeros.
+    carry = (
+        jnp.zeros_like(x_tcd),
+        jnp.zeros_like(x_tcd, shape=(*x_tcd.shape[:2], 2 * ffn_dim)),
+    )
+    xs = (w_gate_up_ed2f, w_down_efd, first_e, end_e)
+    y_tcd, gate_up_tc2f = jax.lax.scan(expert_step, carry, xs)[0]
     res = (x_tcd, w_gate_up_ed2f, w_down_efd, tile_expert_t, gate_up_tc2f)
     return y_tcd, res
 
@@ -205,41 +223,43 @@ def _tiled_swiglu_bwd(res, dy_tcd):
     ffn_dim = two_ffn // 2
     dtype = x_tcd.dtype
     f32 = jnp.float32
+    dy_tcd = dy_tcd.astype(dtype)
+    first_e, end_e = _expert_tile_ranges(tile_expert_t, num_experts)
 
-    def tile_grads(x_cd, dy_cd, gate_up_c2f, expert):
-        gate_cf, up_cf = gate_up_c2f[:, :ffn_dim], gate_up_c2f[:, ffn_dim:]
-        sig_cf = jax.nn.sigmoid(gate_cf)
-        silu_cf = gate_cf * sig_cf
-        dy_cd = dy_cd.astype(dtype)
-        d_hidden_cf = dy_cd @ w_down_efd[expert].astype(dtype).T
-        d_gate_up_c2f = jnp.concatenate(
-            [d_hidden_cf * up_cf * sig_cf * (1 + gate_cf * (1 - sig_cf)), d_hidden_cf * silu_cf],
-            axis=-1,
-        )
-        return (
-            d_gate_up_c2f @ w_gate_up_ed2f[expert].T,
-            (x_cd.T @ d_gate_up_c2f).astype(f32),
-            ((silu_cf * up_cf).T @ dy_cd).astype(f32),
-        )
+    def expert_step(dx_tcd, xs):
+        w_gate_up_2fd, w_down_df, first, end = xs
+        w_down_df = w_down_df.astype(dtype)
 
-    def skip(x_cd, dy_cd, gate_up_c2f, expert):
-        return (
-            jnp.zeros_like(x_cd),
-            jnp.zeros_like(x_cd, f32, shape=(dim, two_ffn)),
-            jnp.zeros_like(x_cd, f32, shape=w_down_efd.shape[1:]),
-        )
+        def tile_step(t, carry):
+            dx_tcd, dw_gate_up_d2f, dw_down_fd = carry
+            x_cd, dy_cd, gate_up_c2f = (
+                jax.lax.dynamic_index_in_dim(a, t, keepdims=False)
+                for a in (x_tcd, dy_tcd, gate_up_tc2f)
+            )
+            gate_cf, up_cf = gate_up_c2f[:, :ffn_dim], gate_up_c2f[:, ffn_dim:]
+            sig_cf = jax.nn.sigmoid(gate_cf)
+            silu_cf = gate_cf * sig_cf
+            d_hidden_cf = dy_cd @ w_down_df
+            d_gate_up_c2f = jnp.concatenate(
+                [
+                    d_hidden_cf * up_cf * sig_cf * (1 + gate_cf * (1 - sig_cf)),
+                    d_hidden_cf * silu_cf,
+                ],
+                axis=-1,
+            )
+            dx_cd = d_gate_up_c2f @ w_gate_up_2fd
+            return (
+                jax.lax.dynamic_update_index_in_dim(dx_tcd, dx_cd, t, 0),
+                dw_gate_up_d2f + (x_cd.T @ d_gate_up_c2f).astype(f32),
+                dw_down_fd + ((silu_cf * up_cf).T @ dy_cd).astype(f32),
+            )
 
-    def step(dw, xs):
-        expert = xs[-1]
-        dx_cd, *blocks = jax.lax.cond(expert < num_experts, tile_grads, skip, *xs)
-        dw = tuple(
-            _accumulate_block(dw_e, expert, block, num_experts) for dw_e, block in zip(dw, blocks)
-        )
-        return dw, dx_cd
+        zeros = (jnp.zeros_like(w_gate_up_2fd.T, f32), jnp.zeros_like(w_down_df.T, f32))
+        dx_tcd, *dw = jax.lax.fori_loop(first, end, tile_step, (dx_tcd, *zeros))
+        return dx_tcd, tuple(dw)
 
-    dw0 = (jnp.zeros_like(w_gate_up_ed2f, f32), jnp.zeros_like(w_down_efd, f32))
-    xs = (x_tcd, dy_tcd, gate_up_tc2f, tile_expert_t)
-    (dw_gate_up, dw_down), dx_tcd = jax.lax.scan(step, dw0, xs)
+    xs = (jnp.swapaxes(w_gate_up_ed2f, 1, 2), jnp.swapaxes(w_down_efd, 1, 2), first_e, end_e)
+    dx_tcd, (dw_gate_up, dw_down) = jax.lax.scan(expert_step, jnp.zeros_like(x_tcd), xs)
     return (
         dx_tcd,
         dw_gate_up[..., :ffn_dim].astype(w_dtype),
