@@ -31,9 +31,15 @@ from unimoe.kernels.metadata import Visits, num_visits
 # Shared memory per stage at the default 128 x 64 x 128 bf16 blocks is 32 KiB; three stages plus
 # a float32 output tile (64 KiB) stay well inside Hopper's 227 KiB.
 MAX_CONCURRENT_STEPS = 3
-# Persistent grid: one program per SM. H100 SXM has 132; querying the device would tie lowering
-# to a local GPU, and lowering for 'cuda' must also work on a machine without one.
-NUM_PROGRAMS = 132
+# Persistent grid: one program per SM of the local GPU. Lowering for 'cuda' on a machine without
+# one (tests, ahead-of-time lowering) assumes an H100 SXM's 132.
+H100_SXM_SMS = 132
+
+
+def _num_programs() -> int:
+    if jax.default_backend() == "gpu":
+        return int(getattr(jax.devices()[0], "core_count", H100_SXM_SMS))
+    return H100_SXM_SMS
 
 
 def _compiler_params():
@@ -44,7 +50,7 @@ def _kernel(body, out_type, interpret):
     return plgpu.kernel(
         body,
         out_type=out_type,
-        grid=(NUM_PROGRAMS,),
+        grid=(_num_programs(),),
         grid_names=("sm",),
         compiler_params=_compiler_params(),
         interpret=interpret,
