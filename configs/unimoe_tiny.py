@@ -38,7 +38,11 @@ blocked attention and huge pages, dataset cached, machine otherwise idle: 8 min 
 fused expert kernel sums in another order. After generation moved to the KV cache and the
 trainer gained the non-finite guard and RNG-state checkpoints (issues 8, 10), on a clean clone
 with the venv installed: 9 min 19 s, experiment 553 s; stage-2 rows bit-identical, s3_moe
-30.0 / 51.7 / 71.7 / 96.7 / 88.3 / 45.0, a question or two per task from the previous run.)
+30.0 / 51.7 / 71.7 / 96.7 / 88.3 / 45.0, a question or two per task from the previous run.
+After `Linear` switched to 2-D matmuls (another summation order), clean clone, venv installed,
+machine partly shared: 10 min 57 s, experiment 649 s. Every row moves by at most four questions
+of 60: s2_image 15.0 / 53.3 / 48.3 / 11.7 / 35.0 / 11.7, s2_speech 31.7 on image_qa, s2_audio
+5.0 on image_qa, s3_moe 25.0 / 51.7 / 75.0 / 95.0 / 88.3 / 51.7.)
 """
 
 import os
