@@ -30,6 +30,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/train_blocks.py
 	$(PY) benchmarks/generate.py
 
 clean:

@@ -22,6 +22,7 @@ EXPECTED_KEYS = {
         'R_onehot',
         'R_torch_hf',
     ],
+    'train_blocks.py': ['attention', 'moe', 'head'],
     'train_step.py': ['train_speedup'],
 }
 

@@ -1,0 +1,152 @@
+"""Where the whole-step gap to PyTorch is: each block of `train_step.py`'s model against HF's.
+
+Forward+backward (gradients of sum(out**2) for every parameter and the input), float32, CPU, of
+one block of the `train_step.py` model on its batch (B x T tokens), ours (jitted) against the
+Hugging Face Mixtral module of the same shape at 2 torch threads:
+- attention: `llm.Attention` (projections, RoPE, blocked causal softmax) vs `MixtralAttention`
+  (sdpa, causal);
+- moe: `MoELayer` (softmax -> top-2 -> renormalized, dropless) vs `MixtralSparseMoeBlock`
+  (grouped_mm experts);
+- head: LM head (`lora.Linear`) + next-token cross-entropy (`train.step.next_token_loss`) vs
+  `nn.Linear` + `F.cross_entropy`.
+All variants run in this one process, interleaved round by round; each time is the median over
+rounds. A whole step is about num_layers * (attention + moe) + head, plus norms and the optimizer.
+
+    python benchmarks/train_blocks.py            # train_step.py's FULL shape
+    python benchmarks/train_blocks.py --quick    # its QUICK shape: a smoke run
+
+The last line is `RESULT attention=<x> moe=<y> head=<z>`: our time / torch's time per block
+(below 1 = ours faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from train_step import FULL, QUICK, Shape
+
+from unimoe.models.llm import Attention, LLMConfig
+from unimoe.models.lora import Linear
+from unimoe.moe.layer import MoEConfig, MoELayer
+from unimoe.train.step import next_token_loss
+
+
+def ours(shape: Shape) -> dict[str, Callable[[], object]]:
+    """name -> thunk running one jitted fwd+bwd of our block."""
+    moe_cfg = MoEConfig(
+        num_experts=shape.num_experts, top_k=shape.top_k, router="softmax_topk", renormalize=True
+    )
+    cfg = LLMConfig(
+        vocab_size=shape.vocab,
+        dim=shape.dim,
+        num_layers=1,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_heads,
+        ffn_dim=shape.ffn_dim,
+    )
+    keys = jax.random.split(jax.random.key(0), 2)
+    x_btd = jax.random.normal(keys[0], (shape.batch, shape.seq, shape.dim))
+    tokens_bt = jax.random.randint(keys[1], (shape.batch, shape.seq), 0, shape.vocab)
+    mask_bt = jnp.ones((shape.batch, shape.seq), jnp.int32)
+    head = Linear(shape.dim, shape.vocab, rngs=nnx.Rngs(2))
+
+    def head_loss(m, x):
+        return next_token_loss(m(x).astype(jnp.float32), tokens_bt, mask_bt)[0]
+
+    blocks = {
+        "attention": (Attention(cfg, rngs=nnx.Rngs(0)), lambda m, x: jnp.sum(m(x, mask_bt) ** 2)),
+        "moe": (
+            MoELayer(shape.dim, moe_cfg, ffn_dim=shape.ffn_dim, rngs=nnx.Rngs(1)),
+            lambda m, x: jnp.sum(m(x, mask_bt)[0] ** 2),
+        ),
+        "head": (head, head_loss),
+    }
+    thunks = {}
+    for name, (module, loss) in blocks.items():
+        grads = nnx.jit(nnx.grad(loss, argnums=(0, 1)))
+        thunks[name] = lambda g=grads, m=module: jax.block_until_ready(g(m, x_btd))
+    return thunks
+
+
+def torch_blocks(shape: Shape) -> dict[str, Callable[[], object]]:
+    """name -> thunk running one fwd+bwd of the Hugging Face module."""
+    import torch
+    from transformers import MixtralConfig
+    from transformers.models.mixtral import modeling_mixtral as hf
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.dim,
+        intermediate_size=shape.ffn_dim,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        num_local_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
+        max_position_embeddings=max(shape.seq, 128),
+    )
+    # What MixtralForCausalLM picks on this CPU (its standalone blocks default to neither).
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = "grouped_mm"
+    attention, moe = hf.MixtralAttention(cfg, 0), hf.MixtralSparseMoeBlock(cfg)
+    head = torch.nn.Linear(shape.dim, shape.vocab, bias=False)
+    x = torch.randn(shape.batch, shape.seq, shape.dim, requires_grad=True)
+    positions = torch.arange(shape.seq)[None].expand(shape.batch, -1)
+    cos_sin = hf.MixtralRotaryEmbedding(cfg)(x, positions)
+    labels = torch.randint(0, shape.vocab, (shape.batch * shape.seq,))
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(loss_fn):
+        def thunk():
+            x.grad = None
+            loss_fn().backward()
+
+        return thunk
+
+    return {
+        "attention": run(lambda: (attention(x, cos_sin, None)[0] ** 2).sum()),
+        "moe": run(lambda: (first(moe(x)) ** 2).sum()),
+        "head": run(lambda: torch.nn.functional.cross_entropy(head(x).flatten(0, 1), labels)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="train_step.py's QUICK shape")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    args = parser.parse_args()
+    shape = QUICK if args.quick else FULL
+    print(f"jax {jax.__version__} on {jax.default_backend()}; shape {shape}; fwd+bwd, float32")
+    sides = {"ours": ours(shape), "torch": torch_blocks(shape)}
+    thunks = {(side, name): t for side, blocks in sides.items() for name, t in blocks.items()}
+    for thunk in thunks.values():  # compile / warm up
+        thunk()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in thunks}
+    for _ in range(args.rounds):
+        for key, thunk in thunks.items():
+            start = time.perf_counter()
+            thunk()
+            times[key].append(time.perf_counter() - start)
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    print(f"{'block':<12}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}")
+    ratios = {}
+    for name in sides["ours"]:
+        ratios[name] = med["ours", name] / med["torch", name]
+        print(
+            f"{name:<12}{1e3 * med['ours', name]:>10.1f}{1e3 * med['torch', name]:>10.1f}"
+            f"{ratios[name]:>8.2f}"
+        )
+    print("RESULT " + " ".join(f"{name}={r:.3f}" for name, r in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
