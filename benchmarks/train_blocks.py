@@ -29,7 +29,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from train_step import FULL, QUICK, Shape
+from train_step import FULL, QUICK, Shape, mixtral_config
 
 from unimoe.models.llm import Attention, LLMConfig
 from unimoe.models.lora import Linear
@@ -77,21 +77,11 @@ def ours(shape: Shape) -> dict[str, Callable[[], object]]:
 def torch_blocks(shape: Shape) -> dict[str, Callable[[], object]]:
     """name -> thunk running one fwd+bwd of the Hugging Face module."""
     import torch
-    from transformers import MixtralConfig
     from transformers.models.mixtral import modeling_mixtral as hf
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    cfg = MixtralConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.dim,
-        intermediate_size=shape.ffn_dim,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_heads,
-        num_local_experts=shape.num_experts,
-        num_experts_per_tok=shape.top_k,
-        max_position_embeddings=max(shape.seq, 128),
-    )
+    cfg = mixtral_config(shape)
     # What MixtralForCausalLM picks on this CPU (its standalone blocks default to neither).
     cfg._attn_implementation = "sdpa"
     cfg._experts_implementation = "grouped_mm"

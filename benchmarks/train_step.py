@@ -140,13 +140,11 @@ def make_ours(shape: Shape, tokens_bt: np.ndarray):
 # peer (PyTorch / Hugging Face Mixtral)
 
 
-def make_torch(shape: Shape, tokens_bt: np.ndarray):
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+def mixtral_config(shape: Shape):
+    """The HF `MixtralConfig` of `shape` (kv heads = heads, untied head, no sliding window)."""
+    from transformers import MixtralConfig
 
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    cfg = MixtralConfig(
+    return MixtralConfig(
         vocab_size=shape.vocab,
         hidden_size=shape.dim,
         intermediate_size=shape.ffn_dim,
@@ -162,7 +160,15 @@ def make_torch(shape: Shape, tokens_bt: np.ndarray):
         use_cache=False,
         tie_word_embeddings=False,
     )
-    model = MixtralForCausalLM(cfg).float().train()
+
+
+def make_torch(shape: Shape, tokens_bt: np.ndarray):
+    import torch
+    from transformers import MixtralForCausalLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(mixtral_config(shape)).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
     tokens = torch.from_numpy(tokens_bt.astype(np.int64))
     mask = torch.ones_like(tokens)
