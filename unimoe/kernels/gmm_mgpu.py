@@ -185,8 +185,7 @@ def tgmm(
     out_type,
 ) -> jax.Array:
     """Same contract as `gmm_gpu.tgmm`, with M, K and N multiples of their blocks."""
-    num_rows, k_dim = lhs.shape
-    n_dim = grad.shape[1]
+    k_dim, n_dim = lhs.shape[1], grad.shape[1]
     tiles_k, tiles_n = k_dim // block_k, n_dim // block_n
     starts, ends = bounds
 
@@ -212,13 +211,7 @@ def tgmm(
                         lhs_smem[...] = jnp.where(in_group, lhs_smem[...], 0).astype(lhs_smem.dtype)
                         plgpu.commit_smem()
 
-                    _mma(
-                        acc_ref,
-                        lhs_smem,
-                        grad_smem,
-                        transpose="a",
-                        interpret=interpret,
-                    )
+                    _mma(acc_ref, lhs_smem, grad_smem, transpose="a", interpret=interpret)
 
                 @pl.when(end > start)
                 def _row_loop():
