@@ -54,10 +54,17 @@ def tiny_recipe_run(builtin_test_data, tmp_path_factory):
     return config, workdir, table
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Groups for `pytest -n 2 --dist loadgroup` (what `make test` runs): a test file's tests run
     in one worker, so its module fixtures are built once; every test using the session's tiny
-    recipe run shares one group, so that run is trained once."""
+    recipe run shares one group, so that run is trained once.
+
+    xdist's worker turns these marks into the `@group` suffix of the node ids in its own hook of
+    the same name, so ours runs first (`tryfirst`). With pytest 9.2 that suffix is lost (setup.cfg
+    pins pytest below it): every test was then scheduled alone, and both workers trained the tiny
+    recipe (two 190 s runs, measured).
+    """
     for item in items:
         if item.get_closest_marker('xdist_group') is not None:
             continue
