@@ -13,6 +13,8 @@ def test_default_tile_is_a_quarter_of_a_balanced_group_within_bounds():
     assert default_tile(32768, 64) == 128  # fine-grained: 512 rows per expert
     assert default_tile(2048, 16) == 32  # 128 rows per expert
     assert default_tile(13, 3) == 8  # tiny: the floor
+    assert default_tile(8192, 8, max_tile=64) == 64  # the fused SwiGLU's cap (`tile_for`)
+    assert default_tile(2048, 16, max_tile=64) == 32
 
 
 def test_tile_layout_marks_the_tiles_past_the_last_group():
@@ -82,24 +84,27 @@ def swiglu_np(x, w_gate, w_up, w_down):
     return (gate / (1 + np.exp(-gate)) * (x @ w_up)) @ w_down
 
 
-def test_tiled_swiglu_values_and_gradients_match_autodiff_of_a_per_tile_loop():
+# Chunks of 1 tile (tile by tile), of 2 (expert 0: one chunk; expert 2: a chunk, then a tile)
+# and of 3 (expert 0: too few tiles, two single tiles; expert 2: one chunk).
+@pytest.mark.parametrize('chunk_rows', [3, 6, 9])
+def test_tiled_swiglu_values_and_gradients_match_autodiff_of_a_per_tile_loop(chunk_rows):
     rng = np.random.default_rng(2)
-    # 5 tiles of 3 rows, D = 4, F = 6, E = 3: expert 1 owns no tile, tile 4 is a sentinel (E).
-    x_tcd = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
+    # 6 tiles of 3 rows, D = 4, F = 6, E = 3: expert 1 owns no tile, tile 5 is a sentinel (E).
+    x_tcd = jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)
     w_gate, w_up = (jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32) for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
-    dy_tcd = jnp.asarray(rng.normal(size=(5, 3, 4)), jnp.float32)
-    tile_expert_t = jnp.array([0, 0, 2, 2, 3])
+    dy_tcd = jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)
+    tile_expert_t = jnp.array([0, 0, 2, 2, 2, 3])
 
     def loop(x_tcd, w_gate, w_up, w_down):
         tiles = [
             jax.nn.silu(x_tcd[t] @ w_gate[e]) * (x_tcd[t] @ w_up[e]) @ w_down[e]
-            for t, e in enumerate([0, 0, 2, 2])
+            for t, e in enumerate([0, 0, 2, 2, 2])
         ]
         return jnp.stack([*tiles, jnp.zeros((3, 4))])
 
     def fused(x_tcd, w_gate, w_up, w_down):
-        return tiled_swiglu(x_tcd, w_gate, w_up, w_down, tile_expert_t)
+        return tiled_swiglu(x_tcd, w_gate, w_up, w_down, tile_expert_t, chunk_rows)
 
     args = (x_tcd, w_gate, w_up, w_down)
     y_tcd, vjp = jax.vjp(fused, *args)

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from unimoe.moe import dispatch
 from unimoe.moe.experts import ExpertBank
-from unimoe.moe.gmm import default_tile, gather_rows
+from unimoe.moe.gmm import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _local_dispatch(
             local_r[:, None],
             bank.tiled,
             num_local,
-            tile=default_tile(x_rd.shape[0], num_local),
+            tile=bank.tile_for(x_rd.shape[0], num_local),
         )
     # `grouped` checks its group sizes against the bank's expert count: here the local one.
     bank.num_experts = num_local

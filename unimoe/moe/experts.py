@@ -151,7 +151,7 @@ class ExpertBank(nnx.Module):
 
         Rows past sum(group_sizes_e) come back zero. `impl` picks the grouped matmul of
         `unimoe.moe.gmm`: "ragged_dot" or "tiles" (each group padded to whole tiles of `tile`
-        rows, default `gmm.default_tile(M, E)`, and a loop over tiles), or "pallas" (the
+        rows, default `tile_for(M, E)`, and a loop over tiles), or "pallas" (the
         `unimoe.kernels.gmm` kernel; interpret mode on CPU).
         """
         if x_md.ndim != 2 or x_md.shape[-1] != self.dim:
@@ -170,7 +170,7 @@ class ExpertBank(nnx.Module):
             )
         num_rows = x_md.shape[0]
         if tile is None:
-            tile = default_tile(num_rows, self.num_experts)
+            tile = self.tile_for(num_rows, self.num_experts)
         if tile < 1:
             raise ValueError(f"ExpertBank.grouped tile must be >= 1, got {tile}")
         dest_m, valid_m, tile_expert_t, num_tiles = tile_layout(group_sizes_e, num_rows, tile)
@@ -182,6 +182,12 @@ class ExpertBank(nnx.Module):
         x_pd = gather_rows(x_md, source_p, dest_m[:, None])
         y_tcd = self.tiled(x_pd.reshape(num_tiles, tile, self.dim), tile_expert_t)
         return gather_rows(y_tcd.reshape(num_padded, self.dim), dest_m, source_p[:, None])
+
+    def tile_for(self, num_rows: int, num_experts: int) -> int:
+        """Rows per tile for `tiled` at M rows over E experts: the fused SwiGLU multiplies chunks of
+        tiles at once, so smaller tiles (less padding) cost it nothing; the per-tile LoRA matmuls
+        amortise their loop overhead over larger ones."""
+        return default_tile(num_rows, num_experts, max_tile=128 if self.has_lora else 64)
 
     def tiled(self, x_tcd: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
         """Tiles of C rows, tile t all for expert tile_expert_t[t] (E = none) -> y_tcd.

@@ -17,6 +17,8 @@ P padded rows, T tiles, C rows per tile.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,15 +29,23 @@ def ragged_matmul(x_mi: jax.Array, w_eij: jax.Array, group_sizes_e: jax.Array) -
     return jax.lax.ragged_dot(x_mi, w_eij.astype(x_mi.dtype), group_sizes_e)
 
 
-def default_tile(num_rows: int, num_experts: int) -> int:
+def default_tile(num_rows: int, num_experts: int, max_tile: int = 128) -> int:
     """Rows per tile for the "tiles" backend, from the static M and E.
 
-    About a quarter of a balanced group, a power of two in [8, 128]: smaller tiles waste fewer
-    padding rows, larger ones amortise the per-tile loop overhead. Measured on a 2-core CPU
-    (benchmarks/RESULTS.md): 128 beat 64 and 256 at both M=8192, E=8 and M=32768, E=64.
+    About a quarter of a balanced group, a power of two in [8, max_tile]: smaller tiles waste
+    fewer padding rows, larger ones amortise the per-tile loop overhead. Measured on a 2-core CPU
+    (benchmarks/RESULTS.md): for per-tile matmuls 128 beat 64 and 256 at both M=8192, E=8 and
+    M=32768, E=64; `tiled_swiglu`, which multiplies whole chunks of an expert's tiles at once,
+    runs best with 64 (`ExpertBank.tile_for`).
     """
     target = max(num_rows // (4 * num_experts), 1)
-    return int(min(128, max(8, 1 << (target.bit_length() - 1))))
+    return int(min(max_tile, max(8, 1 << (target.bit_length() - 1))))
+
+
+# Rows per matmul in `tiled_swiglu`'s chunks. Measured fwd+bwd on a 2-core CPU against a dense
+# SwiGLU of equal FLOPs (docs/design.md, "Grouped matmul on CPU"): 512-row chunks of 64-row tiles
+# took E=64, k=8, F=128 from 1.94x to 1.24x and E=8, k=2, F=1024 from 1.08x to 1.00x.
+CHUNK_ROWS = 512
 
 
 @jax.custom_vjp
@@ -163,28 +173,62 @@ def _expert_tile_ranges(tile_expert_t: jax.Array, num_experts: int) -> tuple[jax
     return first_e, end_e
 
 
-@jax.custom_vjp
+def _expert_loops(first, end, chunk_tiles: int, step, carry):
+    """step(t0, n, carry) over tiles [first, end) of one expert: whole chunks of `chunk_tiles`
+    tiles first (one [chunk_tiles * C, D] matmul each), then the remaining tiles one by one."""
+    num_chunks = (end - first) // chunk_tiles
+    carry = jax.lax.fori_loop(
+        0, num_chunks, lambda j, c: step(first + j * chunk_tiles, chunk_tiles, c), carry
+    )
+    if chunk_tiles == 1:
+        return carry
+    return jax.lax.fori_loop(
+        first + num_chunks * chunk_tiles, end, lambda t, c: step(t, 1, c), carry
+    )
+
+
+def _read(a_t: jax.Array, t0: jax.Array, n: int) -> jax.Array:
+    """Tiles [t0, t0 + n) of a_t..., flattened to rows."""
+    return jax.lax.dynamic_slice_in_dim(a_t, t0, n, 0).reshape(-1, a_t.shape[-1])
+
+
+def _write(a_t: jax.Array, rows: jax.Array, t0: jax.Array) -> jax.Array:
+    n = rows.shape[0] // a_t.shape[1]
+    return jax.lax.dynamic_update_slice_in_dim(a_t, rows.reshape(n, *a_t.shape[1:]), t0, 0)
+
+
 def tiled_swiglu(
     x_tcd: jax.Array,
     w_gate_edf: jax.Array,
     w_up_edf: jax.Array,
     w_down_efd: jax.Array,
     tile_expert_t: jax.Array,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> jax.Array:
     """y_tcd[t] = SwiGLU of tile t with expert tile_expert_t[t]'s weights, tiles of expert E zero.
 
     Tiles must be sorted by expert, as `tile_layout` makes them. The whole FFN runs in one loop
     over experts with an inner loop over that expert's tiles, so the [rows, F] activations only
-    exist a tile at a time in cache, and each expert's weights are sliced once per call rather
-    than once per tile (a 4 MiB copy per tile at D=512, 2F=2048). The backward pass has the same
-    two loops and sums each expert's weight gradient in the inner loop's carry.
-    Gate and up run as one [D, 2F] matmul per tile (their weights concatenated once per call).
+    exist a chunk at a time in cache, and each expert's weights are sliced once per call rather
+    than once per tile (a 4 MiB copy per tile at D=512, 2F=2048). An expert's tiles are
+    contiguous, so the inner loop multiplies chunks of chunk_rows // C of them at once while whole
+    chunks remain, then single tiles: small tiles bound the padding, and the chunks run the
+    matmuls at the larger shapes where the CPU is faster. The backward pass has the same loops and sums each
+    expert's weight gradient in the inner loops' carry.
+    Gate and up run as one [D, 2F] matmul (their weights concatenated once per call).
     Measurements: docs/design.md, "Grouped matmul on CPU".
     """
-    return _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t)[0]
+    # At most all the tiles: a larger chunk would never run, but its slice must still fit.
+    chunk_tiles = max(1, min(chunk_rows // x_tcd.shape[1], x_tcd.shape[0]))
+    return _tiled_swiglu(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, chunk_tiles)
 
 
-def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _tiled_swiglu(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, chunk_tiles):
+    return _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, chunk_tiles)[0]
+
+
+def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, chunk_tiles):
     num_experts, _, ffn_dim = w_gate_edf.shape
     dtype = x_tcd.dtype
     w_gate_up_ed2f = jnp.concatenate([w_gate_edf, w_up_edf], axis=-1).astype(dtype)
@@ -194,16 +238,13 @@ def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t):
         w_gate_up_d2f, w_down_fd, first, end = xs
         w_down_fd = w_down_fd.astype(dtype)
 
-        def tile_step(t, carry):
+        def step(t0, n, carry):
             y_tcd, gate_up_tc2f = carry
-            x_cd = jax.lax.dynamic_index_in_dim(x_tcd, t, keepdims=False)
-            gate_up_c2f = x_cd @ w_gate_up_d2f
-            hidden_cf = jax.nn.silu(gate_up_c2f[:, :ffn_dim]) * gate_up_c2f[:, ffn_dim:]
-            y_tcd = jax.lax.dynamic_update_index_in_dim(y_tcd, hidden_cf @ w_down_fd, t, 0)
-            gate_up_tc2f = jax.lax.dynamic_update_index_in_dim(gate_up_tc2f, gate_up_c2f, t, 0)
-            return y_tcd, gate_up_tc2f
+            gate_up_r2f = _read(x_tcd, t0, n) @ w_gate_up_d2f
+            hidden_rf = jax.nn.silu(gate_up_r2f[:, :ffn_dim]) * gate_up_r2f[:, ffn_dim:]
+            return _write(y_tcd, hidden_rf @ w_down_fd, t0), _write(gate_up_tc2f, gate_up_r2f, t0)
 
-        return jax.lax.fori_loop(first, end, tile_step, carry), None
+        return _expert_loops(first, end, chunk_tiles, step, carry), None
 
     # Tiles of the sentinel expert E are in no expert's range and keep these zeros.
     carry = (
@@ -216,7 +257,7 @@ def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t):
     return y_tcd, res
 
 
-def _tiled_swiglu_bwd(res, dy_tcd):
+def _tiled_swiglu_bwd(chunk_tiles, res, dy_tcd):
     x_tcd, w_gate_up_ed2f, w_down_efd, tile_expert_t, gate_up_tc2f = res
     w_dtype = w_down_efd.dtype  # one bank: gate, up and down share a dtype
     num_experts, dim, two_ffn = w_gate_up_ed2f.shape
@@ -230,32 +271,28 @@ def _tiled_swiglu_bwd(res, dy_tcd):
         w_gate_up_2fd, w_down_df, first, end = xs
         w_down_df = w_down_df.astype(dtype)
 
-        def tile_step(t, carry):
+        def step(t0, n, carry):
             dx_tcd, dw_gate_up_d2f, dw_down_fd = carry
-            x_cd, dy_cd, gate_up_c2f = (
-                jax.lax.dynamic_index_in_dim(a, t, keepdims=False)
-                for a in (x_tcd, dy_tcd, gate_up_tc2f)
-            )
-            gate_cf, up_cf = gate_up_c2f[:, :ffn_dim], gate_up_c2f[:, ffn_dim:]
-            sig_cf = jax.nn.sigmoid(gate_cf)
-            silu_cf = gate_cf * sig_cf
-            d_hidden_cf = dy_cd @ w_down_df
-            d_gate_up_c2f = jnp.concatenate(
+            x_rd, dy_rd, gate_up_r2f = (_read(a, t0, n) for a in (x_tcd, dy_tcd, gate_up_tc2f))
+            gate_rf, up_rf = gate_up_r2f[:, :ffn_dim], gate_up_r2f[:, ffn_dim:]
+            sig_rf = jax.nn.sigmoid(gate_rf)
+            silu_rf = gate_rf * sig_rf
+            d_hidden_rf = dy_rd @ w_down_df
+            d_gate_up_r2f = jnp.concatenate(
                 [
-                    d_hidden_cf * up_cf * sig_cf * (1 + gate_cf * (1 - sig_cf)),
-                    d_hidden_cf * silu_cf,
+                    d_hidden_rf * up_rf * sig_rf * (1 + gate_rf * (1 - sig_rf)),
+                    d_hidden_rf * silu_rf,
                 ],
                 axis=-1,
             )
-            dx_cd = d_gate_up_c2f @ w_gate_up_2fd
             return (
-                jax.lax.dynamic_update_index_in_dim(dx_tcd, dx_cd, t, 0),
-                dw_gate_up_d2f + (x_cd.T @ d_gate_up_c2f).astype(f32),
-                dw_down_fd + ((silu_cf * up_cf).T @ dy_cd).astype(f32),
+                _write(dx_tcd, d_gate_up_r2f @ w_gate_up_2fd, t0),
+                dw_gate_up_d2f + (x_rd.T @ d_gate_up_r2f).astype(f32),
+                dw_down_fd + ((silu_rf * up_rf).T @ dy_rd).astype(f32),
             )
 
         zeros = (jnp.zeros_like(w_gate_up_2fd.T, f32), jnp.zeros_like(w_down_df.T, f32))
-        dx_tcd, *dw = jax.lax.fori_loop(first, end, tile_step, (dx_tcd, *zeros))
+        dx_tcd, *dw = _expert_loops(first, end, chunk_tiles, step, (dx_tcd, *zeros))
         return dx_tcd, tuple(dw)
 
     xs = (jnp.swapaxes(w_gate_up_ed2f, 1, 2), jnp.swapaxes(w_down_efd, 1, 2), first_e, end_e)
@@ -269,4 +306,4 @@ def _tiled_swiglu_bwd(res, dy_tcd):
     )
 
 
-tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+_tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)

@@ -14,7 +14,6 @@ from unimoe.kernels import routing as fused_routing
 from unimoe.models.lora import Linear, LoRAConfig
 from unimoe.moe import dispatch, expert_parallel, routing
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank
-from unimoe.moe.gmm import default_tile
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +455,7 @@ class MoELayer(nnx.Module):
                 experts_nk,
                 self.experts.tiled,
                 num_experts,
-                tile=default_tile(experts_nk.size, num_experts),
+                tile=self.experts.tile_for(experts_nk.size, num_experts),
             )
             dropped_fraction = jnp.zeros((), jnp.float32)
         elif impl == "dropless":
