@@ -42,7 +42,9 @@ with the venv installed: 9 min 19 s, experiment 553 s; stage-2 rows bit-identica
 After `Linear` switched to 2-D matmuls (another summation order), clean clone, venv installed,
 machine partly shared: 10 min 57 s, experiment 649 s. Every row moves by at most four questions
 of 60: s2_image 15.0 / 53.3 / 48.3 / 11.7 / 35.0 / 11.7, s2_speech 31.7 on image_qa, s2_audio
-5.0 on image_qa, s3_moe 25.0 / 51.7 / 75.0 / 95.0 / 88.3 / 51.7.)
+5.0 on image_qa, s3_moe 25.0 / 51.7 / 75.0 / 95.0 / 88.3 / 51.7. After the chunked tile SwiGLU,
+clean clone, venv installed: every row identical to that run; 13 min 46 s, experiment 819 s, on a
+slower spell of the VM: every stage took 14-45% longer, the non-MoE s0 stages included.)
 """
 
 import os
