@@ -193,6 +193,7 @@ def _read(a_t: jax.Array, t0: jax.Array, n: int) -> jax.Array:
 
 
 def _write(a_t: jax.Array, rows: jax.Array, t0: jax.Array) -> jax.Array:
+    """a_t with the tiles from t0 on replaced by `rows` (whole tiles of them)."""
     n = rows.shape[0] // a_t.shape[1]
     return jax.lax.dynamic_update_slice_in_dim(a_t, rows.reshape(n, *a_t.shape[1:]), t0, 0)
 
@@ -213,8 +214,8 @@ def tiled_swiglu(
     than once per tile (a 4 MiB copy per tile at D=512, 2F=2048). An expert's tiles are
     contiguous, so the inner loop multiplies chunks of chunk_rows // C of them at once while whole
     chunks remain, then single tiles: small tiles bound the padding, and the chunks run the
-    matmuls at the larger shapes where the CPU is faster. The backward pass has the same loops and sums each
-    expert's weight gradient in the inner loops' carry.
+    matmuls at the larger shapes where the CPU is faster. The backward pass has the same loops
+    and sums each expert's weight gradient in the inner loops' carry.
     Gate and up run as one [D, 2F] matmul (their weights concatenated once per call).
     Measurements: docs/design.md, "Grouped matmul on CPU".
     """
