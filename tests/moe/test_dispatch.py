@@ -67,7 +67,7 @@ def loss_and_grads(bank, x_nd, weights_nk, experts_nk, probe_nd, use_oracle, gro
         if use_oracle:
             y_nd = dense_reference(x_nd, weights_nk, experts_nk, bank.batched, 3)
         elif grouped_impl == "tiled_dispatch":
-            y_nd = dropless_tiled_dispatch(x_nd, weights_nk, experts_nk, bank.tiled, 3, tile=4)
+            y_nd = dropless_tiled_dispatch(x_nd, weights_nk, experts_nk, bank.gathered, 3, tile=4)
         else:
             # Tiles of 4 rows: no group size here is a multiple of it.
             grouped = functools.partial(bank.grouped, impl=grouped_impl, tile=4)
@@ -128,18 +128,24 @@ def test_dropless_sentinel_slots_contribute_zero_but_keep_their_weight():
     np.testing.assert_allclose(y_nd, [[2.25, 4.5], [0.0, 0.0], [0.95, 7.6]], rtol=1e-6)
 
 
-def scale_tiles_by_expert_id(x_tcd: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
-    """Tiled twin of `scale_by_expert_id`: the tiles of expert e are multiplied by e + 1."""
-    return x_tcd * (tile_expert_t + 1)[:, None, None].astype(x_tcd.dtype)
+def scale_gathered_by_expert_id(x_sd, source_tc, weight_tc, tile_expert_t):
+    """Gathered twin of `scale_by_expert_id`: rows of expert e's tiles are multiplied by e + 1,
+    weighted and added to their source row; padding rows (out-of-range source) are dropped, and
+    so, here, are the sentinel tiles (expert E), as `ExpertBank.gathered` skips them."""
+    num_experts = 3
+    scale_tc = jnp.where(tile_expert_t < num_experts, tile_expert_t + 1, 0)[:, None] * weight_tc
+    rows_pd = jnp.take(x_sd, source_tc.reshape(-1), axis=0, mode="fill", fill_value=0)
+    rows_pd = rows_pd * scale_tc.reshape(-1, 1)
+    return jnp.zeros_like(x_sd, jnp.float32).at[source_tc.reshape(-1)].add(rows_pd, mode="drop")
 
 
 def test_dropless_tiled_sentinel_slots_contribute_zero_but_keep_their_weight():
     x_nd = jnp.array([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]])
     experts_nk = jnp.array([[2, 3], [3, 3], [0, 1]])
     weights_nk = jnp.array([[0.75, 0.25], [0.5, 0.5], [0.1, 0.9]])
-    y_nd = dropless_tiled_dispatch(x_nd, weights_nk, experts_nk, scale_tiles_by_expert_id, 3, 2)
-    # As the sorted dispatch: sentinel slots read a zero row (the tiles past the groups are
-    # never read back, even though this expert function scales them too).
+    y_nd = dropless_tiled_dispatch(x_nd, weights_nk, experts_nk, scale_gathered_by_expert_id, 3, 2)
+    # As the sorted dispatch: sentinel slots land in no tile (the sentinel's 0.25 is not
+    # renormalised away), and token 1 gets nothing.
     np.testing.assert_allclose(y_nd, [[2.25, 4.5], [0.0, 0.0], [0.95, 7.6]], rtol=1e-6)
 
 

@@ -1,11 +1,17 @@
-"""Grouped-matmul backends: tile layout, tile choice, and the tiled matmul's custom VJP."""
+"""Grouped-matmul backends: tile layout, tile choice, and the custom VJPs of the tiled loops."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimoe.moe.gmm import default_tile, gather_rows, tile_layout, tiled_matmul, tiled_swiglu
+from unimoe.moe.gmm import (
+    default_tile,
+    gather_rows,
+    gathered_swiglu,
+    tile_layout,
+    tiled_matmul,
+)
 
 
 def test_default_tile_is_a_quarter_of_a_balanced_group_within_bounds():
@@ -86,52 +92,85 @@ def swiglu_np(x, w_gate, w_up, w_down):
 
 # Chunks of 1 tile (tile by tile), of 2 (expert 0: one chunk; expert 2: a chunk, then a tile)
 # and of 3 (expert 0: too few tiles, two single tiles; expert 2: one chunk).
-@pytest.mark.parametrize('chunk_rows', [3, 6, 9])
-def test_tiled_swiglu_values_and_gradients_match_autodiff_of_a_per_tile_loop(chunk_rows):
+@pytest.mark.parametrize("chunk_rows", [3, 6, 9])
+def test_gathered_swiglu_values_and_gradients_match_autodiff_of_a_per_row_loop(chunk_rows):
     rng = np.random.default_rng(2)
-    # 6 tiles of 3 rows, D = 4, F = 6, E = 3: expert 1 owns no tile, tile 5 is a sentinel (E).
-    x_tcd = jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)
+    # 6 tiles of 3 rows over S = 5 source rows, D = 4, F = 6, E = 3: expert 1 owns no tile,
+    # tile 5 is a sentinel (expert E); source 5 marks a padding row. Sources 1 and 3 appear in
+    # both experts' tiles (a token routed to two experts).
+    source_tc = np.array([[0, 1, 3], [4, 5, 5], [1, 2, 3], [0, 2, 4], [3, 5, 5], [1, 2, 0]])
+    tile_expert_t = np.array([0, 0, 2, 2, 2, 3])
+    x_sd = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
     w_gate, w_up = (jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32) for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
-    dy_tcd = jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)
-    tile_expert_t = jnp.array([0, 0, 2, 2, 2, 3])
+    weight_tc = jnp.asarray(rng.uniform(size=(6, 3)), jnp.float32)
+    dy_sd = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
 
-    def loop(x_tcd, w_gate, w_up, w_down):
-        tiles = [
-            jax.nn.silu(x_tcd[t] @ w_gate[e]) * (x_tcd[t] @ w_up[e]) @ w_down[e]
-            for t, e in enumerate([0, 0, 2, 2, 2])
-        ]
-        return jnp.stack([*tiles, jnp.zeros((3, 4))])
+    def loop(x_sd, w_gate, w_up, w_down, weight_tc):
+        y_sd = jnp.zeros((5, 4))
+        for t, e in enumerate(tile_expert_t[:5]):
+            for c, s in enumerate(source_tc[t]):
+                if s < 5:
+                    out_d = jax.nn.silu(x_sd[s] @ w_gate[e]) * (x_sd[s] @ w_up[e]) @ w_down[e]
+                    y_sd = y_sd.at[s].add(weight_tc[t, c] * out_d)
+        return y_sd
 
-    def fused(x_tcd, w_gate, w_up, w_down):
-        return tiled_swiglu(x_tcd, w_gate, w_up, w_down, tile_expert_t, chunk_rows)
+    def fused(x_sd, w_gate, w_up, w_down, weight_tc):
+        args = (jnp.asarray(source_tc), weight_tc, jnp.asarray(tile_expert_t), chunk_rows)
+        return gathered_swiglu(x_sd, w_gate, w_up, w_down, *args)
 
-    args = (x_tcd, w_gate, w_up, w_down)
-    y_tcd, vjp = jax.vjp(fused, *args)
+    args = (x_sd, w_gate, w_up, w_down, weight_tc)
+    y_sd, vjp = jax.vjp(fused, *args)
     ref_y, ref_vjp = jax.vjp(loop, *args)
-    np.testing.assert_allclose(y_tcd, ref_y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        y_tcd[0], swiglu_np(x_tcd[0], w_gate[0], w_up[0], w_down[0]), rtol=1e-4
+    np.testing.assert_allclose(y_sd, ref_y, rtol=1e-5, atol=1e-5)
+    # Source 0: expert 0 (tile 0) and expert 2 (tile 3); tile 5 (sentinel) adds nothing.
+    want_0 = sum(
+        float(weight_tc[t, c]) * swiglu_np(x_sd[0], w_gate[e], w_up[e], w_down[e])
+        for t, c, e in ((0, 0, 0), (3, 0, 2))
     )
-    for got, want in zip(vjp(dy_tcd), ref_vjp(dy_tcd)):
+    np.testing.assert_allclose(y_sd[0], want_0, rtol=1e-4)
+    grads = vjp(dy_sd)
+    for got, want in zip(grads, ref_vjp(dy_sd)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    d_w_gate = np.asarray(vjp(dy_tcd)[1])
+    d_w_gate, d_weight_tc = np.asarray(grads[1]), np.asarray(grads[4])
     assert not np.any(d_w_gate[1]) and np.all(np.any(d_w_gate[[0, 2]], axis=(1, 2)))
+    # Padding rows and the sentinel tile get no weight gradient; the computed rows do.
+    computed_tc = (source_tc < 5) & (tile_expert_t < 3)[:, None]
+    assert not np.any(d_weight_tc[~computed_tc]) and np.all(d_weight_tc[computed_tc] != 0)
 
 
-def test_tiled_swiglu_bfloat16_rows_float32_weights():
+def test_gathered_swiglu_bfloat16_rows_float32_weights():
     rng = np.random.default_rng(3)
-    x_tcd = jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.bfloat16)
+    x_sd = jnp.asarray(rng.normal(size=(8, 8)), jnp.bfloat16)
     w_gate, w_up = (jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32) for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+    source_tc = jnp.arange(8).reshape(2, 4)
     tile_expert_t = jnp.array([0, 1])
-    grads = jax.grad(
-        lambda x, *w: tiled_swiglu(x, *w, tile_expert_t).astype(jnp.float32).sum(),
-        argnums=(0, 1, 2, 3),
-    )(x_tcd, w_gate, w_up, w_down)
+
+    def apply(x, *w):
+        return gathered_swiglu(x, *w, source_tc, jnp.ones((2, 4)), tile_expert_t)
+
+    grads = jax.grad(lambda x, *w: apply(x, *w).sum(), argnums=(0, 1, 2, 3))(
+        x_sd, w_gate, w_up, w_down
+    )
     # Cotangents keep their primal's dtype (bf16 rows, f32 weights accumulated in f32).
     assert [g.dtype for g in grads] == [jnp.bfloat16] + [jnp.float32] * 3
-    x32 = np.asarray(x_tcd, np.float32)
-    y = tiled_swiglu(x_tcd, w_gate, w_up, w_down, tile_expert_t)
-    want = swiglu_np(x32[1], *(np.asarray(w[1]) for w in (w_gate, w_up, w_down)))
-    np.testing.assert_allclose(np.asarray(y[1], np.float32), want, rtol=0.05, atol=0.25)
+    y = apply(x_sd, w_gate, w_up, w_down)
+    assert y.dtype == jnp.float32  # summed in float32
+    x32 = np.asarray(x_sd, np.float32)
+    want = swiglu_np(x32[4:], *(np.asarray(w[1]) for w in (w_gate, w_up, w_down)))
+    np.testing.assert_allclose(np.asarray(y[4:]), want, rtol=0.05, atol=0.25)
+
+
+def test_gathered_swiglu_rejects_mismatched_tile_arrays():
+    w = jnp.zeros((2, 4, 3))
+    with pytest.raises(ValueError, match="source"):
+        gathered_swiglu(
+            jnp.zeros((5, 4)),
+            w,
+            w,
+            jnp.zeros((2, 3, 4)),
+            jnp.zeros((2, 3), int),
+            jnp.zeros((2, 2)),
+            jnp.array([0, 1]),
+        )

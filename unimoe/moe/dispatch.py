@@ -16,8 +16,10 @@ from unimoe.moe.gmm import gather_rows, tile_layout
 
 # (x_md sorted by expert, group_sizes_e) -> y_md, e.g. `ExpertBank.grouped`.
 GroupedExpertFn = Callable[[jax.Array, jax.Array], jax.Array]
-# (x_tcd in expert-padded tiles, tile_expert_t) -> y_tcd, e.g. `ExpertBank.tiled`.
-TiledExpertFn = Callable[[jax.Array, jax.Array], jax.Array]
+# (x_sd, source_tc, weight_tc, tile_expert_t) -> y_sd float32: tile row (t, c) runs expert
+# tile_expert_t[t] on x_sd[source_tc[t, c]] and adds weight_tc[t, c] times it to that source
+# row (out-of-range sources: padding), e.g. `ExpertBank.gathered`.
+GatheredExpertFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 # x_ecd -> y_ecd: every expert on its own block of rows, e.g. `ExpertBank.batched`.
 BatchedExpertFn = Callable[[jax.Array], jax.Array]
 
@@ -102,15 +104,17 @@ def dropless_tiled_dispatch(
     x_nd: jax.Array,
     weights_nk: jax.Array,
     experts_nk: jax.Array,
-    tiled_fn: TiledExpertFn,
+    gathered_fn: GatheredExpertFn,
     num_experts: int,
     tile: int,
 ) -> jax.Array:
-    """`dropless_dispatch` with tokens gathered straight into expert-padded tiles.
+    """`dropless_dispatch` fused into the expert loop: same result, no [N*K, D] copies.
 
-    Same result; one gather in and one gather out instead of a sort gather plus a tile-padding
-    gather each way, which matters when N*K rows are many (fine-grained experts, large K).
-    Sentinel slots land in no tile and contribute zero whatever their weight.
+    Each expert's assignments are padded to whole tiles of `tile` rows (`tile_layout`); padded
+    row p names its token and router weight, and `gathered_fn` gathers the tokens, runs the
+    experts and adds the weighted outputs back per token (`ExpertBank.gathered`). Sentinel slots
+    land in no tile and contribute zero whatever their weight. The per-token sum runs in float32
+    in expert order, not slot order: results match `dropless_dispatch` to float rounding.
     """
     _check_routing(x_nd, weights_nk, experts_nk)
     num_tokens, top_k = experts_nk.shape
@@ -118,15 +122,18 @@ def dropless_tiled_dispatch(
     experts_m, _, rank_m, group_sizes_e = _sort_by_expert(experts_nk, num_experts)
     dest_j, _, tile_expert_t, num_tiles = tile_layout(group_sizes_e, num_rows, tile)
     num_padded = num_tiles * tile
-    # Padded row of assignment m; num_padded (out of range) for sentinels.
+    # Padded row of assignment m; num_padded (out of range: dropped) for sentinels.
     pos_m = jnp.where(experts_m < num_experts, dest_j[rank_m], num_padded)
-    # Which token / assignment fills padded row p (N / M = none: a zero padding row).
-    token_p = jnp.full((num_padded,), num_tokens).at[pos_m].set(jnp.arange(num_rows) // top_k)
+    # The assignment filling padded row p (M = none: a padding row, no token, weight 0).
     assignment_p = jnp.full((num_padded,), num_rows).at[pos_m].set(jnp.arange(num_rows))
-    x_pd = gather_rows(x_nd, token_p, pos_m.reshape(num_tokens, top_k))
-    y_tcd = tiled_fn(x_pd.reshape(num_tiles, tile, x_nd.shape[-1]), tile_expert_t)
-    y_md = gather_rows(y_tcd.reshape(num_padded, -1), pos_m, assignment_p[:, None])
-    return _combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
+    token_p = jnp.where(assignment_p < num_rows, assignment_p // top_k, num_tokens)
+    weight_p = jnp.take(
+        weights_nk.reshape(-1).astype(jnp.float32), assignment_p, mode="fill", fill_value=0
+    )
+    y_nd = gathered_fn(
+        x_nd, token_p.reshape(num_tiles, tile), weight_p.reshape(num_tiles, tile), tile_expert_t
+    )
+    return y_nd.astype(x_nd.dtype)
 
 
 def capacity(

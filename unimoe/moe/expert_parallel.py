@@ -169,7 +169,7 @@ def _local_dispatch(
             x_rd,
             ones_r1,
             local_r[:, None],
-            bank.tiled,
+            bank.gathered,
             num_local,
             tile=bank.tile_for(x_rd.shape[0], num_local),
         )

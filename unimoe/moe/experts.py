@@ -7,8 +7,9 @@ up.kernel -> w_up_edf[e], down.kernel -> w_down_efd[e]) is that FFN exactly (upc
 Three entry points serve the dispatch strategies:
 - `grouped(x_md, group_sizes_e)`: rows already sorted by expert, expert e owning a contiguous run
   of group_sizes_e[e] rows (dropless dispatch);
-- `tiled(x_tcd, tile_expert_t)`: rows already padded into whole tiles per expert (dropless
-  dispatch straight into the tile layout, `dispatch.dropless_tiled_dispatch`);
+- `gathered(x_sd, source_tc, weight_tc, tile_expert_t)`: rows gathered into whole tiles per
+  expert by index, outputs weighted and added back per source row (dropless dispatch fused into
+  the expert loop, `dispatch.dropless_tiled_dispatch`);
 - `batched(x_ecd)`: a fixed-size block of rows per expert (capacity dispatch, dense oracle).
 """
 
@@ -26,11 +27,10 @@ from unimoe.models.lora import BASE_INIT_STDDEV, LoRAConfig, lora_a_init, lora_d
 from unimoe.moe.gmm import (
     GROUPED_IMPLS,
     default_tile,
-    gather_rows,
+    gathered_swiglu,
     ragged_matmul,
     tile_layout,
     tiled_matmul,
-    tiled_swiglu,
 )
 
 
@@ -175,33 +175,49 @@ class ExpertBank(nnx.Module):
             raise ValueError(f"ExpertBank.grouped tile must be >= 1, got {tile}")
         dest_m, valid_m, tile_expert_t, num_tiles = tile_layout(group_sizes_e, num_rows, tile)
         num_padded = num_tiles * tile
-        # Both directions are gathers with a gather backward (no scatter-add): padded row p reads
-        # sorted row source_p (num_rows = a zero padding row); rows past the groups read nothing.
+        # Padded row p reads sorted row source_p (num_rows = a padding row); rows past the
+        # groups are in no tile and come back zero.
         dest_m = jnp.where(valid_m, dest_m, num_padded)
         source_p = jnp.full((num_padded,), num_rows).at[dest_m].set(jnp.arange(num_rows))
-        x_pd = gather_rows(x_md, source_p, dest_m[:, None])
-        y_tcd = self.tiled(x_pd.reshape(num_tiles, tile, self.dim), tile_expert_t)
-        return gather_rows(y_tcd.reshape(num_padded, self.dim), dest_m, source_p[:, None])
+        source_tc = source_p.reshape(num_tiles, tile)
+        y_md = self.gathered(x_md, source_tc, jnp.ones(source_tc.shape), tile_expert_t)
+        return y_md.astype(x_md.dtype)
 
     def tile_for(self, num_rows: int, num_experts: int) -> int:
-        """Rows per tile for `tiled` at M rows over E experts: the fused SwiGLU multiplies chunks of
+        """Rows per tile for `gathered` at M rows over E experts: the fused SwiGLU multiplies chunks of
         tiles at once, so smaller tiles (less padding) cost it nothing; the per-tile LoRA matmuls
         amortise their loop overhead over larger ones."""
         return default_tile(num_rows, num_experts, max_tile=128 if self.has_lora else 64)
 
-    def tiled(self, x_tcd: jax.Array, tile_expert_t: jax.Array) -> jax.Array:
-        """Tiles of C rows, tile t all for expert tile_expert_t[t] (E = none) -> y_tcd.
+    def gathered(
+        self,
+        x_sd: jax.Array,
+        source_tc: jax.Array,
+        weight_tc: jax.Array,
+        tile_expert_t: jax.Array,
+    ) -> jax.Array:
+        """Tile row (t, c) runs expert tile_expert_t[t] (E = none) on x_sd[source_tc[t, c]] and
+        adds weight_tc[t, c] times the result to that source row: y_sd, float32.
 
-        Padding rows must be zero: SwiGLU(0) = 0, so they stay zero. Without LoRA the whole FFN
-        runs tile by tile in one loop (`gmm.tiled_swiglu`); with LoRA, tiled matmuls per
-        projection (the adapters and their dropout sit between them).
+        Without LoRA the gather, the whole FFN and the weighted add run in one loop over
+        experts (`gmm.gathered_swiglu`). With LoRA the tiles are gathered first and run through
+        tiled matmuls per projection (the adapters and their dropout sit between them).
         """
-        if self.has_lora:
-            matmul = functools.partial(tiled_matmul, tile_expert_t=tile_expert_t)
-            return self._swiglu(matmul, x_tcd, fuse_gate_up=True)
-        return tiled_swiglu(
-            x_tcd, self.w_gate_edf[...], self.w_up_edf[...], self.w_down_efd[...], tile_expert_t
-        )
+        if not self.has_lora:
+            return gathered_swiglu(
+                x_sd,
+                self.w_gate_edf[...],
+                self.w_up_edf[...],
+                self.w_down_efd[...],
+                source_tc,
+                weight_tc,
+                tile_expert_t,
+            )
+        x_tcd = jnp.take(x_sd, source_tc, axis=0, mode="fill", fill_value=0)
+        matmul = functools.partial(tiled_matmul, tile_expert_t=tile_expert_t)
+        y_tcd = self._swiglu(matmul, x_tcd, fuse_gate_up=True)
+        y_pd = (y_tcd.astype(jnp.float32) * weight_tc[..., None]).reshape(-1, self.dim)
+        return jnp.zeros_like(x_sd, jnp.float32).at[source_tc.reshape(-1)].add(y_pd, mode="drop")
 
     def batched(self, x_ecd: jax.Array) -> jax.Array:
         """A block of C rows per expert: x_ecd [E, C, D] -> y_ecd."""

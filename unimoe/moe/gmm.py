@@ -35,14 +35,14 @@ def default_tile(num_rows: int, num_experts: int, max_tile: int = 128) -> int:
     About a quarter of a balanced group, a power of two in [8, max_tile]: smaller tiles waste
     fewer padding rows, larger ones amortise the per-tile loop overhead. Measured on a 2-core CPU
     (benchmarks/RESULTS.md): for per-tile matmuls 128 beat 64 and 256 at both M=8192, E=8 and
-    M=32768, E=64; `tiled_swiglu`, which multiplies whole chunks of an expert's tiles at once,
+    M=32768, E=64; `gathered_swiglu`, which multiplies whole chunks of an expert's tiles at once,
     runs best with 64 (`ExpertBank.tile_for`).
     """
     target = max(num_rows // (4 * num_experts), 1)
     return int(min(max_tile, max(8, 1 << (target.bit_length() - 1))))
 
 
-# Rows per matmul in `tiled_swiglu`'s chunks. Measured fwd+bwd on a 2-core CPU against a dense
+# Rows per matmul in `gathered_swiglu`'s chunks. Measured fwd+bwd on a 2-core CPU against a dense
 # SwiGLU of equal FLOPs (docs/design.md, "Grouped matmul on CPU"): 512-row chunks of 64-row tiles
 # took E=64, k=8, F=128 from 1.94x to 1.24x and E=8, k=2, F=1024 from 1.08x to 1.00x.
 CHUNK_ROWS = 512
@@ -188,8 +188,9 @@ def _expert_loops(first, end, chunk_tiles: int, step, carry):
 
 
 def _read(a_t: jax.Array, t0: jax.Array, n: int) -> jax.Array:
-    """Tiles [t0, t0 + n) of a_t..., flattened to rows."""
-    return jax.lax.dynamic_slice_in_dim(a_t, t0, n, 0).reshape(-1, a_t.shape[-1])
+    """Tiles [t0, t0 + n) of a_t [T, C, ...], flattened to rows [n * C, ...]."""
+    rows = jax.lax.dynamic_slice_in_dim(a_t, t0, n, 0)
+    return rows.reshape(n * a_t.shape[1], *a_t.shape[2:])
 
 
 def _write(a_t: jax.Array, rows: jax.Array, t0: jax.Array) -> jax.Array:
@@ -198,40 +199,78 @@ def _write(a_t: jax.Array, rows: jax.Array, t0: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(a_t, rows.reshape(n, *a_t.shape[1:]), t0, 0)
 
 
-def tiled_swiglu(
-    x_tcd: jax.Array,
+def _matmul_t(a_ri: jax.Array, w_ji: jax.Array) -> jax.Array:
+    """a_ri @ w_ji.T without materialising the transpose (the weights stay as stored)."""
+    return jax.lax.dot_general(a_ri, w_ji, (((1,), (1,)), ((), ())))
+
+
+def _take(x_sd: jax.Array, index_r: jax.Array) -> jax.Array:
+    return jnp.take(x_sd, index_r, axis=0, mode="fill", fill_value=0)
+
+
+def gathered_swiglu(
+    x_sd: jax.Array,
     w_gate_edf: jax.Array,
     w_up_edf: jax.Array,
     w_down_efd: jax.Array,
+    source_tc: jax.Array,
+    weight_tc: jax.Array,
     tile_expert_t: jax.Array,
     chunk_rows: int = CHUNK_ROWS,
 ) -> jax.Array:
-    """y_tcd[t] = SwiGLU of tile t with expert tile_expert_t[t]'s weights, tiles of expert E zero.
+    """Dispatch, expert SwiGLU and combine in one pass: y_sd float32 with
 
-    Tiles must be sorted by expert, as `tile_layout` makes them. The whole FFN runs in one loop
-    over experts with an inner loop over that expert's tiles, so the [rows, F] activations only
-    exist a chunk at a time in cache, and each expert's weights are sliced once per call rather
-    than once per tile (a 4 MiB copy per tile at D=512, 2F=2048). An expert's tiles are
-    contiguous, so the inner loop multiplies chunks of chunk_rows // C of them at once while whole
-    chunks remain, then single tiles: small tiles bound the padding, and the chunks run the
-    matmuls at the larger shapes where the CPU is faster. The backward pass has the same loops
-    and sums each expert's weight gradient in the inner loops' carry.
+        y_sd[s] = sum over (t, c) with source_tc[t, c] == s of
+                  weight_tc[t, c] * SwiGLU_e(x_sd[s]),  e = tile_expert_t[t] < E.
+
+    Row c of tile t reads source row source_tc[t, c] (out of range: a padding row, which reads
+    zeros and writes nothing); tiles are sorted by expert and those of expert E are skipped, as
+    `tile_layout` makes them. For MoE dispatch, s is a token, and each of its K assignments is one
+    (t, c) with its router weight; with identity sources and unit weights this is the tiled
+    grouped SwiGLU.
+
+    One loop over experts with an inner loop over that expert's tiles: each step gathers its
+    rows from x_sd, runs the FFN, and scatter-adds the weighted rows into y_sd, so the [N*K, D]
+    copies of the tokens (in tiles, and back in assignment order for the combine) never exist;
+    only the [N*K, 2F] gate/up activations are kept for the backward pass. Each expert's weights
+    are sliced once per call, and an expert's tiles are contiguous, so the inner loop multiplies
+    chunks of chunk_rows // C tiles at once while whole chunks remain, then single tiles: small
+    tiles bound the padding, chunks run the matmuls at the shapes where the CPU is fastest. The
+    custom VJP has the same loops: d_x scatter-added, each expert's weight gradient summed in the
+    inner loop's carry, and d_weight = <d_y, expert output> from the d_hidden it computes anyway.
     Gate and up run as one [D, 2F] matmul (their weights concatenated once per call).
     Measurements: docs/design.md, "Grouped matmul on CPU".
     """
+    if source_tc.shape != weight_tc.shape or source_tc.shape[0] != tile_expert_t.shape[0]:
+        raise ValueError(
+            f"source {source_tc.shape} and weight {weight_tc.shape} must both be "
+            f"[T={tile_expert_t.shape[0]}, C]"
+        )
     # At most all the tiles: a larger chunk would never run, but its slice must still fit.
-    chunk_tiles = max(1, min(chunk_rows // x_tcd.shape[1], x_tcd.shape[0]))
-    return _tiled_swiglu(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, chunk_tiles)
+    chunk_tiles = max(1, min(chunk_rows // source_tc.shape[1], source_tc.shape[0]))
+    return _gathered_swiglu(
+        x_sd,
+        w_gate_edf,
+        w_up_edf,
+        w_down_efd,
+        source_tc.astype(jnp.int32),
+        weight_tc.astype(jnp.float32),
+        tile_expert_t,
+        chunk_tiles,
+    )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _tiled_swiglu(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, chunk_tiles):
-    return _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, chunk_tiles)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _gathered_swiglu(x_sd, w_gate, w_up, w_down, source_tc, weight_tc, tile_expert_t, chunk_tiles):
+    args = (x_sd, w_gate, w_up, w_down, source_tc, weight_tc, tile_expert_t)
+    return _gathered_swiglu_fwd(*args, chunk_tiles)[0]
 
 
-def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, chunk_tiles):
+def _gathered_swiglu_fwd(
+    x_sd, w_gate_edf, w_up_edf, w_down_efd, source_tc, weight_tc, tile_expert_t, chunk_tiles
+):
     num_experts, _, ffn_dim = w_gate_edf.shape
-    dtype = x_tcd.dtype
+    dtype = x_sd.dtype
     w_gate_up_ed2f = jnp.concatenate([w_gate_edf, w_up_edf], axis=-1).astype(dtype)
     first_e, end_e = _expert_tile_ranges(tile_expert_t, num_experts)
 
@@ -240,45 +279,54 @@ def _tiled_swiglu_fwd(x_tcd, w_gate_edf, w_up_edf, w_down_efd, tile_expert_t, ch
         w_down_fd = w_down_fd.astype(dtype)
 
         def step(t0, n, carry):
-            y_tcd, gate_up_tc2f = carry
-            gate_up_r2f = _read(x_tcd, t0, n) @ w_gate_up_d2f
+            y_sd, gate_up_tc2f = carry
+            source_r = _read(source_tc, t0, n)
+            gate_up_r2f = _take(x_sd, source_r) @ w_gate_up_d2f
             hidden_rf = jax.nn.silu(gate_up_r2f[:, :ffn_dim]) * gate_up_r2f[:, ffn_dim:]
-            return _write(y_tcd, hidden_rf @ w_down_fd, t0), _write(gate_up_tc2f, gate_up_r2f, t0)
+            y_rd = (hidden_rf @ w_down_fd).astype(jnp.float32) * _read(weight_tc, t0, n)[:, None]
+            y_sd = y_sd.at[source_r].add(y_rd, mode="drop")
+            return y_sd, _write(gate_up_tc2f, gate_up_r2f, t0)
 
         return _expert_loops(first, end, chunk_tiles, step, carry), None
 
-    # Tiles of the sentinel expert E are in no expert's range and keep these zeros.
+    # Tiles of the sentinel expert E are in no expert's range and are never computed.
     carry = (
-        jnp.zeros_like(x_tcd),
-        jnp.zeros_like(x_tcd, shape=(*x_tcd.shape[:2], 2 * ffn_dim)),
+        jnp.zeros_like(x_sd, jnp.float32),
+        jnp.zeros_like(x_sd, shape=(*source_tc.shape, 2 * ffn_dim)),
     )
     xs = (w_gate_up_ed2f, w_down_efd, first_e, end_e)
-    y_tcd, gate_up_tc2f = jax.lax.scan(expert_step, carry, xs)[0]
-    res = (x_tcd, w_gate_up_ed2f, w_down_efd, tile_expert_t, gate_up_tc2f)
-    return y_tcd, res
+    y_sd, gate_up_tc2f = jax.lax.scan(expert_step, carry, xs)[0]
+    res = (x_sd, w_gate_up_ed2f, w_down_efd, source_tc, weight_tc, tile_expert_t, gate_up_tc2f)
+    return y_sd, res
 
 
-def _tiled_swiglu_bwd(chunk_tiles, res, dy_tcd):
-    x_tcd, w_gate_up_ed2f, w_down_efd, tile_expert_t, gate_up_tc2f = res
+def _gathered_swiglu_bwd(chunk_tiles, res, dy_sd):
+    x_sd, w_gate_up_ed2f, w_down_efd, source_tc, weight_tc, tile_expert_t, gate_up_tc2f = res
     w_dtype = w_down_efd.dtype  # one bank: gate, up and down share a dtype
-    num_experts, dim, two_ffn = w_gate_up_ed2f.shape
+    num_experts, _, two_ffn = w_gate_up_ed2f.shape
     ffn_dim = two_ffn // 2
-    dtype = x_tcd.dtype
+    dtype = x_sd.dtype
     f32 = jnp.float32
-    dy_tcd = dy_tcd.astype(dtype)
+    dy_sd = dy_sd.astype(f32)
     first_e, end_e = _expert_tile_ranges(tile_expert_t, num_experts)
 
-    def expert_step(dx_tcd, xs):
-        w_gate_up_2fd, w_down_df, first, end = xs
-        w_down_df = w_down_df.astype(dtype)
+    def expert_step(carry, xs):
+        w_gate_up_d2f, w_down_fd, first, end = xs
+        w_down_fd = w_down_fd.astype(dtype)
 
         def step(t0, n, carry):
-            dx_tcd, dw_gate_up_d2f, dw_down_fd = carry
-            x_rd, dy_rd, gate_up_r2f = (_read(a, t0, n) for a in (x_tcd, dy_tcd, gate_up_tc2f))
+            dx_sd, d_weight_tc, dw_gate_up_d2f, dw_down_fd = carry
+            source_r, weight_r1 = _read(source_tc, t0, n), _read(weight_tc, t0, n)[:, None]
+            x_rd, dy_rd = _take(x_sd, source_r), _take(dy_sd, source_r)
+            gate_up_r2f = _read(gate_up_tc2f, t0, n)
             gate_rf, up_rf = gate_up_r2f[:, :ffn_dim], gate_up_r2f[:, ffn_dim:]
             sig_rf = jax.nn.sigmoid(gate_rf)
             silu_rf = gate_rf * sig_rf
-            d_hidden_rf = dy_rd @ w_down_df
+            hidden_rf = silu_rf * up_rf
+            # d_y of the unweighted expert output: its product with the output is d_weight.
+            d_out_rf = _matmul_t(dy_rd.astype(dtype), w_down_fd)
+            d_weight_r = jnp.sum(d_out_rf.astype(f32) * hidden_rf.astype(f32), axis=-1)
+            d_hidden_rf = d_out_rf * weight_r1.astype(dtype)
             d_gate_up_r2f = jnp.concatenate(
                 [
                     d_hidden_rf * up_rf * sig_rf * (1 + gate_rf * (1 - sig_rf)),
@@ -286,25 +334,33 @@ def _tiled_swiglu_bwd(chunk_tiles, res, dy_tcd):
                 ],
                 axis=-1,
             )
+            dx_rd = _matmul_t(d_gate_up_r2f, w_gate_up_d2f).astype(f32)
             return (
-                _write(dx_tcd, d_gate_up_r2f @ w_gate_up_2fd, t0),
+                dx_sd.at[source_r].add(dx_rd, mode="drop"),
+                _write(d_weight_tc, d_weight_r, t0),
                 dw_gate_up_d2f + (x_rd.T @ d_gate_up_r2f).astype(f32),
-                dw_down_fd + ((silu_rf * up_rf).T @ dy_rd).astype(f32),
+                dw_down_fd + (hidden_rf.T @ (dy_rd * weight_r1).astype(dtype)).astype(f32),
             )
 
-        zeros = (jnp.zeros_like(w_gate_up_2fd.T, f32), jnp.zeros_like(w_down_df.T, f32))
-        dx_tcd, *dw = _expert_loops(first, end, chunk_tiles, step, (dx_tcd, *zeros))
-        return dx_tcd, tuple(dw)
+        dx_sd, d_weight_tc = carry
+        zeros = (jnp.zeros_like(w_gate_up_d2f, f32), jnp.zeros_like(w_down_fd, f32))
+        dx_sd, d_weight_tc, *dw = _expert_loops(
+            first, end, chunk_tiles, step, (dx_sd, d_weight_tc, *zeros)
+        )
+        return (dx_sd, d_weight_tc), tuple(dw)
 
-    xs = (jnp.swapaxes(w_gate_up_ed2f, 1, 2), jnp.swapaxes(w_down_efd, 1, 2), first_e, end_e)
-    dx_tcd, (dw_gate_up, dw_down) = jax.lax.scan(expert_step, jnp.zeros_like(x_tcd), xs)
+    carry = (jnp.zeros_like(x_sd, f32), jnp.zeros_like(weight_tc))
+    xs = (w_gate_up_ed2f, w_down_efd, first_e, end_e)
+    (dx_sd, d_weight_tc), (dw_gate_up, dw_down) = jax.lax.scan(expert_step, carry, xs)
     return (
-        dx_tcd,
+        dx_sd.astype(dtype),
         dw_gate_up[..., :ffn_dim].astype(w_dtype),
         dw_gate_up[..., ffn_dim:].astype(w_dtype),
-        dw_down.astype(w_down_efd.dtype),
+        dw_down.astype(w_dtype),
+        None,
+        d_weight_tc,
         None,
     )
 
 
-_tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+_gathered_swiglu.defvjp(_gathered_swiglu_fwd, _gathered_swiglu_bwd)

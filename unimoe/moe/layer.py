@@ -453,7 +453,7 @@ class MoELayer(nnx.Module):
                 x_nd,
                 weights_nk,
                 experts_nk,
-                self.experts.tiled,
+                self.experts.gathered,
                 num_experts,
                 tile=self.experts.tile_for(experts_nk.size, num_experts),
             )
