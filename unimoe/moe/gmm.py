@@ -263,63 +263,81 @@ def gathered_swiglu(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _gathered_swiglu(x_sd, w_gate, w_up, w_down, source_tc, weight_tc, tile_expert_t, chunk_tiles):
     args = (x_sd, w_gate, w_up, w_down, source_tc, weight_tc, tile_expert_t)
-    return _gathered_swiglu_fwd(*args, chunk_tiles)[0]
+    return _gathered_swiglu_loops(*args, chunk_tiles, keep_activations=False)[0]
 
 
-def _gathered_swiglu_fwd(
-    x_sd, w_gate_edf, w_up_edf, w_down_efd, source_tc, weight_tc, tile_expert_t, chunk_tiles
+def _gathered_swiglu_fwd(*args):
+    y_sd, activations = _gathered_swiglu_loops(*args, keep_activations=True)
+    return y_sd, (*args[:7], *activations)
+
+
+def _gathered_swiglu_loops(
+    x_sd,
+    w_gate_edf,
+    w_up_edf,
+    w_down_efd,
+    source_tc,
+    weight_tc,
+    tile_expert_t,
+    chunk_tiles,
+    *,
+    keep_activations: bool,
 ):
+    """(y_sd, the gate and up activations [T, C, F] if keep_activations else ())."""
     num_experts, _, ffn_dim = w_gate_edf.shape
     dtype = x_sd.dtype
-    w_gate_up_ed2f = jnp.concatenate([w_gate_edf, w_up_edf], axis=-1).astype(dtype)
     first_e, end_e = _expert_tile_ranges(tile_expert_t, num_experts)
 
     def expert_step(carry, xs):
-        w_gate_up_d2f, w_down_fd, first, end = xs
+        w_gate_df, w_up_df, w_down_fd, first, end = xs
+        w_gate_up_d2f = jnp.concatenate([w_gate_df, w_up_df], axis=-1).astype(dtype)
         w_down_fd = w_down_fd.astype(dtype)
 
         def step(t0, n, carry):
-            y_sd, gate_up_tc2f = carry
+            y_sd, *activations = carry
             source_r = _read(source_tc, t0, n)
             gate_up_r2f = _take(x_sd, source_r) @ w_gate_up_d2f
-            hidden_rf = jax.nn.silu(gate_up_r2f[:, :ffn_dim]) * gate_up_r2f[:, ffn_dim:]
-            y_rd = (hidden_rf @ w_down_fd).astype(jnp.float32) * _read(weight_tc, t0, n)[:, None]
+            gate_rf, up_rf = gate_up_r2f[:, :ffn_dim], gate_up_r2f[:, ffn_dim:]
+            y_rd = (jax.nn.silu(gate_rf) * up_rf) @ w_down_fd
+            y_rd = y_rd.astype(jnp.float32) * _read(weight_tc, t0, n)[:, None]
             y_sd = y_sd.at[source_r].add(y_rd, mode="drop")
-            return y_sd, _write(gate_up_tc2f, gate_up_r2f, t0)
+            if not keep_activations:
+                return (y_sd,)
+            gate_tcf, up_tcf = activations
+            return y_sd, _write(gate_tcf, gate_rf, t0), _write(up_tcf, up_rf, t0)
 
         return _expert_loops(first, end, chunk_tiles, step, carry), None
 
-    # Tiles of the sentinel expert E are in no expert's range and are never computed.
-    carry = (
-        jnp.zeros_like(x_sd, jnp.float32),
-        jnp.zeros_like(x_sd, shape=(*source_tc.shape, 2 * ffn_dim)),
-    )
-    xs = (w_gate_up_ed2f, w_down_efd, first_e, end_e)
-    y_sd, gate_up_tc2f = jax.lax.scan(expert_step, carry, xs)[0]
-    res = (x_sd, w_gate_up_ed2f, w_down_efd, source_tc, weight_tc, tile_expert_t, gate_up_tc2f)
-    return y_sd, res
+    # Tiles of the sentinel expert E are in no expert's range and are never computed. Gate and
+    # up are kept apart: each half of a [rows, 2F] buffer stays under glibc's 32 MB mmap
+    # threshold at the fine-grained benchmark shape (docs/design.md, "huge pages").
+    carry = (jnp.zeros_like(x_sd, jnp.float32),)
+    if keep_activations:
+        carry += (jnp.zeros_like(x_sd, shape=(*source_tc.shape, ffn_dim)),) * 2
+    xs = (w_gate_edf, w_up_edf, w_down_efd, first_e, end_e)
+    y_sd, *activations = jax.lax.scan(expert_step, carry, xs)[0]
+    return y_sd, tuple(activations)
 
 
 def _gathered_swiglu_bwd(chunk_tiles, res, dy_sd):
-    x_sd, w_gate_up_ed2f, w_down_efd, source_tc, weight_tc, tile_expert_t, gate_up_tc2f = res
-    w_dtype = w_down_efd.dtype  # one bank: gate, up and down share a dtype
-    num_experts, _, two_ffn = w_gate_up_ed2f.shape
-    ffn_dim = two_ffn // 2
+    x_sd, w_gate_edf, w_up_edf, w_down_efd, source_tc, weight_tc, tile_expert_t, *acts = res
+    gate_tcf, up_tcf = acts
+    num_experts, _, ffn_dim = w_gate_edf.shape
     dtype = x_sd.dtype
     f32 = jnp.float32
     dy_sd = dy_sd.astype(f32)
     first_e, end_e = _expert_tile_ranges(tile_expert_t, num_experts)
 
     def expert_step(carry, xs):
-        w_gate_up_d2f, w_down_fd, first, end = xs
+        w_gate_df, w_up_df, w_down_fd, first, end = xs
+        w_gate_up_d2f = jnp.concatenate([w_gate_df, w_up_df], axis=-1).astype(dtype)
         w_down_fd = w_down_fd.astype(dtype)
 
         def step(t0, n, carry):
             dx_sd, d_weight_tc, dw_gate_up_d2f, dw_down_fd = carry
             source_r, weight_r1 = _read(source_tc, t0, n), _read(weight_tc, t0, n)[:, None]
             x_rd, dy_rd = _take(x_sd, source_r), _take(dy_sd, source_r)
-            gate_up_r2f = _read(gate_up_tc2f, t0, n)
-            gate_rf, up_rf = gate_up_r2f[:, :ffn_dim], gate_up_r2f[:, ffn_dim:]
+            gate_rf, up_rf = _read(gate_tcf, t0, n), _read(up_tcf, t0, n)
             sig_rf = jax.nn.sigmoid(gate_rf)
             silu_rf = gate_rf * sig_rf
             hidden_rf = silu_rf * up_rf
@@ -344,23 +362,18 @@ def _gathered_swiglu_bwd(chunk_tiles, res, dy_sd):
 
         dx_sd, d_weight_tc = carry
         zeros = (jnp.zeros_like(w_gate_up_d2f, f32), jnp.zeros_like(w_down_fd, f32))
-        dx_sd, d_weight_tc, *dw = _expert_loops(
+        dx_sd, d_weight_tc, dw_gate_up_d2f, dw_down_fd = _expert_loops(
             first, end, chunk_tiles, step, (dx_sd, d_weight_tc, *zeros)
         )
-        return (dx_sd, d_weight_tc), tuple(dw)
+        # Each weight gradient leaves the loop in its own [E, ...] bank (no [E, D, 2F] buffer
+        # split afterwards).
+        dw = (dw_gate_up_d2f[:, :ffn_dim], dw_gate_up_d2f[:, ffn_dim:], dw_down_fd)
+        return (dx_sd, d_weight_tc), tuple(d.astype(w_down_efd.dtype) for d in dw)
 
     carry = (jnp.zeros_like(x_sd, f32), jnp.zeros_like(weight_tc))
-    xs = (w_gate_up_ed2f, w_down_efd, first_e, end_e)
-    (dx_sd, d_weight_tc), (dw_gate_up, dw_down) = jax.lax.scan(expert_step, carry, xs)
-    return (
-        dx_sd.astype(dtype),
-        dw_gate_up[..., :ffn_dim].astype(w_dtype),
-        dw_gate_up[..., ffn_dim:].astype(w_dtype),
-        dw_down.astype(w_dtype),
-        None,
-        d_weight_tc,
-        None,
-    )
+    xs = (w_gate_edf, w_up_edf, w_down_efd, first_e, end_e)
+    (dx_sd, d_weight_tc), (dw_gate, dw_up, dw_down) = jax.lax.scan(expert_step, carry, xs)
+    return dx_sd.astype(dtype), dw_gate, dw_up, dw_down, None, d_weight_tc, None
 
 
 _gathered_swiglu.defvjp(_gathered_swiglu_fwd, _gathered_swiglu_bwd)
