@@ -180,7 +180,7 @@ def measure(thunks: dict[str, Callable[[], object]], rounds: int) -> dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
     args = parser.parse_args()
     shape, fine = (QUICK, QUICK_FINE) if args.quick else (FULL, FULL_FINE)
@@ -204,7 +204,11 @@ def main() -> None:
         ("HF Mixtral block (torch)", "torch_hf", "torch_dense"),
     ]
     print(f"{'variant':<28}{'fwd ms':>10}{'fwd_bwd ms':>12}{'R fwd':>8}{'R fwd_bwd':>11}")
-    for label, name, base in rows + [("dense (jax)", "dense", "dense")]:
+    dense_rows = [
+        ("dense (jax)", "dense", "dense"),
+        ("dense (jax), fine shape", "fine_dense", "fine_dense"),
+    ]
+    for label, name, base in rows + dense_rows:
         if f"{name}/fwd" not in med:
             continue
         print(

@@ -357,7 +357,9 @@ def _gathered_swiglu_bwd(chunk_tiles, res, dy_sd):
                 dx_sd.at[source_r].add(dx_rd, mode="drop"),
                 _write(d_weight_tc, d_weight_r, t0),
                 dw_gate_up_d2f + (x_rd.T @ d_gate_up_r2f).astype(f32),
-                dw_down_fd + (hidden_rf.T @ (dy_rd * weight_r1).astype(dtype)).astype(f32),
+                # The weight scales the [rows, F] side: F <= D for fine-grained experts.
+                dw_down_fd
+                + ((hidden_rf * weight_r1.astype(dtype)).T @ dy_rd.astype(dtype)).astype(f32),
             )
 
         dx_sd, d_weight_tc = carry
