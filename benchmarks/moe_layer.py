@@ -2,8 +2,9 @@
 
 R = time(MoE layer) / time(dense SwiGLU with k*F hidden units on the same tokens), float32,
 random (freshly initialised) router. Every variant runs in this one process, interleaved round by
-round, and each time is the median over rounds, so the ratios survive a noisy shared machine;
-absolute milliseconds do not.
+round; each R is the median over rounds of that round's ratio (a variant and its baseline run
+seconds apart), and the printed milliseconds are medians over rounds. Ratios survive a noisy
+shared machine; absolute milliseconds do not.
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E=8, k=2 (+ E=64, k=8, F=128)
     python benchmarks/moe_layer.py --quick    # tiny shapes, a smoke run in seconds
@@ -165,7 +166,8 @@ def torch_variants(shape: Shape) -> dict[str, Callable[[], object]]:
     return thunks
 
 
-def measure(thunks: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def measure_rounds(thunks: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of every thunk, round by round (all thunks once per round, in order)."""
     for thunk in thunks.values():  # compile / warm up
         thunk()
     times: dict[str, list[float]] = {name: [] for name in thunks}
@@ -174,7 +176,12 @@ def measure(thunks: dict[str, Callable[[], object]], rounds: int) -> dict[str, f
             start = time.perf_counter()
             thunk()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def measure(thunks: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of every thunk over interleaved rounds."""
+    return {name: statistics.median(ts) for name, ts in measure_rounds(thunks, rounds).items()}
 
 
 def main() -> None:
@@ -191,10 +198,16 @@ def main() -> None:
     thunks.update(jax_variants(fine, "fine_", peers=False))
     if not args.no_torch:
         thunks.update(torch_variants(shape))
-    med = measure(thunks, max(args.rounds, 1))
+    times = measure_rounds(thunks, max(args.rounds, 1))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
 
     def ratio(name: str, base: str, mode: str) -> float:
-        return med.get(f"{name}/{mode}", float("nan")) / med[f"{base}/{mode}"]
+        """Median over rounds of the ratio within a round: a variant and its baseline run
+        seconds apart, so a slow spell of the shared machine (which lasts longer) hits both."""
+        if f"{name}/{mode}" not in times:
+            return float("nan")
+        pairs = zip(times[f"{name}/{mode}"], times[f"{base}/{mode}"])
+        return statistics.median(t / t_base for t, t_base in pairs)
 
     rows = [
         ("moe (default dropless)", "moe", "dense"),
