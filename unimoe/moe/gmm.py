@@ -232,13 +232,14 @@ def gathered_swiglu(
     One loop over experts with an inner loop over that expert's tiles: each step gathers its
     rows from x_sd, runs the FFN, and scatter-adds the weighted rows into y_sd, so the [N*K, D]
     copies of the tokens (in tiles, and back in assignment order for the combine) never exist;
-    only the [N*K, 2F] gate/up activations are kept for the backward pass. Each expert's weights
-    are sliced once per call, and an expert's tiles are contiguous, so the inner loop multiplies
-    chunks of chunk_rows // C tiles at once while whole chunks remain, then single tiles: small
-    tiles bound the padding, chunks run the matmuls at the shapes where the CPU is fastest. The
-    custom VJP has the same loops: d_x scatter-added, each expert's weight gradient summed in the
-    inner loop's carry, and d_weight = <d_y, expert output> from the d_hidden it computes anyway.
-    Gate and up run as one [D, 2F] matmul (their weights concatenated once per call).
+    only the gate and up activations ([N*K, F] each) are kept, and only when a VJP is taken.
+    Each expert's weights are sliced once per call, and an expert's tiles are contiguous, so the
+    inner loop multiplies chunks of chunk_rows // C tiles at once while whole chunks remain, then
+    single tiles: small tiles bound the padding, chunks run the matmuls at the shapes where the
+    CPU is fastest. The custom VJP has the same loops: d_x scatter-added, each expert's weight
+    gradient summed in the inner loop's carry, and d_weight = <d_y, expert output> from the
+    d_hidden it computes anyway.
+    Gate and up run as one [D, 2F] matmul, the pair concatenated per expert inside the loop.
     Measurements: docs/design.md, "Grouped matmul on CPU".
     """
     if source_tc.shape != weight_tc.shape or source_tc.shape[0] != tile_expert_t.shape[0]:
