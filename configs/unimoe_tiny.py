@@ -44,7 +44,11 @@ machine partly shared: 10 min 57 s, experiment 649 s. Every row moves by at most
 of 60: s2_image 15.0 / 53.3 / 48.3 / 11.7 / 35.0 / 11.7, s2_speech 31.7 on image_qa, s2_audio
 5.0 on image_qa, s3_moe 25.0 / 51.7 / 75.0 / 95.0 / 88.3 / 51.7. After the chunked tile SwiGLU,
 clean clone, venv installed: every row identical to that run; 13 min 46 s, experiment 819 s, on a
-slower spell of the VM: every stage took 14-45% longer, the non-MoE s0 stages included.)
+slower spell of the VM: every stage took 14-45% longer, the non-MoE s0 stages included. After
+the dispatch moved into the expert loop (`gmm.gathered_swiglu`; the per-token sum now runs in
+expert order), clean clone, venv installed: 11 min 39 s, experiment 689 s, s3_moe stage 207 s;
+stage-2 rows identical, s3_moe 23.3 / 51.7 / 75.0 / 96.7 / 90.0 / 51.7, at most one question per
+task from the previous run.)
 """
 
 import os
