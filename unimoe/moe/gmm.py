@@ -22,6 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from unimoe.models.lora import materialized_transpose
+
 GROUPED_IMPLS = ("ragged_dot", "tiles")
 
 
@@ -346,6 +348,8 @@ def _gathered_swiglu_bwd(chunk_tiles, res, dy_sd):
             d_out_rf = _matmul_t(dy_rd.astype(dtype), w_down_fd)
             d_weight_r = jnp.sum(d_out_rf.astype(f32) * hidden_rf.astype(f32), axis=-1)
             d_hidden_rf = d_out_rf * weight_r1.astype(dtype)
+            # The weight scales the [rows, F] side: F <= D for fine-grained experts.
+            weighted_hidden_rf = hidden_rf * weight_r1.astype(dtype)
             d_gate_up_r2f = jnp.concatenate(
                 [
                     d_hidden_rf * up_rf * sig_rf * (1 + gate_rf * (1 - sig_rf)),
@@ -357,10 +361,9 @@ def _gathered_swiglu_bwd(chunk_tiles, res, dy_sd):
             return (
                 dx_sd.at[source_r].add(dx_rd, mode="drop"),
                 _write(d_weight_tc, d_weight_r, t0),
-                dw_gate_up_d2f + (x_rd.T @ d_gate_up_r2f).astype(f32),
-                # The weight scales the [rows, F] side: F <= D for fine-grained experts.
+                dw_gate_up_d2f + (materialized_transpose(x_rd) @ d_gate_up_r2f).astype(f32),
                 dw_down_fd
-                + ((hidden_rf * weight_r1.astype(dtype)).T @ dy_rd.astype(dtype)).astype(f32),
+                + (materialized_transpose(weighted_hidden_rf) @ dy_rd.astype(dtype)).astype(f32),
             )
 
         dx_sd, d_weight_tc = carry
