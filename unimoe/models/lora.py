@@ -59,7 +59,7 @@ def materialized_transpose(a_ij: jax.Array) -> jax.Array:
     XLA folds a plain transpose into the dot, and XLA:CPU runs a dot that contracts the row axes
     of both operands through Eigen, which packs the strided operand on every call; behind the
     barrier the transpose is a copy and the dot a plain row-major matmul (YNNPACK). Measured in
-    one process on a 2-core CPU (docs/design.md, "CPU speed"): a dense SwiGLU fwd+bwd at
+    one process on a 2-core CPU (docs/design.md, "Weight gradients"): a dense SwiGLU fwd+bwd at
     4096 x 512 -> 2048 in 0.91x the time. Other backends transpose in the matmul unit: no copy.
     """
     if jax.default_backend() != "cpu":
