@@ -90,25 +90,28 @@ def swiglu_np(x, w_gate, w_up, w_down):
     return (gate / (1 + np.exp(-gate)) * (x @ w_up)) @ w_down
 
 
-# Chunks of 1 tile (tile by tile), of 2 (expert 0: one chunk; expert 2: a chunk, then a tile)
-# and of 3 (expert 0: too few tiles, two single tiles; expert 2: one chunk).
-@pytest.mark.parametrize("chunk_rows", [3, 6, 9])
+# Expert 0 has 2 tiles, expert 2 has 5. Chunks of 1 tile: tile by tile; of 2: expert 0 one
+# chunk, expert 2 a chunk and a last chunk of 3 (one tile would be left over); of 3: expert 0
+# two single tiles, expert 2 a chunk and two single tiles; of 4: expert 2 one chunk of 5.
+@pytest.mark.parametrize("chunk_rows", [3, 6, 9, 12])
 def test_gathered_swiglu_values_and_gradients_match_autodiff_of_a_per_row_loop(chunk_rows):
     rng = np.random.default_rng(2)
-    # 6 tiles of 3 rows over S = 5 source rows, D = 4, F = 6, E = 3: expert 1 owns no tile,
-    # tile 5 is a sentinel (expert E); source 5 marks a padding row. Sources 1 and 3 appear in
-    # both experts' tiles (a token routed to two experts).
-    source_tc = np.array([[0, 1, 3], [4, 5, 5], [1, 2, 3], [0, 2, 4], [3, 5, 5], [1, 2, 0]])
-    tile_expert_t = np.array([0, 0, 2, 2, 2, 3])
+    # 8 tiles of 3 rows over S = 5 source rows, D = 4, F = 6, E = 3: expert 1 owns no tile,
+    # tile 7 is a sentinel (expert E); source 5 marks a padding row. Sources 0, 1, 3 and 4
+    # appear in both experts' tiles (a token routed to two experts).
+    source_tc = np.array(
+        [[0, 1, 3], [4, 5, 5], [1, 2, 3], [0, 2, 4], [3, 4, 1], [2, 0, 4], [3, 5, 5], [1, 2, 0]]
+    )
+    tile_expert_t = np.array([0, 0, 2, 2, 2, 2, 2, 3])
     x_sd = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
     w_gate, w_up = (jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32) for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
-    weight_tc = jnp.asarray(rng.uniform(size=(6, 3)), jnp.float32)
+    weight_tc = jnp.asarray(rng.uniform(size=(8, 3)), jnp.float32)
     dy_sd = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
 
     def loop(x_sd, w_gate, w_up, w_down, weight_tc):
         y_sd = jnp.zeros((5, 4))
-        for t, e in enumerate(tile_expert_t[:5]):
+        for t, e in enumerate(tile_expert_t[:7]):
             for c, s in enumerate(source_tc[t]):
                 if s < 5:
                     out_d = jax.nn.silu(x_sd[s] @ w_gate[e]) * (x_sd[s] @ w_up[e]) @ w_down[e]
@@ -125,10 +128,10 @@ def test_gathered_swiglu_values_and_gradients_match_autodiff_of_a_per_row_loop(c
     np.testing.assert_allclose(y_sd, ref_y, rtol=1e-5, atol=1e-5)
     # Without a VJP the loops keep no activations; the values are the same.
     np.testing.assert_allclose(fused(*args), ref_y, rtol=1e-5, atol=1e-5)
-    # Source 0: expert 0 (tile 0) and expert 2 (tile 3); tile 5 (sentinel) adds nothing.
+    # Source 0: expert 0 (tile 0) and expert 2 (tiles 3 and 5); tile 7 (sentinel) adds nothing.
     want_0 = sum(
         float(weight_tc[t, c]) * swiglu_np(x_sd[0], w_gate[e], w_up[e], w_down[e])
-        for t, c, e in ((0, 0, 0), (3, 0, 2))
+        for t, c, e in ((0, 0, 0), (3, 0, 2), (5, 1, 2))
     )
     np.testing.assert_allclose(y_sd[0], want_0, rtol=1e-4)
     grads = vjp(dy_sd)
