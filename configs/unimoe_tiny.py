@@ -48,6 +48,11 @@ slower spell of the VM: every stage took 14-45% longer, the non-MoE s0 stages in
 the dispatch moved into the expert loop (`gmm.gathered_swiglu`; the per-token sum now runs in
 expert order), clean clone, venv installed: 11 min 39 s, experiment 689 s, s3_moe stage 207 s;
 stage-2 rows identical, s3_moe 23.3 / 51.7 / 75.0 / 96.7 / 90.0 / 51.7, at most one question per
+task from the previous run. After weight gradients moved to a materialised x.T (`lora.matmul`:
+another summation order in every `Linear`'s d_w) and a lone leftover tile joined the last
+chunk, clean clone, venv installed: 9 min 37 s, experiment 571 s (s2_speech 70 s, s3_moe 178 s).
+s2_video and s2_speech identical; s2_image 13.3 / 53.3 / 46.7 / 11.7 / 33.3 / 11.7, s2_audio 3.3
+on image_qa, s3_moe 30.0 / 51.7 / 76.7 / 96.7 / 90.0 / 48.3: at most four questions of 60 per
 task from the previous run.)
 """
 
