@@ -79,8 +79,7 @@ def _matmul_fwd(x_ni, w_ij):
 
 def _matmul_bwd(res, dy_nj):
     x_ni, w_ij = res
-    dx_ni = jax.lax.dot_general(dy_nj, w_ij, (((1,), (1,)), ((), ())))
-    return dx_ni, materialized_transpose(x_ni) @ dy_nj
+    return dy_nj @ w_ij.T, materialized_transpose(x_ni) @ dy_nj
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

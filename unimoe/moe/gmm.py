@@ -254,9 +254,9 @@ def gathered_swiglu(
     Each expert's weights are sliced once per call, and an expert's tiles are contiguous, so the
     inner loop multiplies chunks of chunk_rows // C tiles at once while whole chunks remain, then
     single tiles (a lone leftover tile joins the last chunk): small tiles bound the padding,
-    chunks run the matmuls at the shapes where the CPU is fastest. The custom VJP has the same loops: d_x scatter-added, each expert's weight
-    gradient summed in the inner loop's carry, and d_weight = <d_y, expert output> from the
-    d_hidden it computes anyway.
+    chunks run the matmuls at the shapes where the CPU is fastest. The custom VJP has the same
+    loops: d_x scatter-added, each expert's weight gradient summed in the inner loop's carry, and
+    d_weight = <d_y, expert output> from the d_hidden it computes anyway.
     Gate and up run as one [D, 2F] matmul, the pair concatenated per expert inside the loop.
     Measurements: docs/design.md, "Grouped matmul on CPU".
     """
