@@ -53,7 +53,10 @@ another summation order in every `Linear`'s d_w) and a lone leftover tile joined
 chunk, clean clone, venv installed: 9 min 37 s, experiment 571 s (s2_speech 70 s, s3_moe 178 s).
 s2_video and s2_speech identical; s2_image 13.3 / 53.3 / 46.7 / 11.7 / 33.3 / 11.7, s2_audio 3.3
 on image_qa, s3_moe 30.0 / 51.7 / 76.7 / 96.7 / 90.0 / 48.3: at most four questions of 60 per
-task from the previous run.)
+task from the previous run. After the written-out attention backward (`llm.masked_attention`),
+clean clone, venv installed, on a slower day of the VM: 11 min 50 s, experiment 702 s (s2_speech
+76 s, s3_moe 225 s); s2_image, s2_video and s2_audio identical, s2_speech 31.7 on image_qa,
+s3_moe 25.0 / 51.7 / 75.0 / 98.3 / 90.0 / 48.3: at most three questions of 60 per task.)
 """
 
 import os
