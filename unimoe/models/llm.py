@@ -245,8 +245,9 @@ def masked_attention(
     The attention math of both training (`causal_attention`, per query block) and cached decoding
     (`kv_cache.decode_step`, one query against the cache), so the two cannot drift apart. The
     backward is written out (`_masked_attention_bwd`): from the saved probabilities it is four
-    matmuls and one fused softmax gradient: the attention block's fwd+bwd in 0.93-0.96x the time
-    of the autodiff of the same forward on XLA:CPU (docs/design.md, "Attention backward").
+    matmuls and one fused softmax gradient: the attention block's fwd+bwd in 0.93-0.99x (median
+    0.96x) the time of the autodiff of the same forward on XLA:CPU (docs/design.md, "Attention
+    backward").
     """
     return _masked_attention_fwd(q_bgrtd, k_bgsd, v_bgsd, allowed_bts)[0]
 
