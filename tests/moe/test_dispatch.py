@@ -15,6 +15,7 @@ from unimoe.moe.dispatch import (
     dense_reference,
     dropless_dispatch,
     dropless_tiled_dispatch,
+    stable_expert_order,
 )
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank, tile_layout
 
@@ -153,6 +154,16 @@ def test_dispatch_rejects_mismatched_routing_shapes():
     x_nd, weights_nk, experts_nk = jnp.zeros((4, 5)), jnp.zeros((4, 2)), jnp.zeros((3, 2), int)
     with pytest.raises(ValueError, match="weights"):
         dropless_dispatch(x_nd, weights_nk, experts_nk, scale_by_expert_id, 3)
+
+
+@pytest.mark.parametrize("num_experts", [5, 2**30])  # packed int32 keys; argsort (overflow)
+def test_stable_expert_order_matches_a_stable_argsort_with_sentinels_last(num_experts):
+    ids_m = np.array([3, 0, 5, 3, 1, 0, 3, 5, 2, 0, 4, 1], np.int32)  # 5 = sentinel for E=5
+    order_m, rank_m = stable_expert_order(jnp.asarray(ids_m), num_experts)
+    expected_order_m = np.array([1, 5, 9, 4, 11, 8, 0, 3, 6, 10, 2, 7])
+    np.testing.assert_array_equal(order_m, expected_order_m)
+    np.testing.assert_array_equal(order_m, np.argsort(ids_m, kind="stable"))
+    np.testing.assert_array_equal(np.asarray(rank_m)[expected_order_m], np.arange(12))
 
 
 def test_tile_layout_pads_each_group_to_whole_tiles():

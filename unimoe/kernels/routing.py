@@ -34,6 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from unimoe.kernels.gmm import GPU_PLATFORMS
 from unimoe.moe import routing
+from unimoe.moe.dispatch import stable_expert_order
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -68,8 +69,7 @@ class RouterSpec:
 
 def _sort_outputs(columns_nk: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
     experts_m = jnp.minimum(columns_nk, num_experts).reshape(-1)
-    order_m = jnp.argsort(experts_m, stable=True)
-    rank_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(experts_m.size))
+    rank_m = stable_expert_order(experts_m, num_experts)[1]
     group_sizes_e = jnp.bincount(experts_m, length=num_experts)
     return group_sizes_e.astype(jnp.int32), rank_m.astype(jnp.int32)
 
@@ -91,7 +91,7 @@ def route_reference(
     interpret: Any = None,
     platform: str | None = None,
 ) -> Routing:
-    """`route` in XLA: the `routing.py` router, bincount and a stable argsort (same signature;
+    """`route` in XLA: the `routing.py` router, bincount and a stable sort (same signature;
     block_tokens/interpret/platform unused)."""
     spec.check(logits_nc.shape[-1])
     weights_nk, columns_nk = _reference_weights(spec, logits_nc)

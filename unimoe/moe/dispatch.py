@@ -45,6 +45,28 @@ def _sentinel_ids(experts_nk: jax.Array, num_experts: int) -> jax.Array:
     return jnp.where(in_range_nk, experts_nk, num_experts).astype(jnp.int32)
 
 
+def _inverse_permutation(perm_m: jax.Array) -> jax.Array:
+    return jnp.zeros_like(perm_m).at[perm_m].set(jnp.arange(perm_m.size), unique_indices=True)
+
+
+def stable_expert_order(experts_m: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """(order_m, rank_m) of the stable sort of expert ids in [0, E]: order_m lists the
+    assignments by expert (ties in position order), rank_m[m] is where assignment m lands.
+
+    Sorts one int32 key per assignment, id * M + m, rather than argsort's (id, index) pairs: the
+    keys are unique, so any sort of them is stable, and XLA:CPU sorts a single int32 operand
+    about 5x faster (M = 32,768 ids over 65: 1.9 ms against 10.1 ms, rank included). Ids that
+    would overflow the key ((E + 1) * M >= 2**31) take the argsort.
+    """
+    num_rows = experts_m.size
+    if (num_experts + 1) * num_rows < 2**31:
+        key_m = experts_m.astype(jnp.int32) * num_rows + jnp.arange(num_rows, dtype=jnp.int32)
+        order_m = jnp.sort(key_m) % num_rows
+    else:
+        order_m = jnp.argsort(experts_m, stable=True).astype(jnp.int32)
+    return order_m, _inverse_permutation(order_m)
+
+
 def _sort_by_expert(
     experts_nk: jax.Array,
     num_experts: int,
@@ -53,16 +75,13 @@ def _sort_by_expert(
     """(experts_m with sentinels, stable expert order, rank of each assignment, group sizes).
 
     `sort` = (rank_m, group_sizes_e) already computed (by the fused routing kernel,
-    `unimoe.kernels.routing`) replaces the argsort and bincount.
+    `unimoe.kernels.routing`) replaces the sort and bincount.
     """
-    num_rows = experts_nk.size
     experts_m = _sentinel_ids(experts_nk, num_experts).reshape(-1)
     if sort is not None:
         rank_m, group_sizes_e = sort
-        order_m = jnp.zeros_like(rank_m).at[rank_m].set(jnp.arange(num_rows), unique_indices=True)
-        return experts_m, order_m, rank_m, group_sizes_e.astype(jnp.int32)
-    order_m = jnp.argsort(experts_m, stable=True)
-    rank_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(num_rows), unique_indices=True)
+        return experts_m, _inverse_permutation(rank_m), rank_m, group_sizes_e.astype(jnp.int32)
+    order_m, rank_m = stable_expert_order(experts_m, num_experts)
     # bincount drops the sentinel id E: it is in no group.
     group_sizes_e = jnp.bincount(experts_m, length=num_experts).astype(jnp.int32)
     return experts_m, order_m, rank_m, group_sizes_e
