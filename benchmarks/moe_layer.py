@@ -4,7 +4,8 @@ R = time(MoE layer) / time(dense SwiGLU with k*F hidden units on the same tokens
 random (freshly initialised) router. Every variant runs in this one process, interleaved round by
 round; each R is the median over rounds of that round's ratio (a variant and its baseline run
 seconds apart), and the printed milliseconds are medians over rounds. Ratios survive a noisy
-shared machine; absolute milliseconds do not.
+shared machine; absolute milliseconds do not. The `rounds` column is the lowest and highest
+fwd_bwd ratio of a single round.
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E=8, k=2 (+ E=64, k=8, F=128)
     python benchmarks/moe_layer.py --quick    # tiny shapes, a smoke run in seconds
@@ -201,13 +202,21 @@ def main() -> None:
     times = measure_rounds(thunks, max(args.rounds, 1))
     med = {name: statistics.median(ts) for name, ts in times.items()}
 
-    def ratio(name: str, base: str, mode: str) -> float:
-        """Median over rounds of the ratio within a round: a variant and its baseline run
-        seconds apart, so a slow spell of the shared machine (which lasts longer) hits both."""
+    def round_ratios(name: str, base: str, mode: str) -> list[float]:
+        """The ratio within each round: a variant and its baseline run seconds apart, so a slow
+        spell of the shared machine (which lasts longer) hits both."""
         if f"{name}/{mode}" not in times:
-            return float("nan")
+            return [float("nan")]
         pairs = zip(times[f"{name}/{mode}"], times[f"{base}/{mode}"])
-        return statistics.median(t / t_base for t, t_base in pairs)
+        return [t / t_base for t, t_base in pairs]
+
+    def ratio(name: str, base: str, mode: str) -> float:
+        return statistics.median(round_ratios(name, base, mode))
+
+    def spread(name: str, base: str) -> str:
+        """Lowest and highest fwd_bwd ratio of a round: how far one round can mislead."""
+        ratios = round_ratios(name, base, "fwd_bwd")
+        return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
     rows = [
         ("moe (default dropless)", "moe", "dense"),
@@ -216,7 +225,10 @@ def main() -> None:
         ("fine-grained moe", "fine_moe", "fine_dense"),
         ("HF Mixtral block (torch)", "torch_hf", "torch_dense"),
     ]
-    print(f"{'variant':<28}{'fwd ms':>10}{'fwd_bwd ms':>12}{'R fwd':>8}{'R fwd_bwd':>11}")
+    print(
+        f"{'variant':<28}{'fwd ms':>10}{'fwd_bwd ms':>12}{'R fwd':>8}{'R fwd_bwd':>11}"
+        f"{'rounds':>12}"
+    )
     dense_rows = [
         ("dense (jax)", "dense", "dense"),
         ("dense (jax), fine shape", "fine_dense", "fine_dense"),
@@ -227,6 +239,7 @@ def main() -> None:
         print(
             f"{label:<28}{1e3 * med[f'{name}/fwd']:>10.1f}{1e3 * med[f'{name}/fwd_bwd']:>12.1f}"
             f"{ratio(name, base, 'fwd'):>8.2f}{ratio(name, base, 'fwd_bwd'):>11.2f}"
+            f"{spread(name, base):>12}"
         )
     torch_r = ratio("torch_hf", "torch_dense", "fwd_bwd") if not args.no_torch else float("nan")
     print(
