@@ -9,8 +9,10 @@ Hugging Face Mixtral module of the same shape at 2 torch threads:
   (grouped_mm experts);
 - head: LM head (`lora.Linear`) + next-token cross-entropy (`train.step.next_token_loss`) vs
   `nn.Linear` + `F.cross_entropy`.
-All variants run in this one process, interleaved round by round; each time is the median over
-rounds. A whole step is about num_layers * (attention + moe) + head, plus norms and the optimizer.
+All blocks run in this one process, each in its own phase of rounds alternating ours and torch's
+(as `moe_layer.py` measures its pairs); a ratio is the median over rounds of that round's ratio,
+the times are medians, and `rounds` is the lowest-highest single-round ratio. A whole step is
+about num_layers * (attention + moe) + head, plus norms and the optimizer.
 
     python benchmarks/train_blocks.py            # train_step.py's FULL shape
     python benchmarks/train_blocks.py --quick    # its QUICK shape: a smoke run
@@ -23,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from moe_layer import measure_rounds  # benchmarks/ is the script's folder, so on sys.path
 from train_step import FULL, QUICK, Shape, mixtral_config
 
 from unimoe.models.llm import Attention, LLMConfig
@@ -117,23 +119,16 @@ def main() -> None:
     shape = QUICK if args.quick else FULL
     print(f"jax {jax.__version__} on {jax.default_backend()}; shape {shape}; fwd+bwd, float32")
     sides = {"ours": ours(shape), "torch": torch_blocks(shape)}
-    thunks = {(side, name): t for side, blocks in sides.items() for name, t in blocks.items()}
-    for thunk in thunks.values():  # compile / warm up
-        thunk()
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in thunks}
-    for _ in range(args.rounds):
-        for key, thunk in thunks.items():
-            start = time.perf_counter()
-            thunk()
-            times[key].append(time.perf_counter() - start)
-    med = {key: statistics.median(ts) for key, ts in times.items()}
-    print(f"{'block':<12}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}")
+    print(f"{'block':<12}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'rounds':>12}")
     ratios = {}
     for name in sides["ours"]:
-        ratios[name] = med["ours", name] / med["torch", name]
+        times = measure_rounds({side: sides[side][name] for side in sides}, args.rounds)
+        round_ratios = [a / b for a, b in zip(times["ours"], times["torch"])]
+        ratios[name] = statistics.median(round_ratios)
         print(
-            f"{name:<12}{1e3 * med['ours', name]:>10.1f}{1e3 * med['torch', name]:>10.1f}"
-            f"{ratios[name]:>8.2f}"
+            f"{name:<12}{1e3 * statistics.median(times['ours']):>10.1f}"
+            f"{1e3 * statistics.median(times['torch']):>10.1f}{ratios[name]:>8.2f}"
+            f"{f'{min(round_ratios):.2f}-{max(round_ratios):.2f}':>12}"
         )
     print("RESULT " + " ".join(f"{name}={r:.3f}" for name, r in ratios.items()))
 
