@@ -4,9 +4,9 @@ R = time(MoE layer) / time(dense SwiGLU with k*F hidden units on the same tokens
 random (freshly initialised) router. Every variant runs in this one process, in its own phase of
 rounds that alternate it with its baseline; each R is the median over rounds of that round's
 ratio (a variant and its baseline run seconds apart), and the printed milliseconds are medians
-over rounds (a baseline's from its first phase). Ratios survive a noisy
-shared machine; absolute milliseconds do not. The `rounds` column is the lowest and highest
-fwd_bwd ratio of a single round.
+over rounds (a baseline's from its first phase). Ratios survive a noisy shared machine; absolute
+milliseconds do not. The `rounds` column is the lowest and highest fwd_bwd ratio of a single
+round.
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1024, E=8, k=2 (+ E=64, k=8, F=128)
     python benchmarks/moe_layer.py --quick    # tiny shapes, a smoke run in seconds
