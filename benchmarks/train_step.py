@@ -9,7 +9,9 @@ shape (num_key_value_heads = num_heads, output_router_logits=True, router_aux_lo
 its default attention / experts implementations), `torch.nn.utils.clip_grad_norm_` +
 `torch.optim.AdamW`, `torch.set_num_threads(2)`.
 
-Both run in this one process, interleaved step by step (ours, torch, ours, torch, ...); each
+Both run in this one process, interleaved two steps at a time (ours, ours, torch, torch, ...),
+and only the second step of each pair is timed: the first JAX step after a torch step paid 3-5 s
+of kernel page zeroing that no training run pays (benchmarks/RESULTS.md, 2026-11-25). Each
 side's time is the median of the measured steps after the warm-up (which includes the jit
 compile), so the ratio survives a noisy shared machine; absolute milliseconds do not.
 
@@ -230,7 +232,9 @@ def main() -> None:
 
     ours_s, torch_s = [], []
     for i in range(shape.warmup + shape.steps):
+        ours()  # untimed: the first step after the other side's step pays for its memory
         t_ours, loss_ours = timed(ours)
+        theirs()
         t_torch, loss_torch = timed(theirs)
         phase = "warm-up" if i < shape.warmup else "measured"
         print(
