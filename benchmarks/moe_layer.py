@@ -179,13 +179,22 @@ def torch_variants(shape: Shape) -> dict[str, Callable[[], object]]:
     return thunks
 
 
-def measure_rounds(thunks: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of every thunk, round by round (all thunks once per round, in order)."""
+def measure_rounds(
+    thunks: dict[str, Callable[[], object]], rounds: int, settle: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of every thunk, round by round (all thunks once per round, in order).
+
+    `settle` untimed calls run just before each timed one. The first call after a different
+    workload pays the kernel for zeroing the huge pages it touches afresh (seconds for a whole
+    step, `train_step.py`); a settled call measures the steady state a training loop runs in.
+    """
     for thunk in thunks.values():  # compile / warm up
         thunk()
     times: dict[str, list[float]] = {name: [] for name in thunks}
     for _ in range(rounds):
         for name, thunk in thunks.items():
+            for _ in range(settle):
+                thunk()
             start = time.perf_counter()
             thunk()
             times[name].append(time.perf_counter() - start)

@@ -10,9 +10,11 @@ Hugging Face Mixtral module of the same shape at 2 torch threads:
 - head: LM head (`lora.Linear`) + next-token cross-entropy (`train.step.next_token_loss`) vs
   `nn.Linear` + `F.cross_entropy`.
 All blocks run in this one process, each in its own phase of rounds alternating ours and torch's
-(as `moe_layer.py` measures its pairs); a ratio is the median over rounds of that round's ratio,
-the times are medians, and `rounds` is the lowest-highest single-round ratio. A whole step is
-about num_layers * (attention + moe) + head, plus norms and the optimizer.
+(as `moe_layer.py` measures its pairs), each side's timed call after `--settle` untimed ones (the
+first call after the other side's pays for fresh memory, as in `train_step.py`). A ratio is the
+median over rounds of that round's ratio, the times are medians, and `rounds` is the
+lowest-highest single-round ratio. A whole step is about num_layers * (attention + moe) + head,
+plus norms and the optimizer.
 
     python benchmarks/train_blocks.py            # train_step.py's FULL shape
     python benchmarks/train_blocks.py --quick    # its QUICK shape: a smoke run
@@ -115,6 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="train_step.py's QUICK shape")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--settle", type=int, default=1, help="untimed calls before each timed one, per side"
+    )
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
     print(f"jax {jax.__version__} on {jax.default_backend()}; shape {shape}; fwd+bwd, float32")
@@ -122,7 +127,9 @@ def main() -> None:
     print(f"{'block':<12}{'ours ms':>10}{'torch ms':>10}{'ratio':>8}{'rounds':>12}")
     ratios = {}
     for name in sides["ours"]:
-        times = measure_rounds({side: sides[side][name] for side in sides}, args.rounds)
+        times = measure_rounds(
+            {side: sides[side][name] for side in sides}, args.rounds, settle=args.settle
+        )
         round_ratios = [a / b for a, b in zip(times["ours"], times["torch"])]
         ratios[name] = statistics.median(round_ratios)
         print(
