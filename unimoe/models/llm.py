@@ -236,7 +236,6 @@ def causal_attention(
     return jnp.einsum("bgrtd->btgrd", jnp.concatenate(outs, axis=3))
 
 
-@jax.custom_vjp
 def masked_attention(
     q_bgrtd: jax.Array, k_bgsd: jax.Array, v_bgsd: jax.Array, allowed_bts: jax.Array
 ) -> jax.Array:
@@ -244,15 +243,32 @@ def masked_attention(
 
     The attention math of both training (`causal_attention`, per query block) and cached decoding
     (`kv_cache.decode_step`, one query against the cache), so the two cannot drift apart. The
-    backward is written out (`_masked_attention_bwd`): from the saved probabilities it is four
-    matmuls and one fused softmax gradient: the attention block's fwd+bwd in 0.93-0.99x (median
-    0.96x) the time of the autodiff of the same forward on XLA:CPU (docs/design.md, "Attention
-    backward").
+    1/sqrt(d) scale goes on q ([.., d]) rather than on the scores ([.., S]): inside the backward's
+    library (YNNPACK) fusion a scalar factor is materialised as a full [B, G, R*T, S] array, 40 MB
+    per call of the train_step block, and the block's fwd+bwd ran in 0.94-0.97x the time without
+    it (docs/design.md, "Attention backward"). A power-of-two scale (head_dim 64, 256, ...) gives
+    the same bits either way.
     """
-    return _masked_attention_fwd(q_bgrtd, k_bgsd, v_bgsd, allowed_bts)[0]
+    return _softmax_attention(
+        q_bgrtd * (1.0 / math.sqrt(q_bgrtd.shape[-1])), k_bgsd, v_bgsd, allowed_bts
+    )
 
 
-def _masked_attention_fwd(q_bgrtd, k_bgsd, v_bgsd, allowed_bts):
+@jax.custom_vjp
+def _softmax_attention(
+    q_bgrtd: jax.Array, k_bgsd: jax.Array, v_bgsd: jax.Array, allowed_bts: jax.Array
+) -> jax.Array:
+    """softmax(q k^T, disallowed keys at finfo.min) v for queries already scaled.
+
+    The backward is written out (`_softmax_attention_bwd`): from the saved probabilities it is
+    four matmuls and one fused softmax gradient: the attention block's fwd+bwd in 0.93-0.99x
+    (median 0.96x) the time of the autodiff of the same forward on XLA:CPU (docs/design.md,
+    "Attention backward").
+    """
+    return _softmax_attention_fwd(q_bgrtd, k_bgsd, v_bgsd, allowed_bts)[0]
+
+
+def _softmax_attention_fwd(q_bgrtd, k_bgsd, v_bgsd, allowed_bts):
     # The R query heads of a kv head share its keys, so (R, T) is folded into one row axis: two
     # 4-D batched matmuls, which XLA:CPU runs ~20% faster than the 5-D einsums.
     batch, groups, reps, seq, head_dim = q_bgrtd.shape
@@ -260,7 +276,7 @@ def _masked_attention_fwd(q_bgrtd, k_bgsd, v_bgsd, allowed_bts):
     scores_bgqs = jnp.einsum("bgqd,bgsd->bgqs", q_bgqd, k_bgsd).astype(jnp.float32)
     scores_bgrts = jnp.where(
         allowed_bts[:, None, None],
-        scores_bgqs.reshape(batch, groups, reps, seq, -1) * (1.0 / math.sqrt(head_dim)),
+        scores_bgqs.reshape(batch, groups, reps, seq, -1),
         jnp.finfo(jnp.float32).min,
     )
     probs_bgqs = (
@@ -270,9 +286,9 @@ def _masked_attention_fwd(q_bgrtd, k_bgsd, v_bgsd, allowed_bts):
     return out_bgqd.reshape(q_bgrtd.shape), (q_bgqd, k_bgsd, v_bgsd, probs_bgqs, allowed_bts)
 
 
-def _masked_attention_bwd(residuals, d_out_bgrtd):
+def _softmax_attention_bwd(residuals, d_out_bgrtd):
     q_bgqd, k_bgsd, v_bgsd, probs_bgqs, allowed_bts = residuals
-    batch, groups, reps, seq, head_dim = d_out_bgrtd.shape
+    batch, groups, reps, seq, _ = d_out_bgrtd.shape
     d_out_bgqd = d_out_bgrtd.reshape(q_bgqd.shape)
     d_probs_bgqs = jnp.einsum("bgqd,bgsd->bgqs", d_out_bgqd, v_bgsd).astype(jnp.float32)
     probs_bgqs_f32 = probs_bgqs.astype(jnp.float32)
@@ -282,9 +298,7 @@ def _masked_attention_bwd(residuals, d_out_bgrtd):
         d_probs_bgqs - jnp.sum(d_probs_bgqs * probs_bgqs_f32, axis=-1, keepdims=True)
     )
     d_scores_bgrts = jnp.where(
-        allowed_bts[:, None, None],
-        d_scores_bgqs.reshape(batch, groups, reps, seq, -1) * (1.0 / math.sqrt(head_dim)),
-        0.0,
+        allowed_bts[:, None, None], d_scores_bgqs.reshape(batch, groups, reps, seq, -1), 0.0
     )
     d_scores_bgqs = d_scores_bgrts.reshape(d_probs_bgqs.shape).astype(q_bgqd.dtype)
     d_q_bgqd = jnp.einsum("bgqs,bgsd->bgqd", d_scores_bgqs, k_bgsd)
@@ -293,7 +307,7 @@ def _masked_attention_bwd(residuals, d_out_bgrtd):
     return d_q_bgqd.reshape(d_out_bgrtd.shape), d_k_bgsd, d_v_bgsd, None
 
 
-masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class Attention(nnx.Module):
