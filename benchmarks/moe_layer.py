@@ -185,8 +185,9 @@ def measure_rounds(
     """Seconds per call of every thunk, round by round (all thunks once per round, in order).
 
     `settle` untimed calls run just before each timed one. The first call after a different
-    workload pays the kernel for zeroing the huge pages it touches afresh (seconds for a whole
-    step, `train_step.py`); a settled call measures the steady state a training loop runs in.
+    workload re-touches memory the VM has meanwhile reported free to its host, at up to ~1.7 s
+    per GB (docs/design.md, "Benchmark rounds per pair"); a settled call measures the steady
+    state a training loop runs in.
     """
     for thunk in thunks.values():  # compile / warm up
         thunk()
