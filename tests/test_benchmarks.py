@@ -54,8 +54,8 @@ def test_benchmark_quick_run_ends_with_result_line(script):
 
 
 def test_kernels_benchmark_on_cpu_checks_the_interpret_path():
-    """On CPU benchmarks/kernels.py times nothing: it checks the Pallas kernels in interpret
+    """On CPU benchmarks/pallas_gmm.py times nothing: it checks the Pallas kernels in interpret
     mode against the XLA references and says so."""
-    stdout = run_quick('kernels.py', JAX_PLATFORMS='cpu')
+    stdout = run_quick('pallas_gmm.py', JAX_PLATFORMS='cpu')
     assert 'interpret mode only' in stdout
     assert stdout.strip().splitlines()[-1] == 'RESULT interpret_ok=true', stdout

@@ -5,8 +5,8 @@ with uneven sizes (a multinomial draw, as tokamax benchmarks: even splits are un
 fast), forward only. TFLOP/s = 2*M*K*N / time; every variant runs in this one process,
 interleaved round by round, each time the median over rounds.
 
-    python benchmarks/kernels.py            # the shapes above on an accelerator
-    python benchmarks/kernels.py --quick    # smaller shapes
+    python benchmarks/pallas_gmm.py            # the shapes above on an accelerator
+    python benchmarks/pallas_gmm.py --quick    # smaller shapes
 
 The last line is `RESULT gmm_vs_dense=<x> gmm_vs_ragged_dot=<y>` (TFLOP/s ratios of the default
 lowering, the lower of the two G). On Hopper both GPU lowerings (Mosaic GPU, the default for

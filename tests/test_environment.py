@@ -1,0 +1,109 @@
+"""The suite runs in the locked environment, and no script's name hides an installed module.
+
+`requirements/lock.txt` pins every package the Makefile installs (docs/design.md, "Locked
+environment"). A script's own folder comes first on `sys.path`, so `benchmarks/kernels.py` once hid
+the `kernels` package that transformers 5.25 imports and every benchmark died at import.
+"""
+
+import importlib.metadata
+import importlib.util
+import pathlib
+import pkgutil
+import sys
+
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT_FOLDERS = ('benchmarks', 'experiments', 'colab', 'configs')
+# The project itself, installed in editable mode: not a pin of the lock.
+OWN_DISTRIBUTION = 'unimoe'
+
+
+def load_check_lock():
+    spec = importlib.util.spec_from_file_location('check_lock', REPO / 'requirements/check_lock.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_lock = load_check_lock()
+
+
+def test_the_lock_satisfies_every_requirement_of_setup_cfg():
+    assert check_lock.unmet() == []
+
+
+def test_check_lock_names_what_the_lock_does_not_satisfy(tmp_path):
+    setup_cfg = tmp_path / 'setup.cfg'
+    setup_cfg.write_text(
+        '[options]\ninstall_requires =\n    numpy>=2.0\n    not-a-real-package>=1\n'
+        '[options.extras_require]\ntest =\n    # a comment line\n    transformers>=99\n'
+    )
+    lock = tmp_path / 'lock.txt'
+    lock.write_text(
+        '# header\nnumpy==2.4.6 ; python_full_version < "3.12"\n'
+        'numpy==2.5.5 ; python_full_version >= "3.12"\n    # via x\ntransformers==5.25.0\n'
+    )
+    assert check_lock.unmet(setup_cfg, lock) == [
+        'setup.cfg [options] install_requires: not-a-real-package>=1 has no pin in lock.txt',
+        "setup.cfg [options.extras_require] test: transformers>=99 is not satisfied by the lock's "
+        'transformers==5.25.0',
+    ]
+
+
+def installed() -> dict[str, str]:
+    """Installed distributions of this interpreter, by canonical name."""
+    return {
+        canonicalize_name(dist.metadata['Name']): dist.version
+        for dist in importlib.metadata.distributions()
+    }
+
+
+def test_installed_versions_are_the_locked_ones():
+    """Every installed distribution is pinned, at its pinned version (a local build label such as
+    torch's `+cpu` wheel counts as its release). `make test` builds .venv from the lock; a package
+    installed into it by hand shows up here."""
+    pins = check_lock.locked(check_lock.LOCK)
+    wrong = []
+    for name, version in sorted(installed().items()):
+        if name == OWN_DISTRIBUTION:
+            continue
+        applicable = [pin for pin in pins.get(name, []) if pin.marker is None or pin.marker.evaluate()]
+        if not applicable:
+            wrong.append(f'{name}=={version} is installed but not pinned')
+        elif not any(pin.specifier.contains(Version(version).public) for pin in applicable):
+            wrong.append(f'{name}=={version} is installed, the lock pins {applicable[0]}')
+    assert not wrong, '; '.join(wrong) + ' (rebuild with `make test` or re-lock with `make lock`)'
+
+
+def importable_top_level_names() -> set[str]:
+    """Top-level modules this interpreter can import from outside the repository."""
+    outside = [p for p in sys.path if p and not pathlib.Path(p).resolve().is_relative_to(REPO)]
+    names = {module.name for module in pkgutil.iter_modules(outside)}
+    # Namespace packages (google, ...) have no __init__.py, which pkgutil needs.
+    names |= set(importlib.metadata.packages_distributions())
+    return names | set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+
+
+def script_names() -> dict[str, pathlib.Path]:
+    """Module names the files and folders under the script folders would take on `sys.path`."""
+    names = {}
+    for folder in SCRIPT_FOLDERS:
+        for path in (REPO / folder).rglob('*'):
+            if '__pycache__' in path.parts or '.ipynb_checkpoints' in path.parts:
+                continue
+            if path.suffix == '.py' or path.is_dir():
+                names[path.stem] = path.relative_to(REPO)
+    return names
+
+
+def test_importable_names_include_what_a_script_could_shadow():
+    """The probe sees site-packages and the stdlib: the names that bit us are in it."""
+    assert {'kernels', 'transformers', 'jax', 'json', 'google'} <= importable_top_level_names()
+
+
+def test_no_script_takes_the_name_of_an_importable_module():
+    taken = importable_top_level_names()
+    clashes = {str(path): name for name, path in script_names().items() if name in taken}
+    assert not clashes, f'rename these, they hide the installed module of the same name: {clashes}'
