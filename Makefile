@@ -45,8 +45,8 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/data_pipeline.py
 
-# Re-resolve requirements/lock.txt from setup.cfg and requirements/tools.in with uv (pinned by the
-# lock itself), for every platform and Python >= 3.11 at once (`--universal`).
+# Re-resolve requirements/lock.txt from setup.cfg and requirements/tools.in with uv (pinned by
+# the lock itself), for every platform and Python >= 3.11 at once (`--universal`).
 lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --constraint $(LOCK) uv

@@ -1,6 +1,6 @@
 """Does requirements/lock.txt satisfy every requirement setup.cfg declares?
 
-    python requirements/check_lock.py    # silent and exit 0, or one line per unmet requirement, exit 2
+    python requirements/check_lock.py    # silent, or one line per unmet requirement and exit 2
 
 `setup.cfg` keeps the ranges a library user needs; `requirements/lock.txt` (written by `make lock`)
 pins the exact versions the Makefile installs. The Makefile runs this before installing, so an edit
@@ -28,7 +28,8 @@ def declared(setup_cfg: pathlib.Path) -> list[tuple[str, Requirement]]:
     """(where, requirement) for install_requires and every extra, as setup.cfg declares them."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(setup_cfg, encoding='utf-8')
-    fields = [('[options] install_requires', parser.get('options', 'install_requires', fallback=''))]
+    runtime = parser.get('options', 'install_requires', fallback='')
+    fields = [('[options] install_requires', runtime)]
     if parser.has_section('options.extras_require'):
         fields += [
             (f'[options.extras_require] {extra}', value)
@@ -52,7 +53,7 @@ def locked(lock: pathlib.Path) -> dict[str, list[Requirement]]:
 
 
 def unmet(setup_cfg: pathlib.Path = SETUP_CFG, lock: pathlib.Path = LOCK) -> list[str]:
-    """One line per setup.cfg requirement that the lock has no pin for, or pins outside its range."""
+    """One line per setup.cfg requirement the lock has no pin for, or pins outside its range."""
     pins = locked(lock)
     problems = []
     for where, requirement in declared(setup_cfg):

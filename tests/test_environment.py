@@ -5,12 +5,14 @@ environment"). A script's own folder comes first on `sys.path`, so `benchmarks/k
 the `kernels` package that transformers 5.25 imports and every benchmark died at import.
 """
 
+import ast
 import importlib.metadata
 import importlib.util
 import pathlib
 import pkgutil
 import sys
 
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -69,7 +71,7 @@ def test_installed_versions_are_the_locked_ones():
     for name, version in sorted(installed().items()):
         if name == OWN_DISTRIBUTION:
             continue
-        applicable = [pin for pin in pins.get(name, []) if pin.marker is None or pin.marker.evaluate()]
+        applicable = [pin for pin in pins.get(name, []) if not pin.marker or pin.marker.evaluate()]
         if not applicable:
             wrong.append(f'{name}=={version} is installed but not pinned')
         elif not any(pin.specifier.contains(Version(version).public) for pin in applicable):
@@ -107,3 +109,54 @@ def test_no_script_takes_the_name_of_an_importable_module():
     taken = importable_top_level_names()
     clashes = {str(path): name for name, path in script_names().items() if name in taken}
     assert not clashes, f'rename these, they hide the installed module of the same name: {clashes}'
+
+
+def module_level_imports(package: pathlib.Path) -> dict[str, str]:
+    """Top-level names imported at module level in the package's files (imports inside functions
+    are the lazy ones, torch's checkpoint reader say), with one file that imports each."""
+    found = {}
+    for path in sorted(package.rglob('*.py')):
+        tree = ast.parse(path.read_text(encoding='utf-8'))
+        tries = [node for node in tree.body if isinstance(node, ast.Try)]
+        statements = [*tree.body, *(statement for node in tries for statement in node.body)]
+        for node in statements:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.partition('.')[0], str(path.relative_to(REPO)))
+    return found
+
+
+def runtime_distributions() -> set[str]:
+    """install_requires and everything they require (no extras): what `make demo` installs."""
+    declared = check_lock.declared(check_lock.SETUP_CFG)
+    pending = [req for where, req in declared if where.endswith('install_requires')]
+    closure = set()
+    while pending:
+        requirement = pending.pop()
+        name = canonicalize_name(requirement.name)
+        unused_here = requirement.marker and not requirement.marker.evaluate({'extra': ''})
+        if name in closure or unused_here:
+            continue
+        closure.add(name)
+        pending += [Requirement(line) for line in importlib.metadata.requires(name) or []]
+    return closure
+
+
+def test_the_runtime_requirements_provide_every_module_level_import():
+    """`make demo` installs install_requires only; a module the library imports at load time but
+    that only the test extra brings (safetensors once) breaks it on a fresh machine."""
+    providers = importlib.metadata.packages_distributions()
+    runtime = runtime_distributions()
+    stdlib = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+    missing = {
+        name: where
+        for name, where in module_level_imports(REPO / 'unimoe').items()
+        if name not in stdlib and name != 'unimoe'
+        and not {canonicalize_name(d) for d in providers.get(name, [])} & runtime
+    }
+    assert not missing, f'imported at module level but not in setup.cfg install_requires: {missing}'
