@@ -56,7 +56,11 @@ on image_qa, s3_moe 30.0 / 51.7 / 76.7 / 96.7 / 90.0 / 48.3: at most four questi
 task from the previous run. After the written-out attention backward (`llm.masked_attention`),
 clean clone, venv installed, on a slower day of the VM: 11 min 50 s, experiment 702 s (s2_speech
 76 s, s3_moe 225 s); s2_image, s2_video and s2_audio identical, s2_speech 31.7 on image_qa,
-s3_moe 25.0 / 51.7 / 75.0 / 98.3 / 90.0 / 48.3: at most three questions of 60 per task.)
+s3_moe 25.0 / 51.7 / 75.0 / 98.3 / 90.0 / 48.3: at most three questions of 60 per task. With the
+locked environment (`requirements/lock.txt`, 2026-12-06), fresh clone, the runtime-only venv built
+by `make demo`, dataset generated: 9 min 46 s in all, experiment 542 s; every stage-2 row equal to
+the table above, s3_moe 25.0 / 53.3 / 71.7 / 96.7 / 90.0 / 46.7: at most four questions of 60 per
+task from the previous run.)
 """
 
 import os
