@@ -42,11 +42,11 @@ from PIL import Image
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's `unimoe`, not whichever one is installed
 
-from unimoe import config as config_lib  # noqa: E402
+from unimoe import config as config_lib, factory  # noqa: E402
 from unimoe.data import json_builder, json_pipeline  # noqa: E402
 from unimoe.data.conversation import SYSTEM_PROMPT  # noqa: E402
 from unimoe.data.tokenizer import PretrainedTokenizer  # noqa: E402
-from unimoe.train import optim, stages, step as step_lib, trainer  # noqa: E402
+from unimoe.train import optim, step as step_lib  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "tiny sizes: a smoke run")
 WORDS = "red green blue cat dog ball man woman table bed street car tree sky water".split()
@@ -132,8 +132,8 @@ def step_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def make_step(config, tokenizer, batch):
     """`run(i)`: one tiny s3_moe train step on `batch` (state threaded through), blocking."""
     stage = config.stages.s3_moe
-    model = trainer.build_model(config, tokenizer, moe=True, lora_rank=stage.lora_rank, seed=0)
-    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(stage.trains), ...)
+    model = factory.build_model(config, tokenizer, moe=True, lora_rank=stage.lora_rank, seed=0)
+    graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(stage.trains), ...)
     optim_cfg = optim.OptimConfig(
         learning_rate=stage.learning_rate,
         total_steps=100,

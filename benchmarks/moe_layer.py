@@ -226,7 +226,7 @@ def main() -> None:
     # round of every variant, a call that followed the ragged_dot and one-hot peers (large
     # buffers) ran up to 1.5x slower than in rounds of its own pair, while the dense baselines did
     # not: the fine-grained layer 683 vs 455 ms, HF's block 675 vs 1309 ms depending on its place
-    # (benchmarks/RESULTS.md, 2026-11-25).
+    # (benchmarks/HISTORY.md, 2026-11-25).
     times = {
         name: measure_rounds(
             {f"{v}/{mode}": thunks[f"{v}/{mode}"] for v in (name, base) for mode in MODES},

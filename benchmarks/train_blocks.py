@@ -36,7 +36,7 @@ from moe_layer import measure_rounds  # benchmarks/ is the script's folder, so o
 from train_step import FULL, QUICK, Shape, mixtral_config
 
 from unimoe.models.llm import Attention, LLMConfig
-from unimoe.models.lora import Linear
+from unimoe.nn.lora import Linear
 from unimoe.moe.layer import MoEConfig, MoELayer
 from unimoe.train.step import next_token_loss
 

@@ -11,7 +11,7 @@ its default attention / experts implementations), `torch.nn.utils.clip_grad_norm
 
 Both run in this one process, interleaved two steps at a time (ours, ours, torch, torch, ...),
 and only the second step of each pair is timed: the first JAX step after a torch step paid 3-5 s
-of kernel page zeroing that no training run pays (benchmarks/RESULTS.md, 2026-11-25). Each
+of kernel page zeroing that no training run pays (benchmarks/HISTORY.md, 2026-11-25). Each
 side's time is the median of the measured steps after the warm-up (which includes the jit
 compile), so the ratio survives a noisy shared machine; absolute milliseconds do not.
 

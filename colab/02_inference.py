@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -38,13 +38,12 @@ from unimoe import config as config_lib
 from unimoe import run
 from unimoe.data import conversation, pipeline
 from unimoe.eval import evaluate
-from unimoe.train import trainer
 
 config = config_lib.load_config("configs/unimoe_tiny.py:mode=" + ("test" if TINY else "demo"))
 run.run_experiment(config, WORKDIR)  # finished stages are skipped
 tokenizer = run.prepare_data(config)
 model = evaluate.load_finished_stage(config, "s3_moe", pathlib.Path(WORKDIR), tokenizer)
-data_cfg = trainer.data_config(config)
+data_cfg = pipeline.DataConfig(**config.data.to_dict())
 
 # %%
 TASKS = ["image_qa", "speech_qa", "audio_qa", "image_speech_qa"]

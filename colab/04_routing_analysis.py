@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -37,7 +37,6 @@ from unimoe import run
 from unimoe.data import pipeline
 from unimoe.eval import evaluate
 from unimoe.eval.routing_analysis import expert_usage_by_layer
-from unimoe.train import trainer
 
 config = config_lib.load_config("configs/unimoe_tiny.py:mode=" + ("test" if TINY else "demo"))
 run.run_experiment(config, WORKDIR)  # finished stages are skipped
@@ -45,11 +44,11 @@ run.run_experiment(config, WORKDIR)  # finished stages are skipped
 # %%
 tokenizer = run.prepare_data(config)
 model = evaluate.load_finished_stage(config, "s3_moe", pathlib.Path(WORKDIR), tokenizer)
-tasks = trainer.split_list(config.eval.tasks)
-examples = pipeline.load_eval_examples(trainer.data_config(config), tokenizer, tasks)
+tasks = config_lib.split_list(config.eval.tasks)
+examples = pipeline.load_eval_examples(pipeline.DataConfig(**config.data.to_dict()), tokenizer, tasks)
 usage = expert_usage_by_layer(model, pipeline.collate(examples, config.eval.batch_size))
 modalities = sorted(usage)
-experts = trainer.split_list(config.stages.s3_moe.experts_from)
+experts = config_lib.split_list(config.stages.s3_moe.experts_from)
 print({m: np.round(u.mean(0), 3).tolist() for m, u in usage.items()})
 
 # %%

@@ -1,18 +1,18 @@
 r"""Uni-MoE 4E / 8E at paper scale with a device mesh: for lowering and memory planning.
 
-  python -m unimoe.parallel.lower --config=configs/paper_scale.py:experts=8,target=v5p-64
+  python -m unimoe.train.lower --config=configs/paper_scale.py:experts=8,target=v5p-64
 
 Model: `configs/unimoe_paper_4e.py`'s (Vicuna-7B LM, CLIP ViT-L/14-336, Whisper-small encoder
 and connector, experts on every layer, top-2, LoRA r8 on attention and experts) with 4 or 8
 experts, Vicuna's 32000-token vocabulary plus the three media placeholders. The stage is
 Uni-MoE's stage 3 (LoRA + routers + connectors trained, global batch 8 for 4E and 64 for 8E,
-reference §3.2); training configs with data are experiments/paper.
+the Uni-MoE paper); training configs with data are experiments/paper.
 
 `config.mesh` is the pod's mesh (`target`):
 - v5p-64: 32 chips (64 TensorCores, one JAX device per chip): FSDP inside the slice, experts
   over `expert` (4E: fsdp=8 x expert=4; 8E: fsdp=4 x expert=8);
 - 8xh100: one host of 8 GPUs (4E: fsdp=2 x expert=4; 8E: expert=8).
-`unimoe.parallel.lower` lowers the same program on 8 simulated CPU devices with the mesh scaled
+`unimoe.train.lower` lowers the same program on 8 simulated CPU devices with the mesh scaled
 down to 8 devices (axes kept, sizes halved), and prints the per-device memory on both meshes.
 
 `size=test` shrinks every width and depth (same code path; what tests/parallel lowers).

@@ -11,13 +11,13 @@ then name them in the config arg:
   --config=configs/unimoe_paper_4e.py:vicuna=ckpt/vicuna,clip=ckpt/clip,whisper=ckpt/whisper
 
 `config.pretrained` maps those labels to the directories; `unimoe.convert.core.pretrained_params`
-merges them into one flat source for `unimoe.train.stages.load_params` (the converted
+merges them into one flat source for `unimoe.factory.load_params` (the converted
 directories hold exactly the 'llm/', 'vision/' and 'audio/' + 'audio_conn/' parameters of this
 model, shape-checked by tests/convert/test_paper_config.py against the published config.json
 files). Stage 1 starts from that source; the connectors' own parts (the vision projector, the 50
 query embeddings and the speech projection) start new, as in Uni-MoE.
 
-Shapes (`../shared/reference/unimoe.md` §1-2): Vicuna-7B (4096 wide, 32 layers, 32 heads, FFN
+Shapes (the Uni-MoE paper and its release, github.com/HITsz-TMG/Uni-MoE): Vicuna-7B (4096 wide, 32 layers, 32 heads, FFN
 11008, vocab 32000), CLIP ViT-L/14-336 (576 patch tokens of hidden_states[-2]), Whisper-small
 encoder (3000 mel frames of 80 bins) and decoder as the speech connector (50 queries), experts on
 every layer, top-2 of 4 with the softmax over the top-k logits, LoRA r8 / alpha 16 / dropout 0.05.

@@ -3,10 +3,12 @@
 import pathlib
 
 import pytest
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from tests.tiny_model import TokenizerInfo
-from unimoe import config as config_lib
+from unimoe import config as config_lib, factory
 from unimoe.train import trainer
 
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob('configs/*.py'))
@@ -26,11 +28,11 @@ def test_config_stages_build_abstractly(spec):
     # Stages differ in their model only by (moe, lora_rank); build each kind once.
     kinds = {
         (config.stages[name].moe, config.stages[name].lora_rank): name
-        for name in trainer.split_list(config.stage_order)
+        for name in config_lib.split_list(config.stage_order)
     }
     for name in kinds.values():
         stage = config.stages[name]
-        model = trainer.build_model(
+        model = factory.build_model(
             config,
             TokenizerInfo(vocab_size=512),
             moe=stage.moe,
@@ -60,3 +62,26 @@ def test_validate_stages_rejects_a_stage_that_starts_from_a_later_one():
     config.stages.s1_align.init_from = 's2_image'
     with pytest.raises(ValueError, match="stage 's1_align' starts from 's2_image'"):
         trainer.validate_stages(config)
+
+
+def test_every_loss_field_is_settable_from_the_command_line():
+    stage = '--config.stages.s3_moe'
+    argv = [
+        'main',
+        '--config=configs/unimoe_tiny.py:mode=test',
+        f'{stage}.balance_coef_end=0.0',
+        f'{stage}.balance_decay_steps=7',
+        f'{stage}.dcmoe_coef=0.5',
+        f'{stage}.dcmoe_coef_end=0.01',
+        f'{stage}.answer_token_weight=10.0',
+    ]
+    values = flags.FlagValues()
+    # As `unimoe.main` defines it (locked: an undeclared field cannot be set).
+    config_flags.DEFINE_config_file('config', None, '', values, lock_config=True, sys_argv=argv)
+    values(argv)
+    loss = trainer.stage_loss_config(values.config.stages.s3_moe)
+    assert (loss.balance_coef_end, loss.balance_decay_steps) == (0.0, 7)
+    assert (loss.dcmoe_coef, loss.dcmoe_coef_end, loss.answer_token_weight) == (0.5, 0.01, 10.0)
+    # Unset, the annealed ends stay None: constant coefficients.
+    default = trainer.stage_loss_config(config_lib.load_config('configs/unimoe_tiny.py').stages.s3_moe)
+    assert (default.balance_coef_end, default.dcmoe_coef_end) == (None, None)

@@ -5,9 +5,9 @@ import shutil
 
 import numpy as np
 
-from unimoe import run
+from unimoe import checkpoint, factory, run
 from unimoe.eval import evaluate
-from unimoe.train import checkpoint, metrics, trainer
+from unimoe.train import metrics
 
 
 def test_recipe_trains_every_stage_resumes_and_evaluates(tiny_recipe_run, tmp_path):
@@ -24,10 +24,10 @@ def test_recipe_trains_every_stage_resumes_and_evaluates(tiny_recipe_run, tmp_pa
     # Each source contributes what it trained: the LM of s0_llm, the ViT of s0_vision, not their
     # random copies of each other's parts.
     s0_llm, s0_vision = (
-        trainer.final_params(workdir, 's0_llm'),
-        trainer.final_params(workdir, 's0_vision'),
+        factory.final_params(workdir, 's0_llm'),
+        factory.final_params(workdir, 's0_vision'),
     )
-    s1 = trainer.final_params(workdir, 's1_align')
+    s1 = factory.final_params(workdir, 's1_align')
     assert 'vision/patch_embedding/kernel' not in s0_llm
     np.testing.assert_array_equal(s1['llm/embed/embedding'], s0_llm['llm/embed/embedding'])
     np.testing.assert_array_equal(
@@ -47,7 +47,7 @@ def test_recipe_trains_every_stage_resumes_and_evaluates(tiny_recipe_run, tmp_pa
     assert table.splitlines()[-1].startswith('| chance |')
 
     # Interrupt the last stage: drop its final checkpoint and completion marker, keep step 10.
-    first_run = trainer.final_params(workdir, 's3_moe')
+    first_run = factory.final_params(workdir, 's3_moe')
     ckpt_dir = workdir / 's3_moe' / 'checkpoints'
     assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ['10', '12']
     shutil.rmtree(ckpt_dir / '12')
@@ -58,7 +58,7 @@ def test_recipe_trains_every_stage_resumes_and_evaluates(tiny_recipe_run, tmp_pa
         name: (workdir / name / evaluate.SCORES_FILE).read_text() for name in results['models']
     }
     resumed_table = run.run_experiment(config, str(workdir))
-    resumed = trainer.final_params(workdir, 's3_moe')
+    resumed = factory.final_params(workdir, 's3_moe')
     # Unchanged stage-2 models reuse their scores; the retrained s3_moe is evaluated again.
     for name, text in cached.items():
         assert ((workdir / name / evaluate.SCORES_FILE).read_text() == text) == (name != 's3_moe')

@@ -8,6 +8,7 @@ import pathlib
 import pytest
 
 from unimoe import config as config_lib
+from unimoe.config import split_list
 from unimoe.eval import metrics
 from unimoe.train import trainer
 
@@ -32,13 +33,13 @@ def test_every_row_config_validates(row):
     )
     trainer.validate_stages(config)
     spec = ROWS[row]
-    assert config.paper.eval_stage in trainer.split_list(config.stage_order)
+    assert config.paper.eval_stage in split_list(config.stage_order)
     if spec.experts:
         s3 = config.stages.s3_moe
-        assert trainer.split_list(s3.experts_from) == list(spec.experts)
+        assert split_list(s3.experts_from) == list(spec.experts)
         assert (s3.learning_rate, s3.lora_rank) == (4e-5, 8)
         assert config.model.moe.num_experts == len(spec.experts)
-        # epochs x records / global batch (reference §3.2)
+        # epochs x records / global batch (the Uni-MoE paper)
         assert s3.steps == -(-spec.records * spec.epochs // s3.batch_size)
         assert s3.batch_size == (64 if len(spec.experts) == 8 else 8)
         assert s3.balance_coef == (0.01 if row.endswith("_aux") else 0.0)

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 
 import jax
 import ml_collections
 from flax import nnx
 
-from unimoe.data import tasks as tasks_lib
+from unimoe import checkpoint, factory
+from unimoe.config import split_list
+from unimoe.data import builtin
 from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 from unimoe.models.unimoe import UniMoE
 from unimoe.moe import expert_parallel
-from unimoe.train import stages, trainer
 
 BYTES_PER_PARAM = 4  # float32 parameters, gradients and optimizer moments
 COMPONENTS = ('llm', 'vision', 'audio', 'connectors', 'heads')
@@ -70,13 +70,13 @@ def account_model(model: UniMoE, trains: str, seq_len: int, name: str = '') -> S
     llm_cfg = model.cfg.llm
     moe_cfg = llm_cfg.moe
     routed_fraction = min(moe_cfg.num_slots, moe_cfg.num_experts) / moe_cfg.num_experts
-    is_trainable = stages.trainable_filter(trains)
+    is_trainable = factory.trainable_filter(trains)
     by_component = dict.fromkeys(COMPONENTS, 0)
     trainable = 0
     active = 0.0
     embedding = 0
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        path_text = stages.path_str(path)
+        path_text = checkpoint.path_str(path)
         size = int(value.get_value().size)
         by_component[_component(path_text)] += size
         if is_trainable(path, value):
@@ -109,15 +109,9 @@ def account_model(model: UniMoE, trains: str, seq_len: int, name: str = '') -> S
 def _tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
     """`config.tokenizer` (a pretrained LM's file) when set; else the built-in tokenizer, cached
     when the data was prepared, or the same one trained in memory."""
-    if config.get('tokenizer'):
-        return PretrainedTokenizer(config.tokenizer)
-    # Imported here: run -> trainer -> ...; accounting is imported by run.
-    from unimoe import run
-
-    path = pathlib.Path(config.data.data_dir) / run.TOKENIZER_FILE
-    if path.exists():
-        return Tokenizer.from_file(path)
-    return Tokenizer.train(tasks_lib.tokenizer_corpus())
+    return builtin.experiment_tokenizer(
+        config.get('tokenizer'), config.data.data_dir, on_missing='train'
+    )
 
 
 def account_stages(config: ml_collections.ConfigDict) -> list[StageAccount]:
@@ -126,11 +120,11 @@ def account_stages(config: ml_collections.ConfigDict) -> list[StageAccount]:
     # Stages differ in their model only by (moe, lora_rank): build each kind once.
     models: dict[tuple[bool, int], UniMoE] = {}
     accounts = []
-    for name in trainer.split_list(config.stage_order):
+    for name in split_list(config.stage_order):
         stage = config.stages[name]
         kind = (bool(stage.moe), int(stage.lora_rank))
         if kind not in models:
-            models[kind] = trainer.build_model(
+            models[kind] = factory.build_model(
                 config, tokenizer, moe=kind[0], lora_rank=kind[1], seed=config.seed, abstract=True
             )
         accounts.append(account_model(models[kind], stage.trains, config.data.seq_len, name))
@@ -203,13 +197,13 @@ def account_expert_exchange(config: ml_collections.ConfigDict) -> list[ExchangeA
     shards = math.prod(s for a, s in sizes.items() if a not in expert_parallel.NON_TOKEN_AXES)
     tokenizer = _tokenizer(config)
     accounts, models = [], {}
-    for name in trainer.split_list(config.stage_order):
+    for name in split_list(config.stage_order):
         stage = config.stages[name]
         if not stage.moe:
             continue
         lora_rank = int(stage.lora_rank)
         if lora_rank not in models:
-            models[lora_rank] = trainer.build_model(
+            models[lora_rank] = factory.build_model(
                 config, tokenizer, moe=True, lora_rank=lora_rank, seed=config.seed, abstract=True
             )
         llm_cfg = models[lora_rank].cfg.llm

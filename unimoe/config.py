@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -77,7 +78,12 @@ def stage(
     balance_coef: float = 0.0,
     z_coef: float = 0.0,
 ) -> ml_collections.ConfigDict:
-    """One entry of `config.stages` (the fields `unimoe.train.trainer` reads), for config files."""
+    """One entry of `config.stages` (the fields `unimoe.train.trainer` reads), for config files.
+
+    Every field of the stage's loss (`unimoe.train.step.LossConfig`) is declared, so each can be
+    set from the command line (`--config.stages.s3_moe.dcmoe_coef_end=0.01`); the annealed ends
+    are unset (None) until a value is given.
+    """
     return ml_collections.ConfigDict(
         dict(
             trains=trains,
@@ -94,6 +100,16 @@ def stage(
             moe=moe,
             lora_rank=lora_rank,
             balance_coef=balance_coef,
+            balance_coef_end=config_dict.placeholder(float),
+            balance_decay_steps=0,
+            dcmoe_coef=0.0,
+            dcmoe_coef_end=config_dict.placeholder(float),
+            answer_token_weight=1.0,
             z_coef=z_coef,
         )
     )
+
+
+def split_list(text: str) -> list[str]:
+    """'a,b,,c' -> ['a', 'b', 'c']: a comma-separated list field of a config."""
+    return [item for item in text.split(',') if item]

@@ -9,15 +9,13 @@ import time
 
 import ml_collections
 
+from unimoe.config import split_list
 from unimoe.data import builtin
 from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 from unimoe.eval import evaluate
 from unimoe.train import trainer, validate
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILE = 'unimoe_tokenizer.json'
-
 
 def prepare_data(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
     """The tokenizer of the experiment's data.
@@ -26,10 +24,11 @@ def prepare_data(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTok
     `data.json_builder`): that pretrained LM tokenizer. Otherwise builds the built-in dataset if
     it is missing and returns the tokenizer stored beside it.
     """
-    if config.get('tokenizer'):
-        return PretrainedTokenizer(config.tokenizer)
-    builtin.prepare(config.data.data_dir, config.data.builder_config)
-    return Tokenizer.load_or_train(pathlib.Path(config.data.data_dir) / TOKENIZER_FILE)
+    if not config.get('tokenizer'):
+        builtin.prepare(config.data.data_dir, config.data.builder_config)
+    return builtin.experiment_tokenizer(
+        config.get('tokenizer'), config.data.data_dir, on_missing='train_and_save'
+    )
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -46,7 +45,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
     tokenizer = prepare_data(config)
     trainer.run_stages(config, workdir_path, tokenizer)
     table = ''
-    if trainer.split_list(config.eval.stages):
+    if split_list(config.eval.stages):
         table = evaluate.evaluate(config, workdir_path, tokenizer)
     log.info('experiment finished in %.0f s', time.perf_counter() - started)
     (workdir_path / 'timing.json').write_text(

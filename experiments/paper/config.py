@@ -6,13 +6,13 @@ tokenizer=ckpt/vicuna/tokenizer.model,data_dir=data/unimoe_json,media_root=data/
 
 The model, the pretrained sources and stage 1 are `configs/unimoe_paper_4e.py`'s; this file sets
 per row the data (prepared `unimoe_json` datasets, README.md), the stage-2 experts, the expert
-count, the router, the balance loss and the stage-3 schedule of reference §3.2: AdamW lr 4e-5,
+count, the router, the balance loss and the stage-3 schedule of the Uni-MoE paper and its training scripts: AdamW lr 4e-5,
 cosine, warmup 3 %, weight decay 0, LoRA r8 / alpha 16 / dropout 0.05 on attention and experts,
 max length 2048, global batch 8 (4E) or 64 (8E), 2 epochs (10 for MoE-Task3). Steps are epochs x
 records / batch with the record counts below (`records=N` overrides them for your copy of the
 data). Stage-1/2 schedules are not published: they keep the base config's choices.
 
-Which stage-2 model is which expert follows reference §1.5 (issue #26 of the Uni-MoE repo):
+Which stage-2 model is which expert follows issue #26 of the Uni-MoE repo:
 4E speech = {LLaVA-1.5 FFN, short-speech expert, image expert, long-speech expert}; 8E = audio
 caption, Vicuna, LLaVA, short speech, image, long speech, LLaVA, long speech. "Vicuna's FFN" is the
 pretrained LM's, i.e. `s1_align`'s (stage 1 trains only connectors). The single-modality rows'
@@ -44,7 +44,7 @@ EXPERTS_8E = (
     "s2_audiocap", VICUNA, "s2_llava", "s2_speech_short",
     "s2_image", "s2_speech_long", "s2_llava", "s2_speech_long",
 )  # fmt: skip
-# Stage-3 mixtures (reference §3.2): Uni_MoE_Speech.json / Uni_MoE_Cap.json hold 453K records.
+# Stage-3 mixtures (Uni-MoE's training recipe): Uni_MoE_Speech.json / Uni_MoE_Cap.json hold 453K records.
 UMOE_SPEECH, UMOE_CAP, MIX665K = "uni_moe_speech", "uni_moe_cap", "llava_v1_5_mix665k"
 # MoE-Task4 trains on the speech set and 665K as one file: batches in proportion to their sizes.
 TASK4_WEIGHTS = (453_000, 665_000)

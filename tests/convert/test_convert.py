@@ -15,7 +15,7 @@ from tests.convert import hf_models
 from unimoe.convert import core, hf_io, parity
 from unimoe.convert.cli import main, parse_size
 from unimoe.convert.families import Options
-from unimoe.train.checkpoint import Checkpointer
+from unimoe.checkpoint import Checkpointer
 
 # The tiny Whisper decoder has 20 positions; the connector keeps 7 of them as query positions.
 OPTIONS = {"whisper": Options(num_queries=7)}

@@ -8,13 +8,10 @@ from flax import nnx
 
 from tests.convert import hf_models
 from tests.tiny_model import TOKEN_IDS
-from unimoe import config as config_lib
+from unimoe import checkpoint, config as config_lib
 from unimoe.convert import core, families
 from unimoe.models.abstract import abstract_module
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
-from unimoe.train import stages
-
-# The shape-defining fields of the published config.json files (no weights needed).
 VICUNA_7B_V15 = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -142,7 +139,7 @@ def test_converted_folders_assemble_into_a_unimoe_model(converted):
     # Abstract: load_params's path and shape checks, without paying for a random init.
     model = abstract_module(lambda rngs: UniMoE(cfg, rngs=rngs))
     model_shapes = {
-        stages.path_str(path): tuple(variable.get_value().shape)
+        checkpoint.path_str(path): tuple(variable.get_value().shape)
         for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
     source = core.pretrained_params(converted)

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from tests.tiny_model import TokenizerInfo
-from unimoe import config as config_lib
+from unimoe import checkpoint, config as config_lib, factory
 from unimoe.convert import core
-from unimoe.train import stages, trainer
+from unimoe.train import trainer
 
 CONFIG = pathlib.Path(__file__).parent.parent.parent / 'configs' / 'unimoe_tiny.py'
 
@@ -18,19 +18,19 @@ CONFIG = pathlib.Path(__file__).parent.parent.parent / 'configs' / 'unimoe_tiny.
 def test_first_stage_starts_from_the_converted_checkpoint(tmp_path):
     config = config_lib.load_config(f'{CONFIG}:mode=test')
     tokenizer = TokenizerInfo(vocab_size=512)
-    donor = trainer.build_model(config, tokenizer, moe=False, lora_rank=0, seed=7)
+    donor = factory.build_model(config, tokenizer, moe=False, lora_rank=0, seed=7)
     llm_params = {
-        stages.path_str(path): np.asarray(v.get_value())
+        checkpoint.path_str(path): np.asarray(v.get_value())
         for path, v in nnx.to_flat_state(nnx.state(donor, nnx.Param))
-        if stages.path_str(path).startswith('llm/')
+        if checkpoint.path_str(path).startswith('llm/')
     }
     converted = core.Converted('llama', {}, {}, llm_params, {}, {})
     config.pretrained = {'llm': str(core.save(converted, tmp_path / 'vicuna')), 'vision': ''}
 
-    model, origin = trainer.build_stage_model(config, 's0_llm', tmp_path / 'run', tokenizer)
+    model, origin = factory.build_stage_model(config, 's0_llm', tmp_path / 'run', tokenizer)
     assert set(origin) == set(llm_params) and set(origin.values()) == {'pretrained'}
     flat = {
-        stages.path_str(path): np.asarray(v.get_value())
+        checkpoint.path_str(path): np.asarray(v.get_value())
         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
     for path, value in llm_params.items():

@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 from tests.convert import hf_models
+from unimoe import factory
 from unimoe.convert import core, upcycle
 from unimoe.models.llm import MLP, DecoderLM
 from unimoe.moe.experts import ExpertBank
 from unimoe.moe.layer import MoEConfig
-from unimoe.train import stages
 
 RNG = np.random.default_rng(0)
 
@@ -58,7 +58,7 @@ def test_copies_of_one_ffn_give_the_dense_model_output(dense_llama):
     dense, flat = dense_llama
     moe = _moe_llama(dense, num_experts=6, top_k=3, router="softmax_topk")
     sources = [("dense", flat), _new_routers(moe)]
-    origin = stages.load_params(moe, sources, [("dense", flat)], upcycle_mode="copies")
+    origin = factory.load_params(moe, sources, [("dense", flat)], upcycle_mode="copies")
     assert origin["layers/1/ffn/experts/w_down_efd"] == "dense"
     assert origin["layers/1/ffn/router/kernel"] == "new_routers"
     dense_logits, _ = _logits(dense, TOKENS_BT)
@@ -73,7 +73,7 @@ def test_experts_from_different_models_change_the_output(dense_llama):
     dense, flat = dense_llama
     moe = _moe_llama(dense, num_experts=2, top_k=1, router="softmax_topk")
     shifted = {path: v + 0.05 if "mlp" in path or "ffn" in path else v for path, v in flat.items()}
-    stages.load_params(moe, [("a", flat), _new_routers(moe)], [("a", flat), ("b", shifted)])
+    factory.load_params(moe, [("a", flat), _new_routers(moe)], [("a", flat), ("b", shifted)])
     bank = moe.layers[0].ffn.experts
     np.testing.assert_array_equal(bank.w_up_edf[...][0], flat["layers/0/ffn/up/kernel"])
     np.testing.assert_array_equal(bank.w_up_edf[...][1], shifted["layers/0/ffn/up/kernel"])
@@ -114,13 +114,13 @@ def test_slices_through_load_params(dense_llama):
     dense, flat = dense_llama
     moe = _moe_llama(dense, num_experts=4, top_k=2, ffn_dim=20)  # 80 hidden units / 4
     sources = [("dense", flat), _new_routers(moe)]
-    stages.load_params(moe, sources, [("dense", flat)], upcycle_mode="slices")
+    factory.load_params(moe, sources, [("dense", flat)], upcycle_mode="slices")
     gate = np.asarray(moe.layers[1].ffn.experts.w_gate_edf[...])
     np.testing.assert_array_equal(gate[2], flat["layers/1/ffn/gate/kernel"][:, 40:60])
 
     wrong_width = _moe_llama(dense, num_experts=4, top_k=2)  # experts as wide as the dense FFN
     with pytest.raises(ValueError, match=r"layers/0/ffn/experts/w_\w+: upcycling \(slices\)"):
-        stages.load_params(wrong_width, sources, [("dense", flat)], upcycle_mode="slices")
+        factory.load_params(wrong_width, sources, [("dense", flat)], upcycle_mode="slices")
 
 
 def test_per_source_stacks_in_source_order():

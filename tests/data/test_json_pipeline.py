@@ -16,7 +16,7 @@ from absl import flags
 from tests.data import real_corpus
 from unimoe.data import formats, json_builder, json_pipeline
 from unimoe.data.tokenizer import PretrainedTokenizer
-from unimoe.train.checkpoint import Checkpointer
+from unimoe.checkpoint import Checkpointer
 
 NUM_GOOD = 7  # records per copy in real_corpus.write_corpus
 
@@ -282,7 +282,7 @@ def test_too_many_audio_chunks_is_a_record_error(corpus):
 
 
 def test_project_checkpointer_restores_a_worker_pipeline(corpus, tmp_path):
-    """Through `train.checkpoint.Checkpointer` (orbax + grain), with worker processes and skips."""
+    """Through `unimoe.checkpoint.Checkpointer` (orbax + grain), with worker processes and skips."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     cfg = _config(corpus, sources=("clean", "dirty"), on_error="skip", worker_count=2)

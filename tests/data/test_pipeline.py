@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from unimoe.data import builtin, conversation, media, pipeline, tasks
-from unimoe.data.tokenizer import Tokenizer
 
 BATCH_KEYS = {
     "tokens": (np.int32, (6, 131)),
@@ -38,7 +37,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(data_dir):
-    return Tokenizer.load_or_train(f"{data_dir}/tokenizer.json")
+    return builtin.load_or_train_tokenizer(f"{data_dir}/tokenizer.json")
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ import pytest
 import tokenizers
 from tokenizers import models
 
-from unimoe.data import tasks
+from unimoe.data import builtin, tasks
 from unimoe.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -84,10 +84,10 @@ def test_media_tags_split_text(tokenizer):
 
 def test_load_or_train_caches(tmp_path, tokenizer):
     path = tmp_path / "sub" / "tokenizer.json"
-    first = Tokenizer.load_or_train(path)
+    first = builtin.load_or_train_tokenizer(path)
     assert first.backend.to_str() == tokenizer.backend.to_str()
     stamp = os.stat(path).st_mtime_ns
-    second = Tokenizer.load_or_train(path)
+    second = builtin.load_or_train_tokenizer(path)
     assert os.stat(path).st_mtime_ns == stamp
     assert second.encode("What shape is the red object?") == tokenizer.encode(
         "What shape is the red object?"
@@ -101,3 +101,13 @@ def test_bad_arguments_raise(tokenizer):
     wrong = tokenizers.Tokenizer(models.WordLevel({"<s>": 0, "<unk>": 1}, unk_token="<unk>"))
     with pytest.raises(ValueError, match="<unk>"):
         Tokenizer(wrong)
+
+
+def test_experiment_tokenizer_when_the_builtin_one_is_missing(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="unimoe_tokenizer.json"):
+        builtin.experiment_tokenizer(None, tmp_path, on_missing="error")
+    in_memory = builtin.experiment_tokenizer(None, tmp_path, on_missing="train")
+    assert in_memory.backend.to_str() == tokenizer.backend.to_str()
+    assert not (tmp_path / builtin.TOKENIZER_FILE).exists()  # a dry run writes nothing
+    builtin.experiment_tokenizer(None, tmp_path, on_missing="train_and_save")
+    assert (tmp_path / builtin.TOKENIZER_FILE).is_file()

@@ -11,10 +11,9 @@ import pytest
 from flax import nnx
 
 from tests.data import real_corpus
-from unimoe import config as config_lib
+from unimoe import checkpoint, config as config_lib, factory
 from unimoe.data import formats
 from unimoe.eval import metrics, run_benchmark
-from unimoe.train import stages, trainer
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
 FIXTURES = ROOT / "tests" / "data" / "fixtures" / "unimoe_formats"
@@ -37,13 +36,13 @@ def stage(tmp_path_factory) -> dict:
     config = config_lib.load_config(str(config_file))
     tokenizer = run_benchmark.load_tokenizer(config)
     spec = config.stages[STAGE]
-    model = trainer.build_model(
+    model = factory.build_model(
         config, tokenizer, moe=spec.moe, lora_rank=spec.lora_rank, seed=config.seed
     )
     params = nnx.state(model, nnx.Param)
-    ckpt = trainer.stage_checkpointer(root / "run", STAGE)
+    ckpt = factory.stage_checkpointer(root / "run", STAGE)
     ckpt.save(0, {"params": params}, force=True)
-    defined = [stages.path_str(p) for p, _ in nnx.to_flat_state(params)]
+    defined = [checkpoint.path_str(p) for p, _ in nnx.to_flat_state(params)]
     ckpt.mark_done({"final_step": 0, "defined_params": defined})
     ckpt.close()
     return {"root": root, "config_file": config_file, "config": config}

@@ -1,4 +1,5 @@
-"""The fused routing kernel (interpret mode) against its XLA reference built on `moe.routing`."""
+"""The fused routing kernel (interpret mode, `moe.fused_routing.route`) against its XLA reference
+built on `moe.routing`."""
 
 import functools
 
@@ -8,8 +9,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from unimoe.kernels import routing as kroute
-from unimoe.moe import dispatch
+from unimoe.moe import dispatch, fused_routing as kroute
 
 CASES = {
     # 37 tokens in blocks of 16: the edge block's 11 padding rows must count nowhere.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unimoe.models.lora import LoRAConfig
+from unimoe.nn.lora import LoRAConfig
 from unimoe.moe.dispatch import (
     capacity,
     capacity_dispatch,

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from tests.moe.test_layer import random_module
-from unimoe.models.lora import LoRAConfig
+from unimoe.nn.lora import LoRAConfig
 from unimoe.moe import dispatch, expert_parallel
 from unimoe.moe.layer import MoEConfig, MoELayer
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from unimoe.models.llm import MLP
-from unimoe.models.lora import LoRAConfig
+from unimoe.nn.lora import LoRAConfig
 from unimoe.moe.layer import MoEConfig, MoELayer, RouterBias
 
 DIM, FFN, NUM_EXPERTS = 7, 11, 4

@@ -13,8 +13,9 @@ import jax
 import numpy as np
 
 from tests.parallel.sharded_setup import LOSS, OPTIM, TRAINS, flat_params, initial_state, make_batch
+from unimoe import checkpoint
 from unimoe.parallel import distributed, mesh as mesh_lib, rules as rules_lib, sharded
-from unimoe.train import checkpoint, step as step_lib
+from unimoe.train import step as step_lib
 
 MESH = dict(data=2, fsdp=2, expert=2)
 

@@ -6,8 +6,9 @@ import numpy as np
 from flax import nnx
 
 from tests.tiny_model import TOKEN_IDS, model_dict, random_module
+from unimoe import checkpoint, factory
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
-from unimoe.train import optim, stages, step as step_lib
+from unimoe.train import optim, step as step_lib
 
 # Everything but the probe heads trains, so gradients flow through every kind of sharded weight.
 TRAINS = 'llm+vision+audio+connectors'
@@ -48,10 +49,10 @@ def make_batch(seed: int = 0, image: bool = True) -> dict[str, np.ndarray]:
 def initial_state() -> tuple[nnx.GraphDef, tuple]:
     """(graphdef, (trainable, opt_state, rest)) on the host, the same in every process."""
     model = random_module(lambda: UniMoE(tiny_config(), rngs=nnx.Rngs(0)), scale=0.1)
-    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(TRAINS), ...)
+    graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(TRAINS), ...)
     opt_state = optim.make_optimizer(OPTIM).init(trainable)
     return graphdef, jax.device_get((trainable, opt_state, rest))
 
 
 def flat_params(trainable) -> dict[str, np.ndarray]:
-    return {stages.path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(trainable)}
+    return {checkpoint.path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(trainable)}

@@ -7,9 +7,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tests.parallel.sharded_setup import LOSS, OPTIM, TRAINS, initial_state, make_batch, tiny_config
+from unimoe import checkpoint
 from unimoe.models.llm import DecoderLM
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib, sharded
-from unimoe.train import stages, step as step_lib
+from unimoe.train import step as step_lib
 
 # float32: the partitioned program sums in another order (per-shard partial sums, all-reduces).
 RTOL, ATOL = 2e-5, 2e-6
@@ -77,7 +78,7 @@ def test_sharded_step_matches_one_device(setup, mesh_name):
     assert_trees_close(mu, ref_mu)
     assert_trees_close(opt_state, ref_opt_state)
     # The state stays sharded as the rules say after the step.
-    flat = {stages.path_str(p): v.get_value() for p, v in nnx.to_flat_state(trainable)}
+    flat = {checkpoint.path_str(p): v.get_value() for p, v in nnx.to_flat_state(trainable)}
     sizes = dict(plan.mesh.shape)
     for path in (
         'llm/layers/0/ffn/experts/w_gate_edf',
@@ -122,7 +123,7 @@ def test_init_module_creates_sharded_params_equal_to_the_unsharded_init():
             value.get_value(),
             rtol=1e-6,
             atol=1e-7,
-            err_msg=stages.path_str(path),
+            err_msg=checkpoint.path_str(path),
         )
 
 

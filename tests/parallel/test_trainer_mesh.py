@@ -10,10 +10,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tests.reliability.conftest import small_config
-from unimoe import run
-from unimoe.data.tokenizer import Tokenizer
+from unimoe import checkpoint, factory
+from unimoe.data import builtin
 from unimoe.parallel import sharded
-from unimoe.train import metrics, optim, stages, trainer, validate
+from unimoe.train import metrics, optim, trainer, validate
 
 STEPS = 3
 COUNTERS = ('skipped_records', 'nonfinite_steps')  # the trainer's checkpointed counters
@@ -25,19 +25,21 @@ def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(builtin_test_d
     config.stages.s.batch_size = 8
     config.mesh = dict(data=2, fsdp=2, expert=2)
     validate.validate_experiment(config)
-    tokenizer = Tokenizer.load_or_train(pathlib.Path(builtin_test_data) / run.TOKENIZER_FILE)
+    tokenizer = builtin.load_or_train_tokenizer(
+        pathlib.Path(builtin_test_data) / builtin.TOKENIZER_FILE
+    )
     trainer.train_stage(config, 's', tmp_path, tokenizer)
     log = metrics.read_metrics(tmp_path / 's')
     assert [r['step'] for r in log] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r['loss']) for r in log)
-    final = trainer.final_params(tmp_path, 's')
+    final = factory.final_params(tmp_path, 's')
 
     # The stage's last checkpoint (the trainer's train state) restores straight into the
     # shardings the rules give, as a resumed sharded stage restores it.
     stage = config.stages.s
     plan = sharded.plan_from_config(config)
-    model = trainer.build_model(config, tokenizer, moe=True, lora_rank=4, seed=0, abstract=True)
-    _, trainable, _ = nnx.split(model, stages.trainable_filter(stage.trains), ...)
+    model = factory.build_model(config, tokenizer, moe=True, lora_rank=4, seed=0, abstract=True)
+    _, trainable, _ = nnx.split(model, factory.trainable_filter(stage.trains), ...)
     tx = optim.make_optimizer(trainer.stage_optim_config(stage))
     abstract_state = {
         'params': nnx.state(model, nnx.Param),
@@ -45,9 +47,9 @@ def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(builtin_test_d
         'opt_state': jax.eval_shape(tx.init, trainable),
         'counters': {k: jax.ShapeDtypeStruct((), np.int32) for k in COUNTERS},
     }
-    with trainer.stage_checkpointer(tmp_path, 's') as ckpt:
+    with factory.stage_checkpointer(tmp_path, 's') as ckpt:
         restored = ckpt.restore(STEPS, sharded.with_shardings(plan, abstract_state))
-    flat = {stages.path_str(p): v.get_value() for p, v in nnx.to_flat_state(restored['params'])}
+    flat = {checkpoint.path_str(p): v.get_value() for p, v in nnx.to_flat_state(restored['params'])}
     bank = flat['llm/layers/0/ffn/experts/w_gate_edf']
     assert bank.sharding.spec == P('expert', 'fsdp', None)  # [E=4, D=32, F=64]; tensor=1 unused
     assert len(bank.addressable_shards) == 8 and bank.addressable_shards[0].data.shape[0] == 2

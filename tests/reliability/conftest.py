@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from unimoe import config as config_lib
-from unimoe.train import checkpoint, metrics
+from unimoe import checkpoint, config as config_lib
+from unimoe.train import metrics
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
 DRIVER = pathlib.Path(__file__).parent / 'driver.py'

@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from orbax.checkpoint._src.path import atomicity  # noqa: E402
-from unimoe import main as main_lib  # noqa: E402
+from unimoe import checkpoint, main as main_lib  # noqa: E402
 from unimoe.data import pipeline  # noqa: E402
-from unimoe.train import checkpoint, metrics  # noqa: E402
+from unimoe.train import metrics  # noqa: E402
 
 _KILL_AFTER_STEP = flags.DEFINE_integer('kill_after_step', 0, 'SIGKILL after this step is logged')
 _KILL_IN_SAVE = flags.DEFINE_integer('kill_in_save', 0, 'SIGKILL while committing this step')

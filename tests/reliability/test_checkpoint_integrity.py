@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimoe.train import checkpoint, metrics
+from unimoe import checkpoint
+from unimoe.train import metrics
 
 
 def _state(offset: float) -> dict:

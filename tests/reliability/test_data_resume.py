@@ -7,10 +7,9 @@ import pytest
 from absl import flags
 
 from tests.data import real_corpus
-from unimoe.data import json_builder, json_pipeline, pipeline
-from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
-from unimoe.run import TOKENIZER_FILE
-from unimoe.train import checkpoint
+from unimoe import checkpoint
+from unimoe.data import builtin, json_builder, json_pipeline, pipeline
+from unimoe.data.tokenizer import PretrainedTokenizer
 
 STATE = {'step': np.int32(0)}
 
@@ -47,7 +46,7 @@ def test_the_builtin_loader_resumes_through_the_checkpointer(builtin_test_data, 
         n_video_tokens=16,
         n_audio_tokens=8,
     )
-    tokenizer = Tokenizer.load_or_train(f'{builtin_test_data}/{TOKENIZER_FILE}')
+    tokenizer = builtin.load_or_train_tokenizer(f'{builtin_test_data}/{builtin.TOKENIZER_FILE}')
     tasks = ['image_qa', 'speech_qa', 'text_qa']
     _save_then_compare(
         tmp_path, lambda: iter(pipeline.make_train_loader(cfg, tokenizer, tasks, 'chat', seed=3))

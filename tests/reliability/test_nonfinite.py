@@ -9,8 +9,9 @@ from flax import nnx
 
 from tests.reliability.conftest import CHECKPOINT_EVERY, STEPS
 from tests.tiny_model import model_config
+from unimoe import checkpoint, factory
 from unimoe.models.unimoe import UniMoE
-from unimoe.train import checkpoint, metrics, nonfinite, optim, stages
+from unimoe.train import metrics, nonfinite, optim
 from unimoe.train import step as step_lib
 
 
@@ -22,7 +23,7 @@ def _host(tree):
 def three_steps():
     """Steps 1-3 of a ViT classifier; step 2's batch has a NaN pixel."""
     model = UniMoE(model_config(), rngs=nnx.Rngs(0))
-    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter('vision'), ...)
+    graphdef, trainable, rest = nnx.split(model, factory.trainable_filter('vision'), ...)
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
     train_step = step_lib.make_train_step(

@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from tests.reliability.conftest import CHECKPOINT_EVERY, STEPS, assert_same_run
-from unimoe.train import checkpoint, metrics, preemption
+from unimoe import checkpoint
+from unimoe.train import metrics, preemption
 
 pytestmark = pytest.mark.slow
 

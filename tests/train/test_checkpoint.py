@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from unimoe.train.checkpoint import Checkpointer
+from unimoe.checkpoint import Checkpointer
 
 
 def _state(offset: int):

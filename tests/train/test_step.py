@@ -5,8 +5,9 @@ import pytest
 from flax import nnx
 
 from tests.tiny_model import TOKEN_IDS, model_config, model_dict
+from unimoe import checkpoint, factory
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
-from unimoe.train import optim, stages
+from unimoe.train import optim
 from unimoe.train import step as step_lib
 
 
@@ -35,9 +36,9 @@ def test_loss_kind_is_validated():
 def test_train_step_updates_only_trainable_params_and_lowers_the_loss():
     model = UniMoE(model_config(moe=True, lora_rank=2), rngs=nnx.Rngs(0))
     trains = 'lora+router'
-    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(trains), ...)
+    graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(trains), ...)
     frozen_before = jax.tree.map(
-        np.array, nnx.state(model, nnx.Not(stages.trainable_filter(trains)))
+        np.array, nnx.state(model, nnx.Not(factory.trainable_filter(trains)))
     )
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
@@ -57,7 +58,7 @@ def test_train_step_updates_only_trainable_params_and_lowers_the_loss():
     assert losses[-1] < losses[0] - 0.05
     assert metrics['expert_load'].shape == (2, 3)
     model = nnx.merge(graphdef, trainable, rest)
-    frozen_after = nnx.state(model, nnx.Not(stages.trainable_filter(trains)))
+    frozen_after = nnx.state(model, nnx.Not(factory.trainable_filter(trains)))
     for (path, before), (_, after) in zip(
         nnx.to_flat_state(frozen_before), nnx.to_flat_state(frozen_after)
     ):
@@ -65,7 +66,7 @@ def test_train_step_updates_only_trainable_params_and_lowers_the_loss():
             np.testing.assert_array_equal(
                 np.asarray(before.get_value()),
                 np.asarray(after.get_value()),
-                err_msg=stages.path_str(path),
+                err_msg=checkpoint.path_str(path),
             )
 
 
@@ -86,8 +87,8 @@ def test_router_bias_is_updated_by_the_step_from_the_load_not_by_the_optimizer()
     )
     model = UniMoE(cfg, rngs=nnx.Rngs(0))
     trains = 'router'
-    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(trains), ...)
-    assert not any('router_bias' in stages.path_str(p) for p, _ in nnx.to_flat_state(trainable))
+    graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(trains), ...)
+    assert not any('router_bias' in checkpoint.path_str(p) for p, _ in nnx.to_flat_state(trainable))
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=2)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
     train_step = step_lib.make_train_step(graphdef, trains, optim_cfg, step_lib.LossConfig())

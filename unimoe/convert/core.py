@@ -1,6 +1,6 @@
 """Hugging Face folder <-> unimoe parameters <-> orbax checkpoint.
 
-A converted checkpoint directory (`from_hf`'s OUT_DIR) is a `unimoe.train.checkpoint.Checkpointer`
+A converted checkpoint directory (`from_hf`'s OUT_DIR) is a `unimoe.checkpoint.Checkpointer`
 directory whose step 0 holds `{'params': ...}` under `UniMoE` parameter paths ('llm/...',
 'vision/...', 'audio/...', 'audio_conn/...') and whose DONE.json lists them as `defined_params`,
 like a finished training stage; beside it `unimoe_convert.json` (family, module configs, the HF
@@ -22,11 +22,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from unimoe.checkpoint import Checkpointer, flat_params, path_str
 from unimoe.convert import hf_io
 from unimoe.convert.families import FAMILIES, MODULES, Options, Rule, family_of
 from unimoe.models.abstract import abstract_module
-from unimoe.train.checkpoint import Checkpointer
-from unimoe.train.stages import flat_params, path_str
 
 META_FILE = "unimoe_convert.json"
 EXTRA_FILE = "hf_extra.safetensors"
@@ -271,7 +270,7 @@ def pretrained_params(ckpt_dirs: Mapping[str, str]) -> dict[str, np.ndarray]:
     """{unimoe path: array} merged from converted checkpoints ({label: directory}, e.g.
     {'llm': VICUNA_DIR, 'vision': CLIP_DIR, 'audio': WHISPER_DIR}; empty directories skipped).
 
-    The form `unimoe.train.stages.load_params` takes as a source. Two directories defining the
+    The form `unimoe.factory.load_params` takes as a source. Two directories defining the
     same parameter is an error.
     """
     merged: dict[str, np.ndarray] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -17,8 +18,13 @@ import tqdm
 from etils import epath
 
 from unimoe.data import media, tasks
+from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 
 SPLITS: tuple[str, ...] = ("train", "eval")
+# The built-in tokenizer, stored beside the built-in dataset in `config.data.data_dir`.
+TOKENIZER_FILE = "unimoe_tokenizer.json"
+# What `experiment_tokenizer` does when that file is missing.
+ON_MISSING = ("train_and_save", "train", "error")
 
 
 @dataclasses.dataclass(eq=False)
@@ -153,3 +159,39 @@ def prepare(data_dir: str | os.PathLike, config_name: str) -> UnimoeBuiltin:
     )
     builder.download_and_prepare()  # a no-op when the data is already there
     return builder
+
+
+def load_or_train_tokenizer(path: str | os.PathLike, vocab_size: int = 600) -> Tokenizer:
+    """The built-in tokenizer cached at `path`, or trained on the built-in corpus and cached."""
+    if os.path.exists(path):
+        return Tokenizer.from_file(path)
+    tokenizer = Tokenizer.train(tasks.tokenizer_corpus(), vocab_size)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def experiment_tokenizer(
+    pretrained: str | None, data_dir: str | os.PathLike, *, on_missing: str
+) -> Tokenizer | PretrainedTokenizer:
+    """The one place that picks an experiment's tokenizer.
+
+    `pretrained` (`config.tokenizer`, a pretrained LM's tokenizer file) when set; else the built-in
+    tokenizer in `data_dir`. When that file is missing, `on_missing` says what to do:
+    'train_and_save' (a training run), 'train' in memory (a dry run writes nothing) or 'error'
+    (evaluation never trains the tokenizer its checkpoint was trained with).
+    """
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"on_missing must be one of {ON_MISSING}, got {on_missing!r}")
+    if pretrained:
+        return PretrainedTokenizer(pretrained)
+    path = pathlib.Path(data_dir) / TOKENIZER_FILE
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    if on_missing == "error":
+        raise FileNotFoundError(
+            f"{path}: the built-in tokenizer is missing; run the experiment (or set "
+            "config.tokenizer to the pretrained tokenizer the stages trained with)"
+        )
+    if on_missing == "train_and_save":
+        return load_or_train_tokenizer(path)
+    return Tokenizer.train(tasks.tokenizer_corpus())

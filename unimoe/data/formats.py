@@ -1,6 +1,6 @@
 """Readers for Uni-MoE's JSON training and evaluation files, and the media they point to.
 
-A file is a JSON list of records (reference §4.1): `conversations` (alternating human / gpt turns,
+A file is a JSON list of records (Uni-MoE's data format): `conversations` (alternating human / gpt turns,
 human first), optional `image` (a path or, in MMBench, a list of paths), `video` (a list of frame
 images, or one video file), `voice` (audio files, the k-th one for the k-th `<audio>` tag), and
 evaluation fields (`question_id`, `text`, `category`, `gt`, `answer`, `capability`, ...) that are

@@ -1,6 +1,6 @@
 """Modality-level data parallelism: every global batch holds records of one modality combination.
 
-Uni-MoE's `group_by_modality_length` sampler (docs/design.md, "Expert parallelism") buckets the
+Uni-MoE's `group_by_modality_length` sampler (docs/design.md, "Modality-level data parallelism") buckets the
 records per modality type, cuts each bucket into batches of the global (all-device) batch size
 and shuffles the batches of all buckets together, so each optimizer step sees one modality
 combination. It drops each type's last batch, even a full one; here the last partial batch of a

@@ -1,4 +1,5 @@
-"""Decoding and preprocessing of real media files, as the reference models expect them (reference §2, §4.2).
+"""Decoding and preprocessing of real media files, as the reference models expect them (Uni-MoE's
+processors: CLIP image processor, Whisper feature extractor, uniform video frame sampling).
 
 - images: CLIP's transform (shortest side resized with bicubic, centre crop, /255, CLIP mean/std),
   optionally after Uni-MoE's pad-to-square with the mean colour (`image_aspect='pad'`);

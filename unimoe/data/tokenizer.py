@@ -63,17 +63,6 @@ class Tokenizer:
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         return cls(tokenizers.Tokenizer.from_file(os.fspath(path)))
 
-    @classmethod
-    def load_or_train(cls, path: str | os.PathLike, vocab_size: int = 600) -> Tokenizer:
-        """Loads the tokenizer cached at `path`, or trains it on the built-in corpus and caches it."""
-        if os.path.exists(path):
-            return cls.from_file(path)
-        from unimoe.data.tasks import tokenizer_corpus  # tasks -> conversation -> tokenizer
-
-        tokenizer = cls.train(tokenizer_corpus(), vocab_size)
-        tokenizer.save(path)
-        return tokenizer
-
     def save(self, path: str | os.PathLike) -> None:
         """Writes atomically, so concurrent processes never read a half-written file."""
         path = os.fspath(path)

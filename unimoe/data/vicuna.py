@@ -2,7 +2,7 @@
 
 `conversation` builds the built-in data's examples from separately encoded segments, which is
 exact for its byte-level BPE. A SentencePiece tokenizer adds a dummy-prefix space to every call,
-so here the whole templated conversation is one string, tokenized as reference §2.5-2.6 does:
+so here the whole templated conversation is one string, tokenized as Uni-MoE's training code does:
 - the string is `{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>`;
 - it is split on media tags and on `</s>`; each text piece is encoded on its own, BOS once in
   front, `</s>` as the EOS id, each tag one placeholder;

@@ -1,6 +1,6 @@
 """Benchmark registry: each benchmark's record reader, prompt suffix, metric and answer source.
 
-Records are Uni-MoE evaluation JSON (reference §4.1; `data.formats` reads and validates them):
+Records are Uni-MoE evaluation JSON ( `data.formats` reads and validates them):
 the conversation with an empty gpt turn plus evaluation fields. `read_items` pairs every record
 with its references (from the record, or from the official annotations file the benchmark names);
 `score_items` applies the benchmark's metric to predictions. A record without a usable reference

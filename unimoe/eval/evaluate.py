@@ -13,10 +13,11 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from unimoe import factory
+from unimoe.config import split_list
 from unimoe.data import pipeline, tasks as tasks_lib
 from unimoe.eval import generate, scoring, tables
 from unimoe.models.unimoe import UniMoE
-from unimoe.train import stages, trainer
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,10 @@ def load_finished_stage(
 ) -> UniMoE:
     """The model a finished stage ended with, every parameter restored, in eval mode."""
     stage = config.stages[name]
-    model = trainer.build_model(
+    model = factory.build_model(
         config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed
     )
-    origin = stages.load_params(model, [(name, trainer.final_params(workdir, name))])
+    origin = factory.load_params(model, [(name, factory.final_params(workdir, name))])
     total = len(list(nnx.to_flat_state(nnx.state(model, nnx.Param))))
     if len(origin) != total:
         raise ValueError(f"stage {name!r}: checkpoint restored {len(origin)} of {total} params")
@@ -113,7 +114,7 @@ def _scores_key(config: ml_collections.ConfigDict, name: str, workdir: pathlib.P
     """What a stage's scores depend on: its finished checkpoint (DONE.json records the run that
     wrote it, seconds included, so a retrained stage never matches) and the eval and data settings.
     """
-    ckpt = trainer.stage_checkpointer(workdir, name)
+    ckpt = factory.stage_checkpointer(workdir, name)
     done = ckpt.read_done()
     ckpt.close()
     eval_settings = {k: v for k, v in config.eval.to_dict().items() if k != 'stages'}
@@ -155,10 +156,10 @@ def stage_scores(
 
 def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> str:
     """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the table."""
-    eval_tasks = trainer.split_list(config.eval.tasks)
-    examples = pipeline.load_eval_examples(trainer.data_config(config), tokenizer, eval_tasks)
+    eval_tasks = split_list(config.eval.tasks)
+    examples = pipeline.load_eval_examples(pipeline.DataConfig(**config.data.to_dict()), tokenizer, eval_tasks)
     results = {}
-    for name in trainer.split_list(config.eval.stages):
+    for name in split_list(config.eval.stages):
         results[name] = stage_scores(config, name, workdir, tokenizer, examples)
         log.info('eval %s: overall accuracy %.3f', name, results[name]['overall']['accuracy'])
     task_modality = {task: tasks_lib.TASKS[task] for task in eval_tasks}

@@ -26,13 +26,12 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from unimoe import run as run_lib
-from unimoe.data import conversation, formats, json_pipeline, vicuna
+from unimoe import factory
+from unimoe.data import builtin, conversation, formats, json_pipeline, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
 from unimoe.eval import benchmarks, evaluate
 from unimoe.eval.generate import SamplingConfig
 from unimoe.models.unimoe import UniMoE
-from unimoe.train import trainer
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +43,9 @@ _PRESENCE_KEYS = ("has_image", "has_video", "has_audio")
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
     """The tokenizer the experiment trained with (never trains or downloads one)."""
-    if config.get("tokenizer"):
-        return PretrainedTokenizer(config.tokenizer)
-    path = pathlib.Path(config.data.data_dir) / run_lib.TOKENIZER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: the built-in tokenizer is missing; run the experiment (or set "
-            "config.tokenizer to the pretrained tokenizer the stages trained with)"
-        )
-    return Tokenizer.from_file(path)
+    return builtin.experiment_tokenizer(
+        config.get("tokenizer"), config.data.data_dir, on_missing="error"
+    )
 
 
 def load_stage(
@@ -66,7 +59,7 @@ def load_stage(
             f"--checkpoint={checkpoint}: stage {name!r} is not in the config's stages "
             f"{sorted(config.stages)} (the checkpoint is WORKDIR/STAGE)"
         )
-    if not trainer.stage_checkpointer(workdir, name).is_done():
+    if not factory.stage_checkpointer(workdir, name).is_done():
         raise ValueError(
             f"--checkpoint={checkpoint}: stage {name!r} has not finished (no DONE.json)"
         )

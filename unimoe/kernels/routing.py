@@ -1,5 +1,6 @@
 """Fused routing: router logits -> top-k / top-P weights, expert counts and the expert sort, in one
-Pallas kernel, with an XLA reference of the same signature built from `unimoe.moe.routing`.
+Pallas kernel. Its XLA reference, its VJP and the choice between them are
+`unimoe.moe.fused_routing`.
 
 Axis letters: N tokens, C router columns (routed experts, then null experts), E routed experts,
 K slots, M = N * K assignments (m = n * K + k).
@@ -18,7 +19,7 @@ assignment start + (same-expert assignments before it), the within-block part by
 lower-triangular matmul. Top-k is k rounds of max-and-mask (lowest column wins a tie, as
 `lax.top_k`). The backward pass (to the logits, through the weights) is the VJP of the XLA
 reference, which makes the same choices. Mosaic (TPU) and interpret mode only: a Triton program
-has no state carried across the grid, so on GPU `route` runs the reference.
+has no state carried across the grid, so on GPU `fused_routing.route` runs the reference.
 """
 
 from __future__ import annotations
@@ -32,9 +33,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from unimoe.kernels.gmm import GPU_PLATFORMS
-from unimoe.moe import routing
-from unimoe.moe.dispatch import stable_expert_order
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -65,37 +63,6 @@ class RouterSpec:
             raise ValueError(f"k must be in [1, {num_columns}] (router columns), got {self.k}")
         if not 1 <= self.num_experts <= num_columns:
             raise ValueError(f"num_experts must be in [1, {num_columns}], got {self.num_experts}")
-
-
-def _sort_outputs(columns_nk: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    experts_m = jnp.minimum(columns_nk, num_experts).reshape(-1)
-    rank_m = stable_expert_order(experts_m, num_experts)[1]
-    group_sizes_e = jnp.bincount(experts_m, length=num_experts)
-    return group_sizes_e.astype(jnp.int32), rank_m.astype(jnp.int32)
-
-
-def _reference_weights(spec: RouterSpec, logits_nc: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if spec.router == "topk_softmax":
-        return routing.route_topk_softmax(logits_nc, spec.k)
-    if spec.router == "softmax_topk":
-        return routing.route_softmax_topk(logits_nc, spec.k, spec.renormalize)
-    weights_nk, columns_nk, _ = routing.route_top_p(logits_nc, spec.top_p, spec.k)
-    return weights_nk, columns_nk
-
-
-def route_reference(
-    logits_nc: jax.Array,
-    spec: RouterSpec,
-    *,
-    block_tokens: int = 256,
-    interpret: Any = None,
-    platform: str | None = None,
-) -> Routing:
-    """`route` in XLA: the `routing.py` router, bincount and a stable sort (same signature;
-    block_tokens/interpret/platform unused)."""
-    spec.check(logits_nc.shape[-1])
-    weights_nk, columns_nk = _reference_weights(spec, logits_nc)
-    return Routing(weights_nk, columns_nk, *_sort_outputs(columns_nk, spec.num_experts))
 
 
 def _top_slots(spec: RouterSpec, logits: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
@@ -205,7 +172,9 @@ def _route_kernel(
         sizes_ref[...] = counts_ref[:, : spec.num_experts].astype(jnp.int32)
 
 
-def _route_pallas(spec: RouterSpec, block_tokens: int, interpret, logits_nc: jax.Array) -> Routing:
+def route_pallas(spec: RouterSpec, block_tokens: int, interpret: Any, logits_nc: jax.Array) -> Routing:
+    """The kernel (forward only: `unimoe.moe.fused_routing.route` adds the VJP and picks the
+    backend); logits [N, C] float32."""
     num_tokens, num_columns = logits_nc.shape
     block_t = min(block_tokens, num_tokens)
     num_blocks = pl.cdiv(num_tokens, block_t)
@@ -248,49 +217,3 @@ def _route_pallas(spec: RouterSpec, block_tokens: int, interpret, logits_nc: jax
         name="unimoe_fused_route",
     )(logits_nc)
     return Routing(weights, columns, sizes.reshape(-1), rank.reshape(-1))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _route(spec: RouterSpec, block_tokens: int, interpret, logits_nc: jax.Array) -> Routing:
-    return _route_pallas(spec, block_tokens, interpret, logits_nc)
-
-
-def _route_fwd(spec, block_tokens, interpret, logits_nc):
-    return _route_pallas(spec, block_tokens, interpret, logits_nc), logits_nc
-
-
-def _route_bwd(spec, block_tokens, interpret, logits_nc, d_out):
-    # Only the weights carry a gradient; the reference makes the same choices as the kernel.
-    _, vjp = jax.vjp(lambda x: _reference_weights(spec, x)[0], logits_nc)
-    return vjp(d_out.weights_nk)
-
-
-_route.defvjp(_route_fwd, _route_bwd)
-
-
-def route(
-    logits_nc: jax.Array,
-    spec: RouterSpec,
-    *,
-    block_tokens: int = 256,
-    interpret: Any = None,
-    platform: str | None = None,
-) -> Routing:
-    """Fused routing (module docstring); logits are read as float32 whatever their dtype.
-
-    `platform` defaults to the default backend: TPU runs the Mosaic kernel, CPU the same kernel
-    in interpret mode (`interpret` True or a `pltpu.InterpretParams`), GPU the XLA reference.
-    """
-    spec.check(logits_nc.shape[-1])
-    if logits_nc.ndim != 2:
-        raise ValueError(f"router logits must be [N, C], got shape {logits_nc.shape}")
-    if block_tokens < 1:
-        raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
-    platform = platform or jax.default_backend()
-    if platform in GPU_PLATFORMS:
-        return route_reference(logits_nc, spec)
-    if interpret is None:
-        interpret = platform == "cpu"
-    if platform == "cpu" and not interpret:
-        raise ValueError("Pallas kernels run on CPU only in interpret mode (interpret=True)")
-    return _route(spec, block_tokens, interpret, logits_nc.astype(F32))

@@ -1,1 +1,1 @@
-"""Flax NNX model components: the decoder LM, encoders, connectors and LoRA."""
+"""Flax NNX model components: the decoder LM, encoders and connectors."""

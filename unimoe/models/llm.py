@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimoe.models.lora import BASE_INIT_STDDEV, Linear, LoRAConfig
 from unimoe.moe.layer import MoEConfig, MoELayer
+from unimoe.nn.lora import BASE_INIT_STDDEV, Linear, LoRAConfig
+from unimoe.nn.norms import RMSNorm
 from unimoe.parallel.rules import constrain
 
 
@@ -140,20 +141,6 @@ class LLMConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.num_heads
-
-
-class RMSNorm(nnx.Module):
-    """HF LlamaRMSNorm: normalize in float32, cast back, then scale."""
-
-    def __init__(self, dim: int, *, eps: float = 1e-5):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,)))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x_f32 = x.astype(jnp.float32)
-        mean_sq = jnp.mean(x_f32 * x_f32, axis=-1, keepdims=True)
-        normed = (x_f32 * jax.lax.rsqrt(mean_sq + self.eps)).astype(x.dtype)
-        return self.scale[...].astype(x.dtype) * normed
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> jax.Array:

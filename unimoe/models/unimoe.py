@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimoe.models import audio, connectors, llm, lora, vision
+from unimoe.models import audio, connectors, llm, vision
 from unimoe.moe import layer as moe_layer
+from unimoe.nn import lora
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimoe.kernels import gmm as pallas_gmm
-from unimoe.models.lora import BASE_INIT_STDDEV, LoRAConfig, lora_a_init, lora_dropout
 from unimoe.moe.gmm import (
     GROUPED_IMPLS,
     default_tile,
@@ -32,6 +31,7 @@ from unimoe.moe.gmm import (
     tile_layout,
     tiled_matmul,
 )
+from unimoe.nn.lora import BASE_INIT_STDDEV, LoRAConfig, lora_a_init, lora_dropout
 
 
 # (activations, per-expert weights [E, in, out]) -> activations; grouped or batched.

@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from unimoe.models.lora import materialized_transpose
+from unimoe.nn.lora import materialized_transpose
 
 GROUPED_IMPLS = ("ragged_dot", "tiles")
 
@@ -36,7 +36,7 @@ def default_tile(num_rows: int, num_experts: int, max_tile: int = 128) -> int:
 
     About a quarter of a balanced group, a power of two in [8, max_tile]: smaller tiles waste
     fewer padding rows, larger ones amortise the per-tile loop overhead. Measured on a 2-core CPU
-    (benchmarks/RESULTS.md): for per-tile matmuls 128 beat 64 and 256 at both M=8192, E=8 and
+    (benchmarks/HISTORY.md): for per-tile matmuls 128 beat 64 and 256 at both M=8192, E=8 and
     M=32768, E=64; `gathered_swiglu`, which multiplies whole chunks of an expert's tiles at once,
     runs best with 64 (`ExpertBank.tile_for`).
     """

@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimoe.kernels import routing as fused_routing
-from unimoe.models.lora import Linear, LoRAConfig
-from unimoe.moe import dispatch, expert_parallel, routing
+from unimoe.moe import dispatch, expert_parallel, fused_routing, routing
 from unimoe.moe.experts import GROUPED_IMPLS, ExpertBank
+from unimoe.nn.lora import Linear, LoRAConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class MoEConfig:
       and 'ragged_dot' on accelerators.
     kernel_impl: 'pallas' = the `unimoe.kernels` Pallas kernels: the grouped matmul of dropless
       dispatch (instead of `grouped_impl`) and fused routing (logits -> weights, expert counts
-      and the expert sort in one kernel) for routers in `kernels.routing.FUSED_ROUTERS` without
+      and the expert sort in one kernel) for routers in `fused_routing.FUSED_ROUTERS` without
       group limiting or Gumbel sampling; interpret mode on CPU (tests only: slow). 'xla' = the
       XLA paths; 'auto' = 'pallas' on TPU and GPU, 'xla' on CPU.
     expert_parallel: when the mesh set with `jax.set_mesh` has an `expert` axis of size > 1,
@@ -307,7 +306,7 @@ class MoELayer(nnx.Module):
 
     @property
     def _fusable_routing(self) -> bool:
-        """Whether `kernels.routing` computes this layer's routing exactly as `_route` does."""
+        """Whether `fused_routing` computes this layer's routing exactly as `_route` does."""
         cfg = self.cfg
         gumbel = cfg.second_choice == "gumbel" and self._sampling
         return cfg.router in fused_routing.FUSED_ROUTERS and cfg.top_groups == 0 and not gumbel

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from unimoe import factory
 from unimoe.data.tasks import MODALITIES
 from unimoe.models.unimoe import UniMoE
 from unimoe.moe import routing
-from unimoe.train import optim, stages
+from unimoe.train import optim
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -182,7 +183,7 @@ def make_loss_fn(
     [nnx.State, nnx.State, Batch, jax.Array], tuple[jax.Array, tuple[Metrics, nnx.State]]
 ]:
     """`loss_fn(trainable, rest, batch, step_index) -> (loss, (metrics, new_rest))`, pure."""
-    is_trainable = stages.trainable_filter(trains)
+    is_trainable = factory.trainable_filter(trains)
 
     def loss_fn(trainable, rest, batch, step_index):
         # copy=True makes fresh Variables at this trace level, so dropout may advance its RNG count.
@@ -203,7 +204,7 @@ def train_step_fn(
     the aux-weight schedule. Cached, so jitting it again (a resumed sharded stage) hits JAX's
     compilation cache.
 
-    `trainable` are the Params selected by `trains` (see `stages.trainable_filter`); `rest` is
+    `trainable` are the Params selected by `trains` (see `factory.trainable_filter`); `rest` is
     everything else (frozen params, RNG state for dropout).
 
     Non-finite guard: a step whose loss or any gradient leaf is NaN / Inf returns its inputs
@@ -214,7 +215,7 @@ def train_step_fn(
     non-finite: clipping by an infinite norm would zero or NaN the update).
     """
     tx = optim.make_optimizer(optim_cfg)
-    is_trainable = stages.trainable_filter(trains)
+    is_trainable = factory.trainable_filter(trains)
 
     loss_fn = make_loss_fn(graphdef, trains, loss_cfg)
 

@@ -9,6 +9,7 @@ losses and ends with the same parameters as an uninterrupted one. See docs/desig
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import time
@@ -20,30 +21,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from unimoe.convert import core as convert_core, upcycle
-from unimoe.data import json_pipeline, pipeline, tasks as tasks_lib
-from unimoe.models.abstract import abstract_module
-from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe import factory
+from unimoe.checkpoint import path_str
+from unimoe.config import split_list
+from unimoe.convert import upcycle
+from unimoe.data import json_pipeline, pipeline
 from unimoe.parallel import mesh as mesh_lib, sharded
-from unimoe.train import (
-    checkpoint,
-    metrics as metrics_lib,
-    nonfinite,
-    optim,
-    preemption,
-    stages,
-    step as step_lib,
-)
+from unimoe.train import metrics as metrics_lib, nonfinite, optim, preemption, step as step_lib
 
 log = logging.getLogger(__name__)
-
-
-def split_list(text: str) -> list[str]:
-    return [item for item in text.split(',') if item]
-
-
-def data_config(config: ml_collections.ConfigDict, **overrides: Any) -> pipeline.DataConfig:
-    return pipeline.DataConfig(**{**config.data.to_dict(), **overrides})
 
 
 def json_data_config(
@@ -75,91 +61,6 @@ def json_data_config(
     )
 
 
-def build_model(
-    config: ml_collections.ConfigDict,
-    tokenizer: Any,
-    *,
-    moe: bool,
-    lora_rank: int,
-    seed: int,
-    abstract: bool = False,
-    plan: sharded.Plan | None = None,
-) -> UniMoE:
-    """The experiment's model for one stage kind; `abstract`: shapes only (no memory, no init);
-    `plan`: every variable initialised directly in its shards on the plan's mesh."""
-    model_cfg = UniMoEConfig.from_dict(
-        config.model,
-        vocab_size=tokenizer.vocab_size,
-        moe=moe,
-        lora_rank=lora_rank,
-        token_ids=dict(
-            image_token_id=tokenizer.image_id,
-            video_token_id=tokenizer.video_id,
-            audio_token_id=tokenizer.audio_id,
-        ),
-        num_labels=(tasks_lib.NUM_IMAGE_LABELS, tasks_lib.NUM_AUDIO_LABELS),
-    )
-    if abstract:
-        model = abstract_module(lambda rngs: UniMoE(model_cfg, rngs=rngs), seed)
-    elif plan is not None:
-        model = sharded.init_module(plan, lambda: UniMoE(model_cfg, rngs=nnx.Rngs(seed)))
-    else:
-        model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
-    for name, count in model.num_media_tokens.items():
-        expected = config.data[f'n_{name}_tokens']
-        if count != expected:
-            raise ValueError(
-                f"config.data.n_{name}_tokens={expected}, but the model emits {count} "
-                f"{name} tokens: the tokenizer must expand placeholders to match"
-            )
-    return model
-
-
-def stage_checkpointer(workdir: pathlib.Path, name: str) -> checkpoint.Checkpointer:
-    return checkpoint.Checkpointer(workdir / name / 'checkpoints')
-
-
-def final_params(workdir: pathlib.Path, name: str) -> dict[str, np.ndarray]:
-    """The parameters a finished stage defined: those it trained or inherited from its sources.
-
-    A stage's checkpoint holds every parameter of its model, but the ones it neither trained nor
-    loaded are its random init: a stage starting from `s0_llm` and `s0_vision` must take the LM
-    from the first and only the ViT from the second.
-    """
-    ckpt = stage_checkpointer(workdir, name)
-    if not ckpt.is_done():
-        raise ValueError(f"stage {name!r} is named as a source but has not finished in {workdir}")
-    done = ckpt.read_done()
-    flat = stages.flat_params(ckpt.restore_raw(done['final_step'])['params'])
-    ckpt.close()
-    return {path: flat[path] for path in done['defined_params']}
-
-
-def build_stage_model(
-    config: ml_collections.ConfigDict,
-    name: str,
-    workdir: pathlib.Path,
-    tokenizer: Any,
-    plan: sharded.Plan | None = None,
-) -> tuple[UniMoE, dict[str, str]]:
-    """The model of stage `name`, initialised from the stages its config names.
-
-    Also returns {param path: source stage} for every parameter that came from a source.
-    """
-    stage = config.stages[name]
-    model = build_model(
-        config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed, plan=plan
-    )
-    sources = [(src, final_params(workdir, src)) for src in split_list(stage.init_from)]
-    pretrained = {label: d for label, d in config.get('pretrained', {}).items() if d}
-    if pretrained and not sources:
-        # The first stages start from the converted checkpoints (`python -m unimoe.convert`).
-        sources = [('pretrained', convert_core.pretrained_params(pretrained))]
-    experts = [(src, final_params(workdir, src)) for src in split_list(stage.experts_from)]
-    mode = stage.get('upcycle_mode', 'per_source')
-    return model, stages.load_params(model, sources, experts, upcycle_mode=mode)
-
-
 def stage_optim_config(stage: ml_collections.ConfigDict) -> optim.OptimConfig:
     return optim.OptimConfig(
         learning_rate=stage.learning_rate,
@@ -171,15 +72,9 @@ def stage_optim_config(stage: ml_collections.ConfigDict) -> optim.OptimConfig:
 
 
 def stage_loss_config(stage: ml_collections.ConfigDict) -> step_lib.LossConfig:
-    return step_lib.LossConfig(
-        kind=stage.mode,
-        balance_coef=stage.balance_coef,
-        balance_coef_end=stage.get('balance_coef_end'),
-        balance_decay_steps=stage.get('balance_decay_steps', 0),
-        dcmoe_coef=stage.get('dcmoe_coef', 0.0),
-        answer_token_weight=stage.get('answer_token_weight', 1.0),
-        z_coef=stage.z_coef,
-    )
+    """The stage's loss: `mode` is its kind; every other LossConfig field the stage sets is read."""
+    fields = [f.name for f in dataclasses.fields(step_lib.LossConfig) if f.name != 'kind']
+    return step_lib.LossConfig(kind=stage.mode, **{k: stage[k] for k in fields if k in stage})
 
 
 def train_stage(
@@ -198,14 +93,14 @@ def train_stage(
     stage_dir = workdir / name
     # With `config.mesh`: sharded init, state and step; each process reads its rows of the batch.
     plan = sharded.plan_from_config(config)
-    model, origin = build_stage_model(config, name, workdir, tokenizer, plan)
-    is_trainable = stages.trainable_filter(stage.trains)
+    model, origin = factory.build_stage_model(config, name, workdir, tokenizer, plan)
+    is_trainable = factory.trainable_filter(stage.trains)
     graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
     if plan is not None:
         # Parameters loaded from earlier stages arrive as host arrays: back into their shards.
         trainable, rest = sharded.place(plan, trainable), sharded.place(plan, rest)
         log.info('stage %s: mesh %s', name, mesh_lib.describe(plan.mesh))
-    defined = sorted(set(origin) | {stages.path_str(p) for p, _ in nnx.to_flat_state(trainable)})
+    defined = sorted(set(origin) | {path_str(p) for p, _ in nnx.to_flat_state(trainable)})
     num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
 
@@ -221,7 +116,7 @@ def train_stage(
         )
     else:
         loader = pipeline.make_train_loader(
-            data_config(config, batch_size=stage.batch_size),
+            pipeline.DataConfig(**{**config.data.to_dict(), 'batch_size': stage.batch_size}),
             tokenizer,
             split_list(stage.tasks),
             stage.mode,
@@ -244,7 +139,7 @@ def train_stage(
         }
 
     # Closing waits for a save in flight, also when training stops on an error.
-    with stage_checkpointer(workdir, name) as ckpt:
+    with factory.stage_checkpointer(workdir, name) as ckpt:
         start_step = 0
         abstract_state = jax.eval_shape(train_state)
         if plan is not None:  # restore each process's shards straight into place
@@ -331,7 +226,7 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
         if name not in config.stages:
             raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
         stage = config.stages[name]
-        stages.trainable_filter(stage.trains)
+        factory.trainable_filter(stage.trains)
         step_lib.LossConfig(kind=stage.mode)
         for source in split_list(stage.init_from) + split_list(stage.experts_from):
             if source not in seen:
@@ -375,7 +270,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokeniz
     validate_stages(config)
     with preemption.PreemptionGuard() as signals:
         for name in split_list(config.stage_order):
-            ckpt = stage_checkpointer(workdir, name)
+            ckpt = factory.stage_checkpointer(workdir, name)
             done, latest = ckpt.is_done(), ckpt.latest_step()
             ckpt.close()
             if done:

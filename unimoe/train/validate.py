@@ -19,6 +19,7 @@ import pathlib
 import jax
 import ml_collections
 
+from unimoe.config import split_list
 from unimoe.convert import core as convert_core
 from unimoe.data import json_builder, tasks as tasks_lib
 from unimoe.moe import layer as moe_layer
@@ -65,7 +66,7 @@ def validate_experiment(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_moe(config: ml_collections.ConfigDict) -> None:
-    names = trainer.split_list(config.stage_order)
+    names = split_list(config.stage_order)
     if not any(config.stages[name].moe for name in names):
         return
     moe = config.model.moe
@@ -102,7 +103,7 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
             f"config.sharding_rules names mesh axes {unknown}; the mesh has {mesh_lib.MESH_AXES}"
         )
     batch_shards = math.prod(sizes[a] for a in rules['batch'])
-    for name in trainer.split_list(config.stage_order):
+    for name in split_list(config.stage_order):
         batch_size = config.stages[name].batch_size
         if batch_size % batch_shards or batch_size % jax.process_count():
             raise ValueError(
@@ -128,8 +129,8 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(
             f"config.json_data.media_root={json_data.media_root!r} does not exist"
         )
-    for name in trainer.split_list(config.stage_order):
-        for source in trainer.split_list(config.stages[name].get('json_sources', '')):
+    for name in split_list(config.stage_order):
+        for source in split_list(config.stages[name].get('json_sources', '')):
             if not json_builder.builder(json_data.data_dir, source).is_prepared():
                 raise FileNotFoundError(
                     f"stage {name!r} reads json_sources {source!r}, which is not prepared in "
@@ -147,7 +148,7 @@ def _needed(stage: ml_collections.ConfigDict) -> set[str]:
     needed = set(_LLM)
     if stage.mode == 'chat' and not stage.get('json_sources'):
         # JSON data's modalities are only known by reading it: the LM is checked, media are not.
-        for task in trainer.split_list(stage.tasks):
+        for task in split_list(stage.tasks):
             needed.update(_MEDIA_PARTS[tasks_lib.TASKS[task]])
     return needed
 
@@ -160,11 +161,11 @@ def _check_initialisation(config: ml_collections.ConfigDict) -> None:
         for part in _PRETRAINED.get(label, ())
     }
     defined: dict[str, set[str]] = {}
-    for name in trainer.split_list(config.stage_order):
+    for name in split_list(config.stage_order):
         stage = config.stages[name]
-        sources = trainer.split_list(stage.init_from)
+        sources = split_list(stage.init_from)
         provided = set().union(*(defined[s] for s in sources)) if sources else set(pretrained)
-        if trainer.split_list(stage.experts_from):
+        if split_list(stage.experts_from):
             provided.add('ffn')
         trained = {part for t in stage.trains.split('+') if t for part in _DEFINES[t]}
         defined[name] = trained | provided

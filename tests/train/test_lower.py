@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from unimoe import config as config_lib
-from unimoe.parallel import lower, rules as rules_lib
+from unimoe.parallel import rules as rules_lib
+from unimoe.train import lower
 
 CONFIG = 'configs/paper_scale.py'
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from unimoe.models.llm import DecoderLM, LLMConfig
-from unimoe.models.lora import Linear, LoRAConfig, matmul, merge_lora
+from unimoe.nn.lora import Linear, LoRAConfig, matmul, merge_lora
 from unimoe.moe.experts import ExpertBank
 
 

@@ -1,4 +1,8 @@
-"""What each training stage trains and what it starts from.
+"""The model factory: builds an experiment's model, initialises it, loads a stage's parameters.
+
+Everything that needs "the model of stage X" comes here: the trainer, evaluation, accounting,
+lowering, conversion and the notebooks. It also owns the table of the model's parts
+(`TRAINABLE_PARTS`), which a stage's `trains` names.
 
 A stage config names
 - `trains`: '+'-joined parts of the parameter tree (keys of `TRAINABLE_PARTS`);
@@ -11,14 +15,22 @@ A stage config names
 from __future__ import annotations
 
 import logging
+import pathlib
 import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from unimoe.convert import upcycle
+from unimoe.checkpoint import Checkpointer, flat_params, path_str
+from unimoe.config import split_list
+from unimoe.convert import core as convert_core, upcycle
+from unimoe.data import tasks as tasks_lib
+from unimoe.models.abstract import abstract_module
+from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe.parallel import sharded
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +44,6 @@ TRAINABLE_PARTS: dict[str, str] = {
     'lora': r'(^|/)lora',
     'router': r'/router/',
 }
-
-
-def path_str(path: Sequence[Any]) -> str:
-    return '/'.join(str(p) for p in path)
 
 
 def trainable_filter(trains: str) -> Callable[[tuple, Any], bool]:
@@ -52,21 +60,6 @@ def trainable_filter(trains: str) -> Callable[[tuple, Any], bool]:
         return isinstance(value, nnx.Param) and bool(pattern.search(path_str(path)))
 
     return is_trainable
-
-
-def flat_params(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flattens a raw (target-less) restored param tree into {'a/b/c': array}."""
-    flat: dict[str, np.ndarray] = {}
-
-    def visit(prefix: str, node: Any) -> None:
-        if isinstance(node, Mapping):
-            for key, child in node.items():
-                visit(f'{prefix}/{key}' if prefix else str(key), child)
-        else:
-            flat[prefix.removesuffix('/value')] = np.asarray(node)
-
-    visit('', raw)
-    return flat
 
 
 def load_params(
@@ -137,3 +130,88 @@ def _checked(key: str, value: np.ndarray, current: Any, source: str) -> np.ndarr
     raise ValueError(
         f"param {key}: stage {source!r} has shape {value.shape}, model expects {shape}"
     )
+
+
+def build_model(
+    config: ml_collections.ConfigDict,
+    tokenizer: Any,
+    *,
+    moe: bool,
+    lora_rank: int,
+    seed: int,
+    abstract: bool = False,
+    plan: sharded.Plan | None = None,
+) -> UniMoE:
+    """The experiment's model for one stage kind; `abstract`: shapes only (no memory, no init);
+    `plan`: every variable initialised directly in its shards on the plan's mesh."""
+    model_cfg = UniMoEConfig.from_dict(
+        config.model,
+        vocab_size=tokenizer.vocab_size,
+        moe=moe,
+        lora_rank=lora_rank,
+        token_ids=dict(
+            image_token_id=tokenizer.image_id,
+            video_token_id=tokenizer.video_id,
+            audio_token_id=tokenizer.audio_id,
+        ),
+        num_labels=(tasks_lib.NUM_IMAGE_LABELS, tasks_lib.NUM_AUDIO_LABELS),
+    )
+    if abstract:
+        model = abstract_module(lambda rngs: UniMoE(model_cfg, rngs=rngs), seed)
+    elif plan is not None:
+        model = sharded.init_module(plan, lambda: UniMoE(model_cfg, rngs=nnx.Rngs(seed)))
+    else:
+        model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
+    for name, count in model.num_media_tokens.items():
+        expected = config.data[f'n_{name}_tokens']
+        if count != expected:
+            raise ValueError(
+                f"config.data.n_{name}_tokens={expected}, but the model emits {count} "
+                f"{name} tokens: the tokenizer must expand placeholders to match"
+            )
+    return model
+
+
+def stage_checkpointer(workdir: pathlib.Path, name: str) -> Checkpointer:
+    return Checkpointer(workdir / name / 'checkpoints')
+
+
+def final_params(workdir: pathlib.Path, name: str) -> dict[str, np.ndarray]:
+    """The parameters a finished stage defined: those it trained or inherited from its sources.
+
+    A stage's checkpoint holds every parameter of its model, but the ones it neither trained nor
+    loaded are its random init: a stage starting from `s0_llm` and `s0_vision` must take the LM
+    from the first and only the ViT from the second.
+    """
+    ckpt = stage_checkpointer(workdir, name)
+    if not ckpt.is_done():
+        raise ValueError(f"stage {name!r} is named as a source but has not finished in {workdir}")
+    done = ckpt.read_done()
+    flat = flat_params(ckpt.restore_raw(done['final_step'])['params'])
+    ckpt.close()
+    return {path: flat[path] for path in done['defined_params']}
+
+
+def build_stage_model(
+    config: ml_collections.ConfigDict,
+    name: str,
+    workdir: pathlib.Path,
+    tokenizer: Any,
+    plan: sharded.Plan | None = None,
+) -> tuple[UniMoE, dict[str, str]]:
+    """The model of stage `name`, initialised from the stages its config names.
+
+    Also returns {param path: source stage} for every parameter that came from a source.
+    """
+    stage = config.stages[name]
+    model = build_model(
+        config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed, plan=plan
+    )
+    sources = [(src, final_params(workdir, src)) for src in split_list(stage.init_from)]
+    pretrained = {label: d for label, d in config.get('pretrained', {}).items() if d}
+    if pretrained and not sources:
+        # The first stages start from the converted checkpoints (`python -m unimoe.convert`).
+        sources = [('pretrained', convert_core.pretrained_params(pretrained))]
+    experts = [(src, final_params(workdir, src)) for src in split_list(stage.experts_from)]
+    mode = stage.get('upcycle_mode', 'per_source')
+    return model, load_params(model, sources, experts, upcycle_mode=mode)

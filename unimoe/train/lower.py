@@ -1,6 +1,6 @@
 r"""Lowers a config's sharded train step from abstract shapes and prints what it costs per device.
 
-  python -m unimoe.parallel.lower --config=configs/paper_scale.py:experts=8,target=v5p-64
+  python -m unimoe.train.lower --config=configs/paper_scale.py:experts=8,target=v5p-64
 
 The model is built abstractly (`unimoe.models.abstract`), so a 7B model costs no memory. The
 step is `jax.jit(step, in_shardings, out_shardings).lower(...)` on a mesh of the local devices
@@ -23,9 +23,10 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from unimoe import accounting
+from unimoe import accounting, factory
+from unimoe.config import split_list
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib, sharded
-from unimoe.train import optim, stages, step as step_lib, trainer
+from unimoe.train import optim, step as step_lib, trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,7 @@ def lower_stage(
     plan = sharded.Plan(mesh_lib.make_mesh(lowered_shape, devices), rules)
     stage = config.stages[name]
     started = time.perf_counter()
-    model = trainer.build_model(
+    model = factory.build_model(
         config,
         Vocabulary(config.vocab_size),
         moe=stage.moe,
@@ -129,7 +130,7 @@ def lower_stage(
         abstract=True,
     )
     account = accounting.account_model(model, stage.trains, config.data.seq_len, name)
-    graphdef, trainable, rest = nnx.split(model, stages.trainable_filter(stage.trains), ...)
+    graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(stage.trains), ...)
     optim_cfg = trainer.stage_optim_config(stage)
     opt_state = jax.eval_shape(optim.make_optimizer(optim_cfg).init, trainable)
     batch = abstract_batch(config, stage.batch_size)
@@ -168,7 +169,7 @@ flags.mark_flags_as_required(['config'])
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
-    name = _STAGE.value or trainer.split_list(config.stage_order)[-1]
+    name = _STAGE.value or split_list(config.stage_order)[-1]
     print(f'{jax.local_device_count()} local devices ({jax.devices()[0].platform})')
     report, _ = lower_stage(config, name)
     print(report.format())

@@ -6,6 +6,9 @@ the latest one (the leftover temporary directory is deleted when the directory i
 The data iterator is stored beside the state so a resumed run continues the same sample order.
 `restore_latest` falls back past damaged checkpoints (truncated or deleted array files, garbage
 metadata), naming the step and the file, and moves them aside.
+
+Parameters travel between stages, converted checkpoints and the model by their '/'-joined paths
+(`path_str`, `flat_params`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import logging
 import os
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain.python as pygrain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -225,3 +229,22 @@ class Checkpointer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def path_str(path: Sequence[Any]) -> str:
+    return '/'.join(str(p) for p in path)
+
+
+def flat_params(raw: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flattens a raw (target-less) restored param tree into {'a/b/c': array}."""
+    flat: dict[str, np.ndarray] = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                visit(f'{prefix}/{key}' if prefix else str(key), child)
+        else:
+            flat[prefix.removesuffix('/value')] = np.asarray(node)
+
+    visit('', raw)
+    return flat

@@ -4,30 +4,30 @@ import pytest
 from flax import nnx
 
 from tests.tiny_model import model_config
+from unimoe import checkpoint, factory
 from unimoe.models.unimoe import UniMoE
-from unimoe.train import stages
 
 
 def _flat(model: nnx.Module) -> dict[str, np.ndarray]:
     return {
-        stages.path_str(p): np.asarray(v.get_value())
+        checkpoint.path_str(p): np.asarray(v.get_value())
         for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
 
 
 def test_trainable_filter_selects_named_parts_only():
     model = UniMoE(model_config(moe=True, lora_rank=2), rngs=nnx.Rngs(0))
-    _, trainable, _ = nnx.split(model, stages.trainable_filter('lora+router+connectors'), ...)
-    paths = [stages.path_str(p) for p, _ in nnx.to_flat_state(trainable)]
+    _, trainable, _ = nnx.split(model, factory.trainable_filter('lora+router+connectors'), ...)
+    paths = [checkpoint.path_str(p) for p, _ in nnx.to_flat_state(trainable)]
     assert paths and all(
         'lora' in p or '/router/' in p or p.startswith(('image_proj', 'audio_conn')) for p in paths
     )
     assert any('/router/' in p for p in paths) and any('lora' in p for p in paths)
     assert not any('w_gate_edf' in p or p.startswith(('vision', 'llm/embed')) for p in paths)
     _, ffn, _ = nnx.split(
-        UniMoE(model_config(), rngs=nnx.Rngs(0)), stages.trainable_filter('ffn'), ...
+        UniMoE(model_config(), rngs=nnx.Rngs(0)), factory.trainable_filter('ffn'), ...
     )
-    ffn_paths = {stages.path_str(p) for p, _ in nnx.to_flat_state(ffn)}
+    ffn_paths = {checkpoint.path_str(p) for p, _ in nnx.to_flat_state(ffn)}
     assert ffn_paths == {
         f'llm/layers/{i}/ffn/{w}/kernel' for i in range(2) for w in ('gate', 'up', 'down')
     }
@@ -35,19 +35,19 @@ def test_trainable_filter_selects_named_parts_only():
 
 def test_trainable_filter_rejects_unknown_part():
     with pytest.raises(ValueError, match='unknown parts'):
-        stages.trainable_filter('connectors+experts')
+        factory.trainable_filter('connectors+experts')
 
 
 def test_flat_params_strips_variable_value_level():
     raw = {'llm': {'layers': {'0': {'ffn': {'gate': {'kernel': {'value': np.ones((2, 3))}}}}}}}
-    assert list(stages.flat_params(raw)) == ['llm/layers/0/ffn/gate/kernel']
+    assert list(checkpoint.flat_params(raw)) == ['llm/layers/0/ffn/gate/kernel']
 
 
 def test_upcycling_puts_each_dense_ffn_into_its_expert_slot():
     dense = [UniMoE(model_config(), rngs=nnx.Rngs(seed)) for seed in (1, 2, 3)]
     moe = UniMoE(model_config(moe=True, lora_rank=2), rngs=nnx.Rngs(0))
     sources = [(f's2_{i}', _flat(m)) for i, m in enumerate(dense)]
-    origin = stages.load_params(moe, [sources[0]], sources)
+    origin = factory.load_params(moe, [sources[0]], sources)
     flat = _flat(moe)
     for layer in range(2):
         for e, (_, src) in enumerate(sources):
@@ -72,7 +72,7 @@ def test_moe_upcycled_from_one_dense_model_computes_the_same_function():
     dense = UniMoE(model_config(), rngs=nnx.Rngs(4))
     moe = UniMoE(model_config(moe=True, lora_rank=2), rngs=nnx.Rngs(5))
     src = ('s2', _flat(dense))
-    stages.load_params(moe, [src], [src] * 3)
+    factory.load_params(moe, [src], [src] * 3)
     rng = np.random.default_rng(0)
     batch = {
         'tokens': jnp.asarray(rng.integers(6, 41, size=(2, 9))),
@@ -85,7 +85,7 @@ def test_load_params_rejects_shape_mismatch():
     model = UniMoE(model_config(), rngs=nnx.Rngs(0))
     bad = {'llm/embed/embedding': np.zeros((3, 3), np.float32)}
     with pytest.raises(ValueError, match='llm/embed/embedding'):
-        stages.load_params(model, [('s0', bad)])
+        factory.load_params(model, [('s0', bad)])
 
 
 def test_load_params_extends_a_shorter_vocabulary_and_keeps_the_appended_rows():
@@ -98,7 +98,7 @@ def test_load_params_extends_a_shorter_vocabulary_and_keeps_the_appended_rows():
         'llm/embed/embedding': rng.normal(size=(38, 24)).astype(np.float32),
         'llm/lm_head/kernel': rng.normal(size=(24, 38)).astype(np.float32),
     }
-    origin = stages.load_params(model, [('vicuna', source)])
+    origin = factory.load_params(model, [('vicuna', source)])
     assert origin == {key: 'vicuna' for key in source}
     embed = np.asarray(model.llm.embed.embedding[...])
     head = np.asarray(model.llm.lm_head.kernel[...])
@@ -109,4 +109,4 @@ def test_load_params_extends_a_shorter_vocabulary_and_keeps_the_appended_rows():
     # Only the vocabulary axis may be shorter, and never longer.
     for bad in (np.zeros((38, 23), np.float32), np.zeros((45, 24), np.float32)):
         with pytest.raises(ValueError, match='llm/embed/embedding'):
-            stages.load_params(model, [('vicuna', {'llm/embed/embedding': bad})])
+            factory.load_params(model, [('vicuna', {'llm/embed/embedding': bad})])

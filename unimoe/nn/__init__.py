@@ -1,0 +1,1 @@
+"""Base layers under both `models` and `moe`: Linear with LoRA, normalisation."""
