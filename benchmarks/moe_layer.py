@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimoe.models.llm import MLP
-from unimoe.moe.layer import MoEConfig, MoELayer
+from unimoe.moe.config import MoEConfig
+from unimoe.moe.layer import MoELayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,7 @@ def jax_variants(shape: Shape, prefix: str, peers: bool) -> dict[str, Callable[[
         "dense": (dense, lambda m, x: m(x)),
     }
     if peers:
-        ragged_cfg = dataclasses.replace(cfg, grouped_impl="ragged_dot")
+        ragged_cfg = dataclasses.replace(cfg, kernel_impl="ragged_dot")
         ragged = MoELayer(shape.dim, ragged_cfg, ffn_dim=shape.ffn_dim, rngs=nnx.Rngs(0))
         models["ragged_dot"] = (ragged, lambda m, x: m(x)[0])
         models["onehot"] = (

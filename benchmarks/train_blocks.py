@@ -37,7 +37,8 @@ from train_step import FULL, QUICK, Shape, mixtral_config
 
 from unimoe.models.llm import Attention, LLMConfig
 from unimoe.nn.lora import Linear
-from unimoe.moe.layer import MoEConfig, MoELayer
+from unimoe.moe.config import MoEConfig
+from unimoe.moe.layer import MoELayer
 from unimoe.train.step import next_token_loss
 
 

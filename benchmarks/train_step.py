@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 
 from unimoe.models.llm import DecoderLM, LLMConfig
-from unimoe.moe.layer import MoEConfig
+from unimoe.moe.config import MoEConfig
 from unimoe.train import optim
 from unimoe.train.step import next_token_loss
 
@@ -117,7 +117,7 @@ def make_ours(shape: Shape, tokens_bt: np.ndarray):
             model = nnx.merge(graphdef, params, rest, copy=True)
             logits_btv, aux = model(model.embed_tokens(tokens_bt), attn_mask_bt)
             ce, _ = next_token_loss(logits_btv, tokens_bt, attn_mask_bt)
-            return ce + AUX_COEF * aux["balance_loss"]
+            return ce + AUX_COEF * aux.balance_loss
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)

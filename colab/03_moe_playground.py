@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -33,7 +33,8 @@ import treescope
 from flax import nnx
 
 from unimoe.moe import routing
-from unimoe.moe.layer import MoEConfig, MoELayer
+from unimoe.moe.config import MoEConfig
+from unimoe.moe.layer import MoELayer
 
 DIM, FFN, TOKENS = 32, 64, 256 if TINY else 2048
 STEPS = 30 if TINY else 300
@@ -81,14 +82,14 @@ def train(cfg: MoEConfig):
     def step(layer, optimizer):
         def loss_fn(layer):
             out, aux = layer(x_btd)
-            return jnp.mean((out - y_btd) ** 2) + 0.01 * aux["balance_loss"], aux
+            return jnp.mean((out - y_btd) ** 2) + 0.01 * aux.balance_loss, aux
 
         (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(layer)
         optimizer.update(layer, grads)
         if cfg.router == "sigmoid_bias":  # outside the optimizer, from the observed load
             bias = layer.router_bias
             bias.set_value(
-                routing.bias_update(bias.get_value(), aux["expert_load"], cfg.bias_update_rate)
+                routing.bias_update(bias.get_value(), aux.expert_load, cfg.bias_update_rate)
             )
         return loss, aux
 
@@ -100,15 +101,15 @@ runs = {name: train(cfg) for name, cfg in VARIANTS.items()}
 for name, (losses, aux) in runs.items():
     print(
         f"{name:40s} loss {losses[0]:.3f} -> {losses[-1]:.3f}  "
-        f"experts/token {float(aux['experts_per_token']):.2f}  "
-        f"entropy {float(aux['router_entropy']):.2f}  dropped {float(aux['dropped_fraction']):.2f}"
+        f"experts/token {float(aux.experts_per_token):.2f}  "
+        f"entropy {float(aux.router_entropy):.2f}  dropped {float(aux.dropped_fraction):.2f}"
     )
 
 # %%
 fig, (ax_loss, ax_load) = plt.subplots(1, 2, figsize=(12, 3.5))
 for name, (losses, aux) in runs.items():
     ax_loss.plot(losses, label=name)
-    ax_load.plot(np.asarray(aux["expert_load"]), marker="o", label=name)
+    ax_load.plot(np.asarray(aux.expert_load), marker="o", label=name)
 ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
 ax_load.set(xlabel="expert", ylabel="share of routed assignments", title="expert load (last step)")
 ax_load.axhline(1 / 8, color="gray", linestyle=":")

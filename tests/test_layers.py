@@ -56,7 +56,8 @@ def test_every_package_and_top_level_module_is_in_a_layer():
 
 
 def test_no_module_imports_itself_through_others():
-    graph = grimp.build_graph('unimoe')
+    # Imports under `if TYPE_CHECKING:` are annotations only: they run nothing.
+    graph = grimp.build_graph('unimoe', exclude_type_checking_imports=True)
     cycles = set()
     for module in graph.modules:
         for imported in graph.find_modules_directly_imported_by(module):

@@ -1,6 +1,7 @@
 """Upcycling dense FFNs into expert banks: per source model, copies, hidden-axis slices."""
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,21 @@ from unimoe import factory
 from unimoe.convert import core, upcycle
 from unimoe.models.llm import MLP, DecoderLM
 from unimoe.moe.experts import ExpertBank
-from unimoe.moe.layer import MoEConfig
+from unimoe.moe.config import MoEConfig
+
+
+def upcycle_ffn(
+    ffn: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]], mode: str, num_experts: int
+) -> dict[str, np.ndarray]:
+    """{'gate/kernel', 'up/kernel', 'down/kernel'} dense weights (a list of them for 'per_source')
+    -> {'experts/w_gate_edf', 'experts/w_up_edf', 'experts/w_down_efd'}."""
+    sources = [ffn] if isinstance(ffn, Mapping) else list(ffn)
+    return {
+        expert: upcycle.expert_weights(
+            [np.asarray(src[dense]) for src in sources], dense.split("/")[0], mode, num_experts
+        )
+        for dense, expert in upcycle.DENSE_TO_EXPERT.items()
+    }
 
 RNG = np.random.default_rng(0)
 
@@ -30,7 +45,7 @@ def _moe_llama(dense: DecoderLM, **moe) -> DecoderLM:
     """An abstract MoE twin of `dense`: every weight must then be loaded (a random init of all of
     it would cost more than the tests)."""
     # ragged_dot: the cheapest grouped matmul to run on CPU at this size.
-    moe_cfg = MoEConfig(**moe, grouped_impl="ragged_dot")
+    moe_cfg = MoEConfig(**moe, kernel_impl="ragged_dot")
     cfg = dataclasses.replace(dense.cfg, moe_layers="all", moe=moe_cfg)
     return nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(1)))
 
@@ -65,7 +80,7 @@ def test_copies_of_one_ffn_give_the_dense_model_output(dense_llama):
     moe_logits, aux = _logits(moe, TOKENS_BT)
     # The random router spreads tokens over the experts, yet every mix of equal experts with
     # weights summing to 1 is the dense FFN: only float rounding of the weighted sum differs.
-    assert (np.asarray(aux["expert_load"]) > 0).sum() > 6
+    assert (np.asarray(aux.expert_load) > 0).sum() > 6
     np.testing.assert_allclose(moe_logits, dense_logits, rtol=1e-6, atol=2e-6)
 
 
@@ -90,7 +105,7 @@ def test_slices_partition_the_hidden_units_and_sum_to_the_dense_ffn():
     mlp = nnx.eval_shape(lambda: MLP(dim, ffn, rngs=nnx.Rngs(0)))
     for name, linear in (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down)):
         linear.kernel.set_value(jnp.asarray(dense[f"{name}/kernel"]))
-    banks = upcycle.upcycle_ffn(dense, "slices", experts)
+    banks = upcycle_ffn(dense, "slices", experts)
     assert banks["experts/w_gate_edf"].shape == (experts, dim, ffn // experts)
     assert banks["experts/w_down_efd"].shape == (experts, ffn // experts, dim)
     np.testing.assert_array_equal(

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unimoe.moe.layer import MoEConfig, MoELayer
+from unimoe.moe import gmm
+from unimoe.moe.config import MoEConfig
+from unimoe.moe.layer import MoELayer
 
 DIM, FFN = 8, 16
 
@@ -22,7 +24,7 @@ def loss_and_grads(cfg: MoEConfig, x_btd, mask_bt, probe_btd):
     def run(params, x_btd):
         def loss(params, x_btd):
             y_btd, aux = nnx.merge(graphdef, params)(x_btd, mask_bt)
-            return jnp.sum(y_btd * probe_btd) + aux["balance_loss"], (y_btd, aux)
+            return jnp.sum(y_btd * probe_btd) + aux.balance_loss, (y_btd, aux)
 
         return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x_btd)
 
@@ -43,15 +45,15 @@ def test_pallas_layer_matches_xla_forward_and_grads(caplog):
         )
     assert "fused Pallas kernel" in caplog.text and "(pallas)" in caplog.text
     (_, (y_x, aux_x)), grads_x = loss_and_grads(
-        dataclasses.replace(cfg, kernel_impl="xla", grouped_impl="ragged_dot"),
+        dataclasses.replace(cfg, kernel_impl="ragged_dot"),
         x_btd,
         mask_bt,
         probe_btd,
     )
     assert float(jnp.abs(y_x).max()) > 0
     np.testing.assert_allclose(y_p, y_x, rtol=1e-5, atol=1e-6)
-    for key in aux_x:
-        np.testing.assert_allclose(aux_p[key], aux_x[key], rtol=1e-5, atol=1e-6)
+    for want, got in zip(jax.tree.leaves(aux_x), jax.tree.leaves(aux_p), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     flat_p, flat_x = jax.tree.leaves(grads_p), jax.tree.leaves(grads_x)
     assert len(flat_p) == len(flat_x) > 2
     for g_p, g_x in zip(flat_p, flat_x):
@@ -60,7 +62,10 @@ def test_pallas_layer_matches_xla_forward_and_grads(caplog):
     assert float(jnp.abs(grads_p[0]["router"]["kernel"][...]).max()) > 0
 
 
-def test_kernel_impl_auto_is_xla_on_cpu_and_validated():
-    assert MoEConfig().resolved_kernel_impl() == "xla"
+def test_kernel_impl_resolves_in_one_place_and_is_validated():
+    assert [gmm.resolve_backend("auto", p) for p in ("cpu", "tpu", "gpu")] == ["tiles", "pallas", "pallas"]
+    assert [gmm.resolve_backend("xla", p) for p in ("cpu", "tpu", "gpu")] == ["tiles", "ragged_dot", "ragged_dot"]
+    assert gmm.resolve_backend("ragged_dot", "cpu") == "ragged_dot"
+    assert MoELayer(8, MoEConfig(), ffn_dim=16, rngs=nnx.Rngs(0)).backend == "tiles"
     with pytest.raises(ValueError, match="kernel_impl"):
         MoEConfig(kernel_impl="triton")

@@ -26,8 +26,8 @@ CASES = {
 
 @functools.partial(jax.jit, static_argnames=("spec", "reference"))
 def routing_and_grad(logits, probe, *, spec, reference):
-    fn = kroute.route_reference if reference else kroute.route
-    routed, vjp = jax.vjp(lambda x: fn(x, spec, block_tokens=16), logits)
+    fn = kroute.route_reference if reference else functools.partial(kroute.route, block_tokens=16)
+    routed, vjp = jax.vjp(lambda x: fn(x, spec), logits)
     cotangent = jax.tree.map(jnp.zeros_like, routed)._replace(weights_nk=probe)
     cotangent = jax.tree.map(
         lambda c, r: (

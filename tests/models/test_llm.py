@@ -85,7 +85,7 @@ def test_logits_match_hugging_face_llama(num_kv_heads, tie):
     logits, aux = forward(model, TOKENS_BT, MASK_BT)
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=1e-4)
-    assert aux["expert_load"].shape == (0, 4) and aux["balance_loss"] == 0.0
+    assert aux.expert_load.shape == (0, 4) and aux.balance_loss == 0.0
 
 
 def moe_config(**overrides) -> LLMConfig:
@@ -102,11 +102,11 @@ def test_moe_layers_build_run_and_report_routing_statistics(moe_lm):
     assert [layer.is_moe for layer in moe_lm.layers] == [True, False, True]
     logits, aux = forward(moe_lm, TOKENS_BT, MASK_BT)
     assert logits.shape == (B, T, VOCAB)
-    assert aux["expert_load"].shape == (2, 5)
-    np.testing.assert_allclose(aux["expert_load"].sum(-1), [1.0, 1.0], rtol=1e-6)
+    assert aux.expert_load.shape == (2, 5)
+    np.testing.assert_allclose(aux.expert_load.sum(-1), [1.0, 1.0], rtol=1e-6)
     # Two MoE layers, each at least 1 (reached only by perfectly balanced routing).
-    assert np.isfinite(aux["balance_loss"]) and aux["balance_loss"] >= 2.0 - 1e-5
-    assert np.isfinite(aux["z_loss"]) and aux["z_loss"] > 0.0
+    assert np.isfinite(aux.balance_loss) and aux.balance_loss >= 2.0 - 1e-5
+    assert np.isfinite(aux.z_loss) and aux.z_loss > 0.0
 
 
 def test_appended_padding_changes_no_real_logit_and_no_routing_statistic(moe_lm):
@@ -120,7 +120,9 @@ def test_appended_padding_changes_no_real_logit_and_no_routing_statistic(moe_lm)
         np.asarray(logits_padded)[mask_padded], np.asarray(logits)[MASK_BT], rtol=1e-5, atol=1e-6
     )
     for name in ("balance_loss", "z_loss", "expert_load"):
-        np.testing.assert_allclose(aux_padded[name], aux[name], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            getattr(aux_padded, name), getattr(aux, name), rtol=1e-5, err_msg=name
+        )
 
 
 def test_gradients_reach_routers_and_every_lora_parameter():
@@ -137,7 +139,7 @@ def test_gradients_reach_routers_and_every_lora_parameter():
         logits, aux = model(model.embed_tokens(TOKENS_BT), MASK_BT)
         log_probs = jax.nn.log_softmax(logits)
         nll = -jnp.take_along_axis(log_probs, targets_bt[..., None], -1)[..., 0]
-        return jnp.sum(nll * MASK_BT) / MASK_BT.sum() + 0.01 * aux["balance_loss"]
+        return jnp.sum(nll * MASK_BT) / MASK_BT.sum() + 0.01 * aux.balance_loss
 
     grads = nnx.jit(nnx.grad(loss_fn))(model)
     flat = nnx.to_flat_state(grads)
@@ -155,7 +157,7 @@ def test_bfloat16_compute_tracks_float32(moe_lm):
     bf16_graph = nnx.graphdef(nnx.eval_shape(lambda: DecoderLM(bf16_cfg, rngs=nnx.Rngs(0))))
     model_bf16 = nnx.merge(bf16_graph, nnx.state(moe_lm))
     logits_bf16, aux = forward(model_bf16, TOKENS_BT, MASK_BT)
-    assert logits_bf16.dtype == jnp.float32 and aux["balance_loss"].dtype == jnp.float32
+    assert logits_bf16.dtype == jnp.float32 and aux.balance_loss.dtype == jnp.float32
     scale = np.abs(logits_f32).max()
     np.testing.assert_allclose(logits_bf16, logits_f32, atol=0.05 * scale)
 

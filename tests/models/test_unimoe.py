@@ -37,7 +37,7 @@ def test_media_reach_only_positions_after_their_placeholders():
     batch = _batch(rng, cfg, tokens)
     logits, aux = model(batch)
     assert logits.shape == (1, tokens.shape[1], cfg.llm.vocab_size)
-    assert aux['expert_load'].shape[0] == 0
+    assert aux.expert_load.shape[0] == 0
     other = dict(batch, image=batch['image'] + 1.0)
     logits_other, _ = model(other)
     np.testing.assert_allclose(logits[:, :3], logits_other[:, :3], atol=1e-6)

@@ -12,10 +12,12 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
+from tests.moe.test_dispatch import dense_reference
 from tests.moe.test_layer import random_module
+from unimoe.moe import expert_parallel, routers
+from unimoe.moe.config import MoEConfig
+from unimoe.moe.layer import MoELayer
 from unimoe.nn.lora import LoRAConfig
-from unimoe.moe import dispatch, expert_parallel
-from unimoe.moe.layer import MoEConfig, MoELayer
 
 DIM, FFN, NUM_EXPERTS = 7, 11, 8
 BATCH, SEQ = 4, 8  # 32 tokens: 4 per device on 8 token shards
@@ -48,7 +50,7 @@ def loss_and_grads(layer: MoELayer, x_btd, mask_bt, cotangent_btd):
         model = nnx.merge(graphdef, params, rest, copy=True)
         y_btd, aux = model(x_btd, mask_bt)
         valid = mask_bt[..., None].astype(jnp.float32)
-        return jnp.sum(y_btd * cotangent_btd * valid) + aux["balance_loss"], (y_btd, aux)
+        return jnp.sum(y_btd * cotangent_btd * valid) + aux.balance_loss, (y_btd, aux)
 
     (loss, (y_btd, aux)), grads = jax.jit(jax.value_and_grad(loss_fn, (0, 1), has_aux=True))(
         params, x_btd
@@ -64,17 +66,17 @@ def assert_close_trees(got, want, tol):
 
 
 CASES = [
-    ((8,), ("expert",), dict(grouped_impl="tiles", lora_rank=2)),
+    ((8,), ("expert",), dict(kernel_impl="tiles", lora_rank=2)),
     (
         (2, 4),
         ("data", "expert"),
-        dict(expert_parallel="all_gather", router="softmax_topk", grouped_impl="tiles"),
+        dict(expert_parallel="all_gather", router="softmax_topk", kernel_impl="tiles"),
     ),
-    ((2, 4), ("data", "expert"), dict(grouped_impl="ragged_dot", num_shared_experts=1)),
+    ((2, 4), ("data", "expert"), dict(kernel_impl="ragged_dot", num_shared_experts=1)),
     (
         (2, 4),
         ("data", "expert"),
-        dict(router="top_p", top_p=0.6, k_max=3, num_null_experts=1, grouped_impl="tiles"),
+        dict(router="top_p", top_p=0.6, k_max=3, num_null_experts=1, kernel_impl="tiles"),
     ),
 ]
 
@@ -95,7 +97,7 @@ def test_expert_parallel_layer_equals_single_device(shape, names, kw):
     np.testing.assert_allclose(
         np.asarray(got[1]) * valid, np.asarray(want[1]) * valid, rtol=1e-5, atol=1e-5
     )
-    assert float(got[2]["dropped_fraction"]) == 0.0
+    assert float(got[2].dropped_fraction) == 0.0
     assert_close_trees(got[2], want[2], 1e-6)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
     assert_close_trees(got[3], want[3], 1e-5)
@@ -111,14 +113,14 @@ def concentrate_on_first_experts(layer: MoELayer) -> None:
 
 
 def test_dropless_when_every_token_goes_to_one_device():
-    layer = make_layer(grouped_impl="tiles")
+    layer = make_layer(kernel_impl="tiles")
     concentrate_on_first_experts(layer)
     x_btd, mask_bt, _ = inputs()
     want_y, _ = nnx.jit(lambda m, x: m(x, mask_bt))(layer, x_btd)
     with jax.set_mesh(jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)):
         got_y, aux = nnx.jit(lambda m, x: m(x, mask_bt))(layer, x_btd)
-    assert float(aux["dropped_fraction"]) == 0.0
-    np.testing.assert_allclose(np.asarray(aux["expert_load"])[:2], [0.5, 0.5])
+    assert float(aux.dropped_fraction) == 0.0
+    np.testing.assert_allclose(np.asarray(aux.expert_load)[:2], [0.5, 0.5])
     valid = np.asarray(mask_bt)[..., None]
     np.testing.assert_allclose(
         np.asarray(got_y) * valid, np.asarray(want_y) * valid, rtol=1e-5, atol=1e-5
@@ -130,7 +132,7 @@ def test_smaller_capacity_drops_the_hand_counted_overflow(concentrated):
     """ep_capacity_factor 1 on (data=2, expert=4): C = ceil(1 * 4 tokens * 2 / 4) = 2 rows per
     (sender, destination). Each token shard keeps the first 2 valid assignments per destination
     in (token, slot) order; the output is the single-device mix without the dropped ones."""
-    layer = make_layer(grouped_impl="tiles", ep_capacity_factor=1.0)
+    layer = make_layer(kernel_impl="tiles", ep_capacity_factor=1.0)
     if concentrated:
         concentrate_on_first_experts(layer)
     x_btd, mask_bt, _ = inputs(seed=1)
@@ -138,7 +140,8 @@ def test_smaller_capacity_drops_the_hand_counted_overflow(concentrated):
         got_y, aux = nnx.jit(lambda m, x: m(x, mask_bt))(layer, x_btd)
 
     x_nd = x_btd.reshape(-1, DIM)
-    weights_nk, experts_nk = layer._route(layer.router(x_nd))
+    routed = routers.route(layer.router(x_nd), layer.cfg, layer.router_state(), fused=False)
+    weights_nk, experts_nk = routed.weights_nk, routed.columns_nk
     experts_nk, mask_n = np.asarray(experts_nk), np.asarray(mask_bt).reshape(-1)
     shards, ep_size, num_local, cap = 8, 4, NUM_EXPERTS // 4, 2
     per_shard = experts_nk.shape[0] // shards
@@ -156,9 +159,9 @@ def test_smaller_capacity_drops_the_hand_counted_overflow(concentrated):
                 dropped += not kept_nk[n, k]
                 queue[dest] += 1
     assert dropped > 0
-    assert float(aux["dropped_fraction"]) == pytest.approx(dropped / valid)
+    assert float(aux.dropped_fraction) == pytest.approx(dropped / valid)
     kept_experts_nk = jnp.asarray(np.where(kept_nk, experts_nk, NUM_EXPERTS))
-    want_nd = dispatch.dense_reference(
+    want_nd = dense_reference(
         x_nd, weights_nk, kept_experts_nk, layer.experts.batched, NUM_EXPERTS
     )
     valid_n1 = mask_n[:, None]
@@ -227,7 +230,7 @@ def hlo_all_to_all_bytes(hlo_text: str) -> int:
 def test_exchanged_bytes_match_formula_and_compiled_hlo():
     """ep_capacity_factor 1 (C = 2, not the dropless 8): the buffers follow the capacity rule."""
     capacity_factor = 1.0
-    layer = make_layer(grouped_impl="tiles", ep_capacity_factor=capacity_factor)
+    layer = make_layer(kernel_impl="tiles", ep_capacity_factor=capacity_factor)
     x_btd, mask_bt, cotangent_btd = inputs()
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
@@ -255,7 +258,7 @@ def test_lora_dropout_draws_per_device_masks_and_advances_the_stream():
     """Training with LoRA dropout: the caller's stream advances each call (new masks next time)
     and each device folds in its index (the same rows on two token shards get different masks).
     In eval mode the layer equals the single-device one."""
-    layer = make_layer(grouped_impl="tiles", lora_rank=2, lora_dropout=0.5)
+    layer = make_layer(kernel_impl="tiles", lora_rank=2, lora_dropout=0.5)
     stream = layer.experts.lora_dropout.rngs
     # rbg keys: threefry's dropout masks take ~3x longer to compile on CPU, for the same test.
     stream.key.set_value(jax.random.key(1, impl="unsafe_rbg"))

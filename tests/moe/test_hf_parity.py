@@ -21,7 +21,8 @@ from transformers.models.mixtral.configuration_mixtral import MixtralConfig  # n
 from transformers.models.qwen2_moe import modeling_qwen2_moe as hf_qwen2_moe  # noqa: E402
 from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig  # noqa: E402
 
-from unimoe.moe.layer import MoEConfig, MoELayer  # noqa: E402
+from unimoe.moe.config import MoEConfig  # noqa: E402
+from unimoe.moe.layer import MoELayer  # noqa: E402
 
 DIM, FFN, SHARED_FFN, NUM_EXPERTS, TOP_K = 8, 6, 10, 4, 2
 X_BTD = np.random.default_rng(0).normal(size=(2, 5, DIM)).astype(np.float32)
@@ -66,7 +67,7 @@ def run_both(block, layer: MoELayer) -> tuple[np.ndarray, np.ndarray]:
 
 def make_layer(cfg: MoEConfig) -> MoELayer:
     """Abstract init: every weight must then be copied from HF, or the forward pass fails."""
-    cfg = dataclasses.replace(cfg, grouped_impl="ragged_dot")  # cheapest to compile on CPU
+    cfg = dataclasses.replace(cfg, kernel_impl="ragged_dot")  # cheapest to compile on CPU
     return nnx.eval_shape(lambda: MoELayer(DIM, cfg, ffn_dim=FFN, rngs=nnx.Rngs(0)))
 
 

@@ -1,5 +1,7 @@
 """MoELayer against a per-token numpy reference for every router, plus each switch on its own."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,10 @@ import pytest
 from flax import nnx
 
 from unimoe.models.llm import MLP
+from unimoe.moe import routers
+from unimoe.moe.config import MoEConfig
+from unimoe.moe.layer import MoELayer, RouterBias
 from unimoe.nn.lora import LoRAConfig
-from unimoe.moe.layer import MoEConfig, MoELayer, RouterBias
 
 DIM, FFN, NUM_EXPERTS = 7, 11, 4
 AUX_SCALARS = (
@@ -40,7 +44,7 @@ def random_module(make, seed: int, std: float = 0.4):
 def make_layer(router: str = "topk_softmax", renormalize: bool = True, lora_rank: int = 0, **kw):
     kw.setdefault("num_experts", NUM_EXPERTS)
     kw.setdefault("top_k", 2)
-    kw.setdefault("grouped_impl", "ragged_dot")
+    kw.setdefault("kernel_impl", "ragged_dot")
     cfg = MoEConfig(router=router, renormalize=renormalize, **kw)
     lora = LoRAConfig(rank=lora_rank)
     return random_module(lambda: MoELayer(DIM, cfg, ffn_dim=FFN, lora=lora, rngs=nnx.Rngs(0)), 1)
@@ -177,10 +181,10 @@ def test_layer_matches_per_token_reference(router, renormalize, kw):
     for n, chosen in enumerate(columns):
         for e in chosen[chosen < layer.cfg.num_experts]:
             counts_ne[n, e] += 1
-    np.testing.assert_array_equal(aux["expert_counts_be"], counts_ne.reshape(2, 5, -1).sum(1))
-    np.testing.assert_allclose(aux["expert_load"], counts_ne.sum(0) / counts_ne.sum(), rtol=1e-6)
+    np.testing.assert_array_equal(aux.expert_counts_be, counts_ne.reshape(2, 5, -1).sum(1))
+    np.testing.assert_allclose(aux.expert_load, counts_ne.sum(0) / counts_ne.sum(), rtol=1e-6)
     # Routed experts a token runs: the dynamic k_n of top-P less its null picks, else K.
-    np.testing.assert_allclose(aux["experts_per_token"], counts_ne.sum() / 10, rtol=1e-6)
+    np.testing.assert_allclose(aux.experts_per_token, counts_ne.sum() / 10, rtol=1e-6)
     if router == "top_p":
         # The rule must actually vary k here, and a null expert must be picked somewhere.
         assert len({len(c) for c in columns}) > 1
@@ -209,13 +213,13 @@ def test_null_expert_shrinks_the_output_by_its_weight_share():
         y_null.reshape(10, DIM), (1 - p_null_n)[:, None] * y_plain.reshape(10, DIM), rtol=2e-5
     )
     # Null slots are no routed assignment: each token counts its 4 routed experts only.
-    np.testing.assert_array_equal(aux_null["expert_counts_be"], np.full((2, 4), 5))
+    np.testing.assert_array_equal(aux_null.expert_counts_be, np.full((2, 4), 5))
 
 
 @pytest.mark.parametrize("router", ["topk_softmax", "softmax_topk"])
 def test_experts_copied_from_one_dense_ffn_reproduce_it(router):
     dense = random_module(lambda: MLP(DIM, FFN, rngs=nnx.Rngs(0)), 4)
-    layer = make_layer(router, grouped_impl="auto")  # the CPU default grouped matmul
+    layer = make_layer(router, kernel_impl="auto")  # the CPU default grouped matmul
     bank = layer.experts
     for w_bank, linear in (
         (bank.w_gate_edf, dense.gate),
@@ -236,10 +240,12 @@ def test_padding_tokens_count_in_no_loss_and_no_load():
     valid_x_1nd = X_BTD[mask_bt][None]
     y_valid, aux_valid = forward(layer, valid_x_1nd, all_valid(valid_x_1nd))
     for name in ("balance_loss", "z_loss", "expert_load", "dcmoe_balance_loss", "router_entropy"):
-        np.testing.assert_allclose(aux[name], aux_valid[name], rtol=1e-6, err_msg=name)
-    np.testing.assert_array_equal(aux["expert_counts_be"].sum(0), aux_valid["expert_counts_be"][0])
-    np.testing.assert_array_equal(aux["expert_counts_be"].sum(1), [10, 6])
-    assert aux["experts_per_token"] == 2.0  # top-2, padding tokens excluded
+        np.testing.assert_allclose(
+            getattr(aux, name), getattr(aux_valid, name), rtol=1e-6, err_msg=name
+        )
+    np.testing.assert_array_equal(aux.expert_counts_be.sum(0), aux_valid.expert_counts_be[0])
+    np.testing.assert_array_equal(aux.expert_counts_be.sum(1), [10, 6])
+    assert aux.experts_per_token == 2.0  # top-2, padding tokens excluded
     # Dropless routing: a token's output depends on that token only.
     np.testing.assert_allclose(np.asarray(y_btd)[mask_bt], y_valid[0], rtol=1e-5, atol=1e-6)
 
@@ -249,8 +255,8 @@ def test_token_weight_reweights_only_the_dcmoe_loss():
     weight_bt = np.where(np.arange(5) < 2, 1.0, 10.0)[None].repeat(2, 0).astype(np.float32)
     _, aux = forward(layer, X_BTD, all_valid(X_BTD))
     _, aux_w = nnx.jit(lambda m, x, w: m(x, token_weight_bt=w))(layer, X_BTD, weight_bt)
-    assert not np.isclose(aux["dcmoe_balance_loss"], aux_w["dcmoe_balance_loss"])
-    np.testing.assert_allclose(aux["balance_loss"], aux_w["balance_loss"], rtol=1e-6)
+    assert not np.isclose(aux.dcmoe_balance_loss, aux_w.dcmoe_balance_loss)
+    np.testing.assert_allclose(aux.balance_loss, aux_w.balance_loss, rtol=1e-6)
 
 
 def test_capacity_drops_overflow_by_position_and_reports_it():
@@ -275,7 +281,7 @@ def test_capacity_drops_overflow_by_position_and_reports_it():
     np.testing.assert_allclose(
         np.asarray(y_btd).reshape(10, DIM)[valid], expected_nd[valid], rtol=2e-5, atol=2e-6
     )
-    np.testing.assert_allclose(aux["dropped_fraction"], 1 - len(taken) / 18, rtol=1e-6)
+    np.testing.assert_allclose(aux.dropped_fraction, 1 - len(taken) / 18, rtol=1e-6)
 
 
 def test_capacity_drop_by_score_keeps_each_experts_highest_logit():
@@ -296,7 +302,7 @@ def test_capacity_drop_by_score_keeps_each_experts_highest_logit():
             X_ND[n].astype(np.float64), w[0][e], w[1][e], w[2][e]
         )
     np.testing.assert_allclose(y_btd.reshape(10, DIM), expected_nd, rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(aux["dropped_fraction"], 1 - len(best) / 20, rtol=1e-6)
+    np.testing.assert_allclose(aux.dropped_fraction, 1 - len(best) / 20, rtol=1e-6)
 
 
 def test_capacity_large_enough_matches_dropless():
@@ -305,7 +311,7 @@ def test_capacity_large_enough_matches_dropless():
     y_dropless, _ = forward(dropless, X_BTD, all_valid(X_BTD))
     y_capacity, aux = forward(capacity, X_BTD, all_valid(X_BTD))
     np.testing.assert_allclose(y_capacity, y_dropless, rtol=1e-5, atol=1e-6)
-    assert aux["dropped_fraction"] == 0
+    assert aux.dropped_fraction == 0
 
 
 def test_dropless_view_lifts_the_capacity_as_generation_needs():
@@ -313,11 +319,11 @@ def test_dropless_view_lifts_the_capacity_as_generation_needs():
     capacity = make_layer(impl="capacity", capacity_factor=0.1, min_capacity=1)
     y_dropless, _ = forward(dropless, X_BTD, all_valid(X_BTD))
     _, aux = forward(capacity, X_BTD, all_valid(X_BTD))
-    assert aux["dropped_fraction"] > 0.5
+    assert aux.dropped_fraction > 0.5
     lifted = nnx.view(capacity, dropless=True)
     y_lifted, aux = forward(lifted, X_BTD, all_valid(X_BTD))
     np.testing.assert_allclose(y_lifted, y_dropless, rtol=1e-5, atol=1e-6)
-    assert aux["dropped_fraction"] == 0
+    assert aux.dropped_fraction == 0
 
 
 def test_router_bias_is_selection_only_and_not_a_param():
@@ -328,7 +334,7 @@ def test_router_bias_is_selection_only_and_not_a_param():
     # A large bias forces expert 3 into every token's top-2, but its weight stays its score.
     layer.router_bias[...] = jnp.array([0.0, 0.0, 0.0, 100.0])
     y_btd, aux = forward(layer, X_BTD, all_valid(X_BTD))
-    np.testing.assert_array_equal(aux["expert_counts_be"][:, 3], [5, 5])
+    np.testing.assert_array_equal(aux.expert_counts_be[:, 3], [5, 5])
     expected_nd, _ = numpy_moe(layer, X_ND)
     np.testing.assert_allclose(y_btd.reshape(10, DIM), expected_nd, rtol=2e-5, atol=2e-6)
     # The router gradient exists; the bias is in no Param gradient.
@@ -337,7 +343,7 @@ def test_router_bias_is_selection_only_and_not_a_param():
 
 
 def stochastic_layer(**kw) -> MoELayer:
-    cfg = MoEConfig(num_experts=NUM_EXPERTS, router="softmax_topk", grouped_impl="ragged_dot", **kw)
+    cfg = MoEConfig(num_experts=NUM_EXPERTS, router="softmax_topk", kernel_impl="ragged_dot", **kw)
     return MoELayer(DIM, cfg, ffn_dim=FFN, rngs=nnx.Rngs(0, router=1))
 
 
@@ -360,7 +366,7 @@ def test_sampling_only_in_training_and_deterministic_view_is_plain_routing(kw):
         # The first choice stays the argmax: each token still uses its top expert.
         top_n = np.argmax(X_ND @ np.asarray(layer.router.kernel[...]), axis=-1)
         top_counts = np.bincount(top_n, minlength=NUM_EXPERTS)
-        assert np.all(np.asarray(aux_1["expert_counts_be"]).sum(0) >= top_counts)
+        assert np.all(np.asarray(aux_1.expert_counts_be).sum(0) >= top_counts)
 
 
 def test_deterministic_configs_carry_no_rng_state():
@@ -375,17 +381,18 @@ def test_every_aux_key_present_with_its_shape(impl):
     layer = make_layer("top_p", num_null_experts=1, k_max=2, impl=impl, **kw)
     y_btd, aux = forward(layer, X_BTD, all_valid(X_BTD))
     assert y_btd.shape == X_BTD.shape
-    assert set(aux) == {*AUX_SCALARS, "expert_load", "expert_counts_be"}
+    assert {f.name for f in dataclasses.fields(aux)} == {*AUX_SCALARS, "expert_load", "expert_counts_be"}
     for name in AUX_SCALARS:
-        assert aux[name].shape == () and aux[name].dtype == jnp.float32, name
-    assert aux["expert_load"].shape == (4,) and aux["expert_counts_be"].shape == (2, 4)
+        value = getattr(aux, name)
+        assert value.shape == () and value.dtype == jnp.float32, name
+    assert aux.expert_load.shape == (4,) and aux.expert_counts_be.shape == (2, 4)
 
 
 def test_router_stays_float32_for_bfloat16_activations():
     layer = make_layer("topk_softmax", num_shared_experts=1, shared_gate=True)
     y_btd, aux = forward(layer, X_BTD.astype(jnp.bfloat16), all_valid(X_BTD))
     assert y_btd.dtype == jnp.bfloat16
-    assert aux["balance_loss"].dtype == jnp.float32 and aux["z_loss"].dtype == jnp.float32
+    assert aux.balance_loss.dtype == jnp.float32 and aux.z_loss.dtype == jnp.float32
 
 
 def test_shared_experts_are_one_swiglu_of_the_summed_width():
@@ -427,9 +434,23 @@ def test_shared_experts_are_one_swiglu_of_the_summed_width():
         (dict(routed_scaling=0.0), "routed_scaling"),
         (dict(jitter_eps=1.0), "jitter_eps"),
         (dict(bias_update_rate=0.1), "bias_update_rate"),
-        (dict(grouped_impl="pallas"), "grouped_impl"),
+        (dict(kernel_impl="triton"), "kernel_impl"),
     ],
 )
 def test_config_rejects_impossible_settings(kwargs, field):
     with pytest.raises(ValueError, match=f"MoEConfig.{field}"):
         MoEConfig(**kwargs)
+
+
+def test_every_router_is_registered_and_returns_k_slots():
+    assert set(routers.ROUTERS) == {
+        "topk_softmax", "softmax_topk", "top_p", "sigmoid_bias", "group_equal"
+    }
+    logits_ne = jnp.asarray(np.random.default_rng(0).normal(size=(6, NUM_EXPERTS)), jnp.float32)
+    state = routers.RouterState(bias_e=jnp.zeros((NUM_EXPERTS,), jnp.float32))
+    for name, router in routers.ROUTERS.items():
+        kw = dict(num_groups=2) if name == "group_equal" else {}
+        cfg = MoEConfig(num_experts=NUM_EXPERTS, router=name, **kw)
+        routed = router(logits_ne, cfg, state)
+        assert routed.weights_nk.shape == routed.columns_nk.shape == (6, cfg.num_slots), name
+        assert routed.expert_sort is None, name

@@ -17,15 +17,12 @@ from typing import Any
 import numpy as np
 
 from unimoe.models import audio, connectors, llm, vision
-from unimoe.moe.layer import MoEConfig
-
-# How a unimoe parameter is made of its HF tensors (HF linears are [out, in], ours [in, out]).
-KINDS = ("copy", "linear", "conv1d", "conv2d", "stack_linear", "rows")
-
+from unimoe.moe.config import MoEConfig
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """unimoe param `path` <- HF tensors `hf_names` by `kind`; 'rows' takes the first `rows` rows."""
+    """unimoe param `path` <- HF tensors `hf_names` by `kind`: 'copy', 'linear', 'conv1d', 'conv2d',
+    'stack_linear' or 'rows' (the first `rows` rows). HF linears are [out, in], ours [in, out]."""
 
     path: str
     hf_names: tuple[str, ...]

@@ -74,20 +74,6 @@ def expert_weights(
     return np.stack(np.split(dense[0], num_experts, axis=hidden_axis))
 
 
-def upcycle_ffn(
-    ffn: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]], mode: str, num_experts: int
-) -> dict[str, np.ndarray]:
-    """{'gate/kernel', 'up/kernel', 'down/kernel'} dense weights (a list of them for 'per_source')
-    -> {'experts/w_gate_edf', 'experts/w_up_edf', 'experts/w_down_efd'}."""
-    sources = [ffn] if isinstance(ffn, Mapping) else list(ffn)
-    return {
-        expert: expert_weights(
-            [np.asarray(src[dense]) for src in sources], dense.split("/")[0], mode, num_experts
-        )
-        for dense, expert in DENSE_TO_EXPERT.items()
-    }
-
-
 def expert_bank_value(
     key: str,
     shape: tuple[int, ...],

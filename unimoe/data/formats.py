@@ -176,16 +176,6 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record | RecordError]:
             yield e
 
 
-def read_records(path: str | os.PathLike) -> list[Record]:
-    """Every record of `path`; raises the first RecordError."""
-    out = []
-    for item in iter_records(path):
-        if isinstance(item, RecordError):
-            raise item
-        out.append(item)
-    return out
-
-
 class MediaStore:
     """Reads media files named by records, from a folder, a zip file, or as given (root None).
 

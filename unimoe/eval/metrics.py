@@ -117,7 +117,6 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.:)]\s*(.+?)\s*$")
 _CHOICE_SEPARATORS = ".()[],:;!*#{}"
-_NO_CHOICE = "Z"  # VLMEvalKit's letter for "the model gave no / several options"
 
 
 def parse_options(question: str) -> dict[str, str]:

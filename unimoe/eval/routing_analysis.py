@@ -13,7 +13,7 @@ from unimoe.models.unimoe import UniMoE
 
 @nnx.jit
 def _expert_counts(model: UniMoE, arrays: Mapping[str, Any]):
-    return model(arrays)[1]['expert_counts_be']
+    return model(arrays)[1].expert_counts_be
 
 
 def expert_usage_by_layer(

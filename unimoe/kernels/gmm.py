@@ -361,32 +361,3 @@ def gmm_reference(
     rhs, sizes = _padded_groups(rhs, group_sizes, group_offset, lhs.shape[0])
     out = jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), sizes, preferred_element_type=jnp.float32)
     return out.astype(preferred_element_type or lhs.dtype)
-
-
-def tgmm_reference(
-    lhs: jax.Array,
-    grad: jax.Array,
-    group_sizes: jax.Array,
-    *,
-    num_local: int | None = None,
-    group_offset: jax.Array | int | None = None,
-    preferred_element_type: Any = None,
-    tiling: Tiling | None = None,
-    interpret: Any = None,
-    platform: str | None = None,
-    gpu_lowering: str | None = None,
-) -> jax.Array:
-    """`tgmm` in XLA: a group one-hot [G_local, M] contracted with both operands."""
-    num_local = group_sizes.shape[0] if num_local is None else num_local
-    offset = _offset(group_offset)
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    group_m = jnp.searchsorted(ends, jnp.arange(lhs.shape[0]), side="right") - offset
-    onehot_gm = jax.nn.one_hot(group_m, num_local, dtype=jnp.float32, axis=0)
-    out = jnp.einsum(
-        "gm,mk,mn->gkn",
-        onehot_gm,
-        lhs.astype(jnp.float32),
-        grad.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return out.astype(preferred_element_type or lhs.dtype)

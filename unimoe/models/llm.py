@@ -8,7 +8,6 @@ logits. Sequences are right-padded: positions are 0..T-1 and padding keys are ma
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 
@@ -17,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimoe.moe.layer import MoEConfig, MoELayer
+from unimoe.moe.aux_stats import MoEAux
+from unimoe.moe.config import MoEConfig
+from unimoe.moe.layer import MoELayer
 from unimoe.nn.lora import BASE_INIT_STDDEV, Linear, LoRAConfig
 from unimoe.nn.norms import RMSNorm
 from unimoe.parallel.rules import constrain
@@ -390,23 +391,6 @@ class DecoderLayer(nnx.Module):
 ACTIVATION_AXES = ("batch", "seq", "act_embed")
 LOGITS_AXES = ("batch", "seq", "act_vocab")
 
-# Auxiliary losses: summed over MoE layers (the trainer weights the sum); other aux are stacked.
-SUMMED_AUX = ("balance_loss", "z_loss", "dcmoe_balance_loss")
-
-
-def empty_moe_aux(batch: int, num_experts: int) -> dict[str, jax.Array]:
-    """The aux of a model without MoE layers: every key, L_moe = 0."""
-    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
-    return {
-        **{key: zeros((0,)) for key in SUMMED_AUX},
-        "expert_load": zeros((0, num_experts)),
-        "dropped_fraction": zeros((0,)),
-        "experts_per_token": zeros((0,)),
-        "router_entropy": zeros((0,)),
-        "expert_counts_be": zeros((0, batch, num_experts)),
-    }
-
-
 class DecoderLM(nnx.Module):
     """Token embedding, decoder layers, final RMSNorm and LM head.
 
@@ -434,15 +418,12 @@ class DecoderLM(nnx.Module):
 
     def __call__(
         self, x_btd: jax.Array, attn_mask_bt: jax.Array, *, token_weight_bt: jax.Array | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ) -> tuple[jax.Array, MoEAux]:
         """x_btd (embedded, right-padded) -> (float32 logits_btv, aux).
 
         `token_weight_bt` weights tokens in the DCMoE balance loss (e.g. answers 10x prompts).
-        aux: the losses of `SUMMED_AUX` summed over MoE layers; every other MoE statistic stacked
-        over MoE layers ('expert_load' [L_moe, E], 'dropped_fraction' [L_moe], 'experts_per_token'
-        [L_moe], 'router_entropy'
-        [L_moe], 'expert_counts_be' [L_moe, B, E]); zeros and L_moe = 0 without MoE layers, so
-        callers never branch.
+        aux: the MoE layers' `MoEAux` stacked over a leading L_moe axis, its losses summed over it
+        (`MoEAux.reduce_layers`); L_moe = 0 without MoE layers, so callers never branch.
         """
         cfg = self.cfg
         if x_btd.ndim != 3 or x_btd.shape[-1] != cfg.dim:
@@ -461,11 +442,10 @@ class DecoderLM(nnx.Module):
                 layer_aux.append(aux)
         logits_btv = self.logits(x_btd)
         if layer_aux:
-            aux = {key: jnp.stack([a[key] for a in layer_aux]) for key in layer_aux[0]}
+            aux = MoEAux.stack(layer_aux)
         else:
-            aux = empty_moe_aux(x_btd.shape[0], cfg.moe.num_experts)
-        aux = {key: v.sum(0) if key in SUMMED_AUX else v for key, v in aux.items()}
-        return logits_btv, aux
+            aux = MoEAux.no_layers(x_btd.shape[0], cfg.moe.num_experts)
+        return logits_btv, aux.reduce_layers()
 
     def logits(self, x_btd: jax.Array) -> jax.Array:
         """Final norm and LM head on the last layer's output -> float32 logits_btv."""

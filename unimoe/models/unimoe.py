@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimoe.models import audio, connectors, llm, vision
-from unimoe.moe import layer as moe_layer
+from unimoe.moe import config as moe_config
+from unimoe.moe.aux_stats import MoEAux
 from unimoe.nn import lora
 
 
@@ -53,7 +54,7 @@ class UniMoEConfig:
             **llm_cfg,
             vocab_size=vocab_size,
             moe_layers=moe_layers,
-            moe=moe_layer.MoEConfig(**dict(model['moe'])),
+            moe=moe_config.MoEConfig(**dict(model['moe'])),
             lora=lora_cfg,
         )
         vision_cfg = vision.ViTEncoder.Config(**dict(model['vision']))
@@ -160,7 +161,7 @@ class UniMoE(nnx.Module):
 
     def __call__(
         self, batch: Mapping[str, jax.Array], *, token_weight_bt: jax.Array | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ) -> tuple[jax.Array, MoEAux]:
         tokens_bt = batch['tokens']
         x_btd = self.embed(tokens_bt, self.encode_media(batch))
         return self.llm(x_btd, batch['attn_mask'], token_weight_bt=token_weight_bt)

@@ -24,7 +24,7 @@ GatheredExpertFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Ar
 BatchedExpertFn = Callable[[jax.Array], jax.Array]
 
 
-def _check_routing(x_nd: jax.Array, weights_nk: jax.Array, experts_nk: jax.Array) -> None:
+def check_routing(x_nd: jax.Array, weights_nk: jax.Array, experts_nk: jax.Array) -> None:
     if x_nd.ndim != 2:
         raise ValueError(f"x must be [N, D], got shape {x_nd.shape}")
     if weights_nk.shape != experts_nk.shape or weights_nk.shape[0] != x_nd.shape[0]:
@@ -34,12 +34,12 @@ def _check_routing(x_nd: jax.Array, weights_nk: jax.Array, experts_nk: jax.Array
         )
 
 
-def _combine(y_nkd: jax.Array, weights_nk: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def combine(y_nkd: jax.Array, weights_nk: jax.Array, dtype: jnp.dtype) -> jax.Array:
     y_nd = jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), weights_nk.astype(jnp.float32))
     return y_nd.astype(dtype)
 
 
-def _sentinel_ids(experts_nk: jax.Array, num_experts: int) -> jax.Array:
+def sentinel_ids(experts_nk: jax.Array, num_experts: int) -> jax.Array:
     """Maps every id outside [0, E) to the sentinel E (a slot that computes nothing)."""
     in_range_nk = (experts_nk >= 0) & (experts_nk < num_experts)
     return jnp.where(in_range_nk, experts_nk, num_experts).astype(jnp.int32)
@@ -77,7 +77,7 @@ def _sort_by_expert(
     `sort` = (rank_m, group_sizes_e) already computed (by the fused routing kernel,
     `unimoe.kernels.routing`) replaces the sort and bincount.
     """
-    experts_m = _sentinel_ids(experts_nk, num_experts).reshape(-1)
+    experts_m = sentinel_ids(experts_nk, num_experts).reshape(-1)
     if sort is not None:
         rank_m, group_sizes_e = sort
         return experts_m, _inverse_permutation(rank_m), rank_m, group_sizes_e.astype(jnp.int32)
@@ -103,7 +103,7 @@ def dropless_dispatch(
     are in no group, and contribute zero whatever their weight. `sort`: (rank_m, group_sizes_e)
     of that same sort when the router already computed it (`_sort_by_expert`).
     """
-    _check_routing(x_nd, weights_nk, experts_nk)
+    check_routing(x_nd, weights_nk, experts_nk)
     num_tokens, top_k = experts_nk.shape
     num_rows = num_tokens * top_k
     experts_m, order_m, rank_m, group_sizes_e = _sort_by_expert(experts_nk, num_experts, sort)
@@ -116,7 +116,7 @@ def dropless_dispatch(
     y_index_m = jnp.where(routed_m, rank_m, num_rows)
     reader_m = jnp.where(routed_m[order_m], order_m, num_rows)
     y_md = gather_rows(y_sorted_md, y_index_m, reader_m[:, None])
-    return _combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
+    return combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
 
 
 def dropless_tiled_dispatch(
@@ -135,7 +135,7 @@ def dropless_tiled_dispatch(
     land in no tile and contribute zero whatever their weight. The per-token sum runs in float32
     in expert order, not slot order: results match `dropless_dispatch` to float rounding.
     """
-    _check_routing(x_nd, weights_nk, experts_nk)
+    check_routing(x_nd, weights_nk, experts_nk)
     num_tokens, top_k = experts_nk.shape
     num_rows = num_tokens * top_k
     experts_m, _, rank_m, group_sizes_e = _sort_by_expert(experts_nk, num_experts)
@@ -196,7 +196,7 @@ def capacity_dispatch(
     produce zero. A dropped assignment contributes zero; its weight is not renormalised away.
     Returns (y_nd, dropped_fraction = dropped valid assignments / valid routed assignments).
     """
-    _check_routing(x_nd, weights_nk, experts_nk)
+    check_routing(x_nd, weights_nk, experts_nk)
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     if drop_policy == "score" and (scores_nk is None or scores_nk.shape != experts_nk.shape):
@@ -207,7 +207,7 @@ def capacity_dispatch(
     num_rows = num_tokens * top_k
     cap = capacity(num_tokens, top_k, num_experts, capacity_factor, min_capacity)
 
-    experts_m = _sentinel_ids(experts_nk, num_experts).reshape(-1)
+    experts_m = sentinel_ids(experts_nk, num_experts).reshape(-1)
     valid_m = (experts_m < num_experts) & jnp.repeat(token_mask_n.astype(bool), top_k)
     experts_m = jnp.where(valid_m, experts_m, num_experts)
     if drop_policy == "position":
@@ -235,28 +235,8 @@ def capacity_dispatch(
     x_ecd = gather_rows(x_nd, token_s, slot_m.reshape(num_tokens, top_k))
     y_ecd = expert_fn_batched(x_ecd.reshape(num_experts, cap, -1))
     y_md = gather_rows(y_ecd.reshape(num_experts * cap, -1), slot_m, filler_s[:, None])
-    y_nd = _combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
+    y_nd = combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
 
     num_valid = jnp.sum(valid_m.astype(jnp.float32))
     num_dropped = jnp.sum((valid_m & ~kept_m).astype(jnp.float32))
     return y_nd, num_dropped / jnp.maximum(num_valid, 1.0)
-
-
-def dense_reference(
-    x_nd: jax.Array,
-    weights_nk: jax.Array,
-    experts_nk: jax.Array,
-    expert_fn: BatchedExpertFn,
-    num_experts: int,
-) -> jax.Array:
-    """Slow oracle: every expert on every token, then pick each token's K outputs.
-
-    Sentinel slots (ids outside [0, E)) pick zero.
-    """
-    _check_routing(x_nd, weights_nk, experts_nk)
-    x_end = jnp.broadcast_to(x_nd[None], (num_experts, *x_nd.shape))
-    y_end = expert_fn(x_end)
-    routed_nk = (experts_nk >= 0) & (experts_nk < num_experts)
-    y_nkd = y_end[jnp.where(routed_nk, experts_nk, 0), jnp.arange(x_nd.shape[0])[:, None]]
-    y_nkd = jnp.where(routed_nk[..., None], y_nkd, 0)
-    return _combine(y_nkd, weights_nk, x_nd.dtype)

@@ -146,7 +146,7 @@ def _mailbox_slots(
     destination d, if q < C.
     """
     num_experts = num_local * ep_size
-    experts_m = dispatch._sentinel_ids(experts_nk, num_experts).reshape(-1)
+    experts_m = dispatch.sentinel_ids(experts_nk, num_experts).reshape(-1)
     top_k = experts_nk.shape[1]
     valid_m = (experts_m < num_experts) & jnp.repeat(mask_n.astype(bool), top_k)
     dest_m = jnp.where(valid_m, experts_m // num_local, ep_size)
@@ -160,11 +160,11 @@ def _mailbox_slots(
 
 
 def _local_dispatch(
-    bank: ExpertBank, x_rd: jax.Array, local_r: jax.Array, *, num_local: int, grouped_impl: str
+    bank: ExpertBank, x_rd: jax.Array, local_r: jax.Array, *, num_local: int, backend: str
 ) -> jax.Array:
     """The received rows through this device's experts (local id L = an empty row -> 0)."""
     ones_r1 = jnp.ones((x_rd.shape[0], 1), jnp.float32)
-    if grouped_impl == "tiles":
+    if backend == "tiles":
         return dispatch.dropless_tiled_dispatch(
             x_rd,
             ones_r1,
@@ -173,13 +173,11 @@ def _local_dispatch(
             num_local,
             tile=bank.tile_for(x_rd.shape[0], num_local),
         )
-    # `grouped` checks its group sizes against the bank's expert count: here the local one.
-    bank.num_experts = num_local
     return dispatch.dropless_dispatch(
         x_rd,
         ones_r1,
         local_r[:, None],
-        functools.partial(bank.grouped, impl=grouped_impl),
+        functools.partial(bank.grouped, backend=backend),
         num_local,
     )
 
@@ -268,7 +266,7 @@ def _all_to_all_exchange(
     y_sd = exchange(y_rd.reshape(ep_size, cap, -1)).reshape(num_slots, -1)
 
     y_md = gather_rows(y_sd, slot_m, filler_s[:, None])
-    y_nd = dispatch._combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
+    y_nd = dispatch.combine(y_md.reshape(num_tokens, top_k, -1), weights_nk, x_nd.dtype)
     return y_nd, valid_m & ~kept_m, valid_m
 
 
@@ -286,13 +284,13 @@ def _shard_body(
     num_local: int,
     ep_size: int,
     cap: int,
-    grouped_impl: str,
+    backend: str,
     sum_axes: tuple[str, ...],
 ):
     """One device's part: (y_nd of its tokens, dropped and valid assignment counts, psummed)."""
     bank = _local_bank(graphdef, params, rest, dropout_key, sum_axes)
     run_local = functools.partial(
-        _local_dispatch, bank, num_local=num_local, grouped_impl=grouped_impl
+        _local_dispatch, bank, num_local=num_local, backend=backend
     )
     if exchange == "all_gather":
         y_nd = _all_gather_exchange(x_nd, weights_nk, experts_nk, mask_n, run_local, num_local)
@@ -313,7 +311,7 @@ def expert_parallel_dispatch(
     experts: ExpertBank,
     *,
     capacity_factor: float = 0.0,
-    grouped_impl: str = "tiles",
+    backend: str = "tiles",
     exchange: str = "all_to_all",
 ) -> tuple[jax.Array, jax.Array]:
     """Routed output of the global batch with the experts split over the current mesh's `expert`
@@ -327,12 +325,12 @@ def expert_parallel_dispatch(
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    if grouped_impl == "pallas":
+    if backend == "pallas":
         # The Pallas gmm's block index maps fail shard_map's check_vma on varying group metadata
         # (interpret mode, jax 0.10.2); ragged_dot passes, so the local experts use it for now.
         log.info("expert parallelism: local experts on ragged_dot, not the Pallas gmm")
-        grouped_impl = "ragged_dot"
-    dispatch._check_routing(x_nd, weights_nk, experts_nk)
+        backend = "ragged_dot"
+    dispatch.check_routing(x_nd, weights_nk, experts_nk)
     ep_size = expert_parallel_size()
     num_experts = experts.num_experts
     if ep_size < 2:
@@ -373,7 +371,7 @@ def expert_parallel_dispatch(
         num_local=num_experts // ep_size,
         ep_size=ep_size,
         cap=cap,
-        grouped_impl=grouped_impl,
+        backend=backend,
         sum_axes=axes,
     )
     y_nd, num_dropped, num_valid = jax.shard_map(

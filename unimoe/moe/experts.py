@@ -22,12 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimoe.kernels import gmm as pallas_gmm
 from unimoe.moe.gmm import (
-    GROUPED_IMPLS,
+    BACKENDS,
     default_tile,
     gathered_swiglu,
-    ragged_matmul,
+    grouped_matmul,
     tile_layout,
     tiled_matmul,
 )
@@ -61,7 +60,6 @@ class ExpertBank(nnx.Module):
         for name, value in (("num_experts", num_experts), ("dim", dim), ("ffn_dim", ffn_dim)):
             if value <= 0:
                 raise ValueError(f"ExpertBank.{name} must be > 0, got {value}")
-        self.num_experts = num_experts
         self.dim = dim
         self.ffn_dim = ffn_dim
         self.lora_scale = lora.scale
@@ -91,6 +89,11 @@ class ExpertBank(nnx.Module):
         self.lora_down_a_efr = adapter_a(ffn_dim)
         self.lora_down_b_erd = adapter_b(dim)
         self.lora_dropout = lora_dropout(lora, rngs)
+
+    @property
+    def num_experts(self) -> int:
+        """From the weights: inside expert parallelism's shard_map, the device's local experts."""
+        return self.w_gate_edf.shape[0]
 
     @property
     def has_lora(self) -> bool:
@@ -144,15 +147,15 @@ class ExpertBank(nnx.Module):
         x_md: jax.Array,
         group_sizes_e: jax.Array,
         *,
-        impl: str = "tiles",
+        backend: str = "tiles",
         tile: int | None = None,
     ) -> jax.Array:
         """Rows sorted by expert, group_sizes_e[e] rows for expert e -> y_md.
 
-        Rows past sum(group_sizes_e) come back zero. `impl` picks the grouped matmul of
-        `unimoe.moe.gmm`: "ragged_dot" or "tiles" (each group padded to whole tiles of `tile`
-        rows, default `tile_for(M, E)`, and a loop over tiles), or "pallas" (the
-        `unimoe.kernels.gmm` kernel; interpret mode on CPU).
+        Rows past sum(group_sizes_e) come back zero. `backend` is one of `gmm.BACKENDS`
+        (`gmm.resolve_backend` picks it): "ragged_dot" or "pallas" (`gmm.grouped_matmul`), or
+        "tiles" (each group padded to whole tiles of `tile` rows, default `tile_for(M, E)`, and a
+        loop over tiles).
         """
         if x_md.ndim != 2 or x_md.shape[-1] != self.dim:
             raise ValueError(f"ExpertBank.grouped expects x [M, {self.dim}], got {x_md.shape}")
@@ -160,14 +163,11 @@ class ExpertBank(nnx.Module):
             raise ValueError(
                 f"group_sizes must be [{self.num_experts}] (num_experts), got {group_sizes_e.shape}"
             )
-        if impl == "ragged_dot":
-            return self._swiglu(functools.partial(ragged_matmul, group_sizes_e=group_sizes_e), x_md)
-        if impl == "pallas":
-            return self._swiglu(functools.partial(pallas_gmm.gmm, group_sizes=group_sizes_e), x_md)
-        if impl != "tiles":
-            raise ValueError(
-                f"grouped impl must be 'pallas' or one of {GROUPED_IMPLS}, got {impl!r}"
-            )
+        if backend not in BACKENDS:
+            raise ValueError(f"grouped backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "tiles":
+            matmul = functools.partial(grouped_matmul, group_sizes_e=group_sizes_e, backend=backend)
+            return self._swiglu(matmul, x_md)
         num_rows = x_md.shape[0]
         if tile is None:
             tile = self.tile_for(num_rows, self.num_experts)

@@ -40,16 +40,8 @@ def _reference_weights(spec: RouterSpec, logits_nc: jax.Array) -> tuple[jax.Arra
     return weights_nk, columns_nk
 
 
-def route_reference(
-    logits_nc: jax.Array,
-    spec: RouterSpec,
-    *,
-    block_tokens: int = 256,
-    interpret: Any = None,
-    platform: str | None = None,
-) -> Routing:
-    """`route` in XLA: the `routing.py` router, bincount and a stable sort (same signature;
-    block_tokens/interpret/platform unused)."""
+def route_reference(logits_nc: jax.Array, spec: RouterSpec) -> Routing:
+    """`route` in XLA: the `routing.py` router, bincount and a stable sort."""
     spec.check(logits_nc.shape[-1])
     weights_nk, columns_nk = _reference_weights(spec, logits_nc)
     return Routing(weights_nk, columns_nk, *_sort_outputs(columns_nk, spec.num_experts))

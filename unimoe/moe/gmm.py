@@ -1,8 +1,14 @@
-"""Grouped matmul backends: rows sorted by expert times that expert's weight matrix.
+"""The grouped matmul: rows sorted by expert times that expert's weight matrix.
+
+`resolve_backend` is the one place `MoEConfig.kernel_impl` becomes a backend; `ExpertBank.grouped`
+runs the chosen one (`grouped_matmul` for "ragged_dot" and "pallas", the tile loops here for
+"tiles").
 
 Axis letters: M rows (expert-sorted assignments), E experts (groups), I in / J out features,
 P padded rows, T tiles, C rows per tile.
 
+- "pallas": the `unimoe.kernels.gmm` kernel (Mosaic on TPU, Triton or Mosaic GPU on GPU,
+  interpret mode on CPU: tests only).
 - "ragged_dot": `jax.lax.ragged_dot`. Native on TPU/GPU, but on CPU it masks the rows into an
   [E, M, I] operand and computes every group densely (E times the work).
 - "tiles": pad each group to whole tiles of C rows (at most C - 1 padding rows per group) and
@@ -22,13 +28,39 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from unimoe.kernels import gmm as pallas_gmm
 from unimoe.nn.lora import materialized_transpose
 
-GROUPED_IMPLS = ("ragged_dot", "tiles")
+BACKENDS = ("tiles", "ragged_dot", "pallas")
+# 'xla': the platform's XLA backend; 'auto': Pallas on TPU and GPU, XLA on CPU.
+KERNEL_IMPLS = ("auto", "xla", *BACKENDS)
 
 
-def ragged_matmul(x_mi: jax.Array, w_eij: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
-    return jax.lax.ragged_dot(x_mi, w_eij.astype(x_mi.dtype), group_sizes_e)
+def resolve_backend(kernel_impl: str, platform: str | None = None) -> str:
+    """`MoEConfig.kernel_impl` -> one of BACKENDS on `platform` (default: JAX's default backend).
+
+    On CPU the XLA backend is "tiles": ragged_dot computes every group densely there.
+    """
+    if kernel_impl not in KERNEL_IMPLS:
+        raise ValueError(f"kernel_impl must be one of {KERNEL_IMPLS}, got {kernel_impl!r}")
+    on_cpu = (platform or jax.default_backend()) == "cpu"
+    if kernel_impl == "auto":
+        kernel_impl = "xla" if on_cpu else "pallas"
+    if kernel_impl == "xla":
+        return "tiles" if on_cpu else "ragged_dot"
+    return kernel_impl
+
+
+def grouped_matmul(
+    x_mi: jax.Array, w_eij: jax.Array, group_sizes_e: jax.Array, backend: str
+) -> jax.Array:
+    """x_mi's rows, group_sizes_e[e] of them for expert e in order, times w_eij[e]: the
+    "ragged_dot" and "pallas" backends ("tiles" runs on whole tiles: `ExpertBank.grouped`)."""
+    if backend == "ragged_dot":
+        return jax.lax.ragged_dot(x_mi, w_eij.astype(x_mi.dtype), group_sizes_e)
+    if backend == "pallas":
+        return pallas_gmm.gmm(x_mi, w_eij, group_sizes_e)
+    raise ValueError(f"grouped_matmul runs 'ragged_dot' or 'pallas', got {backend!r}")
 
 
 def default_tile(num_rows: int, num_experts: int, max_tile: int = 128) -> int:

@@ -117,25 +117,14 @@ def compute_loss(
     )
     loss = (
         ce
-        + balance_weight * aux['balance_loss']
-        + dcmoe_weight * aux['dcmoe_balance_loss']
-        + cfg.z_coef * aux['z_loss']
+        + balance_weight * aux.balance_loss
+        + dcmoe_weight * aux.dcmoe_balance_loss
+        + cfg.z_coef * aux.z_loss
     )
-    moe_metrics = {
-        key: aux[key]
-        for key in (
-            'balance_loss',
-            'dcmoe_balance_loss',
-            'z_loss',
-            'expert_load',
-            'dropped_fraction',
-            'experts_per_token',
-            'router_entropy',
-        )
-    }
+    moe_metrics = aux.metrics()
     if 'modality' in batch:
         moe_metrics['expert_usage_by_modality'] = expert_usage_by_modality(
-            aux['expert_counts_be'], batch['modality']
+            aux.expert_counts_be, batch['modality']
         )
     weights = {'balance_weight': balance_weight, 'dcmoe_weight': dcmoe_weight}
     return loss, {**metrics, **moe_metrics, 'ce': ce, **weights}

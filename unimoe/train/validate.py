@@ -22,7 +22,7 @@ import ml_collections
 from unimoe.config import split_list
 from unimoe.convert import core as convert_core
 from unimoe.data import json_builder, tasks as tasks_lib
-from unimoe.moe import layer as moe_layer
+from unimoe.moe import config as moe_config
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib
 from unimoe.train import nonfinite, trainer
 
@@ -79,7 +79,7 @@ def _check_moe(config: ml_collections.ConfigDict) -> None:
             f"{moe.get('num_null_experts', 0)}): lower top_k or add experts"
         )
     try:
-        moe_layer.MoEConfig(**moe.to_dict())
+        moe_config.MoEConfig(**moe.to_dict())
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.model.moe: {e}") from e
 
