@@ -63,9 +63,17 @@ def test_pallas_layer_matches_xla_forward_and_grads(caplog):
 
 
 def test_kernel_impl_resolves_in_one_place_and_is_validated():
-    assert [gmm.resolve_backend("auto", p) for p in ("cpu", "tpu", "gpu")] == ["tiles", "pallas", "pallas"]
-    assert [gmm.resolve_backend("xla", p) for p in ("cpu", "tpu", "gpu")] == ["tiles", "ragged_dot", "ragged_dot"]
-    assert gmm.resolve_backend("ragged_dot", "cpu") == "ragged_dot"
-    assert MoELayer(8, MoEConfig(), ffn_dim=16, rngs=nnx.Rngs(0)).backend == "tiles"
+    def resolve(kernel_impl, platform, rows=4096):
+        return gmm.resolve_backend(kernel_impl, rows, 8, platform)
+
+    assert [resolve("auto", p) for p in ("cpu", "tpu", "gpu")] == ["tiles", "pallas", "pallas"]
+    assert [resolve("xla", p) for p in ("cpu", "tpu", "gpu")] == ["tiles", "ragged_dot", "ragged_dot"]
+    assert resolve("ragged_dot", "cpu") == "ragged_dot" and resolve("tiles", "tpu") == "tiles"
+    # A decode step (few rows per expert) on CPU: ragged_dot's dense pass beats the tile loops.
+    assert resolve("auto", "cpu", rows=gmm.SMALL_GROUP_ROWS * 8 - 1) == "ragged_dot"
+    assert resolve("auto", "cpu", rows=gmm.SMALL_GROUP_ROWS * 8) == "tiles"
+    assert gmm.resolve_backend("auto", 2, 8, "cpu", under_mesh=True) == "tiles"
+    layer = MoELayer(8, MoEConfig(), ffn_dim=16, rngs=nnx.Rngs(0))
+    assert (layer.backend(num_tokens=2), layer.backend(num_tokens=4096)) == ("ragged_dot", "tiles")
     with pytest.raises(ValueError, match="kernel_impl"):
         MoEConfig(kernel_impl="triton")

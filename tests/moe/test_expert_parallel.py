@@ -192,6 +192,7 @@ def test_choice_is_logged_and_bad_settings_fail_clearly(caplog):
 
     with jax.set_mesh(jax.make_mesh((8,), ("expert",))):
         trace(make_layer())
+        # Few rows per expert, but under a mesh the CPU keeps the tiles (`gmm.resolve_backend`).
         assert "expert-parallel dispatch (tiles)" in caplog.text
         assert "expert axis 8 (all_to_all)" in caplog.text
         caplog.clear()

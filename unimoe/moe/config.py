@@ -52,8 +52,9 @@ class MoEConfig:
       'pallas' = the `unimoe.kernels` grouped matmul and fused routing (logits -> weights, expert
       counts and the expert sort in one kernel, for routers in `fused_routing.FUSED_ROUTERS`
       without group limiting or Gumbel sampling; interpret mode on CPU, for tests: slow);
-      'xla' = the platform's XLA backend ('tiles' on CPU, where ragged_dot computes every group
-      densely; 'ragged_dot' on TPU and GPU); 'auto' = 'pallas' on TPU and GPU, 'xla' on CPU.
+      'xla' = the platform's XLA backend ('ragged_dot' on TPU and GPU; on CPU 'tiles', where
+      ragged_dot computes every group densely, but 'ragged_dot' for a few rows per expert, as in
+      a decode step, outside a mesh); 'auto' = 'pallas' on TPU and GPU, 'xla' on CPU.
     expert_parallel: when the mesh set with `jax.set_mesh` has an `expert` axis of size > 1,
       dropless dispatch splits the experts over it (`unimoe.moe.expert_parallel`, shard_map):
       'auto' or 'all_to_all' = per-peer mailboxes and all_to_all; 'all_gather' = all-gather the

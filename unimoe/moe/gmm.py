@@ -34,21 +34,40 @@ from unimoe.nn.lora import materialized_transpose
 BACKENDS = ("tiles", "ragged_dot", "pallas")
 # 'xla': the platform's XLA backend; 'auto': Pallas on TPU and GPU, XLA on CPU.
 KERNEL_IMPLS = ("auto", "xla", *BACKENDS)
+# Below this many assignments per expert the CPU's XLA backend is ragged_dot, not the tile loops.
+# benchmarks/generate.py (decode: M = 2 and 16 rows over E = 4), ms per call: b1 61.9 -> 18.3,
+# b8 95.5 -> 57.4 with 16; 4 left b8's decode on tiles (81.6 ms), 64 moved b1's prefill to
+# ragged_dot too (23.4 ms).
+SMALL_GROUP_ROWS = 16
 
 
-def resolve_backend(kernel_impl: str, platform: str | None = None) -> str:
-    """`MoEConfig.kernel_impl` -> one of BACKENDS on `platform` (default: JAX's default backend).
+def resolve_backend(
+    kernel_impl: str,
+    num_rows: int,
+    num_experts: int,
+    platform: str | None = None,
+    *,
+    under_mesh: bool = False,
+) -> str:
+    """`MoEConfig.kernel_impl` -> one of BACKENDS for M = num_rows assignments over E experts on
+    `platform` (default: JAX's default backend).
 
-    On CPU the XLA backend is "tiles": ragged_dot computes every group densely there.
+    On CPU the XLA backend is "tiles" (ragged_dot computes every group densely there), except
+    below SMALL_GROUP_ROWS rows per expert (a decode step): there the dense pass is a few rows
+    while the tile loops' fixed cost is not. Not `under_mesh`: ragged_dot has no sharding rule
+    for explicit mesh axes (jax 0.10.2).
     """
     if kernel_impl not in KERNEL_IMPLS:
         raise ValueError(f"kernel_impl must be one of {KERNEL_IMPLS}, got {kernel_impl!r}")
     on_cpu = (platform or jax.default_backend()) == "cpu"
     if kernel_impl == "auto":
         kernel_impl = "xla" if on_cpu else "pallas"
-    if kernel_impl == "xla":
-        return "tiles" if on_cpu else "ragged_dot"
-    return kernel_impl
+    if kernel_impl != "xla":
+        return kernel_impl
+    if not on_cpu:
+        return "ragged_dot"
+    few_rows = num_rows < SMALL_GROUP_ROWS * num_experts
+    return "ragged_dot" if few_rows and not under_mesh else "tiles"
 
 
 def grouped_matmul(

@@ -95,10 +95,14 @@ class MoELayer(nnx.Module):
         if dropless is not None:
             self.dropless = dropless
 
-    @property
-    def backend(self) -> str:
-        """The grouped-matmul backend (`gmm.BACKENDS`); 'pallas' also fuses the routing."""
-        return gmm.resolve_backend(self.cfg.kernel_impl)
+    def backend(self, num_tokens: int) -> str:
+        """The grouped-matmul backend (`gmm.BACKENDS`) for a call on num_tokens tokens; 'pallas'
+        also fuses the routing."""
+        cfg = self.cfg
+        under_mesh = not jax.sharding.get_abstract_mesh().empty
+        return gmm.resolve_backend(
+            cfg.kernel_impl, num_tokens * cfg.num_slots, cfg.num_experts, under_mesh=under_mesh
+        )
 
     def dispatch_path(self, num_tokens: int) -> str:
         """'capacity', 'dropless' or 'expert-parallel' for a call on num_tokens tokens."""
@@ -146,7 +150,7 @@ class MoELayer(nnx.Module):
         if cfg.jitter_eps > 0 and self.router_rngs is not None and not self.deterministic:
             router_in_nd = routing.jitter(router_in_nd, cfg.jitter_eps, self.router_rngs())
         logits_ne = self.router(router_in_nd)
-        backend, path = self.backend, self.dispatch_path(batch * seq)
+        backend, path = self.backend(batch * seq), self.dispatch_path(batch * seq)
         routed = routers.route(logits_ne, cfg, self.router_state(), fused=backend == "pallas")
         # Null experts and unused top-P slots -> the sentinel id E (computes nothing).
         experts_nk = jnp.minimum(routed.columns_nk, cfg.num_experts)
