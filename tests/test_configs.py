@@ -79,9 +79,26 @@ def test_every_loss_field_is_settable_from_the_command_line():
     # As `unimoe.main` defines it (locked: an undeclared field cannot be set).
     config_flags.DEFINE_config_file('config', None, '', values, lock_config=True, sys_argv=argv)
     values(argv)
-    loss = trainer.stage_loss_config(values.config.stages.s3_moe)
+    loss = trainer.stage_loss_config(config_lib.stage_config(values.config, 's3_moe'))
     assert (loss.balance_coef_end, loss.balance_decay_steps) == (0.0, 7)
     assert (loss.dcmoe_coef, loss.dcmoe_coef_end, loss.answer_token_weight) == (0.5, 0.01, 10.0)
     # Unset, the annealed ends stay None: constant coefficients.
-    default = trainer.stage_loss_config(config_lib.load_config('configs/unimoe_tiny.py').stages.s3_moe)
+    tiny = config_lib.load_config('configs/unimoe_tiny.py')
+    default = trainer.stage_loss_config(config_lib.stage_config(tiny, 's3_moe'))
     assert (default.balance_coef_end, default.dcmoe_coef_end) == (None, None)
+
+
+def test_stage_config_is_typed_once_and_names_the_bad_field():
+    config = config_lib.load_config('configs/unimoe_tiny.py:mode=test')
+    stage = config_lib.stage_config(config, 's3_moe')
+    assert stage.experts_from == ('s2_image', 's2_video', 's2_speech', 's2_audio')
+    assert stage.init_from == ('s1_align',) and stage.json_sources == () and stage.moe is True
+    config.stages.s3_moe.json_weights = '0.25,0.75'
+    assert config_lib.stage_config(config, 's3_moe').json_weights == (0.25, 0.75)
+    config.stages.s2_image.json_weights = '0.5,half'
+    with pytest.raises(ValueError, match=r"config.stages.s2_image.json_weights='half' must be of type float"):
+        trainer.validate_stages(config)
+    del config.stages.s2_image.json_weights
+    config.stages.s3_moe.upcyle_mode = 'copies'  # a typo is an unknown field, not a silent default
+    with pytest.raises(ValueError, match=r"config.stages.s3_moe has unknown fields \['upcyle_mode'\]"):
+        trainer.validate_stages(config)

@@ -23,10 +23,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from unimoe import checkpoint, factory
-from unimoe.config import split_list
+from unimoe import checkpoint, config as config_lib, factory
 from unimoe.data import builtin
-from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
+from unimoe.data.tokenizer import TextTokenizer
 from unimoe.models.unimoe import UniMoE
 from unimoe.moe import expert_parallel
 
@@ -106,7 +105,7 @@ def account_model(model: UniMoE, trains: str, seq_len: int, name: str = '') -> S
     )
 
 
-def _tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
+def _tokenizer(config: ml_collections.ConfigDict) -> TextTokenizer:
     """`config.tokenizer` (a pretrained LM's file) when set; else the built-in tokenizer, cached
     when the data was prepared, or the same one trained in memory."""
     return builtin.experiment_tokenizer(
@@ -120,9 +119,9 @@ def account_stages(config: ml_collections.ConfigDict) -> list[StageAccount]:
     # Stages differ in their model only by (moe, lora_rank): build each kind once.
     models: dict[tuple[bool, int], UniMoE] = {}
     accounts = []
-    for name in split_list(config.stage_order):
-        stage = config.stages[name]
-        kind = (bool(stage.moe), int(stage.lora_rank))
+    for name in config_lib.stage_order(config):
+        stage = config_lib.stage_config(config, name)
+        kind = (stage.moe, stage.lora_rank)
         if kind not in models:
             models[kind] = factory.build_model(
                 config, tokenizer, moe=kind[0], lora_rank=kind[1], seed=config.seed, abstract=True
@@ -197,11 +196,11 @@ def account_expert_exchange(config: ml_collections.ConfigDict) -> list[ExchangeA
     shards = math.prod(s for a, s in sizes.items() if a not in expert_parallel.NON_TOKEN_AXES)
     tokenizer = _tokenizer(config)
     accounts, models = [], {}
-    for name in split_list(config.stage_order):
-        stage = config.stages[name]
+    for name in config_lib.stage_order(config):
+        stage = config_lib.stage_config(config, name)
         if not stage.moe:
             continue
-        lora_rank = int(stage.lora_rank)
+        lora_rank = stage.lora_rank
         if lora_rank not in models:
             models[lora_rank] = factory.build_model(
                 config, tokenizer, moe=True, lora_rank=lora_rank, seed=config.seed, abstract=True

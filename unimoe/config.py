@@ -7,9 +7,12 @@ the text after the colon in `--config=configs/x.py:key=value,key2=value2` (big_v
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import pathlib
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -113,3 +116,90 @@ def stage(
 def split_list(text: str) -> list[str]:
     """'a,b,,c' -> ['a', 'b', 'c']: a comma-separated list field of a config."""
     return [item for item in text.split(',') if item]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One stage, typed: `config.stages.<name>` as the trainer, the model factory, accounting and
+    lowering read it. Comma-separated lists of the ConfigDict become tuples; `trains` stays the
+    '+'-joined parts string (`factory.trainable_filter`). Fields and their meaning: `stage()`,
+    `train.step.LossConfig` (the loss fields), `train.optim.OptimConfig`."""
+
+    name: str
+    trains: str
+    mode: str
+    tasks: tuple[str, ...]
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    batch_size: int
+    init_from: tuple[str, ...] = ()
+    experts_from: tuple[str, ...] = ()
+    upcycle_mode: str = 'per_source'
+    moe: bool = False
+    lora_rank: int = 0
+    balance_coef: float = 0.0
+    balance_coef_end: float | None = None
+    balance_decay_steps: int = 0
+    dcmoe_coef: float = 0.0
+    dcmoe_coef_end: float | None = None
+    answer_token_weight: float = 1.0
+    z_coef: float = 0.0
+    # Uni-MoE JSON datasets the stage reads instead of the built-in tasks, and their weights.
+    json_sources: tuple[str, ...] = ()
+    json_weights: tuple[float, ...] = ()
+
+    @classmethod
+    def from_config(cls, name: str, stage: Mapping[str, Any]) -> StageConfig:
+        """Raises ValueError naming `config.stages.<name>.<field>` for an unknown field, a
+        missing one or a value of the wrong type."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != 'name'}
+        unknown = sorted(set(stage) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"config.stages.{name} has unknown fields {unknown}; known: {sorted(fields)}"
+            )
+        missing = [k for k, f in fields.items() if k not in stage and _required(f)]
+        if missing:
+            raise ValueError(f"config.stages.{name} lacks the fields {missing}")
+        hints = typing.get_type_hints(cls)
+        values = {k: _typed(f'config.stages.{name}.{k}', stage[k], hints[k]) for k in stage}
+        return cls(name=name, **values)
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _typed(where: str, value: Any, hint: Any) -> Any:
+    """value as `hint` (str, int, float, bool, an optional float, a tuple of str / float); comma
+    strings become tuples."""
+    if typing.get_origin(hint) is tuple:
+        (item,) = set(typing.get_args(hint)) - {Ellipsis}
+        items = split_list(value) if isinstance(value, str) else list(value)
+        return tuple(_typed(where, v, item) for v in items)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}={value!r} must be of type {hint.__name__}")
+
+
+def stage_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    return tuple(split_list(config.stage_order))
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str) -> StageConfig:
+    """The typed `config.stages.<name>`."""
+    if name not in config.stages:
+        raise ValueError(f"stage {name!r} is not defined in config.stages: {sorted(config.stages)}")
+    return StageConfig.from_config(name, config.stages[name])

@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 
 from unimoe.checkpoint import Checkpointer, flat_params, path_str
-from unimoe.config import split_list
+from unimoe.config import stage_config
 from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import tasks as tasks_lib
+from unimoe.data.tokenizer import TextTokenizer
 from unimoe.models.abstract import abstract_module
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
 from unimoe.parallel import sharded
@@ -134,7 +135,7 @@ def _checked(key: str, value: np.ndarray, current: Any, source: str) -> np.ndarr
 
 def build_model(
     config: ml_collections.ConfigDict,
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     *,
     moe: bool,
     lora_rank: int,
@@ -196,22 +197,21 @@ def build_stage_model(
     config: ml_collections.ConfigDict,
     name: str,
     workdir: pathlib.Path,
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     plan: sharded.Plan | None = None,
 ) -> tuple[UniMoE, dict[str, str]]:
     """The model of stage `name`, initialised from the stages its config names.
 
     Also returns {param path: source stage} for every parameter that came from a source.
     """
-    stage = config.stages[name]
+    stage = stage_config(config, name)
     model = build_model(
         config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed, plan=plan
     )
-    sources = [(src, final_params(workdir, src)) for src in split_list(stage.init_from)]
+    sources = [(src, final_params(workdir, src)) for src in stage.init_from]
     pretrained = {label: d for label, d in config.get('pretrained', {}).items() if d}
     if pretrained and not sources:
         # The first stages start from the converted checkpoints (`python -m unimoe.convert`).
         sources = [('pretrained', convert_core.pretrained_params(pretrained))]
-    experts = [(src, final_params(workdir, src)) for src in split_list(stage.experts_from)]
-    mode = stage.get('upcycle_mode', 'per_source')
-    return model, load_params(model, sources, experts, upcycle_mode=mode)
+    experts = [(src, final_params(workdir, src)) for src in stage.experts_from]
+    return model, load_params(model, sources, experts, upcycle_mode=stage.upcycle_mode)

@@ -11,13 +11,13 @@ import ml_collections
 
 from unimoe.config import split_list
 from unimoe.data import builtin
-from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
+from unimoe.data.tokenizer import TextTokenizer
 from unimoe.eval import evaluate
 from unimoe.train import trainer, validate
 
 log = logging.getLogger(__name__)
 
-def prepare_data(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
+def prepare_data(config: ml_collections.ConfigDict) -> TextTokenizer:
     """The tokenizer of the experiment's data.
 
     With `config.tokenizer` (stages reading Uni-MoE JSON data, prepared with

@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tests.reliability.conftest import small_config
-from unimoe import checkpoint, factory
+from unimoe import checkpoint, config as config_lib, factory
 from unimoe.data import builtin
 from unimoe.parallel import sharded
 from unimoe.train import metrics, optim, trainer, validate
@@ -36,7 +36,7 @@ def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(builtin_test_d
 
     # The stage's last checkpoint (the trainer's train state) restores straight into the
     # shardings the rules give, as a resumed sharded stage restores it.
-    stage = config.stages.s
+    stage = config_lib.stage_config(config, 's')
     plan = sharded.plan_from_config(config)
     model = factory.build_model(config, tokenizer, moe=True, lora_rank=4, seed=0, abstract=True)
     _, trainable, _ = nnx.split(model, factory.trainable_filter(stage.trains), ...)

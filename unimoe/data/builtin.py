@@ -18,7 +18,7 @@ import tqdm
 from etils import epath
 
 from unimoe.data import media, tasks
-from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
+from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer, Tokenizer
 
 SPLITS: tuple[str, ...] = ("train", "eval")
 # The built-in tokenizer, stored beside the built-in dataset in `config.data.data_dir`.
@@ -172,7 +172,7 @@ def load_or_train_tokenizer(path: str | os.PathLike, vocab_size: int = 600) -> T
 
 def experiment_tokenizer(
     pretrained: str | None, data_dir: str | os.PathLike, *, on_missing: str
-) -> Tokenizer | PretrainedTokenizer:
+) -> TextTokenizer:
     """The one place that picks an experiment's tokenizer.
 
     `pretrained` (`config.tokenizer`, a pretrained LM's tokenizer file) when set; else the built-in

@@ -144,3 +144,7 @@ class PretrainedTokenizer:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"])
+
+
+# Either tokenizer: both encode / decode text and expose the media placeholder ids.
+TextTokenizer = Tokenizer | PretrainedTokenizer

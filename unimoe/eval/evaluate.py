@@ -14,8 +14,9 @@ import tqdm
 from flax import nnx
 
 from unimoe import factory
-from unimoe.config import split_list
+from unimoe.config import split_list, stage_config
 from unimoe.data import pipeline, tasks as tasks_lib
+from unimoe.data.tokenizer import TextTokenizer
 from unimoe.eval import generate, scoring, tables
 from unimoe.models.unimoe import UniMoE
 
@@ -52,10 +53,10 @@ def generate_answers(
 
 
 def load_finished_stage(
-    config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path, tokenizer: Any
+    config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path, tokenizer: TextTokenizer
 ) -> UniMoE:
     """The model a finished stage ended with, every parameter restored, in eval mode."""
-    stage = config.stages[name]
+    stage = stage_config(config, name)
     model = factory.build_model(
         config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed
     )
@@ -69,7 +70,7 @@ def load_finished_stage(
 def predict(
     model: UniMoE,
     examples: list[dict[str, Any]],
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     *,
     batch_size: int,
     max_new_tokens: int,
@@ -126,7 +127,7 @@ def stage_scores(
     config: ml_collections.ConfigDict,
     name: str,
     workdir: pathlib.Path,
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     examples: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """`scoring.score` of one finished stage's answers. Reused from `SCORES_FILE` when neither the
@@ -154,7 +155,7 @@ def stage_scores(
     return scores
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> str:
+def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: TextTokenizer) -> str:
     """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the table."""
     eval_tasks = split_list(config.eval.tasks)
     examples = pipeline.load_eval_examples(pipeline.DataConfig(**config.data.to_dict()), tokenizer, eval_tasks)

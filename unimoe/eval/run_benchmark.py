@@ -28,7 +28,7 @@ from flax import nnx
 
 from unimoe import factory
 from unimoe.data import builtin, conversation, formats, json_pipeline, vicuna
-from unimoe.data.tokenizer import PretrainedTokenizer, Tokenizer
+from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer
 from unimoe.eval import benchmarks, evaluate
 from unimoe.eval.generate import SamplingConfig
 from unimoe.models.unimoe import UniMoE
@@ -41,7 +41,7 @@ _MODEL_KEYS = ("tokens", "prompt_len", "image", "video", "audio_mel")
 _PRESENCE_KEYS = ("has_image", "has_video", "has_audio")
 
 
-def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedTokenizer:
+def load_tokenizer(config: ml_collections.ConfigDict) -> TextTokenizer:
     """The tokenizer the experiment trained with (never trains or downloads one)."""
     return builtin.experiment_tokenizer(
         config.get("tokenizer"), config.data.data_dir, on_missing="error"
@@ -49,7 +49,7 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer | PretrainedT
 
 
 def load_stage(
-    config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, tokenizer: Any
+    config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, tokenizer: TextTokenizer
 ) -> UniMoE:
     """The model of the finished stage in directory `checkpoint` (= WORKDIR/STAGE)."""
     stage_dir = pathlib.Path(checkpoint)
@@ -90,7 +90,7 @@ def _media_config(
 
 
 def _prompt(
-    record: formats.Record, tokenizer: Any, cfg: json_pipeline.JsonDataConfig, chunks: list[int]
+    record: formats.Record, tokenizer: TextTokenizer, cfg: json_pipeline.JsonDataConfig, chunks: list[int]
 ) -> np.ndarray:
     if isinstance(tokenizer, PretrainedTokenizer):
         return vicuna.build_prompt(
@@ -118,7 +118,7 @@ def _prompt(
 def build_examples(
     config: ml_collections.ConfigDict,
     items: Sequence[benchmarks.EvalItem],
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     media_root: str | None,
     on_error: str = "raise",
 ) -> tuple[list[benchmarks.EvalItem], list[dict[str, np.ndarray]], int]:
@@ -143,7 +143,7 @@ def build_examples(
 def generate(
     model: UniMoE,
     examples: Sequence[dict[str, np.ndarray]],
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     *,
     batch_size: int,
     max_new_tokens: int,

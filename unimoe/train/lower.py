@@ -23,8 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from unimoe import accounting, factory
-from unimoe.config import split_list
+from unimoe import accounting, config as config_lib, factory
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib, sharded
 from unimoe.train import optim, step as step_lib, trainer
 
@@ -119,7 +118,7 @@ def lower_stage(
     planned = mesh_lib.mesh_shape(dict(config.mesh), math.prod(dict(config.mesh).values()))
     lowered_shape = scaled_mesh_shape(planned, len(devices))
     plan = sharded.Plan(mesh_lib.make_mesh(lowered_shape, devices), rules)
-    stage = config.stages[name]
+    stage = config_lib.stage_config(config, name)
     started = time.perf_counter()
     model = factory.build_model(
         config,
@@ -169,7 +168,7 @@ flags.mark_flags_as_required(['config'])
 def main(argv: list[str]) -> None:
     del argv
     config = _CONFIG.value
-    name = _STAGE.value or split_list(config.stage_order)[-1]
+    name = _STAGE.value or config_lib.stage_order(config)[-1]
     print(f'{jax.local_device_count()} local devices ({jax.devices()[0].platform})')
     report, _ = lower_stage(config, name)
     print(report.format())

@@ -23,9 +23,10 @@ from flax import nnx
 
 from unimoe import factory
 from unimoe.checkpoint import path_str
-from unimoe.config import split_list
+from unimoe.config import StageConfig, split_list, stage_config, stage_order
 from unimoe.convert import upcycle
 from unimoe.data import json_pipeline, pipeline
+from unimoe.data.tokenizer import TextTokenizer
 from unimoe.parallel import mesh as mesh_lib, sharded
 from unimoe.train import metrics as metrics_lib, nonfinite, optim, preemption, step as step_lib
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def json_data_config(
-    config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict, seed: int
+    config: ml_collections.ConfigDict, stage: StageConfig, seed: int
 ) -> json_pipeline.JsonDataConfig:
     """The real-data pipeline of a stage with `json_sources`: shapes from `config.data` (what the
     model expects), everything else (data_dir, media_root, on_error, workers, ...) from
@@ -51,17 +52,16 @@ def json_data_config(
             'n_audio_tokens',
         )
     }
-    weights = tuple(float(w) for w in split_list(str(stage.get('json_weights', ''))))
     return json_pipeline.JsonDataConfig(
         **{**config.json_data.to_dict(), **shapes},
-        sources=tuple(split_list(stage.json_sources)),
-        weights=weights,
+        sources=stage.json_sources,
+        weights=stage.json_weights,
         batch_size=stage.batch_size,
         seed=seed,
     )
 
 
-def stage_optim_config(stage: ml_collections.ConfigDict) -> optim.OptimConfig:
+def stage_optim_config(stage: StageConfig) -> optim.OptimConfig:
     return optim.OptimConfig(
         learning_rate=stage.learning_rate,
         total_steps=stage.steps,
@@ -71,17 +71,17 @@ def stage_optim_config(stage: ml_collections.ConfigDict) -> optim.OptimConfig:
     )
 
 
-def stage_loss_config(stage: ml_collections.ConfigDict) -> step_lib.LossConfig:
-    """The stage's loss: `mode` is its kind; every other LossConfig field the stage sets is read."""
+def stage_loss_config(stage: StageConfig) -> step_lib.LossConfig:
+    """The stage's loss: `mode` is its kind; every other LossConfig field is the stage's own."""
     fields = [f.name for f in dataclasses.fields(step_lib.LossConfig) if f.name != 'kind']
-    return step_lib.LossConfig(kind=stage.mode, **{k: stage[k] for k in fields if k in stage})
+    return step_lib.LossConfig(kind=stage.mode, **{k: getattr(stage, k) for k in fields})
 
 
 def train_stage(
     config: ml_collections.ConfigDict,
     name: str,
     workdir: pathlib.Path,
-    tokenizer: Any,
+    tokenizer: TextTokenizer,
     signals: preemption.PreemptionGuard | None = None,
 ) -> dict[str, Any]:
     """Trains one stage to its last step, resuming from its latest restorable checkpoint.
@@ -89,7 +89,7 @@ def train_stage(
     If `signals` has caught SIGTERM / SIGINT, saves a checkpoint after the current step and raises
     `preemption.Preempted`.
     """
-    stage = config.stages[name]
+    stage = stage_config(config, name)
     stage_dir = workdir / name
     # With `config.mesh`: sharded init, state and step; each process reads its rows of the batch.
     plan = sharded.plan_from_config(config)
@@ -110,7 +110,7 @@ def train_stage(
     seed = config.seed + zlib.crc32(name.encode()) % 1000
     # This process's shard of the records and of every global batch.
     shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-    if stage.get('json_sources'):
+    if stage.json_sources:
         loader = json_pipeline.make_dataset(
             json_data_config(config, stage, seed), tokenizer, **shards
         )
@@ -118,7 +118,7 @@ def train_stage(
         loader = pipeline.make_train_loader(
             pipeline.DataConfig(**{**config.data.to_dict(), 'batch_size': stage.batch_size}),
             tokenizer,
-            split_list(stage.tasks),
+            list(stage.tasks),
             stage.mode,
             seed=seed,
             **shards,
@@ -198,7 +198,7 @@ def train_stage(
                     extra = {'learning_rate': schedule(applied)}
                     if finite_guard.mode == 'skip':
                         extra['nonfinite_steps'] = finite_guard.skipped_steps
-                    if stage.get('json_sources'):
+                    if stage.json_sources:
                         extra['skipped_records'] = counters['skipped_records']
                     writer.write(step, {**last, **extra})
                 if signals is not None and signals.requested and step < stage.steps:
@@ -222,19 +222,18 @@ def train_stage(
 def validate_stages(config: ml_collections.ConfigDict) -> None:
     """Fails before any training if the stage graph cannot run: every problem names the stage."""
     seen: list[str] = []
-    for name in split_list(config.stage_order):
+    for name in stage_order(config):
         if name not in config.stages:
             raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
-        stage = config.stages[name]
+        stage = stage_config(config, name)
         factory.trainable_filter(stage.trains)
-        step_lib.LossConfig(kind=stage.mode)
-        for source in split_list(stage.init_from) + split_list(stage.experts_from):
+        stage_loss_config(stage)
+        for source in stage.init_from + stage.experts_from:
             if source not in seen:
                 raise ValueError(
                     f"stage {name!r} starts from {source!r}, which does not run before it"
                 )
-        experts = split_list(stage.experts_from)
-        mode = stage.get('upcycle_mode', 'per_source')
+        experts, mode = stage.experts_from, stage.upcycle_mode
         if mode not in upcycle.MODES:
             raise ValueError(f"stage {name!r}: upcycle_mode={mode!r} is not one of {upcycle.MODES}")
         wanted = config.model.moe.num_experts if mode == 'per_source' else 1
@@ -247,12 +246,12 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
         if stage.steps < 1:
             raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
         # Built-in data is tokenized by the built-in tokenizer; Uni-MoE JSON data by the LM's own.
-        if stage.get('json_sources') and not (config.get('tokenizer') and 'json_data' in config):
+        if stage.json_sources and not (config.get('tokenizer') and 'json_data' in config):
             raise ValueError(
                 f"stage {name!r} reads json_sources: set config.tokenizer (the LM's "
                 "tokenizer.model / tokenizer.json) and config.json_data (data_dir, media_root, ...)"
             )
-        if not stage.get('json_sources') and config.get('tokenizer'):
+        if not stage.json_sources and config.get('tokenizer'):
             raise ValueError(
                 f"stage {name!r} reads the built-in dataset, which needs the built-in tokenizer: "
                 "unset config.tokenizer, or give the stage json_sources"
@@ -265,11 +264,11 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
+def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: TextTokenizer) -> None:
     """Trains every unfinished stage; SIGTERM / SIGINT raise `preemption.Preempted` after saving."""
     validate_stages(config)
     with preemption.PreemptionGuard() as signals:
-        for name in split_list(config.stage_order):
+        for name in stage_order(config):
             ckpt = factory.stage_checkpointer(workdir, name)
             done, latest = ckpt.is_done(), ckpt.latest_step()
             ckpt.close()

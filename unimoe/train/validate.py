@@ -19,7 +19,7 @@ import pathlib
 import jax
 import ml_collections
 
-from unimoe.config import split_list
+from unimoe.config import StageConfig, stage_config, stage_order
 from unimoe.convert import core as convert_core
 from unimoe.data import json_builder, tasks as tasks_lib
 from unimoe.moe import config as moe_config
@@ -66,22 +66,15 @@ def validate_experiment(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_moe(config: ml_collections.ConfigDict) -> None:
-    names = split_list(config.stage_order)
-    if not any(config.stages[name].moe for name in names):
+    names = stage_order(config)
+    if not any(stage_config(config, name).moe for name in names):
         return
-    moe = config.model.moe
-    experts, top_k = moe.num_experts, moe.get('top_k', 2)
-    columns = experts + moe.get('num_null_experts', 0)
-    if moe.get('router', 'topk_softmax') != 'top_p' and top_k > columns:
-        raise ValueError(
-            f"config.model.moe.top_k={top_k} is larger than the {columns} experts a token can be "
-            f"routed to (num_experts={experts} + num_null_experts="
-            f"{moe.get('num_null_experts', 0)}): lower top_k or add experts"
-        )
     try:
-        moe_config.MoEConfig(**moe.to_dict())
-    except (TypeError, ValueError) as e:
+        moe_config.MoEConfig(**config.model.moe.to_dict())
+    except TypeError as e:  # an unknown field
         raise ValueError(f"config.model.moe: {e}") from e
+    except ValueError as e:  # MoEConfig names the field: name it where the user sets it
+        raise ValueError(str(e).replace('MoEConfig.', 'config.model.moe.', 1)) from e
 
 
 def _check_mesh(config: ml_collections.ConfigDict) -> None:
@@ -103,8 +96,8 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
             f"config.sharding_rules names mesh axes {unknown}; the mesh has {mesh_lib.MESH_AXES}"
         )
     batch_shards = math.prod(sizes[a] for a in rules['batch'])
-    for name in split_list(config.stage_order):
-        batch_size = config.stages[name].batch_size
+    for name in stage_order(config):
+        batch_size = stage_config(config, name).batch_size
         if batch_size % batch_shards or batch_size % jax.process_count():
             raise ValueError(
                 f"stage {name!r}: batch_size={batch_size} must be divisible by the "
@@ -129,8 +122,8 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(
             f"config.json_data.media_root={json_data.media_root!r} does not exist"
         )
-    for name in split_list(config.stage_order):
-        for source in split_list(config.stages[name].get('json_sources', '')):
+    for name in stage_order(config):
+        for source in stage_config(config, name).json_sources:
             if not json_builder.builder(json_data.data_dir, source).is_prepared():
                 raise FileNotFoundError(
                     f"stage {name!r} reads json_sources {source!r}, which is not prepared in "
@@ -139,16 +132,16 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
                 )
 
 
-def _needed(stage: ml_collections.ConfigDict) -> set[str]:
+def _needed(stage: StageConfig) -> set[str]:
     """The parts a stage's forward pass reads."""
     if stage.mode == 'classify_image':
         return {'vision'}
     if stage.mode == 'classify_audio':
         return {'audio'}
     needed = set(_LLM)
-    if stage.mode == 'chat' and not stage.get('json_sources'):
+    if stage.mode == 'chat' and not stage.json_sources:
         # JSON data's modalities are only known by reading it: the LM is checked, media are not.
-        for task in split_list(stage.tasks):
+        for task in stage.tasks:
             needed.update(_MEDIA_PARTS[tasks_lib.TASKS[task]])
     return needed
 
@@ -161,11 +154,11 @@ def _check_initialisation(config: ml_collections.ConfigDict) -> None:
         for part in _PRETRAINED.get(label, ())
     }
     defined: dict[str, set[str]] = {}
-    for name in split_list(config.stage_order):
-        stage = config.stages[name]
-        sources = split_list(stage.init_from)
+    for name in stage_order(config):
+        stage = stage_config(config, name)
+        sources = stage.init_from
         provided = set().union(*(defined[s] for s in sources)) if sources else set(pretrained)
-        if split_list(stage.experts_from):
+        if stage.experts_from:
             provided.add('ffn')
         trained = {part for t in stage.trains.split('+') if t for part in _DEFINES[t]}
         defined[name] = trained | provided
@@ -177,7 +170,7 @@ def _check_initialisation(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"stage {name!r} ({stage.mode}) runs {', '.join(missing)} frozen "
                 f"(trains={stage.trains!r}), but nothing initialises them: not its init_from "
-                f"({stage.init_from or 'none'}), experts_from or config.pretrained. "
+                f"({','.join(stage.init_from) or 'none'}), experts_from or config.pretrained. "
                 f"{fix} to init_from stages that train {' or '.join(parts)}, "
                 "or train them in this stage"
             )
