@@ -122,11 +122,16 @@ class MoELayer(nnx.Module):
             return "dropless"
         return "expert-parallel"
 
+    @property
+    def _sampling(self) -> bool:
+        """Training-mode randomness (jitter, Gumbel) is on: a stochastic config, not a view."""
+        return self.router_rngs is not None and not self.deterministic
+
     def router_state(self) -> routers.RouterState:
-        sampling = self.router_rngs is not None and not self.deterministic
+        gumbel = self._sampling and self.cfg.second_choice == "gumbel"
         return routers.RouterState(
             bias_e=self.router_bias[...] if self.router_bias is not None else None,
-            sample_key=self.router_rngs if sampling and self.cfg.second_choice == "gumbel" else None,
+            sample_key=self.router_rngs if gumbel else None,
         )
 
     def __call__(
@@ -147,7 +152,7 @@ class MoELayer(nnx.Module):
         x_nd = x_btd.reshape(batch * seq, dim)
         mask_n = token_mask_bt.reshape(batch * seq)
         router_in_nd = x_nd.astype(jnp.float32)
-        if cfg.jitter_eps > 0 and self.router_rngs is not None and not self.deterministic:
+        if cfg.jitter_eps > 0 and self._sampling:
             router_in_nd = routing.jitter(router_in_nd, cfg.jitter_eps, self.router_rngs())
         logits_ne = self.router(router_in_nd)
         backend, path = self.backend(batch * seq), self.dispatch_path(batch * seq)
