@@ -46,6 +46,7 @@ from unimoe import config as config_lib, factory  # noqa: E402
 from unimoe.data import json_builder, json_pipeline  # noqa: E402
 from unimoe.data.conversation import SYSTEM_PROMPT  # noqa: E402
 from unimoe.data.tokenizer import PretrainedTokenizer  # noqa: E402
+from unimoe.parallel import sharded  # noqa: E402
 from unimoe.train import optim, step as step_lib  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "tiny sizes: a smoke run")
@@ -145,7 +146,9 @@ def make_step(config, tokenizer, batch):
         kind="chat", balance_coef=stage.balance_coef, z_coef=stage.z_coef
     )
     state = [trainable, optim.make_optimizer(optim_cfg).init(trainable), rest]
-    train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
+    train_step = step_lib.make_train_step(
+        sharded.one_device_plan(), graphdef, stage.trains, optim_cfg, loss_cfg
+    )
 
     def run(i: int) -> None:
         trainable, opt_state, rest, metrics = train_step(*state, batch, np.int32(i))

@@ -33,7 +33,7 @@ def main(port: int, num_processes: int, process_id: int, out_dir: pathlib.Path, 
     graphdef, state = initial_state()
     state = tuple(sharded.place(plan, tree) for tree in state)
     step_fn = step_lib.train_step_fn(graphdef, TRAINS, OPTIM, LOSS)
-    losses, train_step = [], None
+    losses, train_step = [], sharded.jit_step(plan, step_fn)
     for step in range(steps):
         batch = make_batch(seed=step, image=False)
         rows = len(batch['tokens']) // num_processes
@@ -44,8 +44,6 @@ def main(port: int, num_processes: int, process_id: int, out_dir: pathlib.Path, 
         for shard in global_batch['tokens'].addressable_shards:
             np.testing.assert_array_equal(shard.data, batch['tokens'][shard.index])
             assert process_id * rows <= shard.index[0].start < (process_id + 1) * rows
-        if train_step is None:
-            train_step = sharded.jit_step(plan, step_fn, state, global_batch)
         *new_state, metrics = train_step(*state, global_batch, np.int32(step))
         state = tuple(new_state)
         losses.append(float(metrics['loss']))

@@ -58,12 +58,7 @@ def test_sharded_step_matches_one_device(setup, mesh_name):
     global_batch = sharded.shard_batch(plan, batch)
     assert global_batch['tokens'].addressable_shards[0].data.shape == (8 // plan.batch_shards, 16)
 
-    step = sharded.jit_step(
-        plan,
-        step_lib.train_step_fn(graphdef, TRAINS, OPTIM, LOSS),
-        placed,
-        global_batch,
-    )
+    step = sharded.jit_step(plan, step_lib.train_step_fn(graphdef, TRAINS, OPTIM, LOSS))
     trainable, opt_state, rest, metrics = step(*placed, global_batch, np.int32(0))
     ref_trainable, ref_opt_state, _, ref_metrics = reference
     for key in ('loss', 'ce', 'balance_loss', 'z_loss', 'grad_norm', 'expert_load'):

@@ -11,6 +11,7 @@ from tests.reliability.conftest import CHECKPOINT_EVERY, STEPS
 from tests.tiny_model import model_config
 from unimoe import checkpoint, factory
 from unimoe.models.unimoe import UniMoE
+from unimoe.parallel import sharded
 from unimoe.train import metrics, nonfinite, optim
 from unimoe.train import step as step_lib
 
@@ -27,7 +28,11 @@ def three_steps():
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
     train_step = step_lib.make_train_step(
-        graphdef, 'vision', optim_cfg, step_lib.LossConfig(kind='classify_image')
+        sharded.one_device_plan(),
+        graphdef,
+        'vision',
+        optim_cfg,
+        step_lib.LossConfig(kind='classify_image'),
     )
     rng = np.random.default_rng(0)
     images = rng.normal(size=(3, 4, 12, 12, 3)).astype(np.float32)

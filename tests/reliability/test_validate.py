@@ -2,6 +2,7 @@
 
 import pathlib
 
+import jax
 import ml_collections
 import pytest
 
@@ -57,6 +58,14 @@ def test_stage_batch_must_split_over_the_batch_axes():
     config.stages.s0_llm.batch_size = 12
     with pytest.raises(ValueError, match=r"stage 's0_llm': batch_size=12 .* 8 batch shards"):
         validate.validate_experiment(config)
+
+
+def test_several_processes_need_a_mesh(monkeypatch):
+    # Without config.mesh a run trains on its process's first device: with two processes that
+    # would be two unrelated models.
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    with pytest.raises(ValueError, match=r'2 processes but no config.mesh'):
+        validate.validate_experiment(_tiny())
 
 
 def test_a_fitting_mesh_passes():

@@ -7,6 +7,7 @@ from flax import nnx
 from tests.tiny_model import TOKEN_IDS, model_config, model_dict
 from unimoe import checkpoint, factory
 from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe.parallel import sharded
 from unimoe.train import optim
 from unimoe.train import step as step_lib
 
@@ -43,7 +44,11 @@ def test_train_step_updates_only_trainable_params_and_lowers_the_loss():
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
     train_step = step_lib.make_train_step(
-        graphdef, trains, optim_cfg, step_lib.LossConfig(kind='chat', balance_coef=0.01)
+        sharded.one_device_plan(),
+        graphdef,
+        trains,
+        optim_cfg,
+        step_lib.LossConfig(kind='chat', balance_coef=0.01),
     )
     rng = np.random.default_rng(0)
     batch = {
@@ -91,7 +96,9 @@ def test_router_bias_is_updated_by_the_step_from_the_load_not_by_the_optimizer()
     assert not any('router_bias' in checkpoint.path_str(p) for p, _ in nnx.to_flat_state(trainable))
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=2)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
-    train_step = step_lib.make_train_step(graphdef, trains, optim_cfg, step_lib.LossConfig())
+    train_step = step_lib.make_train_step(
+        sharded.one_device_plan(), graphdef, trains, optim_cfg, step_lib.LossConfig()
+    )
     rng = np.random.default_rng(1)
     batch = {
         'tokens': jnp.asarray(rng.integers(6, 41, size=(3, 7))),

@@ -136,9 +136,8 @@ def lower_stage(
     step_fn = step_lib.train_step_fn(
         graphdef, stage.trains, optim_cfg, trainer.stage_loss_config(stage)
     )
-    state = (trainable, opt_state, rest)
-    step = sharded.jit_step(plan, step_fn, state, batch)
-    lowered = step.lower(*state, batch, jax.ShapeDtypeStruct((), jnp.int32))
+    step = sharded.jit_step(plan, step_fn)
+    lowered = step.lower(trainable, opt_state, rest, batch, jax.ShapeDtypeStruct((), jnp.int32))
     seconds = time.perf_counter() - started
 
     def per_device(tree):

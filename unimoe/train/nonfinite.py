@@ -1,6 +1,6 @@
 """Host side of the non-finite guard: count skipped steps, or stop naming what went bad.
 
-The jitted train step (`step.make_train_step`) never applies an update whose loss or gradients
+The train step (`step.train_step_fn`) never applies an update whose loss or gradients
 are NaN / Inf, and returns per-step flags. Fetching them every step would synchronise host and
 device, so the trainer hands each step's flags to `NonFiniteGuard.add` (device arrays, not read)
 and calls `check()` where it reads the device anyway: every `log_every` steps, before each

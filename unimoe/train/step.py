@@ -15,6 +15,7 @@ from unimoe import factory
 from unimoe.data.tasks import MODALITIES
 from unimoe.models.unimoe import UniMoE
 from unimoe.moe import routing
+from unimoe.parallel import sharded
 from unimoe.train import optim
 
 Batch = Mapping[str, jax.Array]
@@ -156,14 +157,16 @@ def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: n if n is o else jax.lax.select(ok, n, o), new, old)
 
 
-@functools.lru_cache(maxsize=None)
 def make_train_step(
-    graphdef: nnx.GraphDef, trains: str, optim_cfg: optim.OptimConfig, loss_cfg: LossConfig
+    plan: sharded.Plan,
+    graphdef: nnx.GraphDef,
+    trains: str,
+    optim_cfg: optim.OptimConfig,
+    loss_cfg: LossConfig,
 ) -> TrainStep:
-    """`train_step_fn` jitted for one device; cached per shape and config so same-shaped stages
-    compile once. Buffers are donated: callers must use the returned state. (Sharded training
-    jits the same function with shardings: `unimoe.parallel.sharded`.)"""
-    return jax.jit(train_step_fn(graphdef, trains, optim_cfg, loss_cfg), donate_argnums=(0, 1, 2))
+    """`train_step_fn` jitted on the plan's mesh (one device without `config.mesh`). Buffers are
+    donated: callers must use the returned state."""
+    return sharded.jit_step(plan, train_step_fn(graphdef, trains, optim_cfg, loss_cfg))
 
 
 def make_loss_fn(
@@ -190,8 +193,8 @@ def train_step_fn(
     graphdef: nnx.GraphDef, trains: str, optim_cfg: optim.OptimConfig, loss_cfg: LossConfig
 ) -> TrainStep:
     """Pure `step(trainable, opt_state, rest, batch, step_index)`. `step_index` (0-based) drives
-    the aux-weight schedule. Cached, so jitting it again (a resumed sharded stage) hits JAX's
-    compilation cache.
+    the aux-weight schedule. Cached, so jitting it again (the next same-shaped stage, a resume)
+    hits JAX's compilation cache.
 
     `trainable` are the Params selected by `trains` (see `factory.trainable_filter`); `rest` is
     everything else (frozen params, RNG state for dropout).

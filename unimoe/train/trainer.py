@@ -91,22 +91,22 @@ def train_stage(
     """
     stage = stage_config(config, name)
     stage_dir = workdir / name
-    # With `config.mesh`: sharded init, state and step; each process reads its rows of the batch.
+    # Sharded init, state and step on `config.mesh` (one device without it); each process reads
+    # its rows of the batch.
     plan = sharded.plan_from_config(config)
     model, origin = factory.build_stage_model(config, name, workdir, tokenizer, plan)
     is_trainable = factory.trainable_filter(stage.trains)
     graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
-    if plan is not None:
-        # Parameters loaded from earlier stages arrive as host arrays: back into their shards.
-        trainable, rest = sharded.place(plan, trainable), sharded.place(plan, rest)
-        log.info('stage %s: mesh %s', name, mesh_lib.describe(plan.mesh))
+    # Parameters loaded from earlier stages arrive as host arrays: back into their shards.
+    trainable, rest = sharded.place(plan, trainable), sharded.place(plan, rest)
+    log.info('stage %s: mesh %s', name, mesh_lib.describe(plan.mesh))
     defined = sorted(set(origin) | {path_str(p) for p, _ in nnx.to_flat_state(trainable)})
     num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
 
     optim_cfg, loss_cfg = stage_optim_config(stage), stage_loss_config(stage)
     tx = optim.make_optimizer(optim_cfg)
-    opt_state = tx.init(trainable) if plan is None else sharded.init_optimizer(plan, tx, trainable)
+    opt_state = sharded.init_optimizer(plan, tx, trainable)
     seed = config.seed + zlib.crc32(name.encode()) % 1000
     # This process's shard of the records and of every global batch.
     shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -141,9 +141,8 @@ def train_stage(
     # Closing waits for a save in flight, also when training stops on an error.
     with factory.stage_checkpointer(workdir, name) as ckpt:
         start_step = 0
-        abstract_state = jax.eval_shape(train_state)
-        if plan is not None:  # restore each process's shards straight into place
-            abstract_state = sharded.with_shardings(plan, abstract_state)
+        # Each process restores its shards straight into place.
+        abstract_state = sharded.with_shardings(plan, jax.eval_shape(train_state))
         restored = ckpt.restore_latest(abstract_state, data_iter)
         if restored is not None:
             start_step, state = restored
@@ -153,10 +152,7 @@ def train_stage(
             counters = {k: np.int32(v) for k, v in state['counters'].items()}
             log.info('stage %s: resumed at step %d', name, start_step)
 
-        if plan is None:
-            train_step = step_lib.make_train_step(graphdef, stage.trains, optim_cfg, loss_cfg)
-        else:
-            step_fn = step_lib.train_step_fn(graphdef, stage.trains, optim_cfg, loss_cfg)
+        train_step = step_lib.make_train_step(plan, graphdef, stage.trains, optim_cfg, loss_cfg)
         schedule = optim.learning_rate_schedule(optim_cfg)
         finite_guard = nonfinite.NonFiniteGuard(
             config.get('nonfinite', 'stop'),
@@ -178,11 +174,7 @@ def train_stage(
             for step in range(start_step + 1, stage.steps + 1):
                 batch = dict(next(data_iter))
                 counters['skipped_records'] += np.int32(np.sum(batch.pop('num_skipped', 0)))
-                if plan is not None:
-                    batch = sharded.shard_batch(plan, batch)
-                    if step == start_step + 1:
-                        state = (trainable, opt_state, rest)
-                        train_step = sharded.jit_step(plan, step_fn, state, batch)
+                batch = sharded.shard_batch(plan, batch)
                 trainable, opt_state, rest, metrics = train_step(
                     trainable, opt_state, rest, batch, np.int32(step - 1)
                 )

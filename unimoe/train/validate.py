@@ -80,6 +80,11 @@ def _check_moe(config: ml_collections.ConfigDict) -> None:
 def _check_mesh(config: ml_collections.ConfigDict) -> None:
     mesh = config.get('mesh')
     if not mesh:
+        if jax.process_count() > 1:  # without a mesh a run trains on one device
+            raise ValueError(
+                f"this run has {jax.process_count()} processes but no config.mesh: set one "
+                "(e.g. --config.mesh.data=-1) so the processes train one model together"
+            )
         return
     sizes = mesh_lib.mesh_shape(dict(mesh), jax.device_count())
     expert = sizes['expert']
