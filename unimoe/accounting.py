@@ -28,6 +28,8 @@ from unimoe.data import builtin
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.models.unimoe import UniMoE
 from unimoe.moe import expert_parallel
+from unimoe.nn import sharding
+from unimoe.parallel import rules as rules_lib
 
 BYTES_PER_PARAM = 4  # float32 parameters, gradients and optimizer moments
 COMPONENTS = ('llm', 'vision', 'audio', 'connectors', 'heads')
@@ -186,14 +188,16 @@ def mesh_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
 def account_expert_exchange(config: ml_collections.ConfigDict) -> list[ExchangeAccount]:
     """One account per MoE stage when `config.mesh` splits the experts (`expert` axis > 1).
 
-    Tokens per device: the stage's global batch * seq_len over the token shards (every mesh axis
-    but `tensor`), as `expert_parallel.expert_parallel_dispatch` splits them.
+    Tokens per device: the stage's global batch * seq_len over the token shards (the sharding
+    rules' batch and sequence axes, `nn.sharding.token_axes`), as
+    `expert_parallel.expert_parallel_dispatch` splits them.
     """
     sizes = mesh_sizes(config)
     ep_size = sizes.get('expert', 1)
     if ep_size < 2:
         return []
-    shards = math.prod(s for a, s in sizes.items() if a not in expert_parallel.NON_TOKEN_AXES)
+    rules = rules_lib.parse_rules(config.get('sharding_rules'))
+    shards = math.prod(sizes[a] for a in sharding.token_axes(list(sizes), rules))
     tokenizer = _tokenizer(config)
     accounts, models = [], {}
     for name in config_lib.stage_order(config):

@@ -17,6 +17,7 @@ from tests.moe.test_layer import random_module
 from unimoe.moe import expert_parallel, routers
 from unimoe.moe.config import MoEConfig
 from unimoe.moe.layer import MoELayer
+from unimoe.nn import sharding
 from unimoe.nn.lora import LoRAConfig
 
 DIM, FFN, NUM_EXPERTS = 7, 11, 8
@@ -103,6 +104,30 @@ def test_expert_parallel_layer_equals_single_device(shape, names, kw):
     assert_close_trees(got[3], want[3], 1e-5)
     # The comparison has something to compare: the routed experts got gradients.
     assert float(jnp.abs(want[3][0]["experts"]["w_down_efd"][...]).max()) > 1e-3
+
+
+def test_tokens_split_over_the_batch_rule_axes():
+    """The token shards are the sharding rules' 'batch' axes (then 'seq'), the defaults under a
+    bare set_mesh; the layer equals the single-device layer with tokens split over data x expert
+    by the rules, and refuses rules that keep the tokens whole over `expert`."""
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    with jax.set_mesh(mesh):
+        assert expert_parallel.token_axes() == ("data", "expert")
+    layer = make_layer(kernel_impl="tiles")
+    x_btd, mask_bt, cotangent_btd = inputs()
+    want = loss_and_grads(layer, x_btd, mask_bt, cotangent_btd)
+    rules = {**sharding.DEFAULT_RULES, "batch": ("expert",), "seq": ("data",)}
+    with sharding.use_rules(mesh, rules):
+        assert expert_parallel.token_axes() == ("expert", "data")
+        got = loss_and_grads(layer, x_btd, mask_bt, cotangent_btd)
+    valid = np.asarray(mask_bt)[..., None]
+    np.testing.assert_allclose(
+        np.asarray(got[1]) * valid, np.asarray(want[1]) * valid, rtol=1e-5, atol=1e-5
+    )
+    assert_close_trees(got[3], want[3], 1e-5)
+    with sharding.use_rules(mesh, {**sharding.DEFAULT_RULES, "batch": ("data",)}):
+        with pytest.raises(ValueError, match=r"rule 'batch' splits them over \('data',\)"):
+            loss_and_grads(layer, x_btd, mask_bt, cotangent_btd)
 
 
 def concentrate_on_first_experts(layer: MoELayer) -> None:

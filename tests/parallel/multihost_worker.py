@@ -14,7 +14,8 @@ import numpy as np
 
 from tests.parallel.sharded_setup import LOSS, OPTIM, TRAINS, flat_params, initial_state, make_batch
 from unimoe import checkpoint
-from unimoe.parallel import distributed, mesh as mesh_lib, rules as rules_lib, sharded
+from unimoe.nn import sharding
+from unimoe.parallel import distributed, mesh as mesh_lib, sharded
 from unimoe.train import step as step_lib
 
 MESH = dict(data=2, fsdp=2, expert=2)
@@ -29,7 +30,7 @@ def main(port: int, num_processes: int, process_id: int, out_dir: pathlib.Path, 
         )
     )
     assert jax.process_count() == num_processes and jax.device_count() == 8
-    plan = sharded.Plan(mesh_lib.make_mesh(MESH), rules_lib.DEFAULT_RULES)
+    plan = sharded.Plan(mesh_lib.make_mesh(MESH), sharding.DEFAULT_RULES)
     graphdef, state = initial_state()
     state = tuple(sharded.place(plan, tree) for tree in state)
     step_fn = step_lib.train_step_fn(graphdef, TRAINS, OPTIM, LOSS)

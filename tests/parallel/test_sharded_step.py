@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 from tests.parallel.sharded_setup import LOSS, OPTIM, TRAINS, initial_state, make_batch, tiny_config
 from unimoe import checkpoint
 from unimoe.models.llm import DecoderLM
+from unimoe.nn import sharding
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib, sharded
 from unimoe.train import step as step_lib
 
@@ -53,7 +54,7 @@ def assert_trees_close(actual, expected):
 @pytest.mark.parametrize('mesh_name', list(MESHES))
 def test_sharded_step_matches_one_device(setup, mesh_name):
     graphdef, state, batch, reference = setup
-    plan = sharded.Plan(mesh_lib.make_mesh(MESHES[mesh_name]), rules_lib.DEFAULT_RULES)
+    plan = sharded.Plan(mesh_lib.make_mesh(MESHES[mesh_name]), sharding.DEFAULT_RULES)
     placed = tuple(sharded.place(plan, tree) for tree in state)
     global_batch = sharded.shard_batch(plan, batch)
     assert global_batch['tokens'].addressable_shards[0].data.shape == (8 // plan.batch_shards, 16)
@@ -82,15 +83,15 @@ def test_sharded_step_matches_one_device(setup, mesh_name):
         'vision/layers/0/mlp/fc1/kernel',
     ):
         names = rules_lib.logical_axes(path, flat[path].ndim)
-        expected = rules_lib.partition_spec(names, flat[path].shape, sizes, plan.rules)
+        expected = sharding.partition_spec(names, flat[path].shape, sizes, plan.rules)
         assert flat[path].sharding.spec == expected, path
 
 
 def test_rules_shard_the_fsdp_tensor_expert_mesh_as_written():
     mesh = mesh_lib.make_mesh(MESHES['fsdp2_tensor2_expert2'])
     sizes = dict(mesh.shape)
-    spec = lambda path, shape: rules_lib.partition_spec(  # noqa: E731
-        rules_lib.logical_axes(path, len(shape)), shape, sizes, rules_lib.DEFAULT_RULES
+    spec = lambda path, shape: sharding.partition_spec(  # noqa: E731
+        rules_lib.logical_axes(path, len(shape)), shape, sizes, sharding.DEFAULT_RULES
     )
     assert spec('llm/layers/0/ffn/experts/w_gate_edf', (4, 24, 20)) == P('expert', 'fsdp', 'tensor')
     assert spec('llm/layers/0/ffn/experts/w_down_efd', (4, 20, 24)) == P('expert', 'tensor', 'fsdp')
@@ -103,7 +104,7 @@ def test_rules_shard_the_fsdp_tensor_expert_mesh_as_written():
 
 
 def test_init_module_creates_sharded_params_equal_to_the_unsharded_init():
-    plan = sharded.Plan(mesh_lib.make_mesh(MESHES['data2_expert4']), rules_lib.DEFAULT_RULES)
+    plan = sharded.Plan(mesh_lib.make_mesh(MESHES['data2_expert4']), sharding.DEFAULT_RULES)
     cfg = tiny_config().llm
     lm = sharded.init_module(plan, lambda: DecoderLM(cfg, rngs=nnx.Rngs(3)))
     bank = lm.layers[0].ffn.experts.w_up_edf.get_value()

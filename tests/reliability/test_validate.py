@@ -60,6 +60,16 @@ def test_stage_batch_must_split_over_the_batch_axes():
         validate.validate_experiment(config)
 
 
+def test_expert_parallelism_needs_the_batch_split_over_expert():
+    config = _tiny()
+    config.mesh = dict(data=2, expert=4)
+    config.sharding_rules = dict(batch=('data',))
+    with pytest.raises(ValueError, match=r"sharding_rules.batch=\('data',\) keeps the tokens"):
+        validate.validate_experiment(config)
+    config.model.moe.expert_parallel = 'off'
+    validate.validate_experiment(config)
+
+
 def test_several_processes_need_a_mesh(monkeypatch):
     # Without config.mesh a run trains on its process's first device: with two processes that
     # would be two unrelated models.

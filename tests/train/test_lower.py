@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from unimoe import config as config_lib
+from unimoe.nn import sharding
 from unimoe.parallel import rules as rules_lib
 from unimoe.train import lower
 
@@ -59,4 +60,4 @@ def test_shard_bytes_divides_by_the_mesh_axes_of_each_dimension():
     }
     sizes = dict(data=1, fsdp=4, expert=8, tensor=2)
     # expert 8 ways, embed (fsdp) 4 ways, mlp (tensor) 2 ways.
-    assert rules_lib.shard_bytes(tree, sizes, rules_lib.DEFAULT_RULES) == 8 * 64 * 32 * 4 // 64
+    assert rules_lib.shard_bytes(tree, sizes, sharding.DEFAULT_RULES) == 8 * 64 * 32 * 4 // 64

@@ -21,7 +21,7 @@ from unimoe.moe.config import MoEConfig
 from unimoe.moe.layer import MoELayer
 from unimoe.nn.lora import BASE_INIT_STDDEV, Linear, LoRAConfig
 from unimoe.nn.norms import RMSNorm
-from unimoe.parallel.rules import constrain
+from unimoe.nn.sharding import constrain
 
 
 def resolve_moe_layers(spec: str | Sequence[int], num_layers: int) -> tuple[int, ...]:

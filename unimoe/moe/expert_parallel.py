@@ -5,8 +5,9 @@ assignments; P = the expert-parallel degree (size of the `expert` axis), L = E /
 device, C = rows per (sender, destination) mailbox.
 
 `expert_parallel_dispatch` runs one `jax.shard_map` over the mesh set with `jax.set_mesh`:
-tokens are split over every mesh axis but `tensor` (the batch axes and `expert` itself), expert
-weights over `expert`. Each device, on its own tokens:
+tokens are split over the axes the sharding rules split the batch (and sequence) over
+(`nn.sharding.token_axes`; by default data, fsdp and `expert` itself), expert weights over
+`expert`. Each device, on its own tokens:
 1. gives every routed assignment a mailbox slot: destination d = expert // L, its place in d's
    queue in (token, slot) order, kept when that place is < C. C is static and the same on every
    device: C = ceil(cf * N_local * K / P), at most N_local * K, so cf = P (the default) lets a
@@ -37,6 +38,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from unimoe.moe import dispatch
+from unimoe.nn import sharding
 from unimoe.moe.experts import ExpertBank
 from unimoe.moe.gmm import gather_rows
 
@@ -44,8 +46,6 @@ log = logging.getLogger(__name__)
 
 EXPERT_AXIS = "expert"
 EXCHANGES = ("all_to_all", "all_gather")
-# Mesh axes that split model width, not tokens: tokens are replicated over them.
-NON_TOKEN_AXES = ("tensor",)
 
 
 def expert_parallel_size() -> int:
@@ -54,9 +54,8 @@ def expert_parallel_size() -> int:
 
 
 def token_axes() -> tuple[str, ...]:
-    """Mesh axes the tokens are split over: every axis of the current mesh but `tensor`."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return tuple(name for name in mesh.axis_names if name not in NON_TOKEN_AXES)
+    """Mesh axes the tokens are split over: the sharding rules' batch (and sequence) axes."""
+    return sharding.token_axes(jax.sharding.get_abstract_mesh().axis_names)
 
 
 def token_shards() -> int:
@@ -346,6 +345,12 @@ def expert_parallel_dispatch(
     if dropout is not None and not dropout.deterministic and dropout.rate > 0:
         dropout_key = dropout.rngs()
     axes, shards = token_axes(), token_shards()
+    if EXPERT_AXIS not in axes:  # whole tokens on every expert rank: each would send them all
+        raise ValueError(
+            f"expert parallelism splits the tokens over the `expert` axis, but the sharding rule "
+            f"'batch' splits them over {axes}: add 'expert' to config.sharding_rules.batch "
+            "(the default rules have it) or set config.model.moe.expert_parallel='off'"
+        )
     mesh = jax.sharding.get_abstract_mesh()
     num_tokens, top_k = experts_nk.shape
     if num_tokens % shards:

@@ -1,51 +1,27 @@
-"""Logical axis names for every parameter and the main activations, mapped to mesh axes by rules.
+"""Which parameter has which logical axis names, and the shardings of whole state trees.
 
-Two tables:
-- `PARAM_AXES`: parameter path regex -> one logical name per array dimension ('vocab', 'embed',
-  'mlp', 'heads', 'expert', 'conv', None = never sharded). Matched by path rather than stored as
-  flax sharding metadata on each `nnx.Param`: the expert banks live in `unimoe/moe`, whose modules
-  stay free of sharding code, and optimizer states (AdamW's moments mirror the parameter paths)
-  get the same names by the same lookup. Every parameter must match (`logical_axes` raises), so a
-  new module cannot silently go unsharded.
-- sharding rules (`config.sharding_rules`, default `DEFAULT_RULES`): logical name -> mesh axes.
-  A dimension that a mesh axis does not divide is not sharded over that axis, and a mesh axis is
-  used once per array (first dimension wins), as MaxText's logical rules do.
+`PARAM_AXES`: parameter path regex -> one logical name per array dimension ('vocab', 'embed',
+'mlp', 'heads', 'expert', 'conv', None = never sharded). Matched by path rather than stored as
+flax sharding metadata on each `nnx.Param`: the expert banks live in `unimoe/moe`, whose modules
+stay free of sharding code, and optimizer states (AdamW's moments mirror the parameter paths) get
+the same names by the same lookup. Every parameter must match (`logical_axes` raises), so a new
+module cannot silently go unsharded.
 
-Activations are constrained with `constrain(x, names)` at layer boundaries; it is a no-op unless
-a `use_rules(mesh, rules)` context is active, so single-device code traces exactly as before.
+The rules that map logical names to mesh axes (`DEFAULT_RULES`, updated by
+`config.sharding_rules`), the PartitionSpec they give one array, and the activation constraints
+are `unimoe.nn.sharding`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-Logical = tuple[str | None, ...]
-Rules = Mapping[str, tuple[str, ...]]
-
-# Logical name -> mesh axes. FSDP shards weights over `fsdp` on their model-width dimension;
-# tensor parallelism splits heads, FFN width and vocabulary; experts go over `expert`. The batch
-# is split over every axis that holds a data-parallel replica of the non-expert weights: `expert`
-# too (DeepSpeed-MoE's expert parallelism runs data-parallel attention on the expert ranks).
-DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    'batch': ('data', 'fsdp', 'expert'),
-    'embed': ('fsdp',),
-    'mlp': ('tensor',),
-    'heads': ('tensor',),
-    'vocab': ('tensor',),
-    'expert': ('expert',),
-    # Activations: the model width stays whole (FSDP gathers weights, not activations).
-    'act_embed': (),
-    'act_vocab': ('tensor',),
-    'seq': (),
-    'conv': (),
-}
+from unimoe.nn.sharding import DEFAULT_RULES, Logical, Rules, partition_spec
 
 _ATTN_IN = r'(q|k|v|q_proj|k_proj|v_proj)'
 _ATTN_OUT = r'(o|out_proj)'
@@ -125,33 +101,6 @@ def parse_rules(config_rules: Mapping[str, Any] | None) -> dict[str, tuple[str, 
     return rules
 
 
-def partition_spec(
-    names: Logical, shape: Sequence[int], mesh_shape: Mapping[str, int], rules: Rules
-) -> PartitionSpec:
-    """The PartitionSpec of an array with logical `names`: each dimension takes the mesh axes its
-    name maps to that are unused so far in this array and whose product divides it."""
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(names, shape, strict=True):
-        axes = []
-        if name is not None:
-            if name not in rules:
-                raise ValueError(
-                    f"logical axis {name!r} has no sharding rule; rules: {sorted(rules)}"
-                )
-            product = 1
-            for axis in rules[name]:
-                if axis not in mesh_shape:
-                    raise ValueError(f"sharding rule {name!r} -> {axis!r}: no such mesh axis")
-                if axis in used or mesh_shape[axis] == 1 or size % (product * mesh_shape[axis]):
-                    continue
-                axes.append(axis)
-                product *= mesh_shape[axis]
-        used.update(axes)
-        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
-    return PartitionSpec(*spec)
-
-
 def key_path_str(key_path: Sequence[Any]) -> str:
     """'/'-joined dict keys of a pytree key path: the parameter path inside optimizer states and
     `nnx.State`s ('mu', '.value', list indices of optax chains are not dict keys)."""
@@ -218,36 +167,3 @@ def _is_param_path(key_path: Sequence[Any]) -> bool:
         isinstance(k, jax.tree_util.DictKey) and k.key in ('rngs', 'router_bias', 'count', 'key')
         for k in key_path
     )
-
-
-_ACTIVE: contextvars.ContextVar[tuple[jax.sharding.Mesh, Rules] | None] = contextvars.ContextVar(
-    'unimoe_sharding_rules', default=None
-)
-
-
-@contextlib.contextmanager
-def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
-    """Within this context (while tracing), `constrain` pins activations to `mesh` by `rules`,
-    and `jax.set_mesh(mesh)` is active (the expert-parallel layer reads the mesh from there)."""
-    token = _ACTIVE.set((mesh, rules))
-    try:
-        with jax.set_mesh(mesh):
-            yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def constrain(x: jax.Array, names: Logical) -> jax.Array:
-    """`jax.lax.with_sharding_constraint` of `x` to its logical `names`; identity outside
-    `use_rules`."""
-    active = _ACTIVE.get()
-    if active is None:
-        return x
-    mesh, rules = active
-    spec = partition_spec(names, x.shape, dict(mesh.shape), rules)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def batch_spec(shape: Sequence[int], mesh_shape: Mapping[str, int], rules: Rules) -> PartitionSpec:
-    """Batch arrays: the leading dimension over the 'batch' rule's axes, the rest whole."""
-    return partition_spec(('batch',) + (None,) * (len(shape) - 1), shape, mesh_shape, rules)

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from unimoe.nn import sharding
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib
 
 
@@ -39,7 +40,7 @@ class Plan:
 
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         return NamedSharding(
-            self.mesh, rules_lib.batch_spec(shape, dict(self.mesh.shape), self.rules)
+            self.mesh, sharding.batch_spec(shape, dict(self.mesh.shape), self.rules)
         )
 
     @property
@@ -50,7 +51,7 @@ class Plan:
 
     def context(self):
         """Trace under this: activation constraints apply and `jax.set_mesh` is active."""
-        return rules_lib.use_rules(self.mesh, self.rules)
+        return sharding.use_rules(self.mesh, self.rules)
 
 
 def plan_from_config(config: ml_collections.ConfigDict) -> Plan:

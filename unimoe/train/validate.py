@@ -59,25 +59,25 @@ def validate_experiment(config: ml_collections.ConfigDict) -> None:
     mode = config.get('nonfinite', 'stop')
     if mode not in nonfinite.MODES:
         raise ValueError(f"config.nonfinite={mode!r} must be one of {nonfinite.MODES}")
-    _check_moe(config)
-    _check_mesh(config)
+    _check_mesh(config, _check_moe(config))
     _check_paths(config)
     _check_initialisation(config)
 
 
-def _check_moe(config: ml_collections.ConfigDict) -> None:
+def _check_moe(config: ml_collections.ConfigDict) -> moe_config.MoEConfig | None:
+    """The MoE layers' config, or None when no stage has MoE layers."""
     names = stage_order(config)
     if not any(stage_config(config, name).moe for name in names):
-        return
+        return None
     try:
-        moe_config.MoEConfig(**config.model.moe.to_dict())
+        return moe_config.MoEConfig(**config.model.moe.to_dict())
     except TypeError as e:  # an unknown field
         raise ValueError(f"config.model.moe: {e}") from e
     except ValueError as e:  # MoEConfig names the field: name it where the user sets it
         raise ValueError(str(e).replace('MoEConfig.', 'config.model.moe.', 1)) from e
 
 
-def _check_mesh(config: ml_collections.ConfigDict) -> None:
+def _check_mesh(config: ml_collections.ConfigDict, moe: moe_config.MoEConfig | None) -> None:
     mesh = config.get('mesh')
     if not mesh:
         if jax.process_count() > 1:  # without a mesh a run trains on one device
@@ -99,6 +99,13 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ValueError(
             f"config.sharding_rules names mesh axes {unknown}; the mesh has {mesh_lib.MESH_AXES}"
+        )
+    expert_parallel = moe is not None and moe.expert_parallel != 'off' and expert > 1
+    if expert_parallel and 'expert' not in rules['batch']:
+        raise ValueError(
+            f"config.sharding_rules.batch={rules['batch']} keeps the tokens whole over the "
+            f"`expert` axis (config.mesh.expert={expert}), which expert parallelism splits them "
+            "over: add 'expert', or set config.model.moe.expert_parallel='off'"
         )
     batch_shards = math.prod(sizes[a] for a in rules['batch'])
     for name in stage_order(config):
