@@ -1,3 +1,5 @@
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,6 +38,21 @@ def test_trainable_filter_selects_named_parts_only():
 def test_trainable_filter_rejects_unknown_part():
     with pytest.raises(ValueError, match='unknown parts'):
         factory.trainable_filter('connectors+experts')
+
+
+def test_every_parameter_is_in_exactly_one_part():
+    """PARTS is a partition of the parameter tree (MoE, LoRA, both audio connectors), and
+    `trains='llm'` selects exactly the LM's two parts."""
+    paths = _flat(UniMoE(model_config(moe=True, lora_rank=2), rngs=nnx.Rngs(0)))
+    patterns = {name: re.compile(regex) for name, regex in factory.PARTS.items()}
+    for path in paths:
+        owners = [name for name, pattern in patterns.items() if pattern.search(path)]
+        assert owners == [factory.part_of(path)], path
+    assert {factory.part_of(p) for p in paths} == set(factory.PARTS)
+    llm = {p for p in paths if factory.part_of(p) in factory.TRAINABLE_PARTS['llm']}
+    assert llm == {p for p in paths if p.startswith('llm/')}
+    with pytest.raises(ValueError, match="'proj/kernel' is in no part"):
+        factory.part_of('proj/kernel')
 
 
 def test_flat_params_strips_variable_value_level():

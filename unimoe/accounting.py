@@ -32,7 +32,15 @@ from unimoe.nn import sharding
 from unimoe.parallel import rules as rules_lib
 
 BYTES_PER_PARAM = 4  # float32 parameters, gradients and optimizer moments
-COMPONENTS = ('llm', 'vision', 'audio', 'connectors', 'heads')
+# The components accounts report, as unions of the model's parts (`factory.PARTS`).
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    'llm': factory.TRAINABLE_PARTS['llm'],
+    'vision': ('vision',),
+    'audio': ('audio',),
+    'connectors': factory.TRAINABLE_PARTS['connectors'],
+    'heads': ('image_head', 'audio_head'),
+}
+_COMPONENT_OF_PART = {part: name for name, parts in COMPONENTS.items() for part in parts}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +65,6 @@ class StageAccount:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
 
 
-def _component(path: str) -> str:
-    top = path.split('/', 1)[0]
-    if top in ('llm', 'vision', 'audio'):
-        return top
-    if top in ('image_proj', 'audio_conn'):
-        return 'connectors'
-    return 'heads'
-
-
 def account_model(model: UniMoE, trains: str, seq_len: int, name: str = '') -> StageAccount:
     """Accounts an (abstract or concrete) model whose stage trains the parts `trains`."""
     llm_cfg = model.cfg.llm
@@ -79,7 +78,7 @@ def account_model(model: UniMoE, trains: str, seq_len: int, name: str = '') -> S
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path_text = checkpoint.path_str(path)
         size = int(value.get_value().size)
-        by_component[_component(path_text)] += size
+        by_component[_COMPONENT_OF_PART[factory.part_of(path_text)]] += size
         if is_trainable(path, value):
             trainable += size
         if not path_text.startswith('llm/'):

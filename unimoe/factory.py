@@ -1,11 +1,12 @@
 """The model factory: builds an experiment's model, initialises it, loads a stage's parameters.
 
 Everything that needs "the model of stage X" comes here: the trainer, evaluation, accounting,
-lowering, conversion and the notebooks. It also owns the table of the model's parts
-(`TRAINABLE_PARTS`), which a stage's `trains` names.
+lowering, conversion and the notebooks. It also owns the table of the model's parts (`PARTS`),
+in which a stage's `trains` (`TRAINABLE_PARTS`), the initialisation check (`validate`), the
+modalities' needs (`MODALITY_PARTS`) and the parameter accounting are all written.
 
 A stage config names
-- `trains`: '+'-joined parts of the parameter tree (keys of `TRAINABLE_PARTS`);
+- `trains`: '+'-joined names of `TRAINABLE_PARTS` (groups of parts) or `ADAPTERS`;
 - `init_from`: earlier stages whose final parameters are copied in, matched by path, later
   stages overriding earlier ones;
 - `experts_from`: for MoE stages, the dense stages whose FFNs become expert 0, 1, ... of every MoE
@@ -35,27 +36,71 @@ from unimoe.parallel import sharded
 
 log = logging.getLogger(__name__)
 
-# Parameter-path regexes, matched against '/'-joined paths such as 'llm/layers/0/ffn/gate/kernel'.
-TRAINABLE_PARTS: dict[str, str] = {
-    'llm': r'^llm/',
-    'vision': r'^(vision|image_head)/',
-    'audio': r'^(audio|audio_head)/',
-    'connectors': r'^(image_proj|audio_conn)/',
+# The model's parts: disjoint parameter-path regexes covering every parameter, matched against
+# '/'-joined paths such as 'llm/layers/0/ffn/gate/kernel'. The FFNs are a part of their own:
+# stage 2 trains them and stage 3 takes them from `experts_from`.
+PARTS: dict[str, str] = {
+    'llm': r'^llm/(?!layers/\d+/ffn/)',  # the LM but its FFNs
     'ffn': r'^llm/layers/\d+/ffn/',
-    'lora': r'(^|/)lora',
-    'router': r'/router/',
+    'vision': r'^vision/',
+    'image_head': r'^image_head/',
+    'audio': r'^audio/',
+    'audio_head': r'^audio_head/',
+    'image_connector': r'^image_proj/',
+    'audio_connector': r'^audio_conn/',
 }
+# What a stage's `trains` names: groups of parts (an encoder with its probe head) ...
+TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
+    'llm': ('llm', 'ffn'),
+    'ffn': ('ffn',),
+    'vision': ('vision', 'image_head'),
+    'audio': ('audio', 'audio_head'),
+    'connectors': ('image_connector', 'audio_connector'),
+}
+# ... or adapters inside the parts, which start new on purpose (LoRA's B is zero, a new router is
+# near uniform), so training them initialises no part.
+ADAPTERS: dict[str, str] = {'lora': r'(^|/)lora', 'router': r'/router/'}
+# The parts a chat example of each modality reads besides the LM.
+MODALITY_PARTS: dict[str, tuple[str, ...]] = {
+    'image': ('vision', 'image_connector'),
+    'video': ('vision', 'image_connector'),
+    'speech': ('audio', 'audio_connector'),
+    'audio': ('audio', 'audio_connector'),
+    'image_speech': ('vision', 'image_connector', 'audio', 'audio_connector'),
+    'text': (),
+}
+_PART_PATTERNS = {name: re.compile(pattern) for name, pattern in PARTS.items()}
+
+
+def part_of(path: str) -> str:
+    """The `PARTS` entry a parameter path belongs to."""
+    for name, pattern in _PART_PATTERNS.items():
+        if pattern.search(path):
+            return name
+    raise ValueError(f"parameter {path!r} is in no part of unimoe.factory.PARTS: add it there")
+
+
+def _trains_regex(name: str) -> str:
+    if name in ADAPTERS:
+        return ADAPTERS[name]
+    return '|'.join(PARTS[part] for part in TRAINABLE_PARTS[name])
+
+
+def trained_parts(trains: str) -> set[str]:
+    """The parts a stage training `trains` defines (adapters define none)."""
+    return {part for name in trains.split('+') for part in TRAINABLE_PARTS.get(name, ())}
 
 
 def trainable_filter(trains: str) -> Callable[[tuple, Any], bool]:
-    """An NNX filter selecting the Params of the named parts; unknown parts raise."""
+    """An NNX filter selecting the Params of the named parts; unknown names raise."""
     names = [n for n in trains.split('+') if n]
-    unknown = [n for n in names if n not in TRAINABLE_PARTS]
+    known = {*TRAINABLE_PARTS, *ADAPTERS}
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(
-            f"stage.trains={trains!r}: unknown parts {unknown}; known: {sorted(TRAINABLE_PARTS)}"
+            f"stage.trains={trains!r}: unknown parts {unknown}; known: {sorted(known)}"
         )
-    pattern = re.compile('|'.join(f'(?:{TRAINABLE_PARTS[n]})' for n in names))
+    pattern = re.compile('|'.join(f'(?:{_trains_regex(n)})' for n in names))
 
     def is_trainable(path: tuple, value: Any) -> bool:
         return isinstance(value, nnx.Param) and bool(pattern.search(path_str(path)))

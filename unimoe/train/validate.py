@@ -19,6 +19,7 @@ import pathlib
 import jax
 import ml_collections
 
+from unimoe import factory
 from unimoe.config import StageConfig, stage_config, stage_order
 from unimoe.convert import core as convert_core
 from unimoe.data import json_builder, tasks as tasks_lib
@@ -26,31 +27,9 @@ from unimoe.moe import config as moe_config
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib
 from unimoe.train import nonfinite, trainer
 
-# The model's parts as far as initialisation goes; 'ffn' is split out of the LM because stage 2
-# trains the FFNs and stage 3 gets them from `experts_from`.
-_LLM = ('llm', 'ffn')
-# What training each part of `stage.trains` defines (LoRA adapters and routers start new on
-# purpose: LoRA's B is zero, a new router is uniform enough).
-_DEFINES = {
-    'llm': _LLM,
-    'ffn': ('ffn',),
-    'vision': ('vision',),
-    'audio': ('audio',),
-    'connectors': ('image connector', 'audio connector'),
-    'lora': (),
-    'router': (),
-}
 # `config.pretrained` labels -> parts (the converted Whisper holds its decoder as the connector's
 # body, but the connector's own projection starts new: stage 1 trains the connectors).
-_PRETRAINED = {'llm': _LLM, 'vision': ('vision',), 'audio': ('audio',)}
-_MEDIA_PARTS = {
-    'image': ('vision', 'image connector'),
-    'video': ('vision', 'image connector'),
-    'speech': ('audio', 'audio connector'),
-    'audio': ('audio', 'audio connector'),
-    'image_speech': ('vision', 'image connector', 'audio', 'audio connector'),
-    'text': (),
-}
+_PRETRAINED = {'llm': factory.TRAINABLE_PARTS['llm'], 'vision': ('vision',), 'audio': ('audio',)}
 
 
 def validate_experiment(config: ml_collections.ConfigDict) -> None:
@@ -150,11 +129,11 @@ def _needed(stage: StageConfig) -> set[str]:
         return {'vision'}
     if stage.mode == 'classify_audio':
         return {'audio'}
-    needed = set(_LLM)
+    needed = set(factory.TRAINABLE_PARTS['llm'])
     if stage.mode == 'chat' and not stage.json_sources:
         # JSON data's modalities are only known by reading it: the LM is checked, media are not.
         for task in stage.tasks:
-            needed.update(_MEDIA_PARTS[tasks_lib.TASKS[task]])
+            needed.update(factory.MODALITY_PARTS[tasks_lib.TASKS[task]])
     return needed
 
 
@@ -172,12 +151,13 @@ def _check_initialisation(config: ml_collections.ConfigDict) -> None:
         provided = set().union(*(defined[s] for s in sources)) if sources else set(pretrained)
         if stage.experts_from:
             provided.add('ffn')
-        trained = {part for t in stage.trains.split('+') if t for part in _DEFINES[t]}
-        defined[name] = trained | provided
+        defined[name] = factory.trained_parts(stage.trains) | provided
         missing = sorted(_needed(stage) - defined[name])
         if missing:
             labels = sorted(k for k, parts in _PRETRAINED.items() if set(parts) & set(missing))
-            parts = sorted(k for k, parts in _DEFINES.items() if set(parts) & set(missing))
+            parts = sorted(
+                k for k, parts in factory.TRAINABLE_PARTS.items() if set(parts) & set(missing)
+            )
             fix = f"Set config.pretrained.{{{','.join(labels)}}}, or add" if labels else 'Add'
             raise ValueError(
                 f"stage {name!r} ({stage.mode}) runs {', '.join(missing)} frozen "
