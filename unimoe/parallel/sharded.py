@@ -160,25 +160,30 @@ def jit_step(
     JAX's compiled program.
     """
     replicated = NamedSharding(plan.mesh, jax.sharding.PartitionSpec())
-    jitted: list[Any] = []
+    jitted: list[Any] = []  # the jitted step and its state shardings, from the first call
 
     def jit_for(trainable: Any, opt_state: Any, rest: Any, batch: Mapping[str, Any]) -> Any:
         if not jitted:
             state_shardings = tuple(plan.shardings(t) for t in (trainable, opt_state, rest))
             batch_shardings = {k: plan.batch_sharding(tuple(v.shape)) for k, v in batch.items()}
-            jitted.append(
-                jax.jit(
-                    step_fn,
-                    in_shardings=(*state_shardings, batch_shardings, replicated),
-                    out_shardings=(*state_shardings, replicated),
-                    donate_argnums=(0, 1, 2) if donate else (),
-                )
+            step = jax.jit(
+                step_fn,
+                in_shardings=(*state_shardings, batch_shardings, replicated),
+                out_shardings=(*state_shardings, replicated),
+                donate_argnums=(0, 1, 2) if donate else (),
             )
+            jitted.extend((step, state_shardings))
         return jitted[0]
 
-    def call(*args: Any) -> Any:
+    def call(trainable: Any, opt_state: Any, rest: Any, *batch_and_index: Any) -> Any:
+        first = not jitted
+        step = jit_for(trainable, opt_state, rest, batch_and_index[0])
+        if first:
+            # The state comes back committed to its shardings; a first state that is not (fresh
+            # arrays) would make the second call compile the step again.
+            trainable, opt_state, rest = jax.device_put((trainable, opt_state, rest), jitted[1])
         with plan.context():
-            return jit_for(*args[:4])(*args)
+            return step(trainable, opt_state, rest, *batch_and_index)
 
     def lower(*args: Any) -> Any:
         with plan.context():

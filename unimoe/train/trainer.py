@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from unimoe import factory
-from unimoe.checkpoint import path_str
+from unimoe.checkpoint import Checkpointer, path_str
 from unimoe.config import StageConfig, split_list, stage_config, stage_order
 from unimoe.convert import upcycle
 from unimoe.data import json_pipeline, pipeline
@@ -77,6 +77,71 @@ def stage_loss_config(stage: StageConfig) -> step_lib.LossConfig:
     return step_lib.LossConfig(kind=stage.mode, **{k: getattr(stage, k) for k in fields})
 
 
+def stage_loader(
+    config: ml_collections.ConfigDict, stage: StageConfig, tokenizer: TextTokenizer, seed: int
+) -> Any:
+    """The stage's training batches: this process's shard of the records and of every batch."""
+    shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    if stage.json_sources:
+        return json_pipeline.make_dataset(
+            json_data_config(config, stage, seed), tokenizer, **shards
+        )
+    return pipeline.make_train_loader(
+        pipeline.DataConfig(**{**config.data.to_dict(), 'batch_size': stage.batch_size}),
+        tokenizer,
+        list(stage.tasks),
+        stage.mode,
+        seed=seed,
+        **shards,
+    )
+
+
+class TrainState:
+    """What a step changes and a checkpoint holds: the model split into its trainable Params and
+    the rest (frozen Params, dropout RNG state, router biases), the optimizer state and the
+    stage's counters (bad records the real-data pipeline skipped, steps the non-finite guard
+    skipped, since the stage started)."""
+
+    def __init__(self, model: nnx.Module, trains: str, plan: sharded.Plan, tx: Any):
+        self.model, self.is_trainable = model, factory.trainable_filter(trains)
+        self.graphdef, trainable, rest = nnx.split(model, self.is_trainable, ...)
+        # Parameters loaded from earlier stages arrive as host arrays: back into their shards.
+        self.trainable, self.rest = sharded.place(plan, trainable), sharded.place(plan, rest)
+        self.opt_state = sharded.init_optimizer(plan, tx, self.trainable)
+        self.counters = {'skipped_records': np.int32(0), 'nonfinite_steps': np.int32(0)}
+
+    def checkpoint(self) -> dict[str, Any]:
+        merged = nnx.merge(self.graphdef, self.trainable, self.rest)
+        return {
+            'params': nnx.state(merged, nnx.Param),
+            # Dropout RNG keys and counts, router biases: what a resumed step needs besides Params.
+            'model_state': nnx.state(merged, nnx.Not(nnx.Param)),
+            'opt_state': self.opt_state,
+            'counters': self.counters,
+        }
+
+    def restore_latest(self, ckpt: Checkpointer, data_iter: Any, plan: sharded.Plan) -> int:
+        """Restores the latest restorable checkpoint (each process its shards, straight into
+        place) and the data iterator; returns its step, 0 when there is none."""
+        abstract_state = sharded.with_shardings(plan, jax.eval_shape(self.checkpoint))
+        restored = ckpt.restore_latest(abstract_state, data_iter)
+        if restored is None:
+            return 0
+        step, state = restored
+        nnx.update(self.model, state['params'], state['model_state'])
+        self.graphdef, self.trainable, self.rest = nnx.split(self.model, self.is_trainable, ...)
+        self.opt_state = state['opt_state']
+        self.counters = {k: np.int32(v) for k, v in state['counters'].items()}
+        return step
+
+    def apply(self, train_step: step_lib.TrainStep, batch: Any, step: int) -> Any:
+        """One train step on this state; returns its metrics."""
+        self.trainable, self.opt_state, self.rest, metrics = train_step(
+            self.trainable, self.opt_state, self.rest, batch, np.int32(step - 1)
+        )
+        return metrics
+
+
 def train_stage(
     config: ml_collections.ConfigDict,
     name: str,
@@ -90,117 +155,29 @@ def train_stage(
     `preemption.Preempted`.
     """
     stage = stage_config(config, name)
-    stage_dir = workdir / name
-    # Sharded init, state and step on `config.mesh` (one device without it); each process reads
-    # its rows of the batch.
+    # Sharded init, state and step on `config.mesh` (one device without it).
     plan = sharded.plan_from_config(config)
     model, origin = factory.build_stage_model(config, name, workdir, tokenizer, plan)
-    is_trainable = factory.trainable_filter(stage.trains)
-    graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
-    # Parameters loaded from earlier stages arrive as host arrays: back into their shards.
-    trainable, rest = sharded.place(plan, trainable), sharded.place(plan, rest)
-    log.info('stage %s: mesh %s', name, mesh_lib.describe(plan.mesh))
-    defined = sorted(set(origin) | {path_str(p) for p, _ in nnx.to_flat_state(trainable)})
-    num_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-    log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
-
     optim_cfg, loss_cfg = stage_optim_config(stage), stage_loss_config(stage)
-    tx = optim.make_optimizer(optim_cfg)
-    opt_state = sharded.init_optimizer(plan, tx, trainable)
+    state = TrainState(model, stage.trains, plan, optim.make_optimizer(optim_cfg))
+    log.info('stage %s: mesh %s', name, mesh_lib.describe(plan.mesh))
+    defined = sorted(set(origin) | {path_str(p) for p, _ in nnx.to_flat_state(state.trainable)})
+    num_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
+    log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
     seed = config.seed + zlib.crc32(name.encode()) % 1000
-    # This process's shard of the records and of every global batch.
-    shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-    if stage.json_sources:
-        loader = json_pipeline.make_dataset(
-            json_data_config(config, stage, seed), tokenizer, **shards
-        )
-    else:
-        loader = pipeline.make_train_loader(
-            pipeline.DataConfig(**{**config.data.to_dict(), 'batch_size': stage.batch_size}),
-            tokenizer,
-            list(stage.tasks),
-            stage.mode,
-            seed=seed,
-            **shards,
-        )
-    data_iter = iter(loader)
-    # Bad records the real-data pipeline skipped (on_error='skip'; they travel in the batches) and
-    # steps the non-finite guard skipped, since the stage started: checkpointed with the state.
-    counters = {'skipped_records': np.int32(0), 'nonfinite_steps': np.int32(0)}
-
-    def train_state() -> dict[str, Any]:
-        merged = nnx.merge(graphdef, trainable, rest)
-        return {
-            'params': nnx.state(merged, nnx.Param),
-            # Dropout RNG keys and counts, router biases: what a resumed step needs besides Params.
-            'model_state': nnx.state(merged, nnx.Not(nnx.Param)),
-            'opt_state': opt_state,
-            'counters': counters,
-        }
+    data_iter = iter(stage_loader(config, stage, tokenizer, seed))
 
     # Closing waits for a save in flight, also when training stops on an error.
     with factory.stage_checkpointer(workdir, name) as ckpt:
-        start_step = 0
-        # Each process restores its shards straight into place.
-        abstract_state = sharded.with_shardings(plan, jax.eval_shape(train_state))
-        restored = ckpt.restore_latest(abstract_state, data_iter)
-        if restored is not None:
-            start_step, state = restored
-            nnx.update(model, state['params'], state['model_state'])
-            graphdef, trainable, rest = nnx.split(model, is_trainable, ...)
-            opt_state = state['opt_state']
-            counters = {k: np.int32(v) for k, v in state['counters'].items()}
+        start_step = state.restore_latest(ckpt, data_iter, plan)
+        if start_step:
             log.info('stage %s: resumed at step %d', name, start_step)
-
-        train_step = step_lib.make_train_step(plan, graphdef, stage.trains, optim_cfg, loss_cfg)
-        schedule = optim.learning_rate_schedule(optim_cfg)
-        finite_guard = nonfinite.NonFiniteGuard(
-            config.get('nonfinite', 'stop'),
-            nonfinite.leaf_paths(trainable),
-            name,
-            skipped_steps=int(counters['nonfinite_steps']),
+        loop = StepLoop(config, stage, name, state, ckpt, data_iter)
+        train_step = step_lib.make_train_step(
+            plan, state.graphdef, stage.trains, optim_cfg, loss_cfg
         )
-
-        def save(step: int, force: bool = False) -> None:
-            finite_guard.check()  # in 'stop' mode, never checkpoint past a bad step unnoticed
-            counters['nonfinite_steps'] = np.int32(finite_guard.skipped_steps)
-            ckpt.save(step, train_state(), data_iter, force=force)
-
-        last: dict[str, Any] = {}
         started = time.perf_counter()
-        with metrics_lib.MetricsWriter(
-            stage_dir, total_steps=stage.steps, desc=name, initial_step=start_step
-        ) as writer:
-            for step in range(start_step + 1, stage.steps + 1):
-                batch = dict(next(data_iter))
-                counters['skipped_records'] += np.int32(np.sum(batch.pop('num_skipped', 0)))
-                batch = sharded.shard_batch(plan, batch)
-                trainable, opt_state, rest, metrics = train_step(
-                    trainable, opt_state, rest, batch, np.int32(step - 1)
-                )
-                finite_guard.add(step, metrics)
-                writer.update(1)
-                if step % config.log_every == 0 or step == stage.steps:
-                    bad_steps = finite_guard.check()
-                    last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-                    # A skipped step's NaN / Inf values are not logged; its step is counted instead.
-                    last = {k: v for k, v in last.items() if np.all(np.isfinite(v))}
-                    # Skipped steps do not advance the optimizer, nor so its schedule.
-                    applied = step - 1 - finite_guard.skipped_steps + (step in bad_steps)
-                    extra = {'learning_rate': schedule(applied)}
-                    if finite_guard.mode == 'skip':
-                        extra['nonfinite_steps'] = finite_guard.skipped_steps
-                    if stage.json_sources:
-                        extra['skipped_records'] = counters['skipped_records']
-                    writer.write(step, {**last, **extra})
-                if signals is not None and signals.requested and step < stage.steps:
-                    save(step, force=True)
-                    ckpt.wait()
-                    raise preemption.Preempted(name, step, signals.requested)
-                if step % config.checkpoint_every == 0 and step < stage.steps:
-                    save(step)
-        save(stage.steps, force=True)
-        ckpt.wait()
+        last = loop.run(plan, train_step, start_step, workdir / name, signals)
         summary = {
             'final_step': stage.steps,
             'seconds': time.perf_counter() - started,
@@ -209,6 +186,85 @@ def train_stage(
         # Not in the returned summary (it is long): what later stages may take from this one.
         ckpt.mark_done({**summary, 'defined_params': defined})
         return summary
+
+
+class StepLoop:
+    """A stage's steps from its start (or resume) step to its last: logging every `log_every`
+    steps, checkpoints every `checkpoint_every` and at the end, the non-finite guard, and a
+    checkpoint then `preemption.Preempted` when SIGTERM / SIGINT arrived."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        stage: StageConfig,
+        name: str,
+        state: TrainState,
+        ckpt: Checkpointer,
+        data_iter: Any,
+    ):
+        self.stage, self.name, self.state, self.ckpt = stage, name, state, ckpt
+        self.data_iter = data_iter
+        self.log_every, self.checkpoint_every = config.log_every, config.checkpoint_every
+        self.schedule = optim.learning_rate_schedule(stage_optim_config(stage))
+        self.guard = nonfinite.NonFiniteGuard(
+            config.get('nonfinite', 'stop'),
+            nonfinite.leaf_paths(state.trainable),
+            name,
+            skipped_steps=int(state.counters['nonfinite_steps']),
+        )
+
+    def save(self, step: int, force: bool = False) -> None:
+        self.guard.check()  # in 'stop' mode, never checkpoint past a bad step unnoticed
+        self.state.counters['nonfinite_steps'] = np.int32(self.guard.skipped_steps)
+        self.ckpt.save(step, self.state.checkpoint(), self.data_iter, force=force)
+
+    def run(
+        self,
+        plan: sharded.Plan,
+        train_step: step_lib.TrainStep,
+        start_step: int,
+        logdir: pathlib.Path,
+        signals: preemption.PreemptionGuard | None,
+    ) -> dict[str, Any]:
+        """Runs the steps after `start_step`; returns the last logged metrics."""
+        stage, counters, last = self.stage, self.state.counters, {}
+        with metrics_lib.MetricsWriter(
+            logdir, total_steps=stage.steps, desc=self.name, initial_step=start_step
+        ) as writer:
+            for step in range(start_step + 1, stage.steps + 1):
+                batch = dict(next(self.data_iter))
+                # Skipped records travel in the batches (on_error='skip'), never into the step.
+                counters['skipped_records'] += np.int32(np.sum(batch.pop('num_skipped', 0)))
+                metrics = self.state.apply(train_step, sharded.shard_batch(plan, batch), step)
+                self.guard.add(step, metrics)
+                writer.update(1)
+                if step % self.log_every == 0 or step == stage.steps:
+                    last = self.log(writer, step, metrics)
+                if signals is not None and signals.requested and step < stage.steps:
+                    self.save(step, force=True)
+                    self.ckpt.wait()
+                    raise preemption.Preempted(self.name, step, signals.requested)
+                if step % self.checkpoint_every == 0 and step < stage.steps:
+                    self.save(step)
+        self.save(stage.steps, force=True)
+        self.ckpt.wait()
+        return last
+
+    def log(self, writer: metrics_lib.MetricsWriter, step: int, metrics: Any) -> dict[str, Any]:
+        """Writes step `step`'s metrics (the non-finite guard checked first); returns them."""
+        bad_steps = self.guard.check()
+        last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+        # A skipped step's NaN / Inf values are not logged; its step is counted instead.
+        last = {k: v for k, v in last.items() if np.all(np.isfinite(v))}
+        # Skipped steps do not advance the optimizer, nor so its schedule.
+        applied = step - 1 - self.guard.skipped_steps + (step in bad_steps)
+        extra = {'learning_rate': self.schedule(applied)}
+        if self.guard.mode == 'skip':
+            extra['nonfinite_steps'] = self.guard.skipped_steps
+        if self.stage.json_sources:
+            extra['skipped_records'] = self.state.counters['skipped_records']
+        writer.write(step, {**last, **extra})
+        return last
 
 
 def validate_stages(config: ml_collections.ConfigDict) -> None:
@@ -256,7 +312,9 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def run_stages(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: TextTokenizer) -> None:
+def run_stages(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: TextTokenizer
+) -> None:
     """Trains every unfinished stage; SIGTERM / SIGINT raise `preemption.Preempted` after saving."""
     validate_stages(config)
     with preemption.PreemptionGuard() as signals:
