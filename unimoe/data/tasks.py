@@ -205,6 +205,126 @@ def _clip(wave: np.ndarray, rng: np.random.Generator, cfg: ExampleConfig) -> np.
     return np.round(np.clip(clip[:num_valid], -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
+@dataclasses.dataclass
+class _Drawn:
+    """What one task's generator drew: the turn, its answer, and the media it uses."""
+
+    human: str
+    answer: str
+    image: np.ndarray | None = None
+    video: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    image_label: int = -1
+    audio_label: int = -1
+
+
+def _text_example(
+    task: str, rng: np.random.Generator, synth: media.SpeechSynthesizer, cfg: ExampleConfig
+) -> _Drawn:
+    if rng.integers(2) == 0:
+        a, b = _choice(rng, _PLUS_PAIRS)
+        return _Drawn(f"What is {a} plus {b}?", str(a + b))
+    a, b = _choice(rng, _MINUS_PAIRS)
+    return _Drawn(f"What is {a} minus {b}?", str(a - b))
+
+
+def _image_example(
+    task: str, rng: np.random.Generator, synth: media.SpeechSynthesizer, cfg: ExampleConfig
+) -> _Drawn:
+    size, audio, audio_label = cfg.image_size, None, -1
+    if task == "image_caption":
+        objects = media.random_objects(rng, int(rng.integers(1, _MAX_OBJECTS + 1)), size)
+        human, answer = f"<image>\n{IMAGE_CAPTION_PROMPT}", describe_objects(objects)
+    else:
+        objects, question_type, subject, answer = _scene_question(rng, size)
+        question = {
+            "color": f"what color is the {subject}",
+            "shape": f"what shape is the {subject} object",
+            "count": COUNT_QUESTION,
+        }[question_type]
+        if task == "image_qa":
+            suffix = DIGIT_SUFFIX if question_type == "count" else ""
+            human = f"<image>\n{question[0].upper()}{question[1:]}?{suffix}"
+        else:
+            human = f"<image>\n<audio>\n{IMAGE_SPEECH_PROMPT}"
+            audio = _clip(synth.synthesize(question), rng, cfg)
+            audio_label = SPOKEN_VOCAB.index(question)
+    image = media.render_scene(objects, size, rng)[None]
+    return _Drawn(
+        human,
+        answer,
+        image=image,
+        audio=audio,
+        image_label=image_label(objects[0]),
+        audio_label=audio_label,
+    )
+
+
+def _video_example(
+    task: str, rng: np.random.Generator, synth: media.SpeechSynthesizer, cfg: ExampleConfig
+) -> _Drawn:
+    obj = media.random_objects(rng, 1, cfg.image_size)[0]
+    direction = _choice(rng, media.DIRECTIONS)
+    video = media.render_video(obj, direction, cfg.num_frames, cfg.image_size, rng)
+    if task == "video_caption":
+        human = f"<video>\n{VIDEO_CAPTION_PROMPT}"
+        return _Drawn(human, f"a {obj.color} {obj.shape} moving {direction}", video=video)
+    question_type = _choice(rng, tuple(VIDEO_QUESTIONS))
+    answer = {"color": obj.color, "shape": obj.shape, "axis": _AXIS[direction]}[question_type]
+    return _Drawn(f"<video>\n{VIDEO_QUESTIONS[question_type]}", answer, video=video)
+
+
+def _speech_example(
+    task: str, rng: np.random.Generator, synth: media.SpeechSynthesizer, cfg: ExampleConfig
+) -> _Drawn:
+    if task == "speech_transcript":
+        # Two thirds single keywords, one third the spoken questions of image_speech_qa.
+        words = SPOKEN_KEYWORDS if rng.integers(3) else SPOKEN_QUESTIONS
+        spoken = _choice(rng, words)
+        human, answer = f"<audio>\n{TRANSCRIBE_PROMPT}", spoken
+    else:
+        question_type = _choice(rng, tuple(SPEECH_QUESTIONS))
+        spoken = _choice(
+            rng,
+            {"color": COLOR_NAMES, "shape": media.SHAPES, "number": DIGIT_WORDS}[question_type],
+        )
+        answer = str(DIGIT_WORDS.index(spoken) + 1) if question_type == "number" else spoken
+        human = f"<audio>\n{SPEECH_QUESTIONS[question_type]}"
+    audio = _clip(synth.synthesize(spoken), rng, cfg)
+    return _Drawn(human, answer, audio=audio, audio_label=SPOKEN_VOCAB.index(spoken))
+
+
+def _sound_example(
+    task: str, rng: np.random.Generator, synth: media.SpeechSynthesizer, cfg: ExampleConfig
+) -> _Drawn:
+    kind, pitch = _choice(rng, media.SOUND_KINDS), _choice(rng, media.PITCHES)
+    seconds = float(rng.uniform(0.5, 1.5)) * cfg.clip_samples / (3 * media.SAMPLE_RATE)
+    audio = _clip(media.synth_sound(kind, pitch, seconds, rng), rng, cfg)
+    label = sound_label(kind, pitch)
+    if task == "audio_caption":
+        human, answer = f"<audio>\n{AUDIO_CAPTION_PROMPT}", f"a {pitch} {kind}"
+    else:
+        question_type = _choice(rng, tuple(AUDIO_QUESTIONS))
+        human = f"<audio>\n{AUDIO_QUESTIONS[question_type]}"
+        answer = kind if question_type == "kind" else pitch
+    return _Drawn(human, answer, audio=audio, audio_label=label)
+
+
+# Each task's generator: (task, rng, synth, cfg) -> _Drawn. The draws' order is the dataset.
+_GENERATORS = {
+    "text_qa": _text_example,
+    "image_caption": _image_example,
+    "image_qa": _image_example,
+    "image_speech_qa": _image_example,
+    "video_caption": _video_example,
+    "video_qa": _video_example,
+    "speech_transcript": _speech_example,
+    "speech_qa": _speech_example,
+    "audio_caption": _sound_example,
+    "audio_qa": _sound_example,
+}
+
+
 def generate_example(
     task: str,
     index: int,
@@ -221,93 +341,19 @@ def generate_example(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASK_NAMES}, got {task!r}")
-    size = cfg.image_size
-    image = np.zeros((0, size, size, 3), np.uint8)
-    video = np.zeros((0, size, size, 3), np.uint8)
-    audio = np.zeros((0,), np.int16)
-    img_label = aud_label = -1
-
-    if task == "text_qa":
-        if rng.integers(2) == 0:
-            a, b = _choice(rng, _PLUS_PAIRS)
-            human, answer = f"What is {a} plus {b}?", str(a + b)
-        else:
-            a, b = _choice(rng, _MINUS_PAIRS)
-            human, answer = f"What is {a} minus {b}?", str(a - b)
-    elif task in ("image_caption", "image_qa", "image_speech_qa"):
-        if task == "image_caption":
-            objects = media.random_objects(rng, int(rng.integers(1, _MAX_OBJECTS + 1)), size)
-            human, answer = f"<image>\n{IMAGE_CAPTION_PROMPT}", describe_objects(objects)
-        else:
-            objects, question_type, subject, answer = _scene_question(rng, size)
-            question = {
-                "color": f"what color is the {subject}",
-                "shape": f"what shape is the {subject} object",
-                "count": COUNT_QUESTION,
-            }[question_type]
-            if task == "image_qa":
-                suffix = DIGIT_SUFFIX if question_type == "count" else ""
-                human = f"<image>\n{question[0].upper()}{question[1:]}?{suffix}"
-            else:
-                human = f"<image>\n<audio>\n{IMAGE_SPEECH_PROMPT}"
-                audio = _clip(synth.synthesize(question), rng, cfg)
-                aud_label = SPOKEN_VOCAB.index(question)
-        image = media.render_scene(objects, size, rng)[None]
-        img_label = image_label(objects[0])
-    elif task in ("video_caption", "video_qa"):
-        obj = media.random_objects(rng, 1, size)[0]
-        direction = _choice(rng, media.DIRECTIONS)
-        video = media.render_video(obj, direction, cfg.num_frames, size, rng)
-        if task == "video_caption":
-            human, answer = (
-                f"<video>\n{VIDEO_CAPTION_PROMPT}",
-                f"a {obj.color} {obj.shape} moving {direction}",
-            )
-        else:
-            question_type = _choice(rng, tuple(VIDEO_QUESTIONS))
-            human = f"<video>\n{VIDEO_QUESTIONS[question_type]}"
-            answer = {"color": obj.color, "shape": obj.shape, "axis": _AXIS[direction]}[
-                question_type
-            ]
-    elif task in ("speech_transcript", "speech_qa"):
-        if task == "speech_transcript":
-            # Two thirds single keywords, one third the spoken questions of image_speech_qa.
-            words = SPOKEN_KEYWORDS if rng.integers(3) else SPOKEN_QUESTIONS
-            spoken = _choice(rng, words)
-            human, answer = f"<audio>\n{TRANSCRIBE_PROMPT}", spoken
-        else:
-            question_type = _choice(rng, tuple(SPEECH_QUESTIONS))
-            spoken = _choice(
-                rng,
-                {"color": COLOR_NAMES, "shape": media.SHAPES, "number": DIGIT_WORDS}[question_type],
-            )
-            answer = str(DIGIT_WORDS.index(spoken) + 1) if question_type == "number" else spoken
-            human = f"<audio>\n{SPEECH_QUESTIONS[question_type]}"
-        audio = _clip(synth.synthesize(spoken), rng, cfg)
-        aud_label = SPOKEN_VOCAB.index(spoken)
-    else:  # audio_caption, audio_qa
-        kind, pitch = _choice(rng, media.SOUND_KINDS), _choice(rng, media.PITCHES)
-        seconds = float(rng.uniform(0.5, 1.5)) * cfg.clip_samples / (3 * media.SAMPLE_RATE)
-        audio = _clip(media.synth_sound(kind, pitch, seconds, rng), rng, cfg)
-        aud_label = sound_label(kind, pitch)
-        if task == "audio_caption":
-            human, answer = f"<audio>\n{AUDIO_CAPTION_PROMPT}", f"a {pitch} {kind}"
-        else:
-            question_type = _choice(rng, tuple(AUDIO_QUESTIONS))
-            human = f"<audio>\n{AUDIO_QUESTIONS[question_type]}"
-            answer = kind if question_type == "kind" else pitch
-
+    drawn = _GENERATORS[task](task, rng, synth, cfg)
+    no_frames = np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
     return {
         "id": f"{split}-{task}-{index:06d}",
         "task": task,
         "modality": TASKS[task],
-        "conversations": _conversation(human, answer),
-        "answer": answer,
-        "image": image,
-        "video": video,
-        "audio": audio,
-        "image_label": np.int32(img_label),
-        "audio_label": np.int32(aud_label),
+        "conversations": _conversation(drawn.human, drawn.answer),
+        "answer": drawn.answer,
+        "image": no_frames if drawn.image is None else drawn.image,
+        "video": no_frames if drawn.video is None else drawn.video,
+        "audio": np.zeros((0,), np.int16) if drawn.audio is None else drawn.audio,
+        "image_label": np.int32(drawn.image_label),
+        "audio_label": np.int32(drawn.audio_label),
     }
 
 

@@ -253,10 +253,17 @@ def evaluate_benchmark(
         max_new_tokens=max_new_tokens,
         sampling=dataclasses.asdict(sampling),
     )
+    _write_results(output, benchmark, items, predictions, scores)
+    log.info("%s: %s = %.4f", benchmark, scores["headline"], scores[scores["headline"]])
+    return scores
+
+
+def _write_results(
+    output: str, benchmark: str, items: list, predictions: list[str], scores: dict[str, Any]
+) -> None:
+    """Each input record with its `prediction`, and the scores, under `output`."""
     predictions_path, scores_path = output_paths(output, benchmark)
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     records = [{**item.raw, benchmarks.PREDICTION_KEY: p} for item, p in zip(items, predictions)]
     _write_json(predictions_path, records)
     _write_json(scores_path, scores)
-    log.info("%s: %s = %.4f", benchmark, scores["headline"], scores[scores["headline"]])
-    return scores

@@ -175,6 +175,41 @@ def capacity(
 DROP_POLICIES = ("position", "score")
 
 
+def _capacity_slots(
+    experts_nk: jax.Array,
+    token_mask_n: jax.Array,
+    num_experts: int,
+    cap: int,
+    drop_policy: str,
+    scores_nk: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(slot_m: buffer row e * C + queue place of each assignment, E * C = none; kept_m;
+    valid_m)."""
+    num_tokens, top_k = experts_nk.shape
+    num_rows = num_tokens * top_k
+    experts_m = sentinel_ids(experts_nk, num_experts).reshape(-1)
+    valid_m = (experts_m < num_experts) & jnp.repeat(token_mask_n.astype(bool), top_k)
+    experts_m = jnp.where(valid_m, experts_m, num_experts)
+    if drop_policy == "position":
+        priority_m = jnp.arange(num_rows)
+    else:
+        # Rank of each assignment by descending score; argsort is stable, so ties keep position.
+        by_score_m = jnp.argsort(-scores_nk.reshape(-1).astype(jnp.float32), stable=True)
+        priority_m = jnp.zeros_like(by_score_m).at[by_score_m].set(jnp.arange(num_rows))
+    # Sorted by expert, then priority: an assignment's rank inside its expert's run is its place
+    # in that expert's queue.
+    order_m = jnp.lexsort((priority_m, experts_m))
+    starts_e = jnp.cumsum(jnp.bincount(experts_m, length=num_experts + 1)) - jnp.bincount(
+        experts_m, length=num_experts + 1
+    )
+    sorted_experts_m = experts_m[order_m]
+    queue_sorted_m = jnp.arange(num_rows) - starts_e[sorted_experts_m]
+    queue_m = jnp.zeros_like(queue_sorted_m).at[order_m].set(queue_sorted_m)
+    kept_m = valid_m & (queue_m < cap)
+    slot_m = jnp.where(kept_m, experts_m * cap + queue_m, num_experts * cap)
+    return slot_m, kept_m, valid_m
+
+
 def capacity_dispatch(
     x_nd: jax.Array,
     weights_nk: jax.Array,
@@ -207,26 +242,9 @@ def capacity_dispatch(
     num_rows = num_tokens * top_k
     cap = capacity(num_tokens, top_k, num_experts, capacity_factor, min_capacity)
 
-    experts_m = sentinel_ids(experts_nk, num_experts).reshape(-1)
-    valid_m = (experts_m < num_experts) & jnp.repeat(token_mask_n.astype(bool), top_k)
-    experts_m = jnp.where(valid_m, experts_m, num_experts)
-    if drop_policy == "position":
-        priority_m = jnp.arange(num_rows)
-    else:
-        # Rank of each assignment by descending score; argsort is stable, so ties keep position.
-        by_score_m = jnp.argsort(-scores_nk.reshape(-1).astype(jnp.float32), stable=True)
-        priority_m = jnp.zeros_like(by_score_m).at[by_score_m].set(jnp.arange(num_rows))
-    # Sorted by expert, then priority: an assignment's rank inside its expert's run is its place
-    # in that expert's queue.
-    order_m = jnp.lexsort((priority_m, experts_m))
-    starts_e = jnp.cumsum(jnp.bincount(experts_m, length=num_experts + 1)) - jnp.bincount(
-        experts_m, length=num_experts + 1
+    slot_m, kept_m, valid_m = _capacity_slots(
+        experts_nk, token_mask_n, num_experts, cap, drop_policy, scores_nk
     )
-    sorted_experts_m = experts_m[order_m]
-    queue_sorted_m = jnp.arange(num_rows) - starts_e[sorted_experts_m]
-    queue_m = jnp.zeros_like(queue_sorted_m).at[order_m].set(queue_sorted_m)
-    kept_m = valid_m & (queue_m < cap)
-    slot_m = jnp.where(kept_m, experts_m * cap + queue_m, num_experts * cap)
 
     # Buffer slot -> the assignment filling it (num_rows = empty), then gathers both ways.
     filler_s = jnp.full((num_experts * cap + 1,), num_rows).at[slot_m].set(jnp.arange(num_rows))

@@ -302,6 +302,39 @@ def _shard_body(
     return y_nd, num_dropped, num_valid
 
 
+def _local_backend(backend: str) -> str:
+    """The grouped-matmul backend of the local experts inside the shard_map."""
+    if backend != "pallas":
+        return backend
+    # The Pallas gmm's block index maps fail shard_map's check_vma on varying group metadata
+    # (interpret mode, jax 0.10.2); ragged_dot passes, so the local experts use it for now.
+    log.info("expert parallelism: local experts on ragged_dot, not the Pallas gmm")
+    return "ragged_dot"
+
+
+def _check_split(num_experts: int, num_tokens: int, ep_size: int, axes: tuple[str, ...]) -> None:
+    """The experts split evenly over `expert`, the tokens over the token axes, which hold it."""
+    if ep_size < 2:
+        raise ValueError(
+            "expert_parallel_dispatch needs a mesh (jax.set_mesh) with an `expert` axis > 1"
+        )
+    if num_experts % ep_size:
+        raise ValueError(
+            f"num_experts={num_experts} must be divisible by the `expert` mesh axis ({ep_size})"
+        )
+    if EXPERT_AXIS not in axes:  # whole tokens on every expert rank: each would send them all
+        raise ValueError(
+            f"expert parallelism splits the tokens over the `expert` axis, but the sharding rule "
+            f"'batch' splits them over {axes}: add 'expert' to config.sharding_rules.batch "
+            "(the default rules have it) or set config.model.moe.expert_parallel='off'"
+        )
+    if num_tokens % token_shards():
+        raise ValueError(
+            f"expert parallelism splits the {num_tokens} tokens (batch * length) over mesh axes "
+            f"{axes} ({token_shards()} shards): they must divide evenly"
+        )
+
+
 def expert_parallel_dispatch(
     x_nd: jax.Array,
     weights_nk: jax.Array,
@@ -324,41 +357,15 @@ def expert_parallel_dispatch(
     """
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    if backend == "pallas":
-        # The Pallas gmm's block index maps fail shard_map's check_vma on varying group metadata
-        # (interpret mode, jax 0.10.2); ragged_dot passes, so the local experts use it for now.
-        log.info("expert parallelism: local experts on ragged_dot, not the Pallas gmm")
-        backend = "ragged_dot"
+    backend = _local_backend(backend)
     dispatch.check_routing(x_nd, weights_nk, experts_nk)
-    ep_size = expert_parallel_size()
-    num_experts = experts.num_experts
-    if ep_size < 2:
-        raise ValueError(
-            "expert_parallel_dispatch needs a mesh (jax.set_mesh) with an `expert` axis > 1"
-        )
-    if num_experts % ep_size:
-        raise ValueError(
-            f"num_experts={num_experts} must be divisible by the `expert` mesh axis ({ep_size})"
-        )
-    dropout = experts.lora_dropout
-    dropout_key = None
-    if dropout is not None and not dropout.deterministic and dropout.rate > 0:
-        dropout_key = dropout.rngs()
-    axes, shards = token_axes(), token_shards()
-    if EXPERT_AXIS not in axes:  # whole tokens on every expert rank: each would send them all
-        raise ValueError(
-            f"expert parallelism splits the tokens over the `expert` axis, but the sharding rule "
-            f"'batch' splits them over {axes}: add 'expert' to config.sharding_rules.batch "
-            "(the default rules have it) or set config.model.moe.expert_parallel='off'"
-        )
-    mesh = jax.sharding.get_abstract_mesh()
+    ep_size, num_experts, axes = expert_parallel_size(), experts.num_experts, token_axes()
     num_tokens, top_k = experts_nk.shape
-    if num_tokens % shards:
-        raise ValueError(
-            f"expert parallelism splits the {num_tokens} tokens (batch * length) over mesh axes "
-            f"{axes} ({shards} shards): they must divide evenly"
-        )
-    cap = mailbox_capacity(num_tokens // shards * top_k, ep_size, capacity_factor)
+    _check_split(num_experts, num_tokens, ep_size, axes)
+    dropout = experts.lora_dropout
+    active_dropout = dropout is not None and not dropout.deterministic and dropout.rate > 0
+    dropout_key = dropout.rngs() if active_dropout else None
+    cap = mailbox_capacity(num_tokens // token_shards() * top_k, ep_size, capacity_factor)
 
     graphdef, params, rest = nnx.split(experts, nnx.Param, ...)
     token_spec, expert_spec = P(axes), P(EXPERT_AXIS)
@@ -379,12 +386,10 @@ def expert_parallel_dispatch(
         backend=backend,
         sum_axes=axes,
     )
+    in_specs = (token_spec, token_spec, token_spec, token_spec, expert_spec, P(), P())
     y_nd, num_dropped, num_valid = jax.shard_map(
-        body,
-        in_specs=(token_spec, token_spec, token_spec, token_spec, expert_spec, P(), P()),
-        out_specs=(token_spec, P(), P()),
-        check_vma=True,
+        body, in_specs=in_specs, out_specs=(token_spec, P(), P()), check_vma=True
     )(x_nd, weights_nk, experts_nk, token_mask_n, params, rest, dropout_key)
-    if any(t == AxisType.Explicit for t in mesh.axis_types):
+    if any(t == AxisType.Explicit for t in jax.sharding.get_abstract_mesh().axis_types):
         y_nd = jax.sharding.reshard(y_nd, caller_spec)
     return y_nd, num_dropped / jnp.maximum(num_valid, 1.0)
