@@ -44,11 +44,13 @@ run.run_experiment(config, WORKDIR)  # finished stages are skipped
 # %%
 tokenizer = run.prepare_data(config)
 model = evaluate.load_finished_stage(config, "s3_moe", pathlib.Path(WORKDIR), tokenizer)
-tasks = config_lib.split_list(config.eval.tasks)
-examples = pipeline.load_eval_examples(pipeline.DataConfig(**config.data.to_dict()), tokenizer, tasks)
-usage = expert_usage_by_layer(model, pipeline.collate(examples, config.eval.batch_size))
+eval_settings = config_lib.eval_config(config)
+tasks = list(eval_settings.tasks)
+data_config = pipeline.DataConfig(**config.data.to_dict())
+examples = pipeline.load_eval_examples(data_config, tokenizer, tasks)
+usage = expert_usage_by_layer(model, pipeline.collate(examples, eval_settings.batch_size))
 modalities = sorted(usage)
-experts = config_lib.split_list(config.stages.s3_moe.experts_from)
+experts = list(config_lib.stage_config(config, "s3_moe").experts_from)
 print({m: np.round(u.mean(0), 3).tolist() for m, u in usage.items()})
 
 # %%

@@ -28,7 +28,7 @@ def test_config_stages_build_abstractly(spec):
     # Stages differ in their model only by (moe, lora_rank); build each kind once.
     kinds = {
         (config.stages[name].moe, config.stages[name].lora_rank): name
-        for name in config_lib.split_list(config.stage_order)
+        for name in config_lib.stage_order(config)
     }
     for name in kinds.values():
         stage = config.stages[name]
@@ -86,6 +86,31 @@ def test_every_loss_field_is_settable_from_the_command_line():
     tiny = config_lib.load_config('configs/unimoe_tiny.py')
     default = trainer.stage_loss_config(config_lib.stage_config(tiny, 's3_moe'))
     assert (default.balance_coef_end, default.dcmoe_coef_end) == (None, None)
+
+
+def test_every_stage_field_and_the_eval_settings_are_typed_from_the_command_line():
+    argv = [
+        'main',
+        '--config=configs/unimoe_tiny.py:mode=test',
+        '--config.stages.s3_moe.upcycle_mode=copies',
+        '--config.stages.s3_moe.json_weights=0.25,0.75',
+        '--config.eval.tasks=text_qa,audio_qa',
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, '', values, lock_config=True, sys_argv=argv)
+    values(argv)
+    stage = config_lib.stage_config(values.config, 's3_moe')
+    assert (stage.upcycle_mode, stage.json_weights) == ('copies', (0.25, 0.75))
+    settings = config_lib.eval_config(values.config)
+    assert settings.tasks == ('text_qa', 'audio_qa') and settings.batch_size == 64
+    assert settings.stages[-1] == 's3_moe'
+    config = config_lib.load_config('configs/unimoe_tiny.py:mode=test')
+    config.eval = {'tasks': 'text_qa', 'batch_size': 'many'}  # written by hand, not by the CLI
+    with pytest.raises(ValueError, match=r"config.eval.batch_size='many' must be of type int"):
+        config_lib.eval_config(config)
+    config.eval = {'batch_size': 8, 'max_tokens': 4}
+    with pytest.raises(ValueError, match=r"config.eval has unknown fields \['max_tokens'\]"):
+        config_lib.eval_config(config)
 
 
 def test_stage_config_is_typed_once_and_names_the_bad_field():

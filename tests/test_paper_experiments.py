@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 from unimoe import config as config_lib
-from unimoe.config import split_list
+from unimoe.config import stage_config, stage_order
 from unimoe.eval import metrics
 from unimoe.train import trainer
 
@@ -33,10 +33,10 @@ def test_every_row_config_validates(row):
     )
     trainer.validate_stages(config)
     spec = ROWS[row]
-    assert config.paper.eval_stage in split_list(config.stage_order)
+    assert config.paper.eval_stage in stage_order(config)
     if spec.experts:
         s3 = config.stages.s3_moe
-        assert split_list(s3.experts_from) == list(spec.experts)
+        assert stage_config(config, 's3_moe').experts_from == tuple(spec.experts)
         assert (s3.learning_rate, s3.lora_rank) == (4e-5, 8)
         assert config.model.moe.num_experts == len(spec.experts)
         # epochs x records / global batch (the Uni-MoE paper)

@@ -12,7 +12,7 @@ import importlib.util
 import pathlib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -66,54 +66,33 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 
 def stage(
-    *,
-    trains: str,
-    tasks: Sequence[str],
-    steps: int,
-    learning_rate: float,
-    mode: str = 'chat',
-    warmup_fraction: float = 0.05,
-    batch_size: int = 32,
-    init_from: Sequence[str] = (),
-    experts_from: Sequence[str] = (),
-    moe: bool = False,
-    lora_rank: int = 0,
-    balance_coef: float = 0.0,
-    z_coef: float = 0.0,
+    *, steps: int, warmup_fraction: float = 0.05, **fields: Any
 ) -> ml_collections.ConfigDict:
-    """One entry of `config.stages` (the fields `unimoe.train.trainer` reads), for config files.
+    """One entry of `config.stages`, for config files: `StageConfig`'s fields by name.
 
-    Every field of the stage's loss (`unimoe.train.step.LossConfig`) is declared, so each can be
-    set from the command line (`--config.stages.s3_moe.dcmoe_coef_end=0.01`); the annealed ends
-    are unset (None) until a value is given.
+    Every field is declared, so each can be set from the command line
+    (`--config.stages.s3_moe.dcmoe_coef_end=0.01`): lists as comma-separated strings, the unset
+    optional ones (the annealed loss ends) as placeholders. `warmup_steps` defaults to
+    `warmup_fraction` of the steps (at least 1).
     """
-    return ml_collections.ConfigDict(
-        dict(
-            trains=trains,
-            mode=mode,
-            tasks=','.join(tasks),
-            steps=steps,
-            learning_rate=learning_rate,
-            warmup_steps=max(1, int(steps * warmup_fraction)),
-            weight_decay=0.0,
-            grad_clip=1.0,
-            batch_size=batch_size,
-            init_from=','.join(init_from),
-            experts_from=','.join(experts_from),
-            moe=moe,
-            lora_rank=lora_rank,
-            balance_coef=balance_coef,
-            balance_coef_end=config_dict.placeholder(float),
-            balance_decay_steps=0,
-            dcmoe_coef=0.0,
-            dcmoe_coef_end=config_dict.placeholder(float),
-            answer_token_weight=1.0,
-            z_coef=z_coef,
-        )
-    )
+    fields.setdefault('warmup_steps', max(1, int(steps * warmup_fraction)))
+    typed = StageConfig.from_config('<stage()>', {'steps': steps, **fields})
+    hints = typing.get_type_hints(StageConfig)
+    declared: dict[str, Any] = {}
+    for field in dataclasses.fields(StageConfig):
+        value = getattr(typed, field.name)
+        if field.name == 'name':
+            continue
+        if isinstance(value, tuple):
+            value = ','.join(str(v) for v in value)
+        elif value is None:  # `float | None`: a float once set
+            (kind,) = set(typing.get_args(hints[field.name])) - {type(None)}
+            value = config_dict.placeholder(kind)
+        declared[field.name] = value
+    return ml_collections.ConfigDict(declared)
 
 
-def split_list(text: str) -> list[str]:
+def _split_list(text: str) -> list[str]:
     """'a,b,,c' -> ['a', 'b', 'c']: a comma-separated list field of a config."""
     return [item for item in text.split(',') if item]
 
@@ -122,19 +101,20 @@ def split_list(text: str) -> list[str]:
 class StageConfig:
     """One stage, typed: `config.stages.<name>` as the trainer, the model factory, accounting and
     lowering read it. Comma-separated lists of the ConfigDict become tuples; `trains` stays the
-    '+'-joined parts string (`factory.trainable_filter`). Fields and their meaning: `stage()`,
-    `train.step.LossConfig` (the loss fields), `train.optim.OptimConfig`."""
+    '+'-joined parts string (`factory.trainable_filter`). `mode` is the data mode and loss kind;
+    the loss fields are `train.step.LossConfig`'s, the optimizer's `train.optim.OptimConfig`'s;
+    config files write stages with `stage()`."""
 
     name: str
     trains: str
-    mode: str
     tasks: tuple[str, ...]
     steps: int
     learning_rate: float
     warmup_steps: int
-    weight_decay: float
-    grad_clip: float
-    batch_size: int
+    mode: str = 'chat'
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 32
     init_from: tuple[str, ...] = ()
     experts_from: tuple[str, ...] = ()
     upcycle_mode: str = 'per_source'
@@ -155,18 +135,7 @@ class StageConfig:
     def from_config(cls, name: str, stage: Mapping[str, Any]) -> StageConfig:
         """Raises ValueError naming `config.stages.<name>.<field>` for an unknown field, a
         missing one or a value of the wrong type."""
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != 'name'}
-        unknown = sorted(set(stage) - set(fields))
-        if unknown:
-            raise ValueError(
-                f"config.stages.{name} has unknown fields {unknown}; known: {sorted(fields)}"
-            )
-        missing = [k for k, f in fields.items() if k not in stage and _required(f)]
-        if missing:
-            raise ValueError(f"config.stages.{name} lacks the fields {missing}")
-        hints = typing.get_type_hints(cls)
-        values = {k: _typed(f'config.stages.{name}.{k}', stage[k], hints[k]) for k in stage}
-        return cls(name=name, **values)
+        return _from_fields(cls, f'config.stages.{name}', stage, name=name)
 
 
 def _required(field: dataclasses.Field) -> bool:
@@ -178,7 +147,7 @@ def _typed(where: str, value: Any, hint: Any) -> Any:
     strings become tuples."""
     if typing.get_origin(hint) is tuple:
         (item,) = set(typing.get_args(hint)) - {Ellipsis}
-        items = split_list(value) if isinstance(value, str) else list(value)
+        items = _split_list(value) if isinstance(value, str) else list(value)
         return tuple(_typed(where, v, item) for v in items)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None:
@@ -194,8 +163,38 @@ def _typed(where: str, value: Any, hint: Any) -> Any:
     raise ValueError(f"{where}={value!r} must be of type {hint.__name__}")
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`config.eval`, typed: the stages evaluated on the built-in tasks at the end of a run."""
+
+    stages: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    batch_size: int = 8
+    max_new_tokens: int = 16
+
+
+def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
+    """The typed `config.eval` (all defaults when absent); errors name `config.eval.<field>`."""
+    raw = dict(config.get('eval') or {})
+    return _from_fields(EvalConfig, 'config.eval', raw)
+
+
+def _from_fields(cls: type, where: str, raw: Mapping[str, Any], **extra: Any) -> Any:
+    """`cls(**extra, **raw)` with every field of `raw` known and typed (`_typed`); raises
+    ValueError naming `<where>.<field>`."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in extra}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; known: {sorted(fields)}")
+    missing = [k for k, f in fields.items() if k not in raw and _required(f)]
+    if missing:
+        raise ValueError(f"{where} lacks the fields {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**extra, **{k: _typed(f'{where}.{k}', v, hints[k]) for k, v in raw.items()})
+
+
 def stage_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    return tuple(split_list(config.stage_order))
+    return tuple(_split_list(config.stage_order))
 
 
 def stage_config(config: ml_collections.ConfigDict, name: str) -> StageConfig:

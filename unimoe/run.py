@@ -9,7 +9,7 @@ import time
 
 import ml_collections
 
-from unimoe.config import split_list
+from unimoe.config import eval_config
 from unimoe.data import builtin
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.eval import evaluate
@@ -45,7 +45,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
     tokenizer = prepare_data(config)
     trainer.run_stages(config, workdir_path, tokenizer)
     table = ''
-    if split_list(config.eval.stages):
+    if eval_config(config).stages:
         table = evaluate.evaluate(config, workdir_path, tokenizer)
     log.info('experiment finished in %.0f s', time.perf_counter() - started)
     (workdir_path / 'timing.json').write_text(

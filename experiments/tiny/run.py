@@ -26,8 +26,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from experiments.tiny import config as arms_config
-from unimoe import run
-from unimoe.config import split_list
+from unimoe import config as config_lib, run
 from unimoe.data import pipeline, tasks as tasks_lib
 from unimoe.eval import evaluate
 from unimoe.eval.routing_analysis import expert_usage_by_layer
@@ -56,7 +55,7 @@ def link_shared_stages(
     what this arm's config says it is.
     """
     arm_dir.mkdir(parents=True, exist_ok=True)
-    shared = [s for s in split_list(config.stage_order) if s in base_config.stages]
+    shared = [s for s in config_lib.stage_order(config) if s in base_config.stages]
     for name in shared:
         if config.stages[name].to_dict() != base_config.stages[name].to_dict():
             raise ValueError(f'stage {name!r} differs from the base arm; give it its own name')
@@ -71,9 +70,10 @@ def save_expert_usage(
 ) -> dict[str, list]:
     """The stage's share of routed assignments per modality, layer and expert on the eval split."""
     model = evaluate.load_finished_stage(config, stage, arm_dir, tokenizer)
-    tasks = split_list(config.eval.tasks)
+    tasks = list(config_lib.eval_config(config).tasks)
     examples = pipeline.load_eval_examples(pipeline.DataConfig(**config.data.to_dict()), tokenizer, tasks)
-    usage = expert_usage_by_layer(model, pipeline.collate(examples, config.eval.batch_size))
+    batch_size = config_lib.eval_config(config).batch_size
+    usage = expert_usage_by_layer(model, pipeline.collate(examples, batch_size))
     result = {modality: u.tolist() for modality, u in usage.items()}
     (arm_dir / USAGE_FILE).write_text(json.dumps(result) + '\n')
     return result
@@ -196,11 +196,11 @@ def run_arms(
         loads[arm] = last_expert_load(arm_dir, stage)
         if config.stages[stage].moe:
             usage[arm] = save_expert_usage(config, stage, arm_dir, tokenizer)
-            sources = split_list(config.stages[stage].experts_from)
+            sources = list(config_lib.stage_config(config, stage).experts_from)
             if len(sources) == 1:  # copies of one FFN
                 sources = [f'copy{e}' for e in range(config.model.moe.num_experts)]
             expert_names[arm] = [s.removeprefix('s2_') for s in sources]
-    tasks = split_list(base_config.eval.tasks)
+    tasks = list(config_lib.eval_config(base_config).tasks)
     chance = {t: tasks_lib.chance_accuracy(t) for t in tasks}
     table, numbers = summarize(results, chance, loads)
     workdir.mkdir(parents=True, exist_ok=True)

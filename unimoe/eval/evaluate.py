@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -14,7 +15,7 @@ import tqdm
 from flax import nnx
 
 from unimoe import factory
-from unimoe.config import split_list, stage_config
+from unimoe.config import eval_config, stage_config
 from unimoe.data import pipeline, tasks as tasks_lib
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.eval import generate, scoring, tables
@@ -118,7 +119,7 @@ def _scores_key(config: ml_collections.ConfigDict, name: str, workdir: pathlib.P
     ckpt = factory.stage_checkpointer(workdir, name)
     done = ckpt.read_done()
     ckpt.close()
-    eval_settings = {k: v for k, v in config.eval.to_dict().items() if k != 'stages'}
+    eval_settings = dataclasses.asdict(dataclasses.replace(eval_config(config), stages=()))
     key = {'stage': done, 'eval': eval_settings, 'data': config.data.to_dict()}
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
@@ -145,8 +146,8 @@ def stage_scores(
         model,
         examples,
         tokenizer,
-        batch_size=config.eval.batch_size,
-        max_new_tokens=config.eval.max_new_tokens,
+        batch_size=eval_config(config).batch_size,
+        max_new_tokens=eval_config(config).max_new_tokens,
         desc=f'eval {name}',
     )
     # Through JSON, so a fresh result and a reused one are the same objects.
@@ -157,10 +158,11 @@ def stage_scores(
 
 def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: TextTokenizer) -> str:
     """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the table."""
-    eval_tasks = split_list(config.eval.tasks)
+    settings = eval_config(config)
+    eval_tasks = list(settings.tasks)
     examples = pipeline.load_eval_examples(pipeline.DataConfig(**config.data.to_dict()), tokenizer, eval_tasks)
     results = {}
-    for name in split_list(config.eval.stages):
+    for name in settings.stages:
         results[name] = stage_scores(config, name, workdir, tokenizer, examples)
         log.info('eval %s: overall accuracy %.3f', name, results[name]['overall']['accuracy'])
     task_modality = {task: tasks_lib.TASKS[task] for task in eval_tasks}

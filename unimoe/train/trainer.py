@@ -23,7 +23,7 @@ from flax import nnx
 
 from unimoe import factory
 from unimoe.checkpoint import Checkpointer, path_str
-from unimoe.config import StageConfig, split_list, stage_config, stage_order
+from unimoe.config import StageConfig, eval_config, stage_config, stage_order
 from unimoe.convert import upcycle
 from unimoe.data import json_pipeline, pipeline
 from unimoe.data.tokenizer import TextTokenizer
@@ -305,7 +305,7 @@ def validate_stages(config: ml_collections.ConfigDict) -> None:
                 "unset config.tokenizer, or give the stage json_sources"
             )
         seen.append(name)
-    if config.get('tokenizer') and split_list(config.get('eval', {}).get('stages', '')):
+    if config.get('tokenizer') and eval_config(config).stages:
         raise ValueError(
             "config.eval.stages evaluates on the built-in dataset, which needs the built-in "
             "tokenizer: set config.eval.stages='' when config.tokenizer is set"
