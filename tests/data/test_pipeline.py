@@ -5,7 +5,8 @@ import grain.python as grain
 import numpy as np
 import pytest
 
-from unimoe.data import builtin, conversation, media, pipeline, tasks
+from unimoe import config as config_lib
+from unimoe.data import builtin, conversation, json_pipeline, media, pipeline, shapes, tasks
 
 BATCH_KEYS = {
     "tokens": (np.int32, (6, 131)),
@@ -309,3 +310,21 @@ def test_modality_grouped_global_batches_lose_no_record(cfg, tok):
     assert seen == everything and len(everything) > 40
     with pytest.raises(ValueError, match="skip_too_long"):
         dataclasses.replace(grouped_cfg, skip_too_long=True)
+
+
+def test_both_pipelines_take_their_shapes_from_one_declaration():
+    """`BatchShapes` declares and checks the shapes once; a stage's JSON pipeline gets exactly
+    `config.data`'s (no field left at the reference default)."""
+    with pytest.raises(ValueError, match=r"JsonDataConfig.seq_len must be >= 1, got 0"):
+        json_pipeline.JsonDataConfig(
+            data_dir="", sources=("x",), media_root=None, seq_len=0, batch_size=1
+        )
+    data = config_lib.load_config("configs/unimoe_tiny.py:mode=test").data
+    with pytest.raises(ValueError, match=r"DataConfig.num_mel_bins must be >= 1, got -5"):
+        pipeline.DataConfig(**{**data.to_dict(), "num_mel_bins": -5})
+    json_cfg = json_pipeline.JsonDataConfig(
+        data_dir="", sources=("x",), media_root=None, batch_size=2, **shapes.from_config_data(data)
+    )
+    for field in dataclasses.fields(shapes.BatchShapes):
+        if field.name != "batch_size":
+            assert getattr(json_cfg, field.name) == data[field.name], field.name

@@ -32,7 +32,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from unimoe.data import formats, grouping, json_builder, preprocess, vicuna
+from unimoe.data import formats, grouping, json_builder, preprocess, shapes, vicuna
 from unimoe.data.conversation import SequenceTooLongError
 from unimoe.data.tasks import MODALITIES
 from unimoe.data.tokenizer import PretrainedTokenizer
@@ -56,24 +56,16 @@ _LENGTH_WINDOW_BATCHES = 8
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class JsonDataConfig:
-    """Shapes and policies of the real-data pipeline (defaults: the reference's preprocessing)."""
+class JsonDataConfig(shapes.BatchShapes):
+    """What the real-data pipeline reads and its policies; its shapes are `BatchShapes` (defaults:
+    the reference's preprocessing)."""
 
     data_dir: str
     sources: tuple[str, ...]  # `unimoe_json` config names, prepared in data_dir
     media_root: str | None  # folder or zip the records' media paths are relative to
     weights: tuple[float, ...] = ()  # per source, fraction of batches; () = equal
-    seq_len: int
-    batch_size: int  # global: each of `shard_count` hosts gets batch_size / shard_count rows
-    image_size: int = 336
     image_aspect: str = "square"
-    num_frames: int = 8
-    num_mel_bins: int = 80
-    audio_frames: int = 3000  # per chunk: 3000 frames * 10 ms = 30 s
     max_audio_chunks: int = 4  # per record, over all its voice files
-    n_image_tokens: int = 576
-    n_video_tokens: int = 576
-    n_audio_tokens: int = 50  # per chunk
     on_error: str = "raise"
     group_by_modality: bool = False
     seq_buckets: tuple[int, ...] = ()
@@ -81,6 +73,7 @@ class JsonDataConfig:
     worker_count: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.image_aspect not in preprocess.IMAGE_ASPECTS:

@@ -17,7 +17,7 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
-from unimoe.data import builtin, conversation, grouping, media
+from unimoe.data import builtin, conversation, grouping, media, shapes
 from unimoe.data import tasks as task_defs  # `tasks` is the loaders' parameter name
 from unimoe.data.tokenizer import Tokenizer
 
@@ -35,20 +35,11 @@ _STRING_KEYS = ("answer", "task", "modality", "id")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    """What the pipelines read and the shapes they produce. `batch_size` is global (all shards)."""
+class DataConfig(shapes.BatchShapes):
+    """What the built-in pipelines read, and the shapes they produce (`BatchShapes`)."""
 
     data_dir: str
     builder_config: str
-    seq_len: int
-    batch_size: int
-    image_size: int
-    num_frames: int
-    audio_frames: int = 300
-    num_mel_bins: int = 32
-    n_image_tokens: int
-    n_video_tokens: int
-    n_audio_tokens: int
     skip_too_long: bool = False
     seed: int = 0
     # Worker processes preprocessing batches ahead of training (grain); 0 = in the main process.
@@ -58,19 +49,7 @@ class DataConfig:
     group_by_modality: bool = False
 
     def __post_init__(self):
-        for name in (
-            "seq_len",
-            "batch_size",
-            "image_size",
-            "num_frames",
-            "audio_frames",
-            "num_mel_bins",
-            "n_image_tokens",
-            "n_video_tokens",
-            "n_audio_tokens",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if self.group_by_modality and self.skip_too_long:
             raise ValueError(
                 "DataConfig.group_by_modality needs skip_too_long=False: a skipped record would "

@@ -27,7 +27,7 @@ import tqdm
 from flax import nnx
 
 from unimoe import factory
-from unimoe.data import builtin, conversation, formats, json_pipeline, vicuna
+from unimoe.data import builtin, conversation, formats, json_pipeline, shapes, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer
 from unimoe.eval import benchmarks, evaluate
 from unimoe.eval.generate import SamplingConfig
@@ -69,23 +69,15 @@ def load_stage(
 def _media_config(
     config: ml_collections.ConfigDict, media_root: str | None
 ) -> json_pipeline.JsonDataConfig:
-    data = config.data
     json_data = config.get("json_data") or {}
     return json_pipeline.JsonDataConfig(
         data_dir="",  # not read: records come from the benchmark file
         sources=("benchmark",),
         media_root=media_root,
-        seq_len=data.seq_len,
         batch_size=1,
-        image_size=data.image_size,
         image_aspect=json_data.get("image_aspect", "square"),
-        num_frames=data.num_frames,
-        num_mel_bins=data.num_mel_bins,
-        audio_frames=data.audio_frames,
         max_audio_chunks=json_data.get("max_audio_chunks", 4),
-        n_image_tokens=data.n_image_tokens,
-        n_video_tokens=data.n_video_tokens,
-        n_audio_tokens=data.n_audio_tokens,
+        **shapes.from_config_data(config.data),
     )
 
 

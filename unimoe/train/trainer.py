@@ -25,7 +25,7 @@ from unimoe import factory
 from unimoe.checkpoint import Checkpointer, path_str
 from unimoe.config import StageConfig, eval_config, stage_config, stage_order
 from unimoe.convert import upcycle
-from unimoe.data import json_pipeline, pipeline
+from unimoe.data import json_pipeline, pipeline, shapes
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.parallel import mesh as mesh_lib, sharded
 from unimoe.train import metrics as metrics_lib, nonfinite, optim, preemption, step as step_lib
@@ -39,21 +39,8 @@ def json_data_config(
     """The real-data pipeline of a stage with `json_sources`: shapes from `config.data` (what the
     model expects), everything else (data_dir, media_root, on_error, workers, ...) from
     `config.json_data`."""
-    shapes = {
-        key: config.data[key]
-        for key in (
-            'seq_len',
-            'image_size',
-            'num_frames',
-            'num_mel_bins',
-            'audio_frames',
-            'n_image_tokens',
-            'n_video_tokens',
-            'n_audio_tokens',
-        )
-    }
     return json_pipeline.JsonDataConfig(
-        **{**config.json_data.to_dict(), **shapes},
+        **{**config.json_data.to_dict(), **shapes.from_config_data(config.data)},
         sources=stage.json_sources,
         weights=stage.json_weights,
         batch_size=stage.batch_size,
