@@ -97,12 +97,34 @@ def _split_list(text: str) -> list[str]:
     return [item for item in text.split(',') if item]
 
 
-@dataclasses.dataclass(frozen=True)
-class StageConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossWeights:
+    """The weights of a stage's loss terms, declared once: a stage config sets them
+    (`StageConfig`), the loss reads them (`train.step.LossConfig`, which checks them).
+
+    balance_coef: weight of the Switch balance loss (summed over MoE layers); linearly annealed to
+      `balance_coef_end` over `balance_decay_steps` when that is set (UniMoE-Audio), else constant.
+    dcmoe_coef: weight of the DCMoE balance loss, whose tokens are weighted `answer_token_weight`
+      on supervised (answer) tokens and 1 on the prompt (DCMoE uses 10); annealed to
+      `dcmoe_coef_end` over the same `balance_decay_steps` when that is set, else constant.
+    z_coef: weight of the router z-loss.
+    """
+
+    balance_coef: float = 0.0
+    balance_coef_end: float | None = None
+    balance_decay_steps: int = 0
+    dcmoe_coef: float = 0.0
+    dcmoe_coef_end: float | None = None
+    answer_token_weight: float = 1.0
+    z_coef: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageConfig(LossWeights):
     """One stage, typed: `config.stages.<name>` as the trainer, the model factory, accounting and
     lowering read it. Comma-separated lists of the ConfigDict become tuples; `trains` stays the
     '+'-joined parts string (`factory.trainable_filter`). `mode` is the data mode and loss kind;
-    the loss fields are `train.step.LossConfig`'s, the optimizer's `train.optim.OptimConfig`'s;
+    the loss fields are `LossWeights`', the optimizer's `train.optim.OptimConfig`'s;
     config files write stages with `stage()`."""
 
     name: str
@@ -120,13 +142,6 @@ class StageConfig:
     upcycle_mode: str = 'per_source'
     moe: bool = False
     lora_rank: int = 0
-    balance_coef: float = 0.0
-    balance_coef_end: float | None = None
-    balance_decay_steps: int = 0
-    dcmoe_coef: float = 0.0
-    dcmoe_coef_end: float | None = None
-    answer_token_weight: float = 1.0
-    z_coef: float = 0.0
     # Uni-MoE JSON datasets the stage reads instead of the built-in tasks, and their weights.
     json_sources: tuple[str, ...] = ()
     json_weights: tuple[float, ...] = ()

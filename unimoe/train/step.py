@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from unimoe import factory
+from unimoe.config import LossWeights
 from unimoe.data.tasks import MODALITIES
 from unimoe.models.unimoe import UniMoE
 from unimoe.moe import routing
@@ -24,27 +25,12 @@ Metrics = dict[str, jax.Array]
 LOSS_KINDS = ('chat', 'lm_text', 'classify_image', 'classify_audio')
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """What the loss of a stage adds up.
-
-    kind: one of LOSS_KINDS (it equals the data mode the stage reads).
-    balance_coef: weight of the Switch balance loss (summed over MoE layers); linearly annealed to
-      `balance_coef_end` over `balance_decay_steps` when that is set (UniMoE-Audio), else constant.
-    dcmoe_coef: weight of the DCMoE balance loss, whose tokens are weighted `answer_token_weight`
-      on supervised (answer) tokens and 1 on the prompt (DCMoE uses 10); annealed to
-      `dcmoe_coef_end` over the same `balance_decay_steps` when that is set, else constant.
-    z_coef: weight of the router z-loss.
-    """
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig(LossWeights):
+    """What the loss of a stage adds up: `kind`, one of LOSS_KINDS (it equals the data mode the
+    stage reads), and the terms' weights (`unimoe.config.LossWeights`)."""
 
     kind: str = 'chat'
-    balance_coef: float = 0.0
-    balance_coef_end: float | None = None
-    balance_decay_steps: int = 0
-    dcmoe_coef: float = 0.0
-    dcmoe_coef_end: float | None = None
-    answer_token_weight: float = 1.0
-    z_coef: float = 0.0
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:

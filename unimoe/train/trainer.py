@@ -23,7 +23,7 @@ from flax import nnx
 
 from unimoe import factory
 from unimoe.checkpoint import Checkpointer, path_str
-from unimoe.config import StageConfig, eval_config, stage_config, stage_order
+from unimoe.config import LossWeights, StageConfig, eval_config, stage_config, stage_order
 from unimoe.convert import upcycle
 from unimoe.data import json_pipeline, pipeline, shapes
 from unimoe.data.tokenizer import TextTokenizer
@@ -59,9 +59,9 @@ def stage_optim_config(stage: StageConfig) -> optim.OptimConfig:
 
 
 def stage_loss_config(stage: StageConfig) -> step_lib.LossConfig:
-    """The stage's loss: `mode` is its kind; every other LossConfig field is the stage's own."""
-    fields = [f.name for f in dataclasses.fields(step_lib.LossConfig) if f.name != 'kind']
-    return step_lib.LossConfig(kind=stage.mode, **{k: getattr(stage, k) for k in fields})
+    """The stage's loss: `mode` is its kind, the weights (`LossWeights`) are the stage's own."""
+    weights = {f.name: getattr(stage, f.name) for f in dataclasses.fields(LossWeights)}
+    return step_lib.LossConfig(kind=stage.mode, **weights)
 
 
 def stage_loader(
