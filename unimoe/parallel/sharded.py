@@ -139,6 +139,12 @@ def with_shardings(plan: Plan, abstract_tree: Any) -> Any:
 
 def shard_batch(plan: Plan, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """Global arrays from this process's rows (its slice of the global batch, in process order)."""
+    if jax.process_count() == 1:
+        # The rows are the global batch. `device_put` is asynchronous: the next batch is read
+        # while this step runs; `make_array_from_process_local_data` waited for the device (the
+        # tiny test stage's step took 22 ms instead of 17, 2026-12-07).
+        shardings = {key: plan.batch_sharding(np.shape(v)) for key, v in local_batch.items()}
+        return jax.device_put(dict(local_batch), shardings)
     out = {}
     for key, local in local_batch.items():
         local = np.asarray(local)
