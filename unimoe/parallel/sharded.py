@@ -117,6 +117,8 @@ def place(plan: Plan, tree: Any) -> Any:
     """
 
     def put(leaf: Any, sharding: NamedSharding) -> jax.Array:
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+            return leaf  # already in place (a sharded init): no copy through the host
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             return jax.device_put(leaf, sharding)
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # RNG streams: via their data
