@@ -42,7 +42,7 @@ from PIL import Image
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's `unimoe`, not whichever one is installed
 
-from unimoe import config as config_lib, factory  # noqa: E402
+from unimoe import config as config_lib, experiment, factory  # noqa: E402
 from unimoe.data import json_builder, json_pipeline  # noqa: E402
 from unimoe.data.conversation import SYSTEM_PROMPT  # noqa: E402
 from unimoe.data.tokenizer import PretrainedTokenizer  # noqa: E402
@@ -132,8 +132,9 @@ def step_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def make_step(config, tokenizer, batch):
     """`run(i)`: one tiny s3_moe train step on `batch` (state threaded through), blocking."""
-    stage = config.stages.s3_moe
-    model = factory.build_model(config, tokenizer, moe=True, lora_rank=stage.lora_rank, seed=0)
+    typed = experiment.from_config_dict(config)
+    stage = typed.stage("s3_moe")
+    model = factory.build_model(typed.model, tokenizer, moe=True, lora_rank=stage.lora_rank, seed=0)
     graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(stage.trains), ...)
     optim_cfg = optim.OptimConfig(
         learning_rate=stage.learning_rate,

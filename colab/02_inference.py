@@ -35,19 +35,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from unimoe import config as config_lib
-from unimoe import run
+from unimoe import experiment, run
 from unimoe.data import conversation, pipeline
 from unimoe.eval import evaluate
 
 config = config_lib.load_config("configs/unimoe_tiny.py:mode=" + ("test" if TINY else "demo"))
 run.run_experiment(config, WORKDIR)  # finished stages are skipped
-tokenizer = run.prepare_data(config)
-model = evaluate.load_finished_stage(config, "s3_moe", pathlib.Path(WORKDIR), tokenizer)
-data_cfg = pipeline.DataConfig(**config.data.to_dict())
+typed = experiment.from_config_dict(config)  # the config's sections as typed dataclasses
+tokenizer = run.prepare_data(typed)
+model = evaluate.load_finished_stage(typed, "s3_moe", pathlib.Path(WORKDIR), tokenizer)
 
 # %%
 TASKS = ["image_qa", "speech_qa", "audio_qa", "image_speech_qa"]
-examples = pipeline.load_eval_examples(data_cfg, tokenizer, TASKS)
+examples = pipeline.load_eval_examples(typed.data, tokenizer, TASKS)
 picked = [next(ex for ex in examples if ex["task"] == task) for task in TASKS]
 records = evaluate.predict(
     model, picked, tokenizer, batch_size=len(picked), max_new_tokens=8, desc="ask"
@@ -78,9 +78,9 @@ QUESTION = "<image>\nWhat color is the shape?"
 prompt = conversation.build_prompt(
     [{"from": "human", "value": QUESTION}],
     tokenizer,
-    n_image_tokens=data_cfg.n_image_tokens,
-    n_video_tokens=data_cfg.n_video_tokens,
-    n_audio_tokens=data_cfg.n_audio_tokens,
+    n_image_tokens=typed.data.n_image_tokens,
+    n_video_tokens=typed.data.n_video_tokens,
+    n_audio_tokens=typed.data.n_audio_tokens,
 )
 own = dict(picked[0])
 own["tokens"] = np.full_like(own["tokens"], tokenizer.pad_id)

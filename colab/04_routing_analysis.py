@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from unimoe import config as config_lib
-from unimoe import run
+from unimoe import experiment, run
 from unimoe.data import pipeline
 from unimoe.eval import evaluate
 from unimoe.eval.routing_analysis import expert_usage_by_layer
@@ -42,15 +42,13 @@ config = config_lib.load_config("configs/unimoe_tiny.py:mode=" + ("test" if TINY
 run.run_experiment(config, WORKDIR)  # finished stages are skipped
 
 # %%
-tokenizer = run.prepare_data(config)
-model = evaluate.load_finished_stage(config, "s3_moe", pathlib.Path(WORKDIR), tokenizer)
-eval_settings = config_lib.eval_config(config)
-tasks = list(eval_settings.tasks)
-data_config = pipeline.DataConfig(**config.data.to_dict())
-examples = pipeline.load_eval_examples(data_config, tokenizer, tasks)
-usage = expert_usage_by_layer(model, pipeline.collate(examples, eval_settings.batch_size))
+typed = experiment.from_config_dict(config)  # the config's sections as typed dataclasses
+tokenizer = run.prepare_data(typed)
+model = evaluate.load_finished_stage(typed, "s3_moe", pathlib.Path(WORKDIR), tokenizer)
+examples = pipeline.load_eval_examples(typed.data, tokenizer, list(typed.eval.tasks))
+usage = expert_usage_by_layer(model, pipeline.collate(examples, typed.eval.batch_size))
 modalities = sorted(usage)
-experts = list(config_lib.stage_config(config, "s3_moe").experts_from)
+experts = list(typed.stage("s3_moe").experts_from)
 print({m: np.round(u.mean(0), 3).tolist() for m, u in usage.items()})
 
 # %%

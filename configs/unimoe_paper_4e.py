@@ -38,6 +38,7 @@ import ml_collections
 
 from unimoe import config as config_lib
 from unimoe.data import tasks as tasks_lib
+from unimoe.moe.config import MoEConfig
 
 ALL_TASKS = tasks_lib.INSTRUCTION_TASKS + tasks_lib.ALIGNMENT_TASKS
 
@@ -96,7 +97,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
         audio_conn=dict(num_queries=50, width=768, depth=12, num_heads=12, mlp_dim=3072),
         moe_layers='all',
-        moe=dict(num_experts=len(tasks_lib.EXPERT_MODALITIES), top_k=2, router='topk_softmax'),
+        # Every MoEConfig field, so each can be set: --config.model.moe.kernel_impl=ragged_dot.
+        moe=config_lib.declared(
+            MoEConfig(num_experts=len(tasks_lib.EXPERT_MODALITIES), top_k=2, router='topk_softmax')
+        ),
         lora=dict(alpha=16.0, dropout=0.05),
     )
 

@@ -16,6 +16,7 @@ import ml_collections
 
 from unimoe import config as config_lib
 from unimoe.data import tasks as tasks_lib
+from unimoe.moe.config import MoEConfig
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -60,7 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         audio=dict(num_mel_bins=32, max_frames=300, width=64, depth=2, num_heads=4, mlp_dim=128),
         audio_conn=dict(num_queries=8, width=64, depth=1, num_heads=4, mlp_dim=128),
         moe_layers='all',
-        moe=dict(num_experts=len(tasks_lib.EXPERT_MODALITIES), top_k=2, router='topk_softmax'),
+        # Every MoEConfig field, so each can be set: --config.model.moe.kernel_impl=ragged_dot.
+        moe=config_lib.declared(
+            MoEConfig(num_experts=len(tasks_lib.EXPERT_MODALITIES), top_k=2, router='topk_softmax')
+        ),
         lora=dict(alpha=16.0, dropout=0.05),
     )
 

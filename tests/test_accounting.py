@@ -6,7 +6,7 @@ import sys
 from flax import nnx
 
 from tests.tiny_model import model_config
-from unimoe import accounting
+from unimoe import accounting, experiment
 from unimoe.models.unimoe import UniMoE
 
 # tests.tiny_model LLM: vocab 41, dim 24, 2 layers, 3 heads of 8 (1 kv head), FFN 20, untied head;
@@ -81,10 +81,12 @@ def test_a_pretrained_tokenizer_sets_the_vocabulary(tmp_path):
     config = config_lib.load_config('configs/unimoe_tiny.py:mode=test')
     config.stage_order = 's0_llm'
     config.data.data_dir = str(tmp_path / 'absent')
-    builtin_vocab = accounting._tokenizer(config).vocab_size
-    builtin_llm = accounting.account_stages(config)[0].params_by_component['llm']
+    typed = experiment.from_config_dict(config)
+    builtin_vocab = accounting._tokenizer(typed).vocab_size
+    builtin_llm = accounting.account_stages(typed)[0].params_by_component['llm']
     config.tokenizer = str(tmp_path / 'tokenizer.json')
-    llm = accounting.account_stages(config)[0].params_by_component['llm']
+    typed = experiment.from_config_dict(config)
+    llm = accounting.account_stages(typed)[0].params_by_component['llm']
     # 1000 file tokens + 3 media placeholders, in the embedding and the untied head (dim 96).
     assert llm - builtin_llm == 2 * 96 * (1003 - builtin_vocab)
     assert builtin_vocab < 1003
@@ -95,9 +97,11 @@ def test_expert_exchange_per_layer_and_step_follow_the_formula(tmp_path):
 
     config = config_lib.load_config('configs/unimoe_tiny.py:mode=test')
     config.data.data_dir = str(tmp_path / 'absent')
-    assert accounting.account_expert_exchange(config) == []  # no mesh, no exchange
+    typed = experiment.from_config_dict(config)
+    assert accounting.account_expert_exchange(typed) == []  # no mesh, no exchange
     config.mesh = dict(data=2, expert=-1)  # -1: the other 4 of the 8 test devices
-    (account,) = accounting.account_expert_exchange(config)  # s3_moe, the only MoE stage
+    typed = experiment.from_config_dict(config)
+    (account,) = accounting.account_expert_exchange(typed)  # s3_moe, the only MoE stage
     stage, llm = config.stages.s3_moe, config.model.llm
     assert account.name == 's3_moe' and account.num_devices == 8
     tokens = stage.batch_size * config.data.seq_len // 8  # tokens split over data x expert

@@ -8,8 +8,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from tests.tiny_model import TokenizerInfo
-from unimoe import config as config_lib, factory
-from unimoe.train import trainer
+from unimoe import config as config_lib, experiment, factory
+from unimoe.train import trainer, validate
 
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob('configs/*.py'))
 ARMS = {'unimoe_tiny.py': ['', 'mode=test']}
@@ -23,17 +23,13 @@ def _specs():
 
 @pytest.mark.parametrize('spec', list(_specs()))
 def test_config_stages_build_abstractly(spec):
-    config = config_lib.load_config(spec)
-    trainer.validate_stages(config)
+    typed = experiment.from_config_dict(config_lib.load_config(spec))
+    validate.validate_stages(typed)
     # Stages differ in their model only by (moe, lora_rank); build each kind once.
-    kinds = {
-        (config.stages[name].moe, config.stages[name].lora_rank): name
-        for name in config_lib.stage_order(config)
-    }
-    for name in kinds.values():
-        stage = config.stages[name]
+    kinds = {(stage.moe, stage.lora_rank): stage for stage in typed.ordered_stages()}
+    for stage in kinds.values():
         model = factory.build_model(
-            config,
+            typed.model,
             TokenizerInfo(vocab_size=512),
             moe=stage.moe,
             lora_rank=stage.lora_rank,
@@ -61,7 +57,7 @@ def test_validate_stages_rejects_a_stage_that_starts_from_a_later_one():
     config = config_lib.load_config(f'{CONFIGS[0].parent}/unimoe_tiny.py')
     config.stages.s1_align.init_from = 's2_image'
     with pytest.raises(ValueError, match="stage 's1_align' starts from 's2_image'"):
-        trainer.validate_stages(config)
+        validate.validate_stages(experiment.from_config_dict(config))
 
 
 def test_every_loss_field_is_settable_from_the_command_line():
@@ -79,12 +75,12 @@ def test_every_loss_field_is_settable_from_the_command_line():
     # As `unimoe.main` defines it (locked: an undeclared field cannot be set).
     config_flags.DEFINE_config_file('config', None, '', values, lock_config=True, sys_argv=argv)
     values(argv)
-    loss = trainer.stage_loss_config(config_lib.stage_config(values.config, 's3_moe'))
+    loss = trainer.stage_loss_config(experiment.from_config_dict(values.config).stage('s3_moe'))
     assert (loss.balance_coef_end, loss.balance_decay_steps) == (0.0, 7)
     assert (loss.dcmoe_coef, loss.dcmoe_coef_end, loss.answer_token_weight) == (0.5, 0.01, 10.0)
     # Unset, the annealed ends stay None: constant coefficients.
     tiny = config_lib.load_config('configs/unimoe_tiny.py')
-    default = trainer.stage_loss_config(config_lib.stage_config(tiny, 's3_moe'))
+    default = trainer.stage_loss_config(experiment.from_config_dict(tiny).stage('s3_moe'))
     assert (default.balance_coef_end, default.dcmoe_coef_end) == (None, None)
 
 
@@ -99,31 +95,32 @@ def test_every_stage_field_and_the_eval_settings_are_typed_from_the_command_line
     values = flags.FlagValues()
     config_flags.DEFINE_config_file('config', None, '', values, lock_config=True, sys_argv=argv)
     values(argv)
-    stage = config_lib.stage_config(values.config, 's3_moe')
+    typed = experiment.from_config_dict(values.config)
+    stage = typed.stage('s3_moe')
     assert (stage.upcycle_mode, stage.json_weights) == ('copies', (0.25, 0.75))
-    settings = config_lib.eval_config(values.config)
+    settings = typed.eval
     assert settings.tasks == ('text_qa', 'audio_qa') and settings.batch_size == 64
     assert settings.stages[-1] == 's3_moe'
     config = config_lib.load_config('configs/unimoe_tiny.py:mode=test')
     config.eval = {'tasks': 'text_qa', 'batch_size': 'many'}  # written by hand, not by the CLI
     with pytest.raises(ValueError, match=r"config.eval.batch_size='many' must be of type int"):
-        config_lib.eval_config(config)
+        experiment.from_config_dict(config)
     config.eval = {'batch_size': 8, 'max_tokens': 4}
     with pytest.raises(ValueError, match=r"config.eval has unknown fields \['max_tokens'\]"):
-        config_lib.eval_config(config)
+        experiment.from_config_dict(config)
 
 
 def test_stage_config_is_typed_once_and_names_the_bad_field():
     config = config_lib.load_config('configs/unimoe_tiny.py:mode=test')
-    stage = config_lib.stage_config(config, 's3_moe')
+    stage = experiment.from_config_dict(config).stage('s3_moe')
     assert stage.experts_from == ('s2_image', 's2_video', 's2_speech', 's2_audio')
     assert stage.init_from == ('s1_align',) and stage.json_sources == () and stage.moe is True
     config.stages.s3_moe.json_weights = '0.25,0.75'
-    assert config_lib.stage_config(config, 's3_moe').json_weights == (0.25, 0.75)
+    assert experiment.from_config_dict(config).stage('s3_moe').json_weights == (0.25, 0.75)
     config.stages.s2_image.json_weights = '0.5,half'
     with pytest.raises(ValueError, match=r"config.stages.s2_image.json_weights='half' must be of type float"):
-        trainer.validate_stages(config)
+        experiment.from_config_dict(config)
     del config.stages.s2_image.json_weights
     config.stages.s3_moe.upcyle_mode = 'copies'  # a typo is an unknown field, not a silent default
     with pytest.raises(ValueError, match=r"config.stages.s3_moe has unknown fields \['upcyle_mode'\]"):
-        trainer.validate_stages(config)
+        experiment.from_config_dict(config)

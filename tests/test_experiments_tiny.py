@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from experiments.tiny import config as arms_config, run as arms_run
-from unimoe.config import eval_config, stage_order
+from unimoe import experiment
 from unimoe.train import validate
 
 
@@ -13,12 +13,12 @@ from unimoe.train import validate
 def test_arm_config_is_valid_and_shares_the_base_stages(arm):
     base = arms_config.get_config('arm=moe4,mode=test')
     config = arms_config.get_config(f'arm={arm},mode=test')
-    validate.validate_experiment(config)
+    typed = validate.validate_experiment(config)
     stage = arms_config.stage3_name(arm)
-    assert stage_order(config)[-1] == stage
+    assert typed.stage_order[-1] == stage
     experts = ('s2_image', 's2_video', 's2_speech', 's2_audio')
-    assert eval_config(config).stages == ((*experts, stage) if arm == 'moe4' else (stage,))
-    for name in stage_order(config)[:-1]:
+    assert typed.eval.stages == ((*experts, stage) if arm == 'moe4' else (stage,))
+    for name in typed.stage_order[:-1]:
         assert config.stages[name].to_dict() == base.stages[name].to_dict()
     expected_experts = {'moe8': 8, 'moe8_no_balance': 8}.get(arm, 4)
     assert config.model.moe.num_experts == expected_experts
@@ -34,19 +34,22 @@ def test_unknown_arm_is_refused():
 
 
 def test_link_shared_stages(tmp_path: pathlib.Path):
-    base = arms_config.get_config('arm=moe4,mode=test')
+    base = experiment.from_config_dict(arms_config.get_config('arm=moe4,mode=test'))
     config = arms_config.get_config('arm=no_stage2,mode=test')
     base_dir = tmp_path / 'base'
-    for name in stage_order(base):
+    for name in base.stage_order:
         (base_dir / name).mkdir(parents=True)
-    shared = arms_run.link_shared_stages(config, base, tmp_path / 'arm', base_dir)
+    typed = experiment.from_config_dict(config)
+    shared = arms_run.link_shared_stages(typed, base, tmp_path / 'arm', base_dir)
     assert shared == ['s0_llm', 's0_vision', 's0_audio', 's1_align']
     assert sorted(p.name for p in (tmp_path / 'arm').iterdir()) == sorted(shared)
     assert (tmp_path / 'arm' / 's1_align').resolve() == (base_dir / 's1_align').resolve()
 
     config.stages.s1_align.steps += 1
     with pytest.raises(ValueError, match="stage 's1_align' differs from the base arm"):
-        arms_run.link_shared_stages(config, base, tmp_path / 'other', base_dir)
+        arms_run.link_shared_stages(
+            experiment.from_config_dict(config), base, tmp_path / 'other', base_dir
+        )
 
 
 def test_summarize_rescales_accuracy_by_chance():

@@ -7,10 +7,9 @@ import pathlib
 
 import pytest
 
-from unimoe import config as config_lib
-from unimoe.config import stage_config, stage_order
+from unimoe import config as config_lib, experiment
 from unimoe.eval import metrics
-from unimoe.train import trainer
+from unimoe.train import validate
 
 PAPER = pathlib.Path(__file__).parent.parent / "experiments" / "paper"
 FIXTURES = pathlib.Path(__file__).parent / "data" / "fixtures" / "unimoe_formats"
@@ -31,12 +30,13 @@ def test_every_row_config_validates(row):
     config = config_lib.load_config(
         f"{PAPER / 'config.py'}:row={row},tokenizer=tokenizer.model,data_dir=data"
     )
-    trainer.validate_stages(config)
+    typed = experiment.from_config_dict(config)
+    validate.validate_stages(typed)
     spec = ROWS[row]
-    assert config.paper.eval_stage in stage_order(config)
+    assert config.paper.eval_stage in typed.stage_order
     if spec.experts:
         s3 = config.stages.s3_moe
-        assert stage_config(config, 's3_moe').experts_from == tuple(spec.experts)
+        assert typed.stage('s3_moe').experts_from == tuple(spec.experts)
         assert (s3.learning_rate, s3.lora_rank) == (4e-5, 8)
         assert config.model.moe.num_experts == len(spec.experts)
         # epochs x records / global batch (the Uni-MoE paper)

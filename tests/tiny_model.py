@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from unimoe.models.unimoe import UniMoEConfig
+from unimoe.models.unimoe import ModelSpec, UniMoEConfig
 
 TOKEN_IDS = dict(image_token_id=3, video_token_id=4, audio_token_id=5)
 
@@ -46,8 +46,8 @@ def model_dict() -> ml_collections.ConfigDict:
 
 
 def model_config(*, moe: bool = False, lora_rank: int = 0) -> UniMoEConfig:
-    return UniMoEConfig.from_dict(
-        model_dict(),
+    return UniMoEConfig.for_stage(
+        ModelSpec.from_dict(model_dict()),
         vocab_size=TokenizerInfo.vocab_size,
         token_ids=TOKEN_IDS,
         num_labels=(5, 7),

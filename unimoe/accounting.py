@@ -20,16 +20,17 @@ import dataclasses
 import math
 
 import jax
-import ml_collections
 from flax import nnx
 
-from unimoe import checkpoint, config as config_lib, factory
+from unimoe import checkpoint, factory
+from unimoe.config import StageConfig
 from unimoe.data import builtin
 from unimoe.data.tokenizer import TextTokenizer
+from unimoe.experiment import ExperimentConfig
 from unimoe.models.unimoe import UniMoE
 from unimoe.moe import expert_parallel
 from unimoe.nn import sharding
-from unimoe.parallel import rules as rules_lib
+from unimoe.parallel import mesh as mesh_lib
 
 BYTES_PER_PARAM = 4  # float32 parameters, gradients and optimizer moments
 # The components accounts report, as unions of the model's parts (`factory.PARTS`).
@@ -106,29 +107,39 @@ def account_model(model: UniMoE, trains: str, seq_len: int, name: str = '') -> S
     )
 
 
-def _tokenizer(config: ml_collections.ConfigDict) -> TextTokenizer:
+def _tokenizer(experiment: ExperimentConfig) -> TextTokenizer:
     """`config.tokenizer` (a pretrained LM's file) when set; else the built-in tokenizer, cached
     when the data was prepared, or the same one trained in memory."""
     return builtin.experiment_tokenizer(
-        config.get('tokenizer'), config.data.data_dir, on_missing='train'
+        experiment.tokenizer, experiment.data.data_dir, on_missing='train'
     )
 
 
-def account_stages(config: ml_collections.ConfigDict) -> list[StageAccount]:
-    """One account per stage of `config.stage_order`, models built abstractly."""
-    tokenizer = _tokenizer(config)
-    # Stages differ in their model only by (moe, lora_rank): build each kind once.
-    models: dict[tuple[bool, int], UniMoE] = {}
-    accounts = []
-    for name in config_lib.stage_order(config):
-        stage = config_lib.stage_config(config, name)
+def _stage_models(experiment: ExperimentConfig, stages: list[StageConfig]) -> dict[str, UniMoE]:
+    """{stage name: its model, built abstractly}; stages differ in their model only by
+    (moe, lora_rank), so each kind is built once."""
+    tokenizer = _tokenizer(experiment)
+    kinds: dict[tuple[bool, int], UniMoE] = {}
+    for stage in stages:
         kind = (stage.moe, stage.lora_rank)
-        if kind not in models:
-            models[kind] = factory.build_model(
-                config, tokenizer, moe=kind[0], lora_rank=kind[1], seed=config.seed, abstract=True
+        if kind not in kinds:
+            kinds[kind] = factory.build_model(
+                experiment.model,
+                tokenizer,
+                moe=stage.moe,
+                lora_rank=stage.lora_rank,
+                seed=experiment.seed,
+                abstract=True,
             )
-        accounts.append(account_model(models[kind], stage.trains, config.data.seq_len, name))
-    return accounts
+    return {stage.name: kinds[(stage.moe, stage.lora_rank)] for stage in stages}
+
+
+def account_stages(experiment: ExperimentConfig) -> list[StageAccount]:
+    """One account per stage of `config.stage_order`, models built abstractly."""
+    stages = experiment.ordered_stages()
+    models = _stage_models(experiment, stages)
+    seq_len = experiment.data.seq_len
+    return [account_model(models[s.name], s.trains, seq_len, s.name) for s in stages]
 
 
 def _human(count: float, unit: str = '') -> str:
@@ -175,55 +186,38 @@ class ExchangeAccount:
 ACTIVATION_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
 
-def mesh_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """`config.mesh` with a -1 size resolved against the devices JAX sees ({} without a mesh)."""
-    sizes = dict(config.get('mesh') or {})
-    if -1 in sizes.values():
-        known = math.prod(s for s in sizes.values() if s != -1)
-        sizes = {a: jax.device_count() // known if s == -1 else s for a, s in sizes.items()}
-    return sizes
-
-
-def account_expert_exchange(config: ml_collections.ConfigDict) -> list[ExchangeAccount]:
+def account_expert_exchange(experiment: ExperimentConfig) -> list[ExchangeAccount]:
     """One account per MoE stage when `config.mesh` splits the experts (`expert` axis > 1).
 
     Tokens per device: the stage's global batch * seq_len over the token shards (the sharding
     rules' batch and sequence axes, `nn.sharding.token_axes`), as
-    `expert_parallel.expert_parallel_dispatch` splits them.
+    `expert_parallel.expert_parallel_dispatch` splits them. A mesh without -1 is accounted at its
+    own size, whatever this machine has (a pod's mesh planned on a laptop).
     """
-    sizes = mesh_sizes(config)
-    ep_size = sizes.get('expert', 1)
-    if ep_size < 2:
+    planned = experiment.mesh or {}
+    num_devices = jax.device_count() if -1 in planned.values() else math.prod(planned.values())
+    sizes = mesh_lib.mesh_shape(planned, num_devices)
+    if sizes['expert'] < 2:
         return []
-    rules = rules_lib.parse_rules(config.get('sharding_rules'))
-    shards = math.prod(sizes[a] for a in sharding.token_axes(list(sizes), rules))
-    tokenizer = _tokenizer(config)
-    accounts, models = [], {}
-    for name in config_lib.stage_order(config):
-        stage = config_lib.stage_config(config, name)
-        if not stage.moe:
-            continue
-        lora_rank = stage.lora_rank
-        if lora_rank not in models:
-            models[lora_rank] = factory.build_model(
-                config, tokenizer, moe=True, lora_rank=lora_rank, seed=config.seed, abstract=True
-            )
-        llm_cfg = models[lora_rank].cfg.llm
+    token_axes = sharding.token_axes(list(sizes), experiment.sharding_rules)
+    shards = math.prod(sizes[a] for a in token_axes)
+    stages = [stage for stage in experiment.ordered_stages() if stage.moe]
+    accounts = []
+    for name, model in _stage_models(experiment, stages).items():
+        llm_cfg = model.cfg.llm
         if llm_cfg.moe.expert_parallel not in ('auto', 'all_to_all'):
             continue  # no all-to-all: 'off', or the all-gather / reduce-scatter exchange
-        local_tokens = stage.batch_size * config.data.seq_len // shards
+        local_tokens = experiment.stage(name).batch_size * experiment.data.seq_len // shards
         per_layer = expert_parallel.exchange_bytes(
             local_tokens,
             llm_cfg.moe.num_slots,
             llm_cfg.dim,
-            ep_size,
+            sizes['expert'],
             llm_cfg.moe.ep_capacity_factor,
             ACTIVATION_BYTES[llm_cfg.dtype],
         )
         accounts.append(
-            ExchangeAccount(
-                name, len(llm_cfg.moe_layers), local_tokens, per_layer, math.prod(sizes.values())
-            )
+            ExchangeAccount(name, len(llm_cfg.moe_layers), local_tokens, per_layer, num_devices)
         )
     return accounts
 

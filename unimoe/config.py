@@ -7,12 +7,13 @@ the text after the colon in `--config=configs/x.py:key=value,key2=value2` (big_v
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib.util
 import pathlib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -68,28 +69,33 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 def stage(
     *, steps: int, warmup_fraction: float = 0.05, **fields: Any
 ) -> ml_collections.ConfigDict:
-    """One entry of `config.stages`, for config files: `StageConfig`'s fields by name.
-
-    Every field is declared, so each can be set from the command line
-    (`--config.stages.s3_moe.dcmoe_coef_end=0.01`): lists as comma-separated strings, the unset
-    optional ones (the annealed loss ends) as placeholders. `warmup_steps` defaults to
-    `warmup_fraction` of the steps (at least 1).
+    """One entry of `config.stages`, for config files: `StageConfig`'s fields by name, every one
+    declared (`declared`), so each can be set from the command line
+    (`--config.stages.s3_moe.dcmoe_coef_end=0.01`). `warmup_steps` defaults to `warmup_fraction`
+    of the steps (at least 1).
     """
     fields.setdefault('warmup_steps', max(1, int(steps * warmup_fraction)))
-    typed = StageConfig.from_config('<stage()>', {'steps': steps, **fields})
-    hints = typing.get_type_hints(StageConfig)
-    declared: dict[str, Any] = {}
-    for field in dataclasses.fields(StageConfig):
-        value = getattr(typed, field.name)
-        if field.name == 'name':
-            continue
+    entry = declared(StageConfig.from_config('<stage()>', {'steps': steps, **fields}))
+    del entry['name']  # the key of the entry in `config.stages`
+    return entry
+
+
+def declared(instance: Any) -> ml_collections.ConfigDict:
+    """Every field of config dataclass `instance` as a ConfigDict, so that each can be set from
+    the command line (a locked config refuses undeclared fields): `config.model.moe =
+    declared(MoEConfig(num_experts=4))`. Tuples become comma-separated strings, unset optional
+    fields typed placeholders."""
+    hints = typing.get_type_hints(type(instance))
+    entry: dict[str, Any] = {}
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
         if isinstance(value, tuple):
             value = ','.join(str(v) for v in value)
         elif value is None:  # `float | None`: a float once set
             (kind,) = set(typing.get_args(hints[field.name])) - {type(None)}
             value = config_dict.placeholder(kind)
-        declared[field.name] = value
-    return ml_collections.ConfigDict(declared)
+        entry[field.name] = value
+    return ml_collections.ConfigDict(entry)
 
 
 def _split_list(text: str) -> list[str]:
@@ -150,7 +156,7 @@ class StageConfig(LossWeights):
     def from_config(cls, name: str, stage: Mapping[str, Any]) -> StageConfig:
         """Raises ValueError naming `config.stages.<name>.<field>` for an unknown field, a
         missing one or a value of the wrong type."""
-        return _from_fields(cls, f'config.stages.{name}', stage, name=name)
+        return from_fields(cls, f'config.stages.{name}', stage, name=name)
 
 
 def _required(field: dataclasses.Field) -> bool:
@@ -188,13 +194,7 @@ class EvalConfig:
     max_new_tokens: int = 16
 
 
-def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
-    """The typed `config.eval` (all defaults when absent); errors name `config.eval.<field>`."""
-    raw = dict(config.get('eval') or {})
-    return _from_fields(EvalConfig, 'config.eval', raw)
-
-
-def _from_fields(cls: type, where: str, raw: Mapping[str, Any], **extra: Any) -> Any:
+def from_fields(cls: type, where: str, raw: Mapping[str, Any], **extra: Any) -> Any:
     """`cls(**extra, **raw)` with every field of `raw` known and typed (`_typed`); raises
     ValueError naming `<where>.<field>`."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in extra}
@@ -205,15 +205,20 @@ def _from_fields(cls: type, where: str, raw: Mapping[str, Any], **extra: Any) ->
     if missing:
         raise ValueError(f"{where} lacks the fields {missing}")
     hints = typing.get_type_hints(cls)
-    return cls(**extra, **{k: _typed(f'{where}.{k}', v, hints[k]) for k, v in raw.items()})
+    with errors_at(where, cls.__name__):
+        return cls(**extra, **{k: _typed(f'{where}.{k}', v, hints[k]) for k, v in raw.items()})
 
 
-def stage_order(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    return tuple(_split_list(config.stage_order))
-
-
-def stage_config(config: ml_collections.ConfigDict, name: str) -> StageConfig:
-    """The typed `config.stages.<name>`."""
-    if name not in config.stages:
-        raise ValueError(f"stage {name!r} is not defined in config.stages: {sorted(config.stages)}")
-    return StageConfig.from_config(name, config.stages[name])
+@contextlib.contextmanager
+def errors_at(where: str, name: str) -> Iterator[None]:
+    """Re-raises a TypeError / ValueError of building config class `name` as a ValueError naming
+    the config path `where`: its own 'name.field' becomes '<where>.field'."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        message, prefix = str(e), f'{name}.'
+        if message.startswith(where):
+            raise
+        if message.startswith(prefix):
+            raise ValueError(f'{where}.{message.removeprefix(prefix)}') from e
+        raise ValueError(f'{where}: {message}') from e

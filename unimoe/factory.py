@@ -21,17 +21,16 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from unimoe.checkpoint import Checkpointer, flat_params, path_str
-from unimoe.config import stage_config
 from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import tasks as tasks_lib
 from unimoe.data.tokenizer import TextTokenizer
+from unimoe.experiment import ExperimentConfig
 from unimoe.models.abstract import abstract_module
-from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe.models.unimoe import ModelSpec, UniMoE, UniMoEConfig
 from unimoe.parallel import sharded
 
 log = logging.getLogger(__name__)
@@ -179,7 +178,7 @@ def _checked(key: str, value: np.ndarray, current: Any, source: str) -> np.ndarr
 
 
 def build_model(
-    config: ml_collections.ConfigDict,
+    spec: ModelSpec,
     tokenizer: TextTokenizer,
     *,
     moe: bool,
@@ -188,10 +187,11 @@ def build_model(
     abstract: bool = False,
     plan: sharded.Plan | None = None,
 ) -> UniMoE:
-    """The experiment's model for one stage kind; `abstract`: shapes only (no memory, no init);
-    `plan`: every variable initialised directly in its shards on the plan's mesh."""
-    model_cfg = UniMoEConfig.from_dict(
-        config.model,
+    """The experiment's model (`config.model`, typed) for one stage kind; `abstract`: shapes only
+    (no memory, no init); `plan`: every variable initialised directly in its shards on the plan's
+    mesh."""
+    model_cfg = UniMoEConfig.for_stage(
+        spec,
         vocab_size=tokenizer.vocab_size,
         moe=moe,
         lora_rank=lora_rank,
@@ -203,19 +203,10 @@ def build_model(
         num_labels=(tasks_lib.NUM_IMAGE_LABELS, tasks_lib.NUM_AUDIO_LABELS),
     )
     if abstract:
-        model = abstract_module(lambda rngs: UniMoE(model_cfg, rngs=rngs), seed)
-    elif plan is not None:
-        model = sharded.init_module(plan, lambda: UniMoE(model_cfg, rngs=nnx.Rngs(seed)))
-    else:
-        model = UniMoE(model_cfg, rngs=nnx.Rngs(seed))
-    for name, count in model.num_media_tokens.items():
-        expected = config.data[f'n_{name}_tokens']
-        if count != expected:
-            raise ValueError(
-                f"config.data.n_{name}_tokens={expected}, but the model emits {count} "
-                f"{name} tokens: the tokenizer must expand placeholders to match"
-            )
-    return model
+        return abstract_module(lambda rngs: UniMoE(model_cfg, rngs=rngs), seed)
+    if plan is not None:
+        return sharded.init_module(plan, lambda: UniMoE(model_cfg, rngs=nnx.Rngs(seed)))
+    return UniMoE(model_cfg, rngs=nnx.Rngs(seed))
 
 
 def stage_checkpointer(workdir: pathlib.Path, name: str) -> Checkpointer:
@@ -239,7 +230,7 @@ def final_params(workdir: pathlib.Path, name: str) -> dict[str, np.ndarray]:
 
 
 def build_stage_model(
-    config: ml_collections.ConfigDict,
+    experiment: ExperimentConfig,
     name: str,
     workdir: pathlib.Path,
     tokenizer: TextTokenizer,
@@ -249,14 +240,18 @@ def build_stage_model(
 
     Also returns {param path: source stage} for every parameter that came from a source.
     """
-    stage = stage_config(config, name)
+    stage = experiment.stage(name)
     model = build_model(
-        config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed, plan=plan
+        experiment.model,
+        tokenizer,
+        moe=stage.moe,
+        lora_rank=stage.lora_rank,
+        seed=experiment.seed,
+        plan=plan,
     )
     sources = [(src, final_params(workdir, src)) for src in stage.init_from]
-    pretrained = {label: d for label, d in config.get('pretrained', {}).items() if d}
-    if pretrained and not sources:
+    if experiment.pretrained_dirs and not sources:
         # The first stages start from the converted checkpoints (`python -m unimoe.convert`).
-        sources = [('pretrained', convert_core.pretrained_params(pretrained))]
+        sources = [('pretrained', convert_core.pretrained_params(experiment.pretrained_dirs))]
     experts = [(src, final_params(workdir, src)) for src in stage.experts_from]
     return model, load_params(model, sources, experts, upcycle_mode=stage.upcycle_mode)

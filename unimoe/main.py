@@ -16,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from unimoe import accounting, run
+from unimoe import accounting, experiment, run
 from unimoe.parallel import distributed
 from unimoe.train import preemption
 
@@ -48,8 +48,10 @@ def main(argv: list[str]) -> None:
     distributed.initialize(_CONFIG.value.get('distributed'))
     print(f'config (after command-line overrides):\n{_CONFIG.value}')
     if _DRY_RUN.value:
-        print(accounting.format_accounts(accounting.account_stages(_CONFIG.value)))
-        exchange = accounting.account_expert_exchange(_CONFIG.value)
+        # Typed, not validated: a plan needs no checkpoints or data on this machine.
+        typed = experiment.from_config_dict(_CONFIG.value)
+        print(accounting.format_accounts(accounting.account_stages(typed)))
+        exchange = accounting.account_expert_exchange(typed)
         if exchange:
             print('Expert all-to-all per device (expert parallelism):')
             print(accounting.format_exchange(exchange))

@@ -9,44 +9,46 @@ import time
 
 import ml_collections
 
-from unimoe.config import eval_config
 from unimoe.data import builtin
 from unimoe.data.tokenizer import TextTokenizer
+from unimoe.experiment import ExperimentConfig
 from unimoe.eval import evaluate
 from unimoe.train import trainer, validate
 
 log = logging.getLogger(__name__)
 
-def prepare_data(config: ml_collections.ConfigDict) -> TextTokenizer:
+def prepare_data(experiment: ExperimentConfig) -> TextTokenizer:
     """The tokenizer of the experiment's data.
 
     With `config.tokenizer` (stages reading Uni-MoE JSON data, prepared with
     `data.json_builder`): that pretrained LM tokenizer. Otherwise builds the built-in dataset if
     it is missing and returns the tokenizer stored beside it.
     """
-    if not config.get('tokenizer'):
-        builtin.prepare(config.data.data_dir, config.data.builder_config)
+    data = experiment.data
+    if not experiment.tokenizer:
+        builtin.prepare(data.data_dir, data.builder_config)
     return builtin.experiment_tokenizer(
-        config.get('tokenizer'), config.data.data_dir, on_missing='train_and_save'
+        experiment.tokenizer, data.data_dir, on_missing='train_and_save'
     )
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains the stages `config.stage_order` lists, evaluates, and returns the results table.
 
-    Raises `unimoe.train.preemption.Preempted` if SIGTERM / SIGINT stopped training (after a
+    `config` is where an experiment enters: it is typed and checked here, once
+    (`validate.validate_experiment`). Raises `unimoe.train.preemption.Preempted` if SIGTERM / SIGINT stopped training (after a
     checkpoint); calling it again resumes.
     """
-    validate.validate_experiment(config)
+    experiment = validate.validate_experiment(config)
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
     started = time.perf_counter()
-    tokenizer = prepare_data(config)
-    trainer.run_stages(config, workdir_path, tokenizer)
+    tokenizer = prepare_data(experiment)
+    trainer.run_stages(experiment, workdir_path, tokenizer)
     table = ''
-    if eval_config(config).stages:
-        table = evaluate.evaluate(config, workdir_path, tokenizer)
+    if experiment.eval.stages:
+        table = evaluate.evaluate(experiment, workdir_path, tokenizer)
     log.info('experiment finished in %.0f s', time.perf_counter() - started)
     (workdir_path / 'timing.json').write_text(
         json.dumps({'seconds': time.perf_counter() - started}) + '\n'

@@ -20,16 +20,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
-import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
 from experiments.tiny import config as arms_config
-from unimoe import config as config_lib, run
+from unimoe import experiment, run
 from unimoe.data import pipeline, tasks as tasks_lib
 from unimoe.eval import evaluate
 from unimoe.eval.routing_analysis import expert_usage_by_layer
+from unimoe.experiment import ExperimentConfig
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/tiny_claims', 'One subdirectory per arm.')
 _ARMS = flags.DEFINE_list('arms', list(arms_config.ARMS), 'Arms to run, from ARMS.')
@@ -44,8 +44,8 @@ log = logging.getLogger('unimoe')
 
 
 def link_shared_stages(
-    config: ml_collections.ConfigDict,
-    base_config: ml_collections.ConfigDict,
+    config: ExperimentConfig,
+    base_config: ExperimentConfig,
     arm_dir: pathlib.Path,
     base_dir: pathlib.Path,
 ) -> list[str]:
@@ -55,9 +55,9 @@ def link_shared_stages(
     what this arm's config says it is.
     """
     arm_dir.mkdir(parents=True, exist_ok=True)
-    shared = [s for s in config_lib.stage_order(config) if s in base_config.stages]
+    shared = [s for s in config.stage_order if s in base_config.stages]
     for name in shared:
-        if config.stages[name].to_dict() != base_config.stages[name].to_dict():
+        if config.stage(name) != base_config.stage(name):
             raise ValueError(f'stage {name!r} differs from the base arm; give it its own name')
         link = arm_dir / name
         if not link.exists():
@@ -66,13 +66,12 @@ def link_shared_stages(
 
 
 def save_expert_usage(
-    config: ml_collections.ConfigDict, stage: str, arm_dir: pathlib.Path, tokenizer: Any
+    config: ExperimentConfig, stage: str, arm_dir: pathlib.Path, tokenizer: Any
 ) -> dict[str, list]:
     """The stage's share of routed assignments per modality, layer and expert on the eval split."""
     model = evaluate.load_finished_stage(config, stage, arm_dir, tokenizer)
-    tasks = list(config_lib.eval_config(config).tasks)
-    examples = pipeline.load_eval_examples(pipeline.DataConfig(**config.data.to_dict()), tokenizer, tasks)
-    batch_size = config_lib.eval_config(config).batch_size
+    examples = pipeline.load_eval_examples(config.data, tokenizer, list(config.eval.tasks))
+    batch_size = config.eval.batch_size
     usage = expert_usage_by_layer(model, pipeline.collate(examples, batch_size))
     result = {modality: u.tolist() for modality, u in usage.items()}
     (arm_dir / USAGE_FILE).write_text(json.dumps(result) + '\n')
@@ -177,30 +176,31 @@ def run_arms(
     figures_dir: pathlib.Path,
 ) -> str:
     """Trains and evaluates `arms` (the base arm first); writes the summary and figures."""
-    base_config = arms_config.get_config(f'arm=moe4,mode={mode}')
+    base_config = experiment.from_config_dict(arms_config.get_config(f'arm=moe4,mode={mode}'))
     base_dir = base_workdir or workdir / 'moe4'
     tokenizer = run.prepare_data(base_config)
     order = ['moe4'] + [a for a in arms if a != 'moe4']
     results, loads, usage, expert_names = {}, {}, {}, {}
     for arm in order:
-        config = arms_config.get_config(f'arm={arm},mode={mode}')
+        config_dict = arms_config.get_config(f'arm={arm},mode={mode}')
+        config = experiment.from_config_dict(config_dict)
         arm_dir = base_dir if arm == 'moe4' else workdir / arm
         if arm != 'moe4':
             link_shared_stages(config, base_config, arm_dir, base_dir)
         log.info('arm %s in %s', arm, arm_dir)
-        run.run_experiment(config, str(arm_dir))
+        run.run_experiment(config_dict, str(arm_dir))
         if arm not in arms:
             continue
         stage = arms_config.stage3_name(arm)
         results[arm] = json.loads((arm_dir / 'results.json').read_text())['models'][stage]
         loads[arm] = last_expert_load(arm_dir, stage)
-        if config.stages[stage].moe:
+        if config.stage(stage).moe:
             usage[arm] = save_expert_usage(config, stage, arm_dir, tokenizer)
-            sources = list(config_lib.stage_config(config, stage).experts_from)
+            sources = list(config.stage(stage).experts_from)
             if len(sources) == 1:  # copies of one FFN
-                sources = [f'copy{e}' for e in range(config.model.moe.num_experts)]
+                sources = [f'copy{e}' for e in range(config.model.llm.moe.num_experts)]
             expert_names[arm] = [s.removeprefix('s2_') for s in sources]
-    tasks = list(config_lib.eval_config(base_config).tasks)
+    tasks = list(base_config.eval.tasks)
     chance = {t: tasks_lib.chance_accuracy(t) for t in tasks}
     table, numbers = summarize(results, chance, loads)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from tests.tiny_model import TOKEN_IDS
 from unimoe import checkpoint, config as config_lib
 from unimoe.convert import core, families
 from unimoe.models.abstract import abstract_module
-from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe.models.unimoe import ModelSpec, UniMoE, UniMoEConfig
 VICUNA_7B_V15 = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -62,8 +62,8 @@ WHISPER_SMALL = {
 
 def _paper_model_config(vocab_size: int, *, moe: bool) -> UniMoEConfig:
     config = config_lib.load_config("configs/unimoe_paper_4e.py")
-    return UniMoEConfig.from_dict(
-        config.model,
+    return UniMoEConfig.for_stage(
+        ModelSpec.from_dict(config.model),
         vocab_size=vocab_size,
         token_ids=TOKEN_IDS,
         num_labels=(2, 2),
@@ -128,8 +128,8 @@ def test_converted_folders_assemble_into_a_unimoe_model(converted):
         "moe": dict(num_experts=4, top_k=2),
         "lora": dict(alpha=16.0, dropout=0.05),
     }
-    cfg = UniMoEConfig.from_dict(
-        model_dict,
+    cfg = UniMoEConfig.for_stage(
+        ModelSpec.from_dict(model_dict),
         vocab_size=hf_models.LM["vocab_size"],
         token_ids=TOKEN_IDS,
         num_labels=(2, 2),

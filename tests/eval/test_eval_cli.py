@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from tests.data import real_corpus
-from unimoe import checkpoint, config as config_lib, factory
+from unimoe import checkpoint, config as config_lib, experiment, factory
 from unimoe.data import formats
 from unimoe.eval import metrics, run_benchmark
 
@@ -33,11 +33,11 @@ def stage(tmp_path_factory) -> dict:
         f"    c.tokenizer = {str(tokenizer_path)!r}\n"
         "    return c\n"
     )
-    config = config_lib.load_config(str(config_file))
+    config = experiment.from_config_dict(config_lib.load_config(str(config_file)))
     tokenizer = run_benchmark.load_tokenizer(config)
-    spec = config.stages[STAGE]
+    spec = config.stage(STAGE)
     model = factory.build_model(
-        config, tokenizer, moe=spec.moe, lora_rank=spec.lora_rank, seed=config.seed
+        config.model, tokenizer, moe=spec.moe, lora_rank=spec.lora_rank, seed=config.seed
     )
     params = nnx.state(model, nnx.Param)
     ckpt = factory.stage_checkpointer(root / "run", STAGE)

@@ -7,7 +7,7 @@ from flax import nnx
 
 from tests.tiny_model import TOKEN_IDS, model_dict, random_module
 from unimoe import checkpoint, factory
-from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe.models.unimoe import ModelSpec, UniMoE, UniMoEConfig
 from unimoe.train import optim, step as step_lib
 
 # Everything but the probe heads trains, so gradients flow through every kind of sharded weight.
@@ -20,8 +20,9 @@ BATCH, SEQ = 8, 16
 def tiny_config() -> UniMoEConfig:
     md = model_dict()
     md.moe = dict(num_experts=4, top_k=2, router='topk_softmax')
-    return UniMoEConfig.from_dict(
-        md, vocab_size=41, token_ids=TOKEN_IDS, num_labels=(5, 7), moe=True, lora_rank=2
+    return UniMoEConfig.for_stage(
+        ModelSpec.from_dict(md),
+        vocab_size=41, token_ids=TOKEN_IDS, num_labels=(5, 7), moe=True, lora_rank=2
     )
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tests.reliability.conftest import small_config
-from unimoe import checkpoint, config as config_lib, factory
+from unimoe import checkpoint, factory
 from unimoe.data import builtin
 from unimoe.parallel import sharded
 from unimoe.train import metrics, optim, trainer, validate
@@ -24,11 +24,11 @@ def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(builtin_test_d
     config.stages.s.steps = STEPS
     config.stages.s.batch_size = 8
     config.mesh = dict(data=2, fsdp=2, expert=2)
-    validate.validate_experiment(config)
+    typed = validate.validate_experiment(config)
     tokenizer = builtin.load_or_train_tokenizer(
         pathlib.Path(builtin_test_data) / builtin.TOKENIZER_FILE
     )
-    trainer.train_stage(config, 's', tmp_path, tokenizer)
+    trainer.train_stage(typed, 's', tmp_path, tokenizer)
     log = metrics.read_metrics(tmp_path / 's')
     assert [r['step'] for r in log] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r['loss']) for r in log)
@@ -36,9 +36,11 @@ def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(builtin_test_d
 
     # The stage's last checkpoint (the trainer's train state) restores straight into the
     # shardings the rules give, as a resumed sharded stage restores it.
-    stage = config_lib.stage_config(config, 's')
-    plan = sharded.plan_from_config(config)
-    model = factory.build_model(config, tokenizer, moe=True, lora_rank=4, seed=0, abstract=True)
+    stage = typed.stage('s')
+    plan = sharded.make_plan(typed.mesh, typed.sharding_rules)
+    model = factory.build_model(
+        typed.model, tokenizer, moe=True, lora_rank=4, seed=0, abstract=True
+    )
     _, trainable, _ = nnx.split(model, factory.trainable_filter(stage.trains), ...)
     tx = optim.make_optimizer(trainer.stage_optim_config(stage))
     abstract_state = {

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from tests.data import real_corpus
-from unimoe import config as config_lib
+from unimoe import config as config_lib, experiment
 from unimoe import run
 from unimoe.data import formats, json_builder
-from unimoe.train import metrics, trainer
+from unimoe.train import metrics, validate
 
 CONFIG = pathlib.Path(__file__).parent.parent.parent / 'configs' / 'unimoe_tiny.py'
 
@@ -51,7 +51,6 @@ def test_skipped_records_are_counted_in_the_training_metrics(corpus, tmp_path):
     # Enough rows to pass the first epoch: every bad record of it has been skipped by then.
     steps = corpus['num_good'] // 2 + 1
     config = json_config(corpus, 'skip', steps)
-    trainer.validate_stages(config)
     run.run_experiment(config, str(tmp_path / 'run'))
     logged = metrics.read_metrics(tmp_path / 'run' / 's_json')
     assert [row['step'] for row in logged] == list(range(1, steps + 1))
@@ -70,4 +69,4 @@ def test_stages_and_tokenizers_must_agree():
     config = config_lib.load_config(f'{CONFIG}:mode=test')
     config.tokenizer = 'tokenizer.model'
     with pytest.raises(ValueError, match='needs the built-in tokenizer'):
-        trainer.validate_stages(config)
+        validate.validate_stages(experiment.from_config_dict(config))

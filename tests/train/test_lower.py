@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from unimoe import config as config_lib
+from unimoe import config as config_lib, experiment
 from unimoe.nn import sharding
 from unimoe.parallel import rules as rules_lib
 from unimoe.train import lower
@@ -17,7 +17,7 @@ CONFIG = 'configs/paper_scale.py'
 
 def test_paper_scale_config_lowers_with_expert_sharded_weights():
     config = config_lib.load_config(f'{CONFIG}:experts=8,target=v5p-64,size=test')
-    report, lowered = lower.lower_stage(config, 's3_moe')
+    report, lowered = lower.lower_stage(experiment.from_config_dict(config), 's3_moe')
     assert report.planned_mesh == dict(data=1, fsdp=4, expert=8, tensor=1)
     assert report.lowered_mesh == dict(data=1, fsdp=1, expert=8, tensor=1)
     text = lowered.as_text()

@@ -6,7 +6,7 @@ from flax import nnx
 
 from tests.tiny_model import TOKEN_IDS, model_config, model_dict
 from unimoe import checkpoint, factory
-from unimoe.models.unimoe import UniMoE, UniMoEConfig
+from unimoe.models.unimoe import ModelSpec, UniMoE, UniMoEConfig
 from unimoe.parallel import sharded
 from unimoe.train import optim
 from unimoe.train import step as step_lib
@@ -87,8 +87,9 @@ def test_expert_usage_by_modality_rows_are_each_modalitys_shares():
 def test_router_bias_is_updated_by_the_step_from_the_load_not_by_the_optimizer():
     md = model_dict()
     md.moe = dict(num_experts=3, top_k=2, router='sigmoid_bias', bias_update_rate=0.125)
-    cfg = UniMoEConfig.from_dict(
-        md, vocab_size=41, token_ids=TOKEN_IDS, num_labels=(5, 7), moe=True, lora_rank=0
+    cfg = UniMoEConfig.for_stage(
+        ModelSpec.from_dict(md),
+        vocab_size=41, token_ids=TOKEN_IDS, num_labels=(5, 7), moe=True, lora_rank=0
     )
     model = UniMoE(cfg, rngs=nnx.Rngs(0))
     trains = 'router'

@@ -58,11 +58,12 @@ _LENGTH_WINDOW_BATCHES = 8
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JsonDataConfig(shapes.BatchShapes):
     """What the real-data pipeline reads and its policies; its shapes are `BatchShapes` (defaults:
-    the reference's preprocessing)."""
+    the reference's preprocessing). An experiment's `config.json_data` is this without sources:
+    each stage adds its own (`json_sources`), its batch size and seed."""
 
     data_dir: str
-    sources: tuple[str, ...]  # `unimoe_json` config names, prepared in data_dir
     media_root: str | None  # folder or zip the records' media paths are relative to
+    sources: tuple[str, ...] = ()  # `unimoe_json` config names, prepared in data_dir
     weights: tuple[float, ...] = ()  # per source, fraction of batches; () = equal
     image_aspect: str = "square"
     max_audio_chunks: int = 4  # per record, over all its voice files
@@ -80,8 +81,6 @@ class JsonDataConfig(shapes.BatchShapes):
             raise ValueError(
                 f"image_aspect must be one of {preprocess.IMAGE_ASPECTS}, got {self.image_aspect!r}"
             )
-        if not self.sources:
-            raise ValueError("sources must name at least one prepared unimoe_json dataset")
         if self.weights and len(self.weights) != len(self.sources):
             raise ValueError(f"{len(self.weights)} weights for {len(self.sources)} sources")
         if any(b > self.seq_len for b in self.seq_buckets):
@@ -385,6 +384,8 @@ def make_dataset(
     shard_count: int = 1,
 ) -> grain.IterDataset:
     """Infinite batches of this host's shard; `iter()` it, and checkpoint the iterator."""
+    if not cfg.sources:
+        raise ValueError("sources must name at least one prepared unimoe_json dataset")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     if cfg.batch_size % shard_count:

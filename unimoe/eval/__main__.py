@@ -17,6 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from unimoe import experiment
 from unimoe.eval import benchmarks, run_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,7 +61,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger("unimoe").setLevel(logging.INFO)
     output = _OUTPUT.value or str(pathlib.Path(_CHECKPOINT.value) / "eval")
     scores = run_benchmark.evaluate_benchmark(
-        _CONFIG.value,
+        experiment.from_config_dict(_CONFIG.value),
         checkpoint=_CHECKPOINT.value,
         benchmark=_BENCHMARK.value,
         data=_DATA.value,

@@ -9,16 +9,15 @@ import pathlib
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
 
 from unimoe import factory
-from unimoe.config import eval_config, stage_config
 from unimoe.data import pipeline, tasks as tasks_lib
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.eval import generate, scoring, tables
+from unimoe.experiment import ExperimentConfig
 from unimoe.models.unimoe import UniMoE
 
 log = logging.getLogger(__name__)
@@ -54,12 +53,12 @@ def generate_answers(
 
 
 def load_finished_stage(
-    config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path, tokenizer: TextTokenizer
+    experiment: ExperimentConfig, name: str, workdir: pathlib.Path, tokenizer: TextTokenizer
 ) -> UniMoE:
     """The model a finished stage ended with, every parameter restored, in eval mode."""
-    stage = stage_config(config, name)
+    stage = experiment.stage(name)
     model = factory.build_model(
-        config, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=config.seed
+        experiment.model, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=experiment.seed
     )
     origin = factory.load_params(model, [(name, factory.final_params(workdir, name))])
     total = len(list(nnx.to_flat_state(nnx.state(model, nnx.Param))))
@@ -112,20 +111,20 @@ def predict(
     return records
 
 
-def _scores_key(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path) -> Any:
+def _scores_key(experiment: ExperimentConfig, name: str, workdir: pathlib.Path) -> Any:
     """What a stage's scores depend on: its finished checkpoint (DONE.json records the run that
     wrote it, seconds included, so a retrained stage never matches) and the eval and data settings.
     """
     ckpt = factory.stage_checkpointer(workdir, name)
     done = ckpt.read_done()
     ckpt.close()
-    eval_settings = dataclasses.asdict(dataclasses.replace(eval_config(config), stages=()))
-    key = {'stage': done, 'eval': eval_settings, 'data': config.data.to_dict()}
+    eval_settings = dataclasses.asdict(dataclasses.replace(experiment.eval, stages=()))
+    key = {'stage': done, 'eval': eval_settings, 'data': dataclasses.asdict(experiment.data)}
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
 def stage_scores(
-    config: ml_collections.ConfigDict,
+    experiment: ExperimentConfig,
     name: str,
     workdir: pathlib.Path,
     tokenizer: TextTokenizer,
@@ -135,19 +134,19 @@ def stage_scores(
     stage nor the eval settings changed since it was written: re-running a finished experiment
     (or a notebook over one) does not decode every question again."""
     cache = workdir / name / SCORES_FILE
-    key = _scores_key(config, name, workdir)
+    key = _scores_key(experiment, name, workdir)
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get('key') == key:
             log.info('eval %s: unchanged since %s was written, reusing it', name, cache)
             return saved['scores']
-    model = load_finished_stage(config, name, workdir, tokenizer)
+    model = load_finished_stage(experiment, name, workdir, tokenizer)
     records = predict(
         model,
         examples,
         tokenizer,
-        batch_size=eval_config(config).batch_size,
-        max_new_tokens=eval_config(config).max_new_tokens,
+        batch_size=experiment.eval.batch_size,
+        max_new_tokens=experiment.eval.max_new_tokens,
         desc=f'eval {name}',
     )
     # Through JSON, so a fresh result and a reused one are the same objects.
@@ -156,14 +155,13 @@ def stage_scores(
     return scores
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: TextTokenizer) -> str:
+def evaluate(experiment: ExperimentConfig, workdir: pathlib.Path, tokenizer: TextTokenizer) -> str:
     """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the table."""
-    settings = eval_config(config)
-    eval_tasks = list(settings.tasks)
-    examples = pipeline.load_eval_examples(pipeline.DataConfig(**config.data.to_dict()), tokenizer, eval_tasks)
+    eval_tasks = list(experiment.eval.tasks)
+    examples = pipeline.load_eval_examples(experiment.data, tokenizer, eval_tasks)
     results = {}
-    for name in settings.stages:
-        results[name] = stage_scores(config, name, workdir, tokenizer, examples)
+    for name in experiment.eval.stages:
+        results[name] = stage_scores(experiment, name, workdir, tokenizer, examples)
         log.info('eval %s: overall accuracy %.3f', name, results[name]['overall']['accuracy'])
     task_modality = {task: tasks_lib.TASKS[task] for task in eval_tasks}
     chance = {task: tasks_lib.chance_accuracy(task) for task in eval_tasks}

@@ -21,7 +21,6 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
@@ -31,6 +30,7 @@ from unimoe.data import builtin, conversation, formats, json_pipeline, shapes, v
 from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer
 from unimoe.eval import benchmarks, evaluate
 from unimoe.eval.generate import SamplingConfig
+from unimoe.experiment import ExperimentConfig
 from unimoe.models.unimoe import UniMoE
 
 log = logging.getLogger(__name__)
@@ -41,43 +41,47 @@ _MODEL_KEYS = ("tokens", "prompt_len", "image", "video", "audio_mel")
 _PRESENCE_KEYS = ("has_image", "has_video", "has_audio")
 
 
-def load_tokenizer(config: ml_collections.ConfigDict) -> TextTokenizer:
+def load_tokenizer(experiment: ExperimentConfig) -> TextTokenizer:
     """The tokenizer the experiment trained with (never trains or downloads one)."""
     return builtin.experiment_tokenizer(
-        config.get("tokenizer"), config.data.data_dir, on_missing="error"
+        experiment.tokenizer, experiment.data.data_dir, on_missing="error"
     )
 
 
 def load_stage(
-    config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, tokenizer: TextTokenizer
+    experiment: ExperimentConfig, checkpoint: str | os.PathLike, tokenizer: TextTokenizer
 ) -> UniMoE:
     """The model of the finished stage in directory `checkpoint` (= WORKDIR/STAGE)."""
     stage_dir = pathlib.Path(checkpoint)
     workdir, name = stage_dir.parent, stage_dir.name
-    if name not in config.stages:
+    if name not in experiment.stages:
         raise ValueError(
             f"--checkpoint={checkpoint}: stage {name!r} is not in the config's stages "
-            f"{sorted(config.stages)} (the checkpoint is WORKDIR/STAGE)"
+            f"{sorted(experiment.stages)} (the checkpoint is WORKDIR/STAGE)"
         )
     if not factory.stage_checkpointer(workdir, name).is_done():
         raise ValueError(
             f"--checkpoint={checkpoint}: stage {name!r} has not finished (no DONE.json)"
         )
-    return evaluate.load_finished_stage(config, name, workdir, tokenizer)
+    return evaluate.load_finished_stage(experiment, name, workdir, tokenizer)
 
 
 def _media_config(
-    config: ml_collections.ConfigDict, media_root: str | None
+    experiment: ExperimentConfig, media_root: str | None
 ) -> json_pipeline.JsonDataConfig:
-    json_data = config.get("json_data") or {}
+    """The media preprocessing the stage trained with: `config.json_data`'s, `config.data`'s
+    shapes."""
+    json_data = experiment.json_data
+    policies = {} if json_data is None else dict(
+        image_aspect=json_data.image_aspect, max_audio_chunks=json_data.max_audio_chunks
+    )
     return json_pipeline.JsonDataConfig(
         data_dir="",  # not read: records come from the benchmark file
         sources=("benchmark",),
         media_root=media_root,
         batch_size=1,
-        image_aspect=json_data.get("image_aspect", "square"),
-        max_audio_chunks=json_data.get("max_audio_chunks", 4),
-        **shapes.from_config_data(config.data),
+        **policies,
+        **shapes.from_config_data(dataclasses.asdict(experiment.data)),
     )
 
 
@@ -108,7 +112,7 @@ def _prompt(
 
 
 def build_examples(
-    config: ml_collections.ConfigDict,
+    experiment: ExperimentConfig,
     items: Sequence[benchmarks.EvalItem],
     tokenizer: TextTokenizer,
     media_root: str | None,
@@ -116,7 +120,7 @@ def build_examples(
 ) -> tuple[list[benchmarks.EvalItem], list[dict[str, np.ndarray]], int]:
     """(items kept, their examples, number skipped). An example is `prompt` int32 [P] (unpadded)
     and the media slots; bad media raise RecordError, or are skipped with on_error='skip'."""
-    cfg = _media_config(config, media_root)
+    cfg = _media_config(experiment, media_root)
     builder = json_pipeline.ExampleBuilder(cfg, tokenizer=None)
     kept, examples = [], []
     for item in tqdm.tqdm(items, desc="media", leave=False):
@@ -192,7 +196,7 @@ def output_paths(output: str | os.PathLike, benchmark: str) -> tuple[pathlib.Pat
 
 
 def evaluate_benchmark(
-    config: ml_collections.ConfigDict,
+    experiment: ExperimentConfig,
     *,
     checkpoint: str,
     benchmark: str,
@@ -222,9 +226,9 @@ def evaluate_benchmark(
         items = items[:limit]
     if not items:
         raise ValueError(f"{data}: no records to evaluate ({skipped} skipped)")
-    tokenizer = load_tokenizer(config)
-    model = load_stage(config, checkpoint, tokenizer)
-    items, examples, bad_media = build_examples(config, items, tokenizer, media_root, on_error)
+    tokenizer = load_tokenizer(experiment)
+    model = load_stage(experiment, checkpoint, tokenizer)
+    items, examples, bad_media = build_examples(experiment, items, tokenizer, media_root, on_error)
     skipped += bad_media
     if not items:
         raise ValueError(f"{data}: every record was skipped ({skipped})")

@@ -92,6 +92,8 @@ class LLMConfig:
     float32 and logits are returned in float32.
     qkv_bias: biases on the q, k and v projections (Qwen2 / Qwen2-MoE); LLaMA has none.
     rope_scaling: a `RopeScaling` (or its kwargs) applied to the RoPE frequencies.
+    vocab_size: 0 only in an experiment's `unimoe.models.unimoe.ModelSpec`, before the tokenizer
+    gives it (a model needs > 0).
     """
 
     vocab_size: int
@@ -112,7 +114,9 @@ class LLMConfig:
     rope_scaling: RopeScaling = RopeScaling()
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim"):
+        if self.vocab_size < 0:
+            raise ValueError(f"LLMConfig.vocab_size must be > 0, got {self.vocab_size}")
+        for name in ("dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LLMConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -400,6 +404,8 @@ class DecoderLM(nnx.Module):
     Config = LLMConfig
 
     def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:  # 0: an experiment's `ModelSpec`, which the tokenizer completes
+            raise ValueError(f"LLMConfig.vocab_size must be > 0, got {cfg.vocab_size}")
         self.cfg = cfg
         self.embed = nnx.Embed(
             cfg.vocab_size,

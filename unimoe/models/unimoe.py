@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unimoe import config as config_lib
 from unimoe.models import audio, connectors, llm, vision
 from unimoe.moe import config as moe_config
 from unimoe.moe.aux_stats import MoEAux
@@ -16,8 +17,66 @@ from unimoe.nn import lora
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """`config.model`, typed: what the models of every stage share. One stage's `UniMoEConfig`
+    adds the stage's MoE and LoRA switches and the tokenizer's vocabulary and media ids
+    (`UniMoEConfig.for_stage`).
+
+    llm: the LM with `vocab_size` 0 (the tokenizer's), no MoE layers and LoRA rank 0;
+    moe_layers: the layers a MoE stage makes MoE (`model.moe_layers`, resolved).
+    """
+
+    llm: llm.LLMConfig
+    moe_layers: tuple[int, ...]
+    vision: vision.ViTEncoder.Config
+    audio: audio.AudioEncoder.Config
+    audio_conn: connectors.QueryConnector.Config
+
+    @classmethod
+    def from_dict(cls, model: Mapping[str, Any]) -> ModelSpec:
+        """Raises ValueError naming `config.model.<section>` (an unknown field, a bad value)."""
+        known = {'llm', 'moe_layers', 'moe', 'lora', 'vision', 'audio', 'audio_conn'}
+        unknown = sorted(set(model) - known)
+        if unknown:
+            raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(known)}")
+        moe = _section('moe', moe_config.MoEConfig, **model.get('moe', {}))
+        lora_cfg = _section('lora', lora.LoRAConfig, **model.get('lora', {}))
+        llm_cfg = _section(
+            'llm', llm.LLMConfig, **model['llm'], vocab_size=0, moe=moe, lora=lora_cfg
+        )
+        audio_cfg = _section('audio', audio.AudioEncoder.Config, **model['audio'])
+        return cls(
+            llm=llm_cfg,
+            moe_layers=_section(
+                'moe_layers', llm.resolve_moe_layers, model['moe_layers'], llm_cfg.num_layers
+            ),
+            vision=_section('vision', vision.ViTEncoder.Config, **model['vision']),
+            audio=audio_cfg,
+            audio_conn=_section(
+                'audio_conn',
+                connectors.QueryConnector.Config,
+                **model['audio_conn'],
+                enc_dim=audio_cfg.width,
+                out_dim=llm_cfg.dim,
+            ),
+        )
+
+    @property
+    def num_media_tokens(self) -> dict[str, int]:
+        """LM positions one image, video or audio clip fills (`UniMoE.num_media_tokens`)."""
+        patches = (self.vision.image_size // self.vision.patch_size) ** 2
+        return {'image': patches, 'video': patches, 'audio': self.audio_conn.num_queries}
+
+
+def _section(name: str, build: Any, *args: Any, **kwargs: Any) -> Any:
+    """`build(*args, **kwargs)`, its errors naming `config.model.<name>`."""
+    with config_lib.errors_at(f'config.model.{name}', build.__name__):
+        return build(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
 class UniMoEConfig:
-    """Whole-model config; built from the experiment ConfigDict by `from_dict`."""
+    """Whole-model config: one stage's model (`for_stage`)."""
 
     llm: llm.LLMConfig
     vision: vision.ViTEncoder.Config
@@ -31,9 +90,9 @@ class UniMoEConfig:
     num_audio_labels: int
 
     @classmethod
-    def from_dict(
+    def for_stage(
         cls,
-        model: Mapping[str, Any],
+        spec: ModelSpec,
         *,
         vocab_size: int,
         token_ids: Mapping[str, int],
@@ -41,34 +100,25 @@ class UniMoEConfig:
         moe: bool,
         lora_rank: int,
     ) -> UniMoEConfig:
-        """Builds the config of one stage's model from `config.model`.
+        """The model of one stage of an experiment whose `config.model` is `spec`.
 
-        `moe` turns the layers named by `model.moe_layers` into MoE layers; `lora_rank` > 0 adds LoRA
-        (with `model.lora`'s alpha and dropout) to attention and experts.
+        `moe` turns the layers `spec.moe_layers` names into MoE layers; `lora_rank` > 0 adds LoRA
+        (with `spec`'s alpha and dropout) to attention and experts.
         """
-        llm_cfg = dict(model['llm'])
-        num_layers = llm_cfg['num_layers']
-        moe_layers = llm.resolve_moe_layers(model['moe_layers'] if moe else 'none', num_layers)
-        lora_cfg = lora.LoRAConfig(**{**dict(model['lora']), 'rank': lora_rank})
-        llm_config = llm.LLMConfig(
-            **llm_cfg,
+        llm_config = dataclasses.replace(
+            spec.llm,
             vocab_size=vocab_size,
-            moe_layers=moe_layers,
-            moe=moe_config.MoEConfig(**dict(model['moe'])),
-            lora=lora_cfg,
+            moe_layers=spec.moe_layers if moe else (),
+            lora=dataclasses.replace(spec.llm.lora, rank=lora_rank),
         )
-        vision_cfg = vision.ViTEncoder.Config(**dict(model['vision']))
-        audio_cfg = audio.AudioEncoder.Config(**dict(model['audio']))
         return cls(
             llm=llm_config,
-            vision=vision_cfg,
-            audio=audio_cfg,
+            vision=spec.vision,
+            audio=spec.audio,
             image_proj=connectors.MLPProjector.Config(
-                in_dim=vision_cfg.width, out_dim=llm_config.dim
+                in_dim=spec.vision.width, out_dim=llm_config.dim
             ),
-            audio_conn=connectors.QueryConnector.Config(
-                enc_dim=audio_cfg.width, out_dim=llm_config.dim, **dict(model['audio_conn'])
-            ),
+            audio_conn=spec.audio_conn,
             **token_ids,
             num_image_labels=num_labels[0],
             num_audio_labels=num_labels[1],

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -54,20 +53,20 @@ class Plan:
         return sharding.use_rules(self.mesh, self.rules)
 
 
-def plan_from_config(config: ml_collections.ConfigDict) -> Plan:
-    """The run's Plan: `config.mesh` over every process's devices, or without it a one-device
-    mesh on this process's first device."""
-    sizes = config.get('mesh')
-    devices = None if sizes else jax.local_devices()[:1]
+def make_plan(mesh: Mapping[str, int] | None, rules: sharding.Rules | None = None) -> Plan:
+    """A run's Plan: the mesh `mesh` ({axis: size}, one size may be -1) over every process's
+    devices, or without one a one-device mesh on this process's first device; `rules` default to
+    `DEFAULT_RULES`. An experiment passes its `config.mesh` and `config.sharding_rules`."""
+    devices = None if mesh else jax.local_devices()[:1]
     return Plan(
-        mesh_lib.make_mesh(dict(sizes or {}), devices),
-        rules_lib.parse_rules(config.get('sharding_rules')),
+        mesh_lib.make_mesh(dict(mesh or {}), devices),
+        rules_lib.parse_rules(None) if rules is None else dict(rules),
     )
 
 
 def one_device_plan() -> Plan:
     """The Plan of a run without `config.mesh` (default rules)."""
-    return plan_from_config(ml_collections.ConfigDict())
+    return make_plan(None)
 
 
 ModuleT = Any

@@ -18,12 +18,13 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from unimoe import accounting, config as config_lib, factory
+from unimoe import accounting, experiment as experiment_lib, factory
+from unimoe.data import shapes
+from unimoe.experiment import ExperimentConfig
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib, sharded
 from unimoe.train import optim, step as step_lib, trainer
 
@@ -62,9 +63,8 @@ def scaled_mesh_shape(planned: Mapping[str, int], num_devices: int) -> dict[str,
     return shape
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.Array]:
-    """An image + speech chat batch of the config's shapes (the stage's widest input)."""
-    data = config.data
+def abstract_batch(data: shapes.BatchShapes, batch_size: int) -> dict[str, jax.Array]:
+    """An image + speech chat batch of `config.data`'s shapes (the stage's widest input)."""
     sds = jax.ShapeDtypeStruct
     rows = (batch_size, data.seq_len)
     return {
@@ -110,29 +110,32 @@ class LoweringReport:
 
 
 def lower_stage(
-    config: ml_collections.ConfigDict, name: str, devices: list[jax.Device] | None = None
+    experiment: ExperimentConfig, name: str, devices: list[jax.Device] | None = None
 ) -> tuple[LoweringReport, jax.stages.Lowered]:
-    """Lowers stage `name`'s sharded train step on `devices` (default: all local ones)."""
+    """Lowers stage `name`'s sharded train step on `devices` (default: all local ones), its model
+    of `config.vocab_size` tokens (no tokenizer is read)."""
     devices = jax.local_devices() if devices is None else devices
-    rules = rules_lib.parse_rules(config.get('sharding_rules'))
-    planned = mesh_lib.mesh_shape(dict(config.mesh), math.prod(dict(config.mesh).values()))
+    rules = experiment.sharding_rules
+    if not experiment.mesh:
+        raise ValueError("config.mesh is not set: lowering plans a stage on a device mesh")
+    planned = mesh_lib.mesh_shape(experiment.mesh, math.prod(experiment.mesh.values()))
     lowered_shape = scaled_mesh_shape(planned, len(devices))
     plan = sharded.Plan(mesh_lib.make_mesh(lowered_shape, devices), rules)
-    stage = config_lib.stage_config(config, name)
+    stage = experiment.stage(name)
     started = time.perf_counter()
     model = factory.build_model(
-        config,
-        Vocabulary(config.vocab_size),
+        experiment.model,
+        Vocabulary(experiment.vocab_size),
         moe=stage.moe,
         lora_rank=stage.lora_rank,
-        seed=config.seed,
+        seed=experiment.seed,
         abstract=True,
     )
-    account = accounting.account_model(model, stage.trains, config.data.seq_len, name)
+    account = accounting.account_model(model, stage.trains, experiment.data.seq_len, name)
     graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(stage.trains), ...)
     optim_cfg = trainer.stage_optim_config(stage)
     opt_state = jax.eval_shape(optim.make_optimizer(optim_cfg).init, trainable)
-    batch = abstract_batch(config, stage.batch_size)
+    batch = abstract_batch(experiment.data, stage.batch_size)
     step_fn = step_lib.train_step_fn(
         graphdef, stage.trains, optim_cfg, trainer.stage_loss_config(stage)
     )
@@ -166,10 +169,10 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv: list[str]) -> None:
     del argv
-    config = _CONFIG.value
-    name = _STAGE.value or config_lib.stage_order(config)[-1]
+    experiment = experiment_lib.from_config_dict(_CONFIG.value)
+    name = _STAGE.value or experiment.stage_order[-1]
     print(f'{jax.local_device_count()} local devices ({jax.devices()[0].platform})')
-    report, _ = lower_stage(config, name)
+    report, _ = lower_stage(experiment, name)
     print(report.format())
 
 

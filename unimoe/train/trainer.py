@@ -17,15 +17,14 @@ import zlib
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from unimoe import factory
 from unimoe.checkpoint import Checkpointer, path_str
-from unimoe.config import LossWeights, StageConfig, eval_config, stage_config, stage_order
-from unimoe.convert import upcycle
-from unimoe.data import json_pipeline, pipeline, shapes
+from unimoe.config import LossWeights, StageConfig
+from unimoe.data import json_pipeline, pipeline
+from unimoe.experiment import ExperimentConfig
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.parallel import mesh as mesh_lib, sharded
 from unimoe.train import metrics as metrics_lib, nonfinite, optim, preemption, step as step_lib
@@ -34,13 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def json_data_config(
-    config: ml_collections.ConfigDict, stage: StageConfig, seed: int
+    experiment: ExperimentConfig, stage: StageConfig, seed: int
 ) -> json_pipeline.JsonDataConfig:
-    """The real-data pipeline of a stage with `json_sources`: shapes from `config.data` (what the
-    model expects), everything else (data_dir, media_root, on_error, workers, ...) from
-    `config.json_data`."""
-    return json_pipeline.JsonDataConfig(
-        **{**config.json_data.to_dict(), **shapes.from_config_data(config.data)},
+    """The real-data pipeline of a stage with `json_sources`: `config.json_data` (data_dir,
+    media_root, on_error, workers, ...; the shapes of `config.data`) with the stage's sources,
+    weights and batch size."""
+    return dataclasses.replace(
+        experiment.json_data,
         sources=stage.json_sources,
         weights=stage.json_weights,
         batch_size=stage.batch_size,
@@ -65,16 +64,16 @@ def stage_loss_config(stage: StageConfig) -> step_lib.LossConfig:
 
 
 def stage_loader(
-    config: ml_collections.ConfigDict, stage: StageConfig, tokenizer: TextTokenizer, seed: int
+    experiment: ExperimentConfig, stage: StageConfig, tokenizer: TextTokenizer, seed: int
 ) -> Any:
     """The stage's training batches: this process's shard of the records and of every batch."""
     shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     if stage.json_sources:
         return json_pipeline.make_dataset(
-            json_data_config(config, stage, seed), tokenizer, **shards
+            json_data_config(experiment, stage, seed), tokenizer, **shards
         )
     return pipeline.make_train_loader(
-        pipeline.DataConfig(**{**config.data.to_dict(), 'batch_size': stage.batch_size}),
+        dataclasses.replace(experiment.data, batch_size=stage.batch_size),
         tokenizer,
         list(stage.tasks),
         stage.mode,
@@ -130,7 +129,7 @@ class TrainState:
 
 
 def train_stage(
-    config: ml_collections.ConfigDict,
+    experiment: ExperimentConfig,
     name: str,
     workdir: pathlib.Path,
     tokenizer: TextTokenizer,
@@ -141,25 +140,25 @@ def train_stage(
     If `signals` has caught SIGTERM / SIGINT, saves a checkpoint after the current step and raises
     `preemption.Preempted`.
     """
-    stage = stage_config(config, name)
+    stage = experiment.stage(name)
     # Sharded init, state and step on `config.mesh` (one device without it).
-    plan = sharded.plan_from_config(config)
-    model, origin = factory.build_stage_model(config, name, workdir, tokenizer, plan)
+    plan = sharded.make_plan(experiment.mesh, experiment.sharding_rules)
+    model, origin = factory.build_stage_model(experiment, name, workdir, tokenizer, plan)
     optim_cfg, loss_cfg = stage_optim_config(stage), stage_loss_config(stage)
     state = TrainState(model, stage.trains, plan, optim.make_optimizer(optim_cfg))
     log.info('stage %s: mesh %s', name, mesh_lib.describe(plan.mesh))
     defined = sorted(set(origin) | {path_str(p) for p, _ in nnx.to_flat_state(state.trainable)})
     num_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
     log.info('stage %s: %d trainable params (%s)', name, num_trainable, stage.trains)
-    seed = config.seed + zlib.crc32(name.encode()) % 1000
-    data_iter = iter(stage_loader(config, stage, tokenizer, seed))
+    seed = experiment.seed + zlib.crc32(name.encode()) % 1000
+    data_iter = iter(stage_loader(experiment, stage, tokenizer, seed))
 
     # Closing waits for a save in flight, also when training stops on an error.
     with factory.stage_checkpointer(workdir, name) as ckpt:
         start_step = state.restore_latest(ckpt, data_iter, plan)
         if start_step:
             log.info('stage %s: resumed at step %d', name, start_step)
-        loop = StepLoop(config, stage, name, state, ckpt, data_iter)
+        loop = StepLoop(experiment, stage, name, state, ckpt, data_iter)
         train_step = step_lib.make_train_step(
             plan, state.graphdef, stage.trains, optim_cfg, loss_cfg
         )
@@ -182,7 +181,7 @@ class StepLoop:
 
     def __init__(
         self,
-        config: ml_collections.ConfigDict,
+        experiment: ExperimentConfig,
         stage: StageConfig,
         name: str,
         state: TrainState,
@@ -191,10 +190,11 @@ class StepLoop:
     ):
         self.stage, self.name, self.state, self.ckpt = stage, name, state, ckpt
         self.data_iter = data_iter
-        self.log_every, self.checkpoint_every = config.log_every, config.checkpoint_every
+        self.log_every = experiment.log_every
+        self.checkpoint_every = experiment.checkpoint_every
         self.schedule = optim.learning_rate_schedule(stage_optim_config(stage))
         self.guard = nonfinite.NonFiniteGuard(
-            config.get('nonfinite', 'stop'),
+            experiment.nonfinite,
             nonfinite.leaf_paths(state.trainable),
             name,
             skipped_steps=int(state.counters['nonfinite_steps']),
@@ -254,58 +254,13 @@ class StepLoop:
         return last
 
 
-def validate_stages(config: ml_collections.ConfigDict) -> None:
-    """Fails before any training if the stage graph cannot run: every problem names the stage."""
-    seen: list[str] = []
-    for name in stage_order(config):
-        if name not in config.stages:
-            raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
-        stage = stage_config(config, name)
-        factory.trainable_filter(stage.trains)
-        stage_loss_config(stage)
-        for source in stage.init_from + stage.experts_from:
-            if source not in seen:
-                raise ValueError(
-                    f"stage {name!r} starts from {source!r}, which does not run before it"
-                )
-        experts, mode = stage.experts_from, stage.upcycle_mode
-        if mode not in upcycle.MODES:
-            raise ValueError(f"stage {name!r}: upcycle_mode={mode!r} is not one of {upcycle.MODES}")
-        wanted = config.model.moe.num_experts if mode == 'per_source' else 1
-        if experts and (not stage.moe or len(experts) != wanted):
-            raise ValueError(
-                f"stage {name!r}: experts_from names {len(experts)} stages; upcycle_mode="
-                f"{mode!r} needs moe=True and {wanted} source(s) (model.moe.num_experts="
-                f"{config.model.moe.num_experts})"
-            )
-        if stage.steps < 1:
-            raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
-        # Built-in data is tokenized by the built-in tokenizer; Uni-MoE JSON data by the LM's own.
-        if stage.json_sources and not (config.get('tokenizer') and 'json_data' in config):
-            raise ValueError(
-                f"stage {name!r} reads json_sources: set config.tokenizer (the LM's "
-                "tokenizer.model / tokenizer.json) and config.json_data (data_dir, media_root, ...)"
-            )
-        if not stage.json_sources and config.get('tokenizer'):
-            raise ValueError(
-                f"stage {name!r} reads the built-in dataset, which needs the built-in tokenizer: "
-                "unset config.tokenizer, or give the stage json_sources"
-            )
-        seen.append(name)
-    if config.get('tokenizer') and eval_config(config).stages:
-        raise ValueError(
-            "config.eval.stages evaluates on the built-in dataset, which needs the built-in "
-            "tokenizer: set config.eval.stages='' when config.tokenizer is set"
-        )
-
-
 def run_stages(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: TextTokenizer
+    experiment: ExperimentConfig, workdir: pathlib.Path, tokenizer: TextTokenizer
 ) -> None:
-    """Trains every unfinished stage; SIGTERM / SIGINT raise `preemption.Preempted` after saving."""
-    validate_stages(config)
+    """Trains every unfinished stage of a validated experiment (`train.validate`); SIGTERM /
+    SIGINT raise `preemption.Preempted` after saving."""
     with preemption.PreemptionGuard() as signals:
-        for name in stage_order(config):
+        for name in experiment.stage_order:
             ckpt = factory.stage_checkpointer(workdir, name)
             done, latest = ckpt.is_done(), ckpt.latest_step()
             ckpt.close()
@@ -314,7 +269,7 @@ def run_stages(
                 continue
             if signals.requested:  # arrived after the previous stage's last step
                 raise preemption.Preempted(name, latest or 0, signals.requested)
-            summary = train_stage(config, name, workdir, tokenizer, signals)
+            summary = train_stage(experiment, name, workdir, tokenizer, signals)
             log.info('stage %s done: %s', name, summary)
         if signals.requested:  # arrived during the last stage's last step: stop before evaluating
-            raise preemption.Preempted(name, config.stages[name].steps, signals.requested)
+            raise preemption.Preempted(name, experiment.stage(name).steps, signals.requested)

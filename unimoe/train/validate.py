@@ -1,9 +1,10 @@
-"""Checks an experiment config before anything is built or compiled; errors say what to change.
+"""Checks an experiment before anything is built or compiled; errors say what to change.
 
-`validate_experiment` runs `trainer.validate_stages` (the stage graph) and adds: the non-finite
-policy, the MoE routing shape, the device mesh, the paths the config names, and whether every
-stage's frozen parts are initialised by something (its `init_from` stages, `experts_from`, or
-`config.pretrained`) rather than left at their random init.
+`validate_experiment` types the ConfigDict (`experiment.from_config_dict`: every section and
+field) and checks across sections: the stage graph, the non-finite policy, the device mesh, the
+paths the config names, and whether every stage's frozen parts are initialised by something (its
+`init_from` stages, `experts_from`, or `config.pretrained`) rather than left at their random
+init.
 
 Mesh: `config.mesh`, a dict {axis name: size} over `unimoe.parallel.mesh.MESH_AXES` (e.g.
 `dict(data=4, expert=2)`, one size may be -1), must cover the device count; its `expert` axis
@@ -19,12 +20,12 @@ import pathlib
 import jax
 import ml_collections
 
-from unimoe import factory
-from unimoe.config import StageConfig, stage_config, stage_order
-from unimoe.convert import core as convert_core
+from unimoe import experiment as experiment_lib, factory
+from unimoe.config import StageConfig
+from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import json_builder, tasks as tasks_lib
-from unimoe.moe import config as moe_config
-from unimoe.parallel import mesh as mesh_lib, rules as rules_lib
+from unimoe.experiment import ExperimentConfig
+from unimoe.parallel import mesh as mesh_lib
 from unimoe.train import nonfinite, trainer
 
 # `config.pretrained` labels -> parts (the converted Whisper holds its decoder as the connector's
@@ -32,54 +33,101 @@ from unimoe.train import nonfinite, trainer
 _PRETRAINED = {'llm': factory.TRAINABLE_PARTS['llm'], 'vision': ('vision',), 'audio': ('audio',)}
 
 
-def validate_experiment(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError / FileNotFoundError naming the config field to change."""
-    trainer.validate_stages(config)
-    mode = config.get('nonfinite', 'stop')
-    if mode not in nonfinite.MODES:
-        raise ValueError(f"config.nonfinite={mode!r} must be one of {nonfinite.MODES}")
-    _check_mesh(config, _check_moe(config))
-    _check_paths(config)
-    _check_initialisation(config)
+def validate_experiment(config: ml_collections.ConfigDict) -> ExperimentConfig:
+    """The typed, checked experiment; raises ValueError / FileNotFoundError naming the config
+    field to change."""
+    experiment = experiment_lib.from_config_dict(config)
+    validate_stages(experiment)
+    if experiment.nonfinite not in nonfinite.MODES:
+        raise ValueError(
+            f"config.nonfinite={experiment.nonfinite!r} must be one of {nonfinite.MODES}"
+        )
+    _check_mesh(experiment)
+    _check_paths(experiment)
+    _check_initialisation(experiment)
+    return experiment
 
 
-def _check_moe(config: ml_collections.ConfigDict) -> moe_config.MoEConfig | None:
-    """The MoE layers' config, or None when no stage has MoE layers."""
-    names = stage_order(config)
-    if not any(stage_config(config, name).moe for name in names):
-        return None
-    try:
-        return moe_config.MoEConfig(**config.model.moe.to_dict())
-    except TypeError as e:  # an unknown field
-        raise ValueError(f"config.model.moe: {e}") from e
-    except ValueError as e:  # MoEConfig names the field: name it where the user sets it
-        raise ValueError(str(e).replace('MoEConfig.', 'config.model.moe.', 1)) from e
+def validate_stages(experiment: ExperimentConfig) -> None:
+    """Fails before any training if the stage graph cannot run: every problem names the stage."""
+    seen: list[str] = []
+    for name in experiment.stage_order:
+        if name not in experiment.stages:
+            raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
+        stage = experiment.stage(name)
+        factory.trainable_filter(stage.trains)
+        trainer.stage_loss_config(stage)
+        missing = [s for s in stage.init_from + stage.experts_from if s not in seen]
+        if missing:
+            raise ValueError(
+                f"stage {name!r} starts from {missing[0]!r}, which does not run before it"
+            )
+        _check_upcycling(experiment, stage)
+        if stage.steps < 1:
+            raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
+        _check_tokenizer(experiment, stage)
+        seen.append(name)
+    if experiment.tokenizer and experiment.eval.stages:
+        raise ValueError(
+            "config.eval.stages evaluates on the built-in dataset, which needs the built-in "
+            "tokenizer: set config.eval.stages='' when config.tokenizer is set"
+        )
 
 
-def _check_mesh(config: ml_collections.ConfigDict, moe: moe_config.MoEConfig | None) -> None:
-    mesh = config.get('mesh')
-    if not mesh:
+def _check_upcycling(experiment: ExperimentConfig, stage: StageConfig) -> None:
+    experts, mode = stage.experts_from, stage.upcycle_mode
+    num_experts = experiment.model.llm.moe.num_experts
+    if mode not in upcycle.MODES:
+        raise ValueError(
+            f"stage {stage.name!r}: upcycle_mode={mode!r} is not one of {upcycle.MODES}"
+        )
+    wanted = num_experts if mode == 'per_source' else 1
+    if experts and (not stage.moe or len(experts) != wanted):
+        raise ValueError(
+            f"stage {stage.name!r}: experts_from names {len(experts)} stages; upcycle_mode="
+            f"{mode!r} needs moe=True and {wanted} source(s) (model.moe.num_experts="
+            f"{num_experts})"
+        )
+
+
+def _check_tokenizer(experiment: ExperimentConfig, stage: StageConfig) -> None:
+    """Built-in data is tokenized by the built-in tokenizer; Uni-MoE JSON data by the LM's own."""
+    if stage.json_sources and not (experiment.tokenizer and experiment.json_data):
+        raise ValueError(
+            f"stage {stage.name!r} reads json_sources: set config.tokenizer (the LM's "
+            "tokenizer.model / tokenizer.json) and config.json_data (data_dir, media_root, ...)"
+        )
+    if not stage.json_sources and experiment.tokenizer:
+        raise ValueError(
+            f"stage {stage.name!r} reads the built-in dataset, which needs the built-in "
+            "tokenizer: unset config.tokenizer, or give the stage json_sources"
+        )
+
+
+def _check_mesh(experiment: ExperimentConfig) -> None:
+    if not experiment.mesh:
         if jax.process_count() > 1:  # without a mesh a run trains on one device
             raise ValueError(
                 f"this run has {jax.process_count()} processes but no config.mesh: set one "
                 "(e.g. --config.mesh.data=-1) so the processes train one model together"
             )
         return
-    sizes = mesh_lib.mesh_shape(dict(mesh), jax.device_count())
-    expert = sizes['expert']
-    if config.model.moe.num_experts % expert:
+    sizes = mesh_lib.mesh_shape(experiment.mesh, jax.device_count())
+    expert, moe = sizes['expert'], experiment.model.llm.moe
+    if moe.num_experts % expert:
         raise ValueError(
-            f"config.model.moe.num_experts={config.model.moe.num_experts} is not divisible by "
+            f"config.model.moe.num_experts={moe.num_experts} is not divisible by "
             f"the expert-parallel degree config.mesh.expert={expert}: each device must hold the "
             "same number of experts; change one of them"
         )
-    rules = rules_lib.parse_rules(config.get('sharding_rules'))
+    rules = experiment.sharding_rules
     unknown = sorted({a for axes in rules.values() for a in axes} - set(mesh_lib.MESH_AXES))
     if unknown:
         raise ValueError(
             f"config.sharding_rules names mesh axes {unknown}; the mesh has {mesh_lib.MESH_AXES}"
         )
-    expert_parallel = moe is not None and moe.expert_parallel != 'off' and expert > 1
+    has_moe = any(stage.moe for stage in experiment.ordered_stages())
+    expert_parallel = has_moe and moe.expert_parallel != 'off' and expert > 1
     if expert_parallel and 'expert' not in rules['batch']:
         raise ValueError(
             f"config.sharding_rules.batch={rules['batch']} keeps the tokens whole over the "
@@ -87,37 +135,37 @@ def _check_mesh(config: ml_collections.ConfigDict, moe: moe_config.MoEConfig | N
             "over: add 'expert', or set config.model.moe.expert_parallel='off'"
         )
     batch_shards = math.prod(sizes[a] for a in rules['batch'])
-    for name in stage_order(config):
-        batch_size = stage_config(config, name).batch_size
-        if batch_size % batch_shards or batch_size % jax.process_count():
+    for stage in experiment.ordered_stages():
+        if stage.batch_size % batch_shards or stage.batch_size % jax.process_count():
             raise ValueError(
-                f"stage {name!r}: batch_size={batch_size} must be divisible by the "
+                f"stage {stage.name!r}: batch_size={stage.batch_size} must be divisible by the "
                 f"{batch_shards} batch shards of config.mesh={sizes} (sharding rule 'batch' -> "
                 f"{rules['batch']}) and by the {jax.process_count()} processes"
             )
 
 
-def _check_paths(config: ml_collections.ConfigDict) -> None:
-    for label, directory in config.get('pretrained', {}).items():
-        if directory and not (pathlib.Path(directory) / convert_core.META_FILE).is_file():
+def _check_paths(experiment: ExperimentConfig) -> None:
+    for label, directory in experiment.pretrained_dirs.items():
+        if not (pathlib.Path(directory) / convert_core.META_FILE).is_file():
             raise FileNotFoundError(
                 f"config.pretrained.{label}={directory!r} is not a converted checkpoint (no "
                 f"{convert_core.META_FILE}): convert it with `python -m unimoe.convert from-hf`"
             )
-    if config.get('tokenizer') and not pathlib.Path(config.tokenizer).is_file():
-        raise FileNotFoundError(f"config.tokenizer={config.tokenizer!r} does not exist")
-    if 'json_data' not in config:
+    tokenizer = experiment.tokenizer
+    if tokenizer and not pathlib.Path(tokenizer).is_file():
+        raise FileNotFoundError(f"config.tokenizer={tokenizer!r} does not exist")
+    json_data = experiment.json_data
+    if json_data is None:
         return
-    json_data = config.json_data
-    if json_data.get('media_root') and not pathlib.Path(json_data.media_root).exists():
+    if json_data.media_root and not pathlib.Path(json_data.media_root).exists():
         raise FileNotFoundError(
             f"config.json_data.media_root={json_data.media_root!r} does not exist"
         )
-    for name in stage_order(config):
-        for source in stage_config(config, name).json_sources:
+    for stage in experiment.ordered_stages():
+        for source in stage.json_sources:
             if not json_builder.builder(json_data.data_dir, source).is_prepared():
                 raise FileNotFoundError(
-                    f"stage {name!r} reads json_sources {source!r}, which is not prepared in "
+                    f"stage {stage.name!r} reads json_sources {source!r}, which is not prepared in "
                     f"config.json_data.data_dir={json_data.data_dir!r}: run "
                     "unimoe.data.json_builder.prepare first"
                 )
@@ -137,16 +185,13 @@ def _needed(stage: StageConfig) -> set[str]:
     return needed
 
 
-def _check_initialisation(config: ml_collections.ConfigDict) -> None:
+def _check_initialisation(experiment: ExperimentConfig) -> None:
     pretrained = {
-        part
-        for label, directory in config.get('pretrained', {}).items()
-        if directory
-        for part in _PRETRAINED.get(label, ())
+        part for label in experiment.pretrained_dirs for part in _PRETRAINED.get(label, ())
     }
     defined: dict[str, set[str]] = {}
-    for name in stage_order(config):
-        stage = stage_config(config, name)
+    for stage in experiment.ordered_stages():
+        name = stage.name
         sources = stage.init_from
         provided = set().union(*(defined[s] for s in sources)) if sources else set(pretrained)
         if stage.experts_from:

@@ -1,0 +1,136 @@
+"""The experiment, typed: `configs/*.py`'s ConfigDict, with its command-line overrides, turned once
+where it enters (`from_config_dict`) into frozen dataclasses that every later module reads.
+
+Each section becomes its owner's config: `config.model` the models' `ModelSpec`, `config.data`
+the built-in pipeline's `DataConfig`, `config.json_data` the JSON pipeline's `JsonDataConfig`
+(without sources: each stage names its own), `config.stages` `StageConfig`s, `config.eval` an
+`EvalConfig`, `config.mesh` and `config.sharding_rules` what `parallel.sharded.make_plan` reads.
+Errors name the config path to change (`config.model.moe.top_k`, `config.stages.s3_moe.steps`);
+the checks across sections (the stage graph, the mesh, the paths) are `train.validate`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from unimoe.config import EvalConfig, StageConfig, from_fields
+from unimoe.data import json_pipeline, pipeline, shapes
+from unimoe.models.unimoe import ModelSpec
+from unimoe.parallel import rules as rules_lib
+
+# Sections with a typed config of their own.
+_SECTIONS = (
+    'model', 'data', 'stages', 'eval', 'json_data', 'mesh', 'sharding_rules', 'pretrained'
+)
+# Not the run's: read before the experiment is built (`unimoe.main` starts the processes with
+# `distributed`) or by what reports it (`paper`: experiments/paper's table row).
+_EDGE_ONLY = ('distributed', 'paper')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """A whole experiment. `stages` holds every stage `config.stages` defines, `stage_order` the
+    ones that run, in order; `mesh` None trains on one device; `tokenizer` '' is the built-in
+    tokenizer; `vocab_size` is the vocabulary of a model lowered without a tokenizer
+    (`train.lower`); `nonfinite` the policy for NaN / Inf losses (`train.nonfinite.MODES`)."""
+
+    seed: int
+    model: ModelSpec
+    data: pipeline.DataConfig
+    stages: dict[str, StageConfig]
+    stage_order: tuple[str, ...]
+    eval: EvalConfig = EvalConfig()
+    json_data: json_pipeline.JsonDataConfig | None = None
+    tokenizer: str = ''
+    pretrained: dict[str, str] = dataclasses.field(default_factory=dict)
+    mesh: dict[str, int] | None = None
+    sharding_rules: dict[str, tuple[str, ...]] = dataclasses.field(
+        default_factory=lambda: rules_lib.parse_rules(None)
+    )
+    nonfinite: str = 'stop'
+    log_every: int = 25
+    checkpoint_every: int = 200
+    vocab_size: int = 0
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in self.stages:
+            raise ValueError(f"stage {name!r} is not defined in config.stages: {sorted(self.stages)}")
+        return self.stages[name]
+
+    def ordered_stages(self) -> list[StageConfig]:
+        """The stages that run, in order."""
+        return [self.stage(name) for name in self.stage_order]
+
+    @property
+    def pretrained_dirs(self) -> dict[str, str]:
+        """The converted checkpoints the first stages start from ({label: directory}, set ones)."""
+        return {label: directory for label, directory in self.pretrained.items() if directory}
+
+
+def from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ExperimentConfig:
+    """The typed experiment (from a config file's ConfigDict, or its plain-dict form); raises
+    ValueError naming the config field to change."""
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    for key in ('model', 'data', 'stages', 'stage_order'):
+        if key not in raw:
+            raise ValueError(f"config.{key} is missing: every experiment config sets it")
+    sections = {key: raw.pop(key, None) for key in _SECTIONS + _EDGE_ONLY}
+    if raw.get('tokenizer') is None:
+        raw.pop('tokenizer', None)
+    model = ModelSpec.from_dict(sections['model'])
+    data = from_fields(pipeline.DataConfig, 'config.data', sections['data'])
+    _check_media_tokens(model, data)
+    return from_fields(
+        ExperimentConfig,
+        'config',
+        raw,
+        model=model,
+        data=data,
+        stages={name: StageConfig.from_config(name, s) for name, s in sections['stages'].items()},
+        eval=from_fields(EvalConfig, 'config.eval', sections['eval'] or {}),
+        json_data=_json_data(sections['json_data'], sections['data']),
+        mesh=_mesh(sections['mesh']),
+        sharding_rules=rules_lib.parse_rules(sections['sharding_rules']),
+        pretrained={k: str(v or '') for k, v in (sections['pretrained'] or {}).items()},
+    )
+
+
+def _check_media_tokens(model: ModelSpec, data: pipeline.DataConfig) -> None:
+    """The tokenizer expands each media placeholder to `config.data.n_<media>_tokens` positions:
+    exactly as many as the model's connectors emit."""
+    for name, count in model.num_media_tokens.items():
+        expected = getattr(data, f'n_{name}_tokens')
+        if count != expected:
+            raise ValueError(
+                f"config.data.n_{name}_tokens={expected}, but the model emits {count} {name} "
+                "tokens (config.model.vision / audio_conn): the tokenizer must expand "
+                "placeholders to match"
+            )
+
+
+def _json_data(
+    json_data: Mapping[str, Any] | None, data: Mapping[str, Any]
+) -> json_pipeline.JsonDataConfig | None:
+    """`config.json_data` with the shapes of `config.data` (what the model expects)."""
+    if json_data is None:
+        return None
+    return from_fields(
+        json_pipeline.JsonDataConfig,
+        'config.json_data',
+        json_data,
+        **shapes.from_config_data(data),
+        batch_size=data['batch_size'],
+    )
+
+
+def _mesh(mesh: Mapping[str, Any] | None) -> dict[str, int] | None:
+    if not mesh:
+        return None
+    bad = {axis: size for axis, size in mesh.items() if not isinstance(size, int)}
+    if bad:
+        raise ValueError(f"config.mesh sizes must be integers (-1 for the rest), got {bad}")
+    return dict(mesh)
