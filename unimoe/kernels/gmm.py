@@ -27,7 +27,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from unimoe.kernels import gmm_gpu, gmm_mgpu, gmm_tpu
-from unimoe.kernels.metadata import local_bounds, local_group_sizes, make_visits
+from unimoe.kernels.metadata import (
+    Blocks,
+    gmm_dims,
+    local_bounds,
+    local_group_sizes,
+    make_visits,
+)
 
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 GPU_LOWERINGS = ("triton", "mosaic")
@@ -148,17 +154,18 @@ def _vary_alike(*operands: jax.Array) -> list[jax.Array]:
     return out
 
 
-def _kernel_args(call: _Call, dims: tuple[int, int, int], *operands: jax.Array) -> dict:
-    """Block sizes, output dtype and type (with the operands' manual axes), interpret mode."""
+def _blocks(call: _Call, dims: tuple[int, int, int], *operands: jax.Array) -> Blocks:
+    """Block sizes fitted to [M, K, N] `dims`, output dtype and type (with the operands' manual
+    axes), interpret mode."""
     tiling = call.tiling.fit(*dims, call.platform, call.gpu_lowering)
     mat = _manual_axis_type(*operands)
-    return dict(
+    return Blocks(
         block_m=tiling.block_m,
         block_k=tiling.block_k,
         block_n=tiling.block_n,
         out_dtype=call.out_dtype,
-        interpret=call.interpret,
         out_type=functools.partial(jax.ShapeDtypeStruct, manual_axis_type=mat),
+        interpret=call.interpret,
     )
 
 
@@ -168,42 +175,41 @@ def _pad_to(x: jax.Array, blocks: dict[int, int]) -> jax.Array:
     return jnp.pad(x, pads) if any(hi for _, hi in pads) else x
 
 
-def _mosaic_gmm(call: _Call, args: dict, lhs, rhs, group_sizes, group_offset) -> jax.Array:
+def _mosaic_gmm(call: _Call, blocks: Blocks, lhs, rhs, group_sizes, group_offset) -> jax.Array:
     """gmm_mgpu.gmm on operands padded to whole blocks, the result cut back to [M, N]."""
-    bm, bk, bn = args["block_m"], args["block_k"], args["block_n"]
-    num_rows, n_dim = lhs.shape[0], rhs.shape[1] if call.transpose_rhs else rhs.shape[2]
+    bm, bk, bn = blocks.block_m, blocks.block_k, blocks.block_n
+    num_rows, _, n_dim, num_local = gmm_dims(lhs, rhs, call.transpose_rhs)
     lhs = _pad_to(lhs, {0: bm, 1: bk})
     rhs = _pad_to(rhs, {1: bn, 2: bk} if call.transpose_rhs else {1: bk, 2: bn})
-    visits = make_visits(group_sizes, lhs.shape[0], bm, group_offset, rhs.shape[0])
-    out = gmm_mgpu.gmm(lhs, rhs, visits, transpose_rhs=call.transpose_rhs, **args)
+    visits = make_visits(group_sizes, lhs.shape[0], bm, group_offset, num_local)
+    out = gmm_mgpu.gmm(lhs, rhs, visits, blocks, transpose_rhs=call.transpose_rhs)
     return out[:num_rows, :n_dim]
 
 
 def _gmm_call(call: _Call, lhs, rhs, group_sizes, group_offset) -> jax.Array:
-    num_rows, k_dim = lhs.shape
-    n_dim = rhs.shape[1] if call.transpose_rhs else rhs.shape[2]
-    args = _kernel_args(call, (num_rows, k_dim, n_dim), lhs, rhs, group_sizes, group_offset)
+    num_rows, k_dim, n_dim, num_local = gmm_dims(lhs, rhs, call.transpose_rhs)
+    blocks = _blocks(call, (num_rows, k_dim, n_dim), lhs, rhs, group_sizes, group_offset)
     if call.platform in GPU_PLATFORMS and call.gpu_lowering == "mosaic":
-        return _mosaic_gmm(call, args, lhs, rhs, group_sizes, group_offset)
-    visits = make_visits(group_sizes, num_rows, args["block_m"], group_offset, rhs.shape[0])
+        return _mosaic_gmm(call, blocks, lhs, rhs, group_sizes, group_offset)
+    visits = make_visits(group_sizes, num_rows, blocks.block_m, group_offset, num_local)
     kernels = gmm_gpu if call.platform in GPU_PLATFORMS else gmm_tpu
-    return kernels.gmm(lhs, rhs, visits, transpose_rhs=call.transpose_rhs, **args)
+    return kernels.gmm(lhs, rhs, visits, blocks, transpose_rhs=call.transpose_rhs)
 
 
 def _tgmm_call(call: _Call, lhs, grad, group_sizes, group_offset, num_local) -> jax.Array:
     num_rows, k_dim = lhs.shape
     n_dim = grad.shape[1]
-    args = _kernel_args(call, (num_rows, k_dim, n_dim), lhs, grad, group_sizes, group_offset)
+    blocks = _blocks(call, (num_rows, k_dim, n_dim), lhs, grad, group_sizes, group_offset)
     if call.platform in GPU_PLATFORMS and call.gpu_lowering == "mosaic":
-        bm, bk, bn = args["block_m"], args["block_k"], args["block_n"]
+        bm, bk, bn = blocks.block_m, blocks.block_k, blocks.block_n
         bounds = local_bounds(group_sizes, num_rows, group_offset, num_local)
         lhs, grad = _pad_to(lhs, {0: bm, 1: bk}), _pad_to(grad, {0: bm, 1: bn})
-        return gmm_mgpu.tgmm(lhs, grad, bounds, num_local, **args)[:, :k_dim, :n_dim]
+        return gmm_mgpu.tgmm(lhs, grad, bounds, num_local, blocks)[:, :k_dim, :n_dim]
     if call.platform in GPU_PLATFORMS:
         bounds = local_bounds(group_sizes, num_rows, group_offset, num_local)
-        return gmm_gpu.tgmm(lhs, grad, bounds, num_local, **args)
-    visits = make_visits(group_sizes, num_rows, args["block_m"], group_offset, num_local)
-    return gmm_tpu.tgmm(lhs, grad, visits, num_local, **args)
+        return gmm_gpu.tgmm(lhs, grad, bounds, num_local, blocks)
+    visits = make_visits(group_sizes, num_rows, blocks.block_m, group_offset, num_local)
+    return gmm_tpu.tgmm(lhs, grad, visits, num_local, blocks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

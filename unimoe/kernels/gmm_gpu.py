@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from unimoe.kernels.metadata import Visits, num_visits
+from unimoe.kernels.metadata import Blocks, Visits, gmm_dims, num_visits
 
 F32 = jnp.float32
 NUM_WARPS = 4
@@ -85,22 +85,11 @@ def _gmm_kernel(
 
 
 def gmm(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    visits: Visits,
-    *,
-    block_m: int,
-    block_k: int,
-    block_n: int,
-    out_dtype: jnp.dtype,
-    transpose_rhs: bool,
-    interpret,
-    out_type,
+    lhs: jax.Array, rhs: jax.Array, visits: Visits, blocks: Blocks, *, transpose_rhs: bool
 ) -> jax.Array:
     """Same contract as `gmm_tpu.gmm`."""
-    num_rows, k_dim = lhs.shape
-    num_local = rhs.shape[0]
-    n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    num_rows, k_dim, n_dim, num_local = gmm_dims(lhs, rhs, transpose_rhs)
+    block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
     kernel = functools.partial(
         _gmm_kernel,
         num_local=num_local,
@@ -111,10 +100,10 @@ def gmm(
     )
     return pl.pallas_call(
         kernel,
-        out_shape=out_type((num_rows, n_dim), out_dtype),
+        out_shape=blocks.out((num_rows, n_dim)),
         grid=(pl.cdiv(n_dim, block_n), num_visits(num_rows, block_m, num_local)),
         compiler_params=_compiler_params(),
-        interpret=interpret,
+        interpret=blocks.interpret,
         name="unimoe_gmm_gpu",
     )(*visits.as_tuple(), lhs, rhs)
 
@@ -152,26 +141,17 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, block_m, blo
 
 
 def tgmm(
-    lhs: jax.Array,
-    grad: jax.Array,
-    bounds: tuple[jax.Array, jax.Array],
-    num_local: int,
-    *,
-    block_m: int,
-    block_k: int,
-    block_n: int,
-    out_dtype: jnp.dtype,
-    interpret,
-    out_type,
+    lhs: jax.Array, grad: jax.Array, bounds: tuple[jax.Array, jax.Array], num_local: int, blocks: Blocks
 ) -> jax.Array:
     """out[G_local, K, N]; `bounds` = (first row, one past the last row) of each local group."""
+    block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
     k_dim, n_dim = lhs.shape[1], grad.shape[1]
     kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_k=block_k, block_n=block_n)
     return pl.pallas_call(
         kernel,
-        out_shape=out_type((num_local, k_dim, n_dim), out_dtype),
+        out_shape=blocks.out((num_local, k_dim, n_dim)),
         grid=(pl.cdiv(k_dim, block_k), pl.cdiv(n_dim, block_n), num_local),
         compiler_params=_compiler_params(),
-        interpret=interpret,
+        interpret=blocks.interpret,
         name="unimoe_tgmm_gpu",
     )(*bounds, lhs, grad)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from unimoe.kernels.metadata import Visits, num_visits
+from unimoe.kernels.metadata import Blocks, Visits, gmm_dims, num_visits
 
 # Shared memory per stage at the default 128 x 64 x 128 bf16 blocks is 32 KiB; three stages plus
 # a float32 output tile (64 KiB) stay well inside Hopper's 227 KiB.
@@ -94,23 +94,47 @@ def _store_rows(tile_smem, out_gmem, tile_row, first_row, num_rows, cols) -> Non
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _through_smem(acc: jax.Array, out_dtype, store) -> None:
+    """Writes the float32 accumulator `acc` into shared memory as `out_dtype`; `store(tile_smem)`
+    then copies it out (TMA)."""
+
+    @functools.partial(pl.run_scoped, tile_smem=plgpu.SMEM(acc.shape, out_dtype))
+    def _store(tile_smem):
+        tile_smem[...] = acc.astype(out_dtype)
+        plgpu.commit_smem()
+        store(tile_smem)
+
+
+def _gmm_k_loop(acc_ref, lhs_gmem, rhs_g, tile, n_i, blocks: Blocks, k_dim, transpose_rhs):
+    """acc += lhs[tile rows] @ rhs_g[:, n tile] (rhs_g.T with `transpose_rhs`), k blocks streamed."""
+    block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
+    plgpu.emit_pipeline(
+        lambda _, lhs_smem, rhs_smem: _mma(
+            acc_ref,
+            lhs_smem,
+            rhs_smem,
+            transpose="b" if transpose_rhs else "",
+            interpret=blocks.interpret,
+        ),
+        grid=(k_dim // block_k,),
+        in_specs=[
+            plgpu.BlockSpec((block_m, block_k), lambda k: (tile, k), delay_release=1),
+            plgpu.BlockSpec(
+                (block_n, block_k) if transpose_rhs else (block_k, block_n),
+                (lambda k: (n_i, k)) if transpose_rhs else (lambda k: (k, n_i)),
+                delay_release=1,
+            ),
+        ],
+        max_concurrent_steps=MAX_CONCURRENT_STEPS,
+    )(lhs_gmem, rhs_g)
+
+
 def gmm(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    visits: Visits,
-    *,
-    block_m: int,
-    block_k: int,
-    block_n: int,
-    out_dtype: jnp.dtype,
-    transpose_rhs: bool,
-    interpret,
-    out_type,
+    lhs: jax.Array, rhs: jax.Array, visits: Visits, blocks: Blocks, *, transpose_rhs: bool
 ) -> jax.Array:
     """Same contract as `gmm_tpu.gmm`, with M, K and N multiples of their blocks."""
-    num_rows, k_dim = lhs.shape
-    num_local = rhs.shape[0]
-    n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    num_rows, k_dim, n_dim, num_local = gmm_dims(lhs, rhs, transpose_rhs)
+    block_m, block_n = blocks.block_m, blocks.block_n
     tiles_n = n_dim // block_n
     steps = num_visits(num_rows, block_m, num_local) * tiles_n
 
@@ -127,48 +151,63 @@ def gmm(
             def accumulate(acc_ref):
                 @pl.when(computes)
                 def _k_loop():
-                    rhs_block = (block_n, block_k) if transpose_rhs else (block_k, block_n)
-                    plgpu.emit_pipeline(
-                        lambda _, lhs_smem, rhs_smem: _mma(
-                            acc_ref,
-                            lhs_smem,
-                            rhs_smem,
-                            transpose="b" if transpose_rhs else "",
-                            interpret=interpret,
-                        ),
-                        grid=(k_dim // block_k,),
-                        in_specs=[
-                            plgpu.BlockSpec(
-                                (block_m, block_k), lambda k: (tile, k), delay_release=1
-                            ),
-                            plgpu.BlockSpec(
-                                rhs_block,
-                                (lambda k: (n_i, k)) if transpose_rhs else (lambda k: (k, n_i)),
-                                delay_release=1,
-                            ),
-                        ],
-                        max_concurrent_steps=MAX_CONCURRENT_STEPS,
-                    )(lhs_gmem, rhs_g)
+                    _gmm_k_loop(acc_ref, lhs_gmem, rhs_g, tile, n_i, blocks, k_dim, transpose_rhs)
 
                 return acc_ref[...]
 
             acc = pl.run_scoped(accumulate, plgpu.ACC((block_m, block_n)))
 
-            @functools.partial(pl.run_scoped, tile_smem=plgpu.SMEM((block_m, block_n), out_dtype))
-            def _store(tile_smem):
-                tile_smem[...] = acc.astype(out_dtype)
-                plgpu.commit_smem()
-                _store_rows(
-                    tile_smem,
-                    out_gmem,
-                    tile * block_m,
-                    first - tile * block_m,
-                    count,
-                    pl.ds(n_i * block_n, block_n),
-                )
+            def store(tile_smem):
+                first_row = first - tile * block_m
+                cols = pl.ds(n_i * block_n, block_n)
+                _store_rows(tile_smem, out_gmem, tile * block_m, first_row, count, cols)
 
-    kernel = _kernel(body, out_type((num_rows, n_dim), out_dtype), interpret)
-    return kernel(*visits.as_tuple(), lhs, rhs)
+            _through_smem(acc, blocks.out_dtype, store)
+
+    return _kernel(body, blocks.out((num_rows, n_dim)), blocks.interpret)(
+        *visits.as_tuple(), lhs, rhs
+    )
+
+
+def _group_blocks(start, end, block_m):
+    """(first row, one past the last row, first row block, number of row blocks) of a group."""
+    first_block = jax.lax.div(start, block_m)
+    return start, end, first_block, jax.lax.div(end + block_m - 1, block_m) - first_block
+
+
+def _tgmm_row_loop(acc_ref, lhs_gmem, grad_gmem, rows, k_i, n_i, blocks: Blocks) -> None:
+    """acc += lhs[rows, k tile].T @ grad[rows, n tile] over the group's `rows`
+    (`_group_blocks`), streamed in row blocks from the one holding its first row."""
+    block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
+    start, end, first_block, num_blocks = rows
+
+    def multiply(step, lhs_smem, grad_smem):
+        row = (first_block + step[0]) * block_m + jax.lax.broadcasted_iota(
+            jnp.int32, (block_m, block_k), 0
+        )
+
+        # Only the group's first and last blocks hold rows of other groups.
+        @pl.when((step[0] == 0) | (step[0] == num_blocks - 1))
+        def _mask_other_groups():
+            in_group = (row >= start) & (row < end)
+            lhs_smem[...] = jnp.where(in_group, lhs_smem[...], 0).astype(lhs_smem.dtype)
+            plgpu.commit_smem()
+
+        _mma(acc_ref, lhs_smem, grad_smem, transpose="a", interpret=blocks.interpret)
+
+    plgpu.emit_pipeline(
+        multiply,
+        grid=(num_blocks,),
+        in_specs=[
+            plgpu.BlockSpec(
+                (block_m, block_k), lambda m: (first_block + m, k_i), delay_release=1
+            ),
+            plgpu.BlockSpec(
+                (block_m, block_n), lambda m: (first_block + m, n_i), delay_release=1
+            ),
+        ],
+        max_concurrent_steps=MAX_CONCURRENT_STEPS,
+    )(lhs_gmem, grad_gmem)
 
 
 def tgmm(
@@ -176,76 +215,35 @@ def tgmm(
     grad: jax.Array,
     bounds: tuple[jax.Array, jax.Array],
     num_local: int,
-    *,
-    block_m: int,
-    block_k: int,
-    block_n: int,
-    out_dtype: jnp.dtype,
-    interpret,
-    out_type,
+    blocks: Blocks,
 ) -> jax.Array:
     """Same contract as `gmm_gpu.tgmm`, with M, K and N multiples of their blocks."""
+    block_k, block_n = blocks.block_k, blocks.block_n
     k_dim, n_dim = lhs.shape[1], grad.shape[1]
     tiles_k, tiles_n = k_dim // block_k, n_dim // block_n
-    starts, ends = bounds
 
     def body(start_gmem, end_gmem, lhs_gmem, grad_gmem, out_gmem):
         @plgpu.nd_loop((num_local, tiles_k * tiles_n), collective_axes="sm")
         def _step(loop: plgpu.NDLoopInfo):
             g, kn = loop.index
             k_i, n_i = jax.lax.div(kn, tiles_n), jax.lax.rem(kn, tiles_n)
-            start, end = start_gmem[g], end_gmem[g]
-            first_block = jax.lax.div(start, block_m)
-            num_blocks = jax.lax.div(end + block_m - 1, block_m) - first_block
+            rows = _group_blocks(start_gmem[g], end_gmem[g], blocks.block_m)
+            start, end = rows[:2]
 
             def accumulate(acc_ref):
-                def multiply(step, lhs_smem, grad_smem):
-                    row = (first_block + step[0]) * block_m + jax.lax.broadcasted_iota(
-                        jnp.int32, (block_m, block_k), 0
-                    )
-
-                    # Only the group's first and last blocks hold rows of other groups.
-                    @pl.when((step[0] == 0) | (step[0] == num_blocks - 1))
-                    def _mask_other_groups():
-                        in_group = (row >= start) & (row < end)
-                        lhs_smem[...] = jnp.where(in_group, lhs_smem[...], 0).astype(lhs_smem.dtype)
-                        plgpu.commit_smem()
-
-                    _mma(acc_ref, lhs_smem, grad_smem, transpose="a", interpret=interpret)
-
                 @pl.when(end > start)
                 def _row_loop():
-                    plgpu.emit_pipeline(
-                        multiply,
-                        grid=(num_blocks,),
-                        in_specs=[
-                            plgpu.BlockSpec(
-                                (block_m, block_k),
-                                lambda m: (first_block + m, k_i),
-                                delay_release=1,
-                            ),
-                            plgpu.BlockSpec(
-                                (block_m, block_n),
-                                lambda m: (first_block + m, n_i),
-                                delay_release=1,
-                            ),
-                        ],
-                        max_concurrent_steps=MAX_CONCURRENT_STEPS,
-                    )(lhs_gmem, grad_gmem)
+                    _tgmm_row_loop(acc_ref, lhs_gmem, grad_gmem, rows, k_i, n_i, blocks)
 
                 return acc_ref[...]
 
             acc = pl.run_scoped(accumulate, plgpu.ACC((block_k, block_n)))
 
-            @functools.partial(pl.run_scoped, tile_smem=plgpu.SMEM((block_k, block_n), out_dtype))
-            def _store(tile_smem):
-                tile_smem[...] = acc.astype(out_dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    tile_smem,
-                    out_gmem.at[g, pl.ds(k_i * block_k, block_k), pl.ds(n_i * block_n, block_n)],
-                )
+            def store(tile_smem):
+                tile = (g, pl.ds(k_i * block_k, block_k), pl.ds(n_i * block_n, block_n))
+                plgpu.copy_smem_to_gmem(tile_smem, out_gmem.at[tile])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = _kernel(body, out_type((num_local, k_dim, n_dim), out_dtype), interpret)
-    return kernel(starts, ends, lhs, grad)
+            _through_smem(acc, blocks.out_dtype, store)
+
+    return _kernel(body, blocks.out((num_local, k_dim, n_dim)), blocks.interpret)(*bounds, lhs, grad)

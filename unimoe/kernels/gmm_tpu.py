@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from unimoe.kernels.metadata import Visits, num_visits
+from unimoe.kernels.metadata import Blocks, Visits, gmm_dims, num_visits
 
 F32 = jnp.float32
 
@@ -75,22 +75,11 @@ def _gmm_kernel(
 
 
 def gmm(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    visits: Visits,
-    *,
-    block_m: int,
-    block_k: int,
-    block_n: int,
-    out_dtype: jnp.dtype,
-    transpose_rhs: bool,
-    interpret,
-    out_type,
+    lhs: jax.Array, rhs: jax.Array, visits: Visits, blocks: Blocks, *, transpose_rhs: bool
 ) -> jax.Array:
     """out[M, N]: row r of segment g is lhs[r] @ rhs[g] (rhs[g].T when transpose_rhs), else 0."""
-    num_rows, k_dim = lhs.shape
-    num_local = rhs.shape[0]
-    n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    num_rows, k_dim, n_dim, num_local = gmm_dims(lhs, rhs, transpose_rhs)
+    block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
     grid = (
         pl.cdiv(n_dim, block_n),
         num_visits(num_rows, block_m, num_local),
@@ -118,7 +107,7 @@ def gmm(
     )
     return pl.pallas_call(
         kernel,
-        out_shape=out_type((num_rows, n_dim), out_dtype),
+        out_shape=blocks.out((num_rows, n_dim)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=grid,
@@ -138,7 +127,7 @@ def gmm(
             bytes_accessed=lhs.nbytes * grid[0] + rhs.nbytes + num_rows * n_dim * 4,
             transcendentals=0,
         ),
-        interpret=interpret,
+        interpret=blocks.interpret,
         name="unimoe_gmm",
     )(*visits.as_tuple(), lhs, rhs)
 
@@ -187,19 +176,10 @@ def _tgmm_kernel(
 
 
 def tgmm(
-    lhs: jax.Array,
-    grad: jax.Array,
-    visits: Visits,
-    num_local: int,
-    *,
-    block_m: int,
-    block_k: int,
-    block_n: int,
-    out_dtype: jnp.dtype,
-    interpret,
-    out_type,
+    lhs: jax.Array, grad: jax.Array, visits: Visits, num_local: int, blocks: Blocks
 ) -> jax.Array:
     """out[G_local, K, N]: out[g] = lhs[rows of g].T @ grad[rows of g] (zero for empty groups)."""
+    block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
     num_rows, k_dim = lhs.shape
     n_dim = grad.shape[1]
     grid = (
@@ -221,7 +201,7 @@ def tgmm(
     kernel = functools.partial(_tgmm_kernel, num_local=num_local, block_m=block_m)
     return pl.pallas_call(
         kernel,
-        out_shape=out_type((num_local, k_dim, n_dim), out_dtype),
+        out_shape=blocks.out((num_local, k_dim, n_dim)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=grid,
@@ -242,6 +222,6 @@ def tgmm(
             + num_local * k_dim * n_dim * 4,
             transcendentals=0,
         ),
-        interpret=interpret,
+        interpret=blocks.interpret,
         name="unimoe_tgmm",
     )(*visits.as_tuple(), lhs, grad)

@@ -1,4 +1,5 @@
-"""Which (group, row tile) pairs a grouped-matmul kernel visits, computed in XLA before the call.
+"""What every grouped-matmul lowering takes besides its operands (`Blocks`), and which (group, row
+tile) pairs a kernel visits, computed in XLA before the call.
 
 Rows [0, M) are split into segments: the rows before the local groups (sentinel id -1), one segment
 per local group g in [0, G_local) (expert-parallel shards own G_local of the G groups, starting at
@@ -16,9 +17,35 @@ recomputes zeros (gmm) or nothing (tgmm), so the repeats are harmless.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """The static arguments of one lowering's call: block sizes, the output dtype, `out_type`
+    (`jax.ShapeDtypeStruct` carrying the operands' manual axes) and the interpret mode."""
+
+    block_m: int
+    block_k: int
+    block_n: int
+    out_dtype: Any
+    out_type: Callable[..., jax.ShapeDtypeStruct]
+    interpret: Any
+
+    def out(self, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+        """The kernel's output of `shape`."""
+        return self.out_type(shape, self.out_dtype)
+
+
+def gmm_dims(lhs: jax.Array, rhs: jax.Array, transpose_rhs: bool) -> tuple[int, int, int, int]:
+    """(M, K, N, G_local) of lhs [M, K] times rhs [G_local, K, N] ([G_local, N, K] transposed)."""
+    num_rows, k_dim = lhs.shape
+    n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    return num_rows, k_dim, n_dim, rhs.shape[0]
 
 
 @dataclasses.dataclass(frozen=True)
