@@ -148,7 +148,7 @@ def make_step(config, tokenizer, batch):
     )
     state = [trainable, optim.make_optimizer(optim_cfg).init(trainable), rest]
     train_step = step_lib.make_train_step(
-        sharded.one_device_plan(), graphdef, stage.trains, optim_cfg, loss_cfg
+        sharded.make_plan(None), graphdef, stage.trains, optim_cfg, loss_cfg
     )
 
     def run(i: int) -> None:

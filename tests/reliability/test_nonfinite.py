@@ -28,7 +28,7 @@ def three_steps():
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
     train_step = step_lib.make_train_step(
-        sharded.one_device_plan(),
+        sharded.make_plan(None),
         graphdef,
         'vision',
         optim_cfg,

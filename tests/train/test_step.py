@@ -44,7 +44,7 @@ def test_train_step_updates_only_trainable_params_and_lowers_the_loss():
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
     train_step = step_lib.make_train_step(
-        sharded.one_device_plan(),
+        sharded.make_plan(None),
         graphdef,
         trains,
         optim_cfg,
@@ -98,7 +98,7 @@ def test_router_bias_is_updated_by_the_step_from_the_load_not_by_the_optimizer()
     optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=2)
     opt_state = optim.make_optimizer(optim_cfg).init(trainable)
     train_step = step_lib.make_train_step(
-        sharded.one_device_plan(), graphdef, trains, optim_cfg, step_lib.LossConfig()
+        sharded.make_plan(None), graphdef, trains, optim_cfg, step_lib.LossConfig()
     )
     rng = np.random.default_rng(1)
     batch = {

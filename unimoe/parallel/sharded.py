@@ -64,11 +64,6 @@ def make_plan(mesh: Mapping[str, int] | None, rules: sharding.Rules | None = Non
     )
 
 
-def one_device_plan() -> Plan:
-    """The Plan of a run without `config.mesh` (default rules)."""
-    return make_plan(None)
-
-
 ModuleT = Any
 
 
