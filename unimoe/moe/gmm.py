@@ -341,6 +341,12 @@ def _gathered_swiglu_fwd(*args):
     return y_sd, (*args[:7], *activations)
 
 
+def _expert_weights(w_gate_df, w_up_df, w_down_fd, dtype):
+    """One expert's gate and up projections side by side [D, 2F] (one matmul for both) and its
+    down projection, in the compute dtype."""
+    return jnp.concatenate([w_gate_df, w_up_df], axis=-1).astype(dtype), w_down_fd.astype(dtype)
+
+
 def _gathered_swiglu_loops(
     x_sd,
     w_gate_edf,
@@ -360,9 +366,8 @@ def _gathered_swiglu_loops(
     first_e, end_e = _expert_tile_ranges(tile_expert_t, num_experts)
 
     def expert_step(carry, xs):
-        w_gate_df, w_up_df, w_down_fd, first, end = xs
-        w_gate_up_d2f = jnp.concatenate([w_gate_df, w_up_df], axis=-1).astype(dtype)
-        w_down_fd = w_down_fd.astype(dtype)
+        *weights, first, end = xs
+        w_gate_up_d2f, w_down_fd = _expert_weights(*weights, dtype)
 
         def step(t0, n, carry):
             y_sd, *activations = carry
@@ -401,9 +406,8 @@ def _gathered_swiglu_bwd(chunk_tiles, res, dy_sd):
     first_e, end_e = _expert_tile_ranges(tile_expert_t, num_experts)
 
     def expert_step(carry, xs):
-        w_gate_df, w_up_df, w_down_fd, first, end = xs
-        w_gate_up_d2f = jnp.concatenate([w_gate_df, w_up_df], axis=-1).astype(dtype)
-        w_down_fd = w_down_fd.astype(dtype)
+        *weights, first, end = xs
+        w_gate_up_d2f, w_down_fd = _expert_weights(*weights, dtype)
 
         def step(t0, n, carry):
             dx_sd, d_weight_tc, dw_gate_up_d2f, dw_down_fd = carry
