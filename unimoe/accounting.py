@@ -142,6 +142,10 @@ def account_stages(experiment: ExperimentConfig) -> list[StageAccount]:
     return [account_model(models[s.name], s.trains, seq_len, s.name) for s in stages]
 
 
+# The parameter columns of `format_accounts` (components of `StageAccount.params_by_component`).
+_PARTS = ('llm', 'vision', 'audio', 'connectors')
+
+
 def _human(count: float, unit: str = '') -> str:
     for scale, suffix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
         if abs(count) >= scale:
@@ -149,22 +153,28 @@ def _human(count: float, unit: str = '') -> str:
     return f'{count:.0f}{unit}'
 
 
+def _markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+    return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
 def format_accounts(accounts: list[StageAccount]) -> str:
     """A markdown table, one row per stage."""
-    header = (
-        '| stage | params | llm | vision | audio | connectors | trainable | active/token '
-        '| train FLOPs/token | memory (params+grads+AdamW) |'
-    )
-    lines = [header, '|' + '---|' * 10]
-    for a in accounts:
-        parts = [a.params_by_component[c] for c in ('llm', 'vision', 'audio', 'connectors')]
-        lines.append(
-            f'| {a.name} | {_human(a.total_params)} | '
-            + ' | '.join(_human(p) for p in parts)
-            + f' | {_human(a.trainable_params)} | {_human(a.active_params_per_token)} '
-            f'| {_human(a.train_flops_per_token)} | {_human(a.total_bytes, "B")} |'
-        )
-    return '\n'.join(lines)
+    columns = ['stage', 'params', *_PARTS, 'trainable', 'active/token', 'train FLOPs/token']
+    columns.append('memory (params+grads+AdamW)')
+    rows = [
+        [
+            a.name,
+            _human(a.total_params),
+            *(_human(a.params_by_component[c]) for c in _PARTS),
+            _human(a.trainable_params),
+            _human(a.active_params_per_token),
+            _human(a.train_flops_per_token),
+            _human(a.total_bytes, 'B'),
+        ]
+        for a in accounts
+    ]
+    return _markdown_table(columns, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,17 +234,15 @@ def account_expert_exchange(experiment: ExperimentConfig) -> list[ExchangeAccoun
 
 def format_exchange(accounts: list[ExchangeAccount]) -> str:
     """A markdown table, one row per MoE stage (bytes per device unless said otherwise)."""
-    header = (
-        '| stage | MoE layers | expert axis | tokens/device | C | forward/layer | backward/layer '
-        '| per step | per step, off-device | per step, whole mesh |'
-    )
-    lines = [header, '|' + '---|' * 10]
+    columns = ['stage', 'MoE layers', 'expert axis', 'tokens/device', 'C', 'forward/layer']
+    columns += ['backward/layer', 'per step', 'per step, off-device', 'per step, whole mesh']
+    rows = []
     for a in accounts:
         layer = a.per_layer
-        lines.append(
-            f'| {a.name} | {a.moe_layers} | {layer.ep_size} | {a.local_tokens} | {layer.capacity} '
-            f'| {_human(layer.forward, "B")} | {_human(layer.backward, "B")} '
-            f'| {_human(a.per_step, "B")} | {_human(a.moe_layers * layer.off_device, "B")} '
-            f'| {_human(a.per_step * a.num_devices, "B")} |'
+        rows.append(
+            [a.name, str(a.moe_layers), str(layer.ep_size), str(a.local_tokens)]
+            + [str(layer.capacity), _human(layer.forward, 'B'), _human(layer.backward, 'B')]
+            + [_human(a.per_step, 'B'), _human(a.moe_layers * layer.off_device, 'B')]
+            + [_human(a.per_step * a.num_devices, 'B')]
         )
-    return '\n'.join(lines)
+    return _markdown_table(columns, rows)
