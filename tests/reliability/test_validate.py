@@ -60,13 +60,19 @@ def test_stage_batch_must_split_over_the_batch_axes():
         validate.validate_experiment(config)
 
 
-def test_expert_parallelism_needs_the_batch_split_over_expert():
+def test_expert_parallelism_needs_the_tokens_split_over_expert():
     config = _tiny()
     config.mesh = dict(data=2, expert=4)
     config.sharding_rules = dict(batch=('data',))
-    with pytest.raises(ValueError, match=r"sharding_rules.batch=\('data',\) keeps the tokens"):
+    with pytest.raises(
+        ValueError, match=r"sharding_rules.batch=\('data',\) \(and .seq=\(\)\) keeps the tokens"
+    ):
         validate.validate_experiment(config)
     config.model.moe.expert_parallel = 'off'
+    validate.validate_experiment(config)
+    # The MoE layer's token axes are the batch then the sequence rule's (nn.sharding.token_axes).
+    config.model.moe.expert_parallel = 'auto'
+    config.sharding_rules = dict(batch=('data',), seq=('expert',))
     validate.validate_experiment(config)
 
 

@@ -25,6 +25,7 @@ from unimoe.config import StageConfig
 from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import json_builder, tasks as tasks_lib
 from unimoe.experiment import ExperimentConfig
+from unimoe.nn import sharding
 from unimoe.parallel import mesh as mesh_lib
 from unimoe.train import nonfinite, trainer
 
@@ -128,11 +129,13 @@ def _check_mesh(experiment: ExperimentConfig) -> None:
         )
     has_moe = any(stage.moe for stage in experiment.ordered_stages())
     expert_parallel = has_moe and moe.expert_parallel != 'off' and expert > 1
-    if expert_parallel and 'expert' not in rules['batch']:
+    # The MoE layer splits its tokens over these (`expert_parallel._check_split`).
+    if expert_parallel and 'expert' not in sharding.token_axes(mesh_lib.MESH_AXES, rules):
         raise ValueError(
-            f"config.sharding_rules.batch={rules['batch']} keeps the tokens whole over the "
-            f"`expert` axis (config.mesh.expert={expert}), which expert parallelism splits them "
-            "over: add 'expert', or set config.model.moe.expert_parallel='off'"
+            f"config.sharding_rules.batch={rules['batch']} (and .seq={rules['seq']}) keeps the "
+            f"tokens whole over the `expert` axis (config.mesh.expert={expert}), which expert "
+            "parallelism splits them over: add 'expert', or set "
+            "config.model.moe.expert_parallel='off'"
         )
     batch_shards = math.prod(sizes[a] for a in rules['batch'])
     for stage in experiment.ordered_stages():
