@@ -10,11 +10,14 @@ import ast
 import contextlib
 import dataclasses
 import importlib.util
+import os
 import pathlib
+import sys
+import traceback
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections
 from ml_collections import config_dict
@@ -207,6 +210,52 @@ def from_fields(cls: type, where: str, raw: Mapping[str, Any], **extra: Any) -> 
     hints = typing.get_type_hints(cls)
     with errors_at(where, cls.__name__):
         return cls(**extra, **{k: _typed(f'{where}.{k}', v, hints[k]) for k, v in raw.items()})
+
+
+# Set to 1 to see the traceback of a user's mistake too (as `--debug` does).
+DEBUG_ENV = 'UNIMOE_DEBUG'
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """`--debug` on the command line or UNIMOE_DEBUG=1: show tracebacks of user errors."""
+    return '--debug' in argv or os.environ.get(DEBUG_ENV, '') not in ('', '0')
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def user_error_lines(error: BaseException) -> list[str]:
+    """What to print for a user's mistake: each problem of a `ConfigError`, else the message of
+    the innermost exception (absl and ml_collections wrap the config file's own errors)."""
+    if isinstance(error, ConfigError):
+        return error.problems
+    root = _root_cause(error)
+    if isinstance(root, (AttributeError, KeyError)):  # a --config.<field> override of no field
+        return [f"the config has no field {str(root).strip(chr(34))}: check the --config.* flags"]
+    return [line.strip() for line in str(root).splitlines() if line.strip()][-1:] or [repr(root)]
+
+
+def exit_on_user_error(error: BaseException, debug: bool) -> NoReturn:
+    """Prints `user_error_lines(error)` as 'error: ...' lines (and the traceback with `debug`),
+    then exits with code 2."""
+    if debug:
+        traceback.print_exception(error)
+    for line in user_error_lines(error):
+        print(f'error: {line}', file=sys.stderr)
+    sys.exit(2)
+
+
+class ConfigError(ValueError):
+    """The problems of an experiment config, all found before anything is built: one line each,
+    naming the config path (`config.<path>...`) and what to set. A user's mistake, not a bug: the
+    command-line entry points print the lines and exit with code 2, without a traceback."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__('\n'.join(self.problems))
 
 
 @contextlib.contextmanager

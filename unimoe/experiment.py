@@ -12,12 +12,12 @@ the checks across sections (the stage graph, the mesh, the paths) are `train.val
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
-from unimoe.config import EvalConfig, StageConfig, from_fields
+from unimoe.config import ConfigError, EvalConfig, StageConfig, from_fields
 from unimoe.data import json_pipeline, pipeline, shapes
 from unimoe.models.unimoe import ModelSpec
 from unimoe.parallel import rules as rules_lib
@@ -56,6 +56,13 @@ class ExperimentConfig:
     checkpoint_every: int = 200
     vocab_size: int = 0
 
+    def __post_init__(self):
+        for name in ('log_every', 'checkpoint_every'):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"config.{name}={getattr(self, name)} must be >= 1 (steps between two)"
+                )
+
     def stage(self, name: str) -> StageConfig:
         if name not in self.stages:
             raise ValueError(f"stage {name!r} is not defined in config.stages: {sorted(self.stages)}")
@@ -73,30 +80,44 @@ class ExperimentConfig:
 
 def from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ExperimentConfig:
     """The typed experiment (from a config file's ConfigDict, or its plain-dict form); raises
-    ValueError naming the config field to change."""
+    `ConfigError` listing every section's problem, each naming the config field to change."""
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    for key in ('model', 'data', 'stages', 'stage_order'):
-        if key not in raw:
-            raise ValueError(f"config.{key} is missing: every experiment config sets it")
+    missing = [key for key in ('model', 'data', 'stages', 'stage_order') if key not in raw]
+    if missing:
+        raise ConfigError([f"config.{key} is missing: every experiment config sets it" for key in missing])
     sections = {key: raw.pop(key, None) for key in _SECTIONS + _EDGE_ONLY}
     if raw.get('tokenizer') is None:
         raw.pop('tokenizer', None)
-    model = ModelSpec.from_dict(sections['model'])
-    data = from_fields(pipeline.DataConfig, 'config.data', sections['data'])
-    _check_media_tokens(model, data)
-    return from_fields(
-        ExperimentConfig,
-        'config',
-        raw,
-        model=model,
-        data=data,
-        stages={name: StageConfig.from_config(name, s) for name, s in sections['stages'].items()},
-        eval=from_fields(EvalConfig, 'config.eval', sections['eval'] or {}),
-        json_data=_json_data(sections['json_data'], sections['data']),
-        mesh=_mesh(sections['mesh']),
+    problems: list[str] = []
+
+    def typed(build: Callable[[], Any]) -> Any:
+        try:
+            return build()
+        except ValueError as e:
+            problems.append(str(e))
+            return None
+
+    model = typed(lambda: ModelSpec.from_dict(sections['model']))
+    data = typed(lambda: from_fields(pipeline.DataConfig, 'config.data', sections['data']))
+    if model is not None and data is not None:
+        typed(lambda: _check_media_tokens(model, data))
+    fields = dict(
+        stages={
+            name: typed(lambda name=name, stage=stage: StageConfig.from_config(name, stage))
+            for name, stage in sections['stages'].items()
+        },
+        eval=typed(lambda: from_fields(EvalConfig, 'config.eval', sections['eval'] or {})),
+        json_data=typed(lambda: _json_data(sections['json_data'], sections['data'])),
+        mesh=typed(lambda: _mesh(sections['mesh'])),
         sharding_rules=rules_lib.parse_rules(sections['sharding_rules']),
         pretrained={k: str(v or '') for k, v in (sections['pretrained'] or {}).items()},
     )
+    experiment = typed(
+        lambda: from_fields(ExperimentConfig, 'config', raw, model=model, data=data, **fields)
+    )
+    if problems:
+        raise ConfigError(problems)
+    return experiment
 
 
 def _check_media_tokens(model: ModelSpec, data: pipeline.DataConfig) -> None:

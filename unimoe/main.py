@@ -2,23 +2,27 @@
 
 Kept thin on purpose: the work is in `unimoe.run` so tests and notebooks call the same code.
 Overrides: `--config.stages.s3_moe.steps=100`. Sharded / multi-host training: `config.mesh`,
-`config.sharding_rules`, `config.distributed` (see `unimoe.parallel`). `--dry_run` prints what each stage's model costs
-(parameters, active parameters and training FLOPs per token, memory) and trains nothing.
+`config.sharding_rules`, `config.distributed` (see `unimoe.parallel`). `--dry_run` checks the whole
+experiment as a run would, prints what each stage's model costs (parameters, active parameters and
+training FLOPs per token, memory) and trains nothing.
 
-Exit codes: 0 done; 75 (`unimoe.train.preemption.EXIT_CODE`) stopped by SIGTERM / SIGINT after
-saving a checkpoint: run the same command again to resume; anything else is an error.
+Exit codes: 0 done; 2 a mistake in the config or its flags (every problem found, one line each:
+`error: config.<path> ...`; `--debug` or UNIMOE_DEBUG=1 adds the traceback); 75
+(`unimoe.train.preemption.EXIT_CODE`) stopped by SIGTERM / SIGINT after saving a checkpoint: run
+the same command again to resume; anything else is an error.
 """
 
 import logging
 import sys
 
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from unimoe import accounting, experiment, run
+from unimoe import accounting, config as config_lib, experiment, run
 from unimoe.parallel import distributed
-from unimoe.train import preemption
+from unimoe.train import preemption, validate
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config',
@@ -36,7 +40,31 @@ _DRY_RUN = flags.DEFINE_bool(
     'Print parameter counts, active parameters and training FLOPs per token and memory of every '
     'stage (models built abstractly, nothing trained or written), then exit.',
 )
+_DEBUG = flags.DEFINE_bool(
+    'debug',
+    False,
+    f'Show the traceback of a config or input error too (or set {config_lib.DEBUG_ENV}=1); errors '
+    'are otherwise one line each, exit code 2.',
+)
 flags.mark_flags_as_required(['config'])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, where the config file is loaded and the overrides applied: their
+    errors are the user's (exit code 2, one line)."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - any error of the user's config file or flags
+        config_lib.exit_on_user_error(e, config_lib.debug_requested(argv))
+
+
+def _config() -> ml_collections.ConfigDict:
+    try:
+        config = _CONFIG.value
+        config.to_dict()  # a config file that failed to load raises on first use
+        return config
+    except Exception as e:  # noqa: BLE001 - any error of the user's config file
+        config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
 
 
 def main(argv: list[str]) -> None:
@@ -44,27 +72,32 @@ def main(argv: list[str]) -> None:
     # Library INFO chatter (orbax writes several lines per checkpoint) hides the run's own progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger('unimoe').setLevel(logging.INFO)
+    config = _config()
     # Several hosts (`config.distributed`): join them before any device is used.
-    distributed.initialize(_CONFIG.value.get('distributed'))
-    print(f'config (after command-line overrides):\n{_CONFIG.value}')
-    if _DRY_RUN.value:
-        # Typed, not validated: a plan needs no checkpoints or data on this machine.
-        typed = experiment.from_config_dict(_CONFIG.value)
-        print(accounting.format_accounts(accounting.account_stages(typed)))
-        exchange = accounting.account_expert_exchange(typed)
-        if exchange:
-            print('Expert all-to-all per device (expert parallelism):')
-            print(accounting.format_exchange(exchange))
-        return
-    if _WORKDIR.value is None:
+    distributed.initialize(config.get('distributed'))
+    print(f'config (after command-line overrides):\n{config}')
+    if not _DRY_RUN.value and _WORKDIR.value is None:
         raise app.UsageError('--workdir is required to train (or pass --dry_run)')
     try:
-        table = run.run_experiment(_CONFIG.value, _WORKDIR.value)
+        if _DRY_RUN.value:
+            _dry_run(validate.validate_experiment(config))
+            return
+        table = run.run_experiment(config, _WORKDIR.value)
+    except config_lib.ConfigError as e:
+        config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
     except preemption.Preempted as e:
         logging.getLogger('unimoe').warning('%s (exit code %d)', e, preemption.EXIT_CODE)
         sys.exit(preemption.EXIT_CODE)
     print(table)
 
 
+def _dry_run(typed: experiment.ExperimentConfig) -> None:
+    print(accounting.format_accounts(accounting.account_stages(typed)))
+    exchange = accounting.account_expert_exchange(typed)
+    if exchange:
+        print('Expert all-to-all per device (expert parallelism):')
+        print(accounting.format_exchange(exchange))
+
+
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from unimoe import config as config_lib
+from unimoe.config import ConfigError
 from unimoe.train import validate
 
 CONFIGS = pathlib.Path(__file__).parent.parent.parent / 'configs'
@@ -94,7 +95,7 @@ def test_missing_pretrained_checkpoint(tmp_path):
     config = _tiny()
     config.pretrained = dict(llm=str(tmp_path / 'vicuna'))
     with pytest.raises(
-        FileNotFoundError, match=r'config.pretrained.llm=.*vicuna.* not a converted'
+        ConfigError, match=r'config.pretrained.llm=.*vicuna.* not a converted'
     ):
         validate.validate_experiment(config)
 
@@ -116,19 +117,19 @@ def _json_stage_config(tmp_path) -> ml_collections.ConfigDict:
 def test_missing_tokenizer_file(tmp_path):
     config = _json_stage_config(tmp_path)
     config.tokenizer = str(tmp_path / 'vicuna.model')
-    with pytest.raises(FileNotFoundError, match=r'config.tokenizer=.*vicuna.model.*does not exist'):
+    with pytest.raises(ConfigError, match=r'config.tokenizer=.*vicuna.model.*does not exist'):
         validate.validate_experiment(config)
 
 
 def test_json_sources_not_prepared(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"json_sources 'llava', which is not prepared"):
+    with pytest.raises(ConfigError, match=r"json_sources 'llava', which is not prepared"):
         validate.validate_experiment(_json_stage_config(tmp_path))
 
 
 def test_missing_media_root(tmp_path):
     config = _json_stage_config(tmp_path)
     config.json_data.media_root = str(tmp_path / 'media')
-    with pytest.raises(FileNotFoundError, match=r'config.json_data.media_root=.*media.*not exist'):
+    with pytest.raises(ConfigError, match=r'config.json_data.media_root=.*media.*not exist'):
         validate.validate_experiment(config)
 
 

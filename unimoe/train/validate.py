@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from unimoe import experiment as experiment_lib, factory
-from unimoe.config import StageConfig
+from unimoe.config import ConfigError, StageConfig, errors_at
 from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import json_builder, tasks as tasks_lib
 from unimoe.experiment import ExperimentConfig
@@ -35,44 +35,111 @@ _PRETRAINED = {'llm': factory.TRAINABLE_PARTS['llm'], 'vision': ('vision',), 'au
 
 
 def validate_experiment(config: ml_collections.ConfigDict) -> ExperimentConfig:
-    """The typed, checked experiment; raises ValueError / FileNotFoundError naming the config
-    field to change."""
+    """The typed, checked experiment. Raises `ConfigError` listing every problem found (each
+    naming the config field to change): first those of typing the sections, then those across
+    them."""
     experiment = experiment_lib.from_config_dict(config)
-    validate_stages(experiment)
-    if experiment.nonfinite not in nonfinite.MODES:
-        raise ValueError(
-            f"config.nonfinite={experiment.nonfinite!r} must be one of {nonfinite.MODES}"
-        )
-    _check_mesh(experiment)
-    _check_paths(experiment)
-    _check_initialisation(experiment)
+    problems = experiment_problems(experiment)
+    if problems:
+        raise ConfigError(problems)
     return experiment
 
 
+def experiment_problems(experiment: ExperimentConfig) -> list[str]:
+    """Every problem of a typed experiment: the stage graph's and the run's, then (on stages that
+    exist) the mesh's and the paths', then (on a sound graph) whether every stage's parts are
+    initialised, which a broken graph would report twice."""
+    graph = _stage_problems(experiment)
+    checks = [_run_problems]
+    if all(name in experiment.stages for name in experiment.stage_order):
+        checks += [_check_mesh, _check_paths]
+    if not graph:
+        checks.append(_check_initialisation)
+    problems = list(graph)
+    for check in checks:
+        try:
+            problems += check(experiment) or []
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
+
+
 def validate_stages(experiment: ExperimentConfig) -> None:
-    """Fails before any training if the stage graph cannot run: every problem names the stage."""
-    seen: list[str] = []
+    """Raises `ConfigError` if the stage graph cannot run (every problem names its stage)."""
+    problems = _stage_problems(experiment)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _stage_problems(experiment: ExperimentConfig) -> list[str]:
+    problems, seen = [], []
     for name in experiment.stage_order:
-        if name not in experiment.stages:
-            raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
-        stage = experiment.stage(name)
-        factory.trainable_filter(stage.trains)
-        trainer.stage_loss_config(stage)
-        missing = [s for s in stage.init_from + stage.experts_from if s not in seen]
-        if missing:
-            raise ValueError(
-                f"stage {name!r} starts from {missing[0]!r}, which does not run before it"
-            )
-        _check_upcycling(experiment, stage)
-        if stage.steps < 1:
-            raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
-        _check_tokenizer(experiment, stage)
+        if name in seen:
+            problems.append(f"config.stage_order names {name!r} twice: list each stage once")
+            continue
+        try:
+            _check_stage(experiment, name, seen)
+        except ValueError as e:
+            problems.append(str(e))
         seen.append(name)
-    if experiment.tokenizer and experiment.eval.stages:
+    return problems
+
+
+def _check_stage(experiment: ExperimentConfig, name: str, seen: list[str]) -> None:
+    """Raises naming the stage's first problem."""
+    if name not in experiment.stages:
+        raise ValueError(f"stage_order names {name!r}, which config.stages does not define")
+    stage = experiment.stage(name)
+    where = f'config.stages.{name}'
+    factory.trainable_filter(stage.trains)
+    with errors_at(where, 'LossConfig'):
+        trainer.stage_loss_config(stage)
+    missing = [s for s in stage.init_from + stage.experts_from if s not in seen]
+    if missing:
+        raise ValueError(f"stage {name!r} starts from {missing[0]!r}, which does not run before it")
+    _check_upcycling(experiment, stage)
+    if stage.steps < 1:
+        raise ValueError(f"stage {name!r}: steps={stage.steps} must be >= 1")
+    with errors_at(where, 'OptimConfig'):  # learning rate, warmup, clipping, as the stage runs them
+        trainer.stage_optim_config(stage)
+    if stage.batch_size < 1:
+        raise ValueError(f"{where}.batch_size={stage.batch_size} must be >= 1")
+    unknown = sorted(set(stage.tasks) - set(tasks_lib.TASKS))
+    if unknown and not stage.json_sources:
         raise ValueError(
+            f"{where}.tasks names unknown tasks {unknown}; the built-in ones: {sorted(tasks_lib.TASKS)}"
+        )
+    _check_tokenizer(experiment, stage)
+
+
+def _run_problems(experiment: ExperimentConfig) -> list[str]:
+    """The non-finite policy and the evaluation settings."""
+    problems = []
+    if experiment.nonfinite not in nonfinite.MODES:
+        problems.append(
+            f"config.nonfinite={experiment.nonfinite!r} must be one of {nonfinite.MODES}"
+        )
+    if experiment.tokenizer and experiment.eval.stages:
+        problems.append(
             "config.eval.stages evaluates on the built-in dataset, which needs the built-in "
             "tokenizer: set config.eval.stages='' when config.tokenizer is set"
         )
+    not_run = [s for s in experiment.eval.stages if s not in experiment.stage_order]
+    if not_run:
+        problems.append(
+            f"config.eval.stages names {not_run}, which config.stage_order does not run: drop "
+            "them from config.eval.stages, or add them to config.stage_order"
+        )
+    unknown = sorted(set(experiment.eval.tasks) - set(tasks_lib.TASKS))
+    if unknown:
+        problems.append(
+            f"config.eval.tasks names unknown tasks {unknown}; the built-in ones: "
+            f"{sorted(tasks_lib.TASKS)}"
+        )
+    for name in ('batch_size', 'max_new_tokens'):
+        if getattr(experiment.eval, name) < 1:
+            problems.append(f"config.eval.{name}={getattr(experiment.eval, name)} must be >= 1")
+    return problems
 
 
 def _check_upcycling(experiment: ExperimentConfig, stage: StageConfig) -> None:
@@ -147,31 +214,32 @@ def _check_mesh(experiment: ExperimentConfig) -> None:
             )
 
 
-def _check_paths(experiment: ExperimentConfig) -> None:
+def _check_paths(experiment: ExperimentConfig) -> list[str]:
+    """Every path the config names that is missing or not what it should be."""
+    problems = []
     for label, directory in experiment.pretrained_dirs.items():
         if not (pathlib.Path(directory) / convert_core.META_FILE).is_file():
-            raise FileNotFoundError(
+            problems.append(
                 f"config.pretrained.{label}={directory!r} is not a converted checkpoint (no "
                 f"{convert_core.META_FILE}): convert it with `python -m unimoe.convert from-hf`"
             )
     tokenizer = experiment.tokenizer
     if tokenizer and not pathlib.Path(tokenizer).is_file():
-        raise FileNotFoundError(f"config.tokenizer={tokenizer!r} does not exist")
+        problems.append(f"config.tokenizer={tokenizer!r} does not exist")
     json_data = experiment.json_data
     if json_data is None:
-        return
+        return problems
     if json_data.media_root and not pathlib.Path(json_data.media_root).exists():
-        raise FileNotFoundError(
-            f"config.json_data.media_root={json_data.media_root!r} does not exist"
-        )
+        problems.append(f"config.json_data.media_root={json_data.media_root!r} does not exist")
     for stage in experiment.ordered_stages():
         for source in stage.json_sources:
             if not json_builder.builder(json_data.data_dir, source).is_prepared():
-                raise FileNotFoundError(
+                problems.append(
                     f"stage {stage.name!r} reads json_sources {source!r}, which is not prepared in "
                     f"config.json_data.data_dir={json_data.data_dir!r}: run "
                     "unimoe.data.json_builder.prepare first"
                 )
+    return problems
 
 
 def _needed(stage: StageConfig) -> set[str]:

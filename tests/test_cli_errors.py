@@ -1,0 +1,70 @@
+"""A researcher's mistakes on `python -m unimoe.main` end with one line each naming what to change
+and exit code 2, before anything trains, with no traceback (`--debug` shows it)."""
+
+import subprocess
+import sys
+
+import pytest
+
+TINY = '--config=configs/unimoe_tiny.py:mode=test'
+
+
+def _main(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, '-m', 'unimoe.main', *args, f'--config.data.data_dir={tmp_path}/data']
+        if args[0] == TINY
+        else [sys.executable, '-m', 'unimoe.main', *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    'args, errors',
+    [
+        (
+            # Every problem at once, each under its config path (the run and --dry_run alike).
+            (
+                '--config.stages.s3_moe.learning_rate=-1',
+                '--config.stages.s2_audio.batch_size=0',
+                '--config.eval.tasks=text_qa,bogus',
+                '--dry_run',
+            ),
+            [
+                'error: config.stages.s2_audio.batch_size=0 must be >= 1',
+                'error: config.stages.s3_moe.learning_rate must be > 0, got -1.0',
+                "error: config.eval.tasks names unknown tasks ['bogus']; the built-in ones: ",
+            ],
+        ),
+        (('--config.checkpoint_every=0', '--dry_run'), ['error: config.checkpoint_every=0 must be >= 1']),
+        (
+            # A partial stage order would train, then fail to evaluate stages it never ran.
+            ('--config.stage_order=s0_llm', '--workdir={tmp}/run'),
+            ["error: config.eval.stages names ['s2_image', 's2_video', 's2_speech', 's2_audio', "],
+        ),
+        (('--config.foo=3', '--dry_run'), ["error: the config has no field 'foo'"]),
+    ],
+)
+def test_config_mistakes_are_one_line_each_with_exit_code_2(args, errors, tmp_path):
+    result = _main(TINY, *(a.format(tmp=tmp_path) for a in args), tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert len(lines) == len(errors)
+    for line, expected in zip(lines, errors):
+        assert line.startswith(expected), line
+    assert 'Traceback' not in result.stderr + result.stdout
+    # Nothing was prepared, trained or written.
+    assert not (tmp_path / 'data').exists() and not (tmp_path / 'run').exists()
+
+
+def test_a_missing_config_file_and_the_debug_flag(tmp_path):
+    result = _main('--config=configs/nope.py', '--dry_run', tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: [Errno 2] No such file or directory: 'configs/nope.py'"
+    )
+    assert 'Traceback' not in result.stderr
+    debug = _main(TINY, '--config.stages.s3_moe.learning_rate=-1', '--dry_run', '--debug', tmp_path=tmp_path)
+    assert debug.returncode == 2 and 'Traceback' in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith('error: config.stages.s3_moe.learning_rate')
