@@ -5,7 +5,9 @@ directory and renamed when complete, so a save killed half-way leaves the previo
 the latest one (the leftover temporary directory is deleted when the directory is opened again).
 The data iterator is stored beside the state so a resumed run continues the same sample order.
 `restore_latest` falls back past damaged checkpoints (truncated or deleted array files, garbage
-metadata), naming the step and the file, and moves them aside.
+metadata), naming the step and the file, and moves them aside. A readable checkpoint of another
+model (a config changed on an existing workdir) is not damage: `CheckpointMismatchError` lists
+the arrays whose shapes differ, read from the metadata before any array, and nothing is moved.
 
 Parameters travel between stages, converted checkpoints and the model by their '/'-joined paths
 (`path_str`, `flat_params`).
@@ -26,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from unimoe.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DONE_FILE = 'DONE.json'
@@ -37,12 +41,50 @@ _DATA = 'data'
 _JSON_FILES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding', '*.json', 'process_*')
 
 
+# Differing arrays listed by `CheckpointMismatchError` (the count says how many in all).
+_MAX_LISTED = 8
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'/'-joined path: shape} of a state's array leaves (dict keys, attribute names and
+    indices: a stored nnx Variable's 'value' key and an abstract one's `.value` read alike). RNG
+    keys are left out: stored as their uint32 data, their shapes differ by design."""
+
+    def key(entry: Any) -> str:
+        for name in ('key', 'name', 'idx'):
+            if hasattr(entry, name):
+                return str(getattr(entry, name))
+        return str(entry)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        '/'.join(key(k) for k in path): tuple(leaf.shape)
+        for path, leaf in leaves
+        if hasattr(leaf, 'shape') and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    }
+
+
 class DamagedCheckpointError(ValueError):
     """The checkpoint of `step` cannot be restored; `str()` names the step, the file and why."""
 
     def __init__(self, step: int, path: str | os.PathLike, reason: str):
         self.step, self.path, self.reason = step, os.fspath(path), reason
         super().__init__(f'checkpoint step {step} is damaged: {self.path}: {reason}')
+
+
+class CheckpointMismatchError(ConfigError):
+    """A readable checkpoint saved by another model (the config changed since): nothing is moved
+    aside. One line per differing array (path, shape the model expects, shape stored)."""
+
+    def __init__(self, step: int, directory: pathlib.Path, differences: list[str]):
+        super().__init__(
+            [
+                f"{directory} step {step} was saved by a different model ({len(differences)} "
+                "arrays differ): the config changed since it was written; run that config again, "
+                "or start this one in a new --workdir (the checkpoint is left as it is)",
+                *differences[:_MAX_LISTED],
+            ]
+        )
 
 
 class Checkpointer:
@@ -116,13 +158,17 @@ class Checkpointer:
         A checkpoint that fails to restore is logged (step, file, reason) and the previous one
         tried. Once one restores, the newer failed ones are moved to `<directory>_damaged/` so
         the steps are saved afresh. If none restores, raises `DamagedCheckpointError` for the
-        newest, listing all, and moves nothing: a changed model or config fails every step alike.
+        newest, listing all, and moves nothing. A checkpoint whose stored shapes differ from
+        `abstract_state`'s raises `CheckpointMismatchError` at once and moves nothing.
         """
         failures: list[DamagedCheckpointError] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 self.verify_files(step)
+                self.check_shapes(step, abstract_state)
                 state = self.restore(step, abstract_state, data_iterator)
+            except CheckpointMismatchError:
+                raise  # readable, but of another model: not damage
             except Exception as e:  # orbax / tensorstore raise bare Exceptions, KeyErrors, ...
                 failure = e if isinstance(e, DamagedCheckpointError) else self._damage(step, e)
                 log.warning('%s; trying the previous checkpoint', failure)
@@ -153,6 +199,27 @@ class Checkpointer:
                     json.loads(path.read_bytes())
                 except (OSError, ValueError) as e:
                     raise DamagedCheckpointError(step, path, f'unreadable metadata ({e})') from e
+
+    def check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Raises `CheckpointMismatchError` if the arrays stored at `step` differ in shape from
+        `abstract_state`'s, or its parameters by path, before any array is read."""
+        handler = ocp.StandardCheckpointHandler()  # reads the metadata files, no array
+        try:
+            stored = _leaf_shapes(handler.metadata(self._step_dir(step) / _STATE))
+        finally:
+            handler.close()
+        expected = _leaf_shapes(abstract_state)
+        differences = [
+            f'{path}: the model has {shape}, the checkpoint {stored[path]}'
+            for path, shape in expected.items()
+            if path in stored and stored[path] != shape
+        ]
+        for path in sorted(set(expected) ^ set(stored)):  # parameters only: other trees' paths
+            if path.startswith('params/'):  # (optimizer states) may be spelt differently
+                where = 'the checkpoint lacks it' if path in expected else 'the model lacks it'
+                differences.append(f'{path}: {where}')
+        if differences:
+            raise CheckpointMismatchError(step, self.directory, differences)
 
     def _damage(self, step: int, error: BaseException) -> DamagedCheckpointError:
         # The innermost cause names the array and file (tensorstore: 'Error reading

@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from unimoe.checkpoint import Checkpointer
+from unimoe.checkpoint import DAMAGED_DIR_SUFFIX, CheckpointMismatchError, Checkpointer
 
 
 def _state(offset: int):
@@ -127,3 +127,30 @@ def test_mark_done_writes_summary_atomically(tmp_path):
         assert ckpt.is_done()
         assert ckpt.read_done() == {'final_step': 9, 'loss': 1.25}
     assert sorted(p.name for p in tmp_path.iterdir() if 'DONE' in p.name) == ['DONE.json']
+
+
+def test_a_checkpoint_of_another_model_is_named_as_such_and_left_in_place(tmp_path):
+    with Checkpointer(tmp_path / 'stage', async_save=False) as ckpt:
+        ckpt.save(2, _state(0), force=True)
+        ckpt.save(4, _state(1), force=True)
+    changed = jax.eval_shape(lambda: _state(0))
+    changed['params']['w'] = jax.ShapeDtypeStruct((3, 6), jnp.bfloat16)  # a wider layer
+    changed['params']['new'] = jax.ShapeDtypeStruct((2,), jnp.float32)  # a new parameter
+    del changed['params']['b']  # a parameter the model no longer has
+    with Checkpointer(tmp_path / 'stage') as ckpt:
+        with pytest.raises(CheckpointMismatchError) as error:
+            ckpt.restore_latest(changed)
+        assert ckpt.all_steps() == [2, 4]
+    lines = error.value.problems
+    assert lines[0].startswith(f"{tmp_path / 'stage'} step 4 was saved by a different model (3 ")
+    assert lines[1:] == [
+        'params/w: the model has (3, 6), the checkpoint (3, 5)',
+        'params/b: the model lacks it',
+        'params/new: the checkpoint lacks it',
+    ]
+    assert not (tmp_path / f'stage{DAMAGED_DIR_SUFFIX}').exists()  # nothing moved aside
+    # The same model restores it.
+    with Checkpointer(tmp_path / 'stage') as ckpt:
+        step, state = ckpt.restore_latest(jax.eval_shape(lambda: _state(0)))
+    assert step == 4
+    _assert_state_equal(state, _state(1))
