@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 
 from tests.data import real_corpus
-from unimoe.data import formats, json_builder, json_pipeline
+from unimoe.data import check as check_cli, formats, json_builder, json_pipeline
 from unimoe.data.tokenizer import PretrainedTokenizer
 from unimoe.checkpoint import Checkpointer
 
@@ -268,6 +268,29 @@ def test_check_cli_passes_the_fixture_files_without_media(name):
     out = _run_check(real_corpus.FIXTURES / name, "--no-media")
     assert out.returncode == 0, out.stdout
     assert out.stdout.strip().splitlines()[-1].endswith(" ok, 0 errors")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nope.json"], "FILE /nope.json does not exist: give a file"),
+        (["{tmp}"], "FILE {tmp} is a directory: give a file"),
+        (["{fixture}", "--seq-len", "0"], "--seq-len=0 must be >= 1"),
+        (["{fixture}", "--seq-len", "-5"], "--seq-len=-5 must be >= 1"),
+        (["{fixture}", "--tokenizer", "/nope.model"], "--tokenizer /nope.model does not exist"),
+        (["{fixture}", "--media-root", "/nope"], "--media-root /nope does not exist: give the"),
+        (["{fixture}", "--media-root", "{fixture}"], "is a file but not a zip archive (corrupt"),
+    ],
+)
+def test_check_cli_refuses_bad_arguments_in_one_line(args, message, tmp_path, capsys):
+    fixture = real_corpus.FIXTURES / "eval_mmbench11.json"
+    argv = ["check", *(a.format(tmp=tmp_path, fixture=fixture) for a in args)]
+    with pytest.raises(SystemExit) as exit_info:
+        check_cli.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("python -m unimoe.data: error: ")
+    assert message.format(tmp=tmp_path) in error
 
 
 def test_too_many_audio_chunks_is_a_record_error(corpus):

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import sys
+import zipfile
 from collections.abc import Sequence
 
 from unimoe.data import formats, json_pipeline, verify
@@ -63,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args.directory, args.checksums, args.record)
+    problem = _check_args(args)
+    if problem:
+        parser.error(problem)  # one line, exit code 2
     cfg = json_pipeline.JsonDataConfig(
         data_dir="",
         sources=("check",),
@@ -85,6 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"record {e.index} (id {e.record_id}): {e.field}: {e.message}")
     print(f"{total} records, {total - len(errors)} ok, {len(errors)} errors")
     return 1 if errors else 0
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with `check`'s arguments, before any record is read (None: nothing)."""
+    if args.seq_len < 1:
+        return f"--seq-len={args.seq_len} must be >= 1"
+    for flag, path in (("FILE", args.file), ("--tokenizer", args.tokenizer)):
+        if path is not None and not os.path.isfile(path):
+            what = "is a directory" if os.path.isdir(path) else "does not exist"
+            return f"{flag} {path} {what}: give a file"
+    root = args.media_root
+    if root is not None and not os.path.exists(root):
+        return f"--media-root {root} does not exist: give the folder or zip the media paths are in"
+    if root is not None and os.path.isfile(root) and not zipfile.is_zipfile(root):
+        return f"--media-root {root} is a file but not a zip archive (corrupt or truncated?)"
+    return None
 
 
 def _verify(directory: str, table: str, record_to: str | None) -> int:
