@@ -5,8 +5,10 @@ Each section becomes its owner's config: `config.model` the models' `ModelSpec`,
 the built-in pipeline's `DataConfig`, `config.json_data` the JSON pipeline's `JsonDataConfig`
 (without sources: each stage names its own), `config.stages` `StageConfig`s, `config.eval` an
 `EvalConfig`, `config.mesh` and `config.sharding_rules` what `parallel.sharded.make_plan` reads.
-Errors name the config path to change (`config.model.moe.top_k`, `config.stages.s3_moe.steps`);
-the checks across sections (the stage graph, the mesh, the paths) are `train.validate`'s.
+Every section is typed even when another failed, and the problems are raised together as one
+`config.ConfigError`, each naming the config path to change (`config.model.moe.top_k`,
+`config.stages.s3_moe.steps`); the checks across sections (the stage graph, the mesh, the paths)
+are `train.validate`'s.
 """
 
 from __future__ import annotations
