@@ -68,3 +68,27 @@ def test_a_missing_config_file_and_the_debug_flag(tmp_path):
     debug = _main(TINY, '--config.stages.s3_moe.learning_rate=-1', '--dry_run', '--debug', tmp_path=tmp_path)
     assert debug.returncode == 2 and 'Traceback' in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith('error: config.stages.s3_moe.learning_rate')
+
+
+@pytest.mark.parametrize(
+    'module, args, error',
+    [
+        (
+            'unimoe.eval',
+            ('--config=configs/nope.py', '--checkpoint=x', '--benchmark=aokvqa', '--data=y'),
+            "error: [Errno 2] No such file or directory: 'configs/nope.py'",
+        ),
+        (
+            'unimoe.train.lower',
+            ('--config=configs/paper_scale.py:size=test', '--config.foo=1'),
+            "error: the config has no field 'foo': check the --config.* flags",
+        ),
+    ],
+)
+def test_the_other_command_lines_report_config_mistakes_alike(module, args, error):
+    result = subprocess.run(
+        [sys.executable, '-m', module, *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == error
+    assert 'Traceback' not in result.stderr

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NoReturn
 
 import ml_collections
+from absl import flags
 from ml_collections import config_dict
 
 
@@ -218,7 +219,8 @@ DEBUG_ENV = 'UNIMOE_DEBUG'
 
 def debug_requested(argv: list[str]) -> bool:
     """`--debug` on the command line or UNIMOE_DEBUG=1: show tracebacks of user errors."""
-    return '--debug' in argv or os.environ.get(DEBUG_ENV, '') not in ('', '0')
+    flag = any(arg in ('--debug', '--debug=true', '--debug=True', '--debug=1') for arg in argv)
+    return flag or os.environ.get(DEBUG_ENV, '') not in ('', '0')
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -246,6 +248,36 @@ def exit_on_user_error(error: BaseException, debug: bool) -> NoReturn:
     for line in user_error_lines(error):
         print(f'error: {line}', file=sys.stderr)
     sys.exit(2)
+
+
+def debug_flag() -> Any:
+    """Defines a command line's `--debug` flag (absl): tracebacks for user errors too."""
+    return flags.DEFINE_bool(
+        'debug',
+        False,
+        f'Show the traceback of a config or input error too (or set {DEBUG_ENV}=1); errors are '
+        'otherwise one line each, exit code 2.',
+    )
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """absl's flag parsing, for `app.run(main, flags_parser=parse_flags_or_exit)`: a config file
+    is loaded and its overrides applied here, and their errors are the user's (exit code 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - any error of the user's config file or flags
+        exit_on_user_error(e, debug_requested(argv))
+
+
+def loaded_config(flag: Any) -> ml_collections.ConfigDict:
+    """The ConfigDict of a `config_flags.DEFINE_config_file` flag, loaded now: an error of the
+    config file is the user's (exit code 2)."""
+    try:
+        config = flag.value
+        config.to_dict()  # a config file that failed to load raises on first use
+        return config
+    except Exception as e:  # noqa: BLE001 - any error of the user's config file
+        exit_on_user_error(e, debug_requested(sys.argv))
 
 
 class ConfigError(ValueError):

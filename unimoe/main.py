@@ -15,7 +15,6 @@ the same command again to resume; anything else is an error.
 import logging
 import sys
 
-import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -40,31 +39,8 @@ _DRY_RUN = flags.DEFINE_bool(
     'Print parameter counts, active parameters and training FLOPs per token and memory of every '
     'stage (models built abstractly, nothing trained or written), then exit.',
 )
-_DEBUG = flags.DEFINE_bool(
-    'debug',
-    False,
-    f'Show the traceback of a config or input error too (or set {config_lib.DEBUG_ENV}=1); errors '
-    'are otherwise one line each, exit code 2.',
-)
+_DEBUG = config_lib.debug_flag()
 flags.mark_flags_as_required(['config'])
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, where the config file is loaded and the overrides applied: their
-    errors are the user's (exit code 2, one line)."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - any error of the user's config file or flags
-        config_lib.exit_on_user_error(e, config_lib.debug_requested(argv))
-
-
-def _config() -> ml_collections.ConfigDict:
-    try:
-        config = _CONFIG.value
-        config.to_dict()  # a config file that failed to load raises on first use
-        return config
-    except Exception as e:  # noqa: BLE001 - any error of the user's config file
-        config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
 
 
 def main(argv: list[str]) -> None:
@@ -72,7 +48,7 @@ def main(argv: list[str]) -> None:
     # Library INFO chatter (orbax writes several lines per checkpoint) hides the run's own progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger('unimoe').setLevel(logging.INFO)
-    config = _config()
+    config = config_lib.loaded_config(_CONFIG)
     # Several hosts (`config.distributed`): join them before any device is used.
     distributed.initialize(config.get('distributed'))
     print(f'config (after command-line overrides):\n{config}')
@@ -100,4 +76,4 @@ def _dry_run(typed: experiment.ExperimentConfig) -> None:
 
 
 if __name__ == '__main__':
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=config_lib.parse_flags_or_exit)

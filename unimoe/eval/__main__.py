@@ -12,12 +12,13 @@ their record fields: `unimoe/eval/benchmarks.py`.
 
 import logging
 import pathlib
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from unimoe import experiment
+from unimoe import config as config_lib, experiment
 from unimoe.eval import benchmarks, run_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,6 +53,7 @@ _LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N records (0:
 _ON_ERROR = flags.DEFINE_enum(
     "on-error", "raise", ["raise", "skip"], "Bad records: stop, or skip and count them."
 )
+_DEBUG = config_lib.debug_flag()
 flags.mark_flags_as_required(["config", "checkpoint", "benchmark", "data"])
 
 
@@ -60,8 +62,12 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("unimoe").setLevel(logging.INFO)
     output = _OUTPUT.value or str(pathlib.Path(_CHECKPOINT.value) / "eval")
+    try:
+        typed_config = experiment.from_config_dict(config_lib.loaded_config(_CONFIG))
+    except config_lib.ConfigError as e:
+        config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
     scores = run_benchmark.evaluate_benchmark(
-        experiment.from_config_dict(_CONFIG.value),
+        typed_config,
         checkpoint=_CHECKPOINT.value,
         benchmark=_BENCHMARK.value,
         data=_DATA.value,
@@ -82,4 +88,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags_or_exit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Mapping
 
@@ -22,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from unimoe import accounting, experiment as experiment_lib, factory
+from unimoe import accounting, config as config_lib, experiment as experiment_lib, factory
 from unimoe.data import shapes
 from unimoe.experiment import ExperimentConfig
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib, sharded
@@ -163,13 +164,17 @@ def lower_stage(
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A config with `mesh`, e.g. configs/paper_scale.py:experts=8,target=v5p-64'
 )
+_DEBUG = config_lib.debug_flag()
 _STAGE = flags.DEFINE_string('stage', None, 'Stage to lower (default: the last of stage_order).')
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv: list[str]) -> None:
     del argv
-    experiment = experiment_lib.from_config_dict(_CONFIG.value)
+    try:
+        experiment = experiment_lib.from_config_dict(config_lib.loaded_config(_CONFIG))
+    except config_lib.ConfigError as e:
+        config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
     name = _STAGE.value or experiment.stage_order[-1]
     print(f'{jax.local_device_count()} local devices ({jax.devices()[0].platform})')
     report, _ = lower_stage(experiment, name)
@@ -179,4 +184,4 @@ def main(argv: list[str]) -> None:
 if __name__ == '__main__':
     # 8 simulated CPU devices unless the caller chose otherwise (before JAX starts).
     jax.config.update('jax_num_cpu_devices', 8)
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags_or_exit)
