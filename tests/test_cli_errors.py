@@ -92,3 +92,25 @@ def test_the_other_command_lines_report_config_mistakes_alike(module, args, erro
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == error
     assert 'Traceback' not in result.stderr
+
+
+def test_eval_checks_its_files_before_building_the_model(tmp_path):
+    (tmp_path / 'media.zip').write_bytes(b'PK\x03\x04 truncated')
+    args = [
+        TINY,
+        f'--checkpoint={tmp_path}/run/s3_moe',
+        '--benchmark=aokvqa',
+        '--data=/nope.json',
+        f'--answers={tmp_path}',
+        f'--media-root={tmp_path}/media.zip',
+    ]
+    result = subprocess.run(
+        [sys.executable, '-m', 'unimoe.eval', *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        'error: --data /nope.json does not exist: give a file',
+        f'error: --answers {tmp_path} is a directory: give a file',
+        f'error: media root {tmp_path}/media.zip is a file but not a zip archive (corrupt or '
+        'truncated?)',
+    ]

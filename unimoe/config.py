@@ -245,7 +245,12 @@ def exit_on_user_error(error: BaseException, debug: bool) -> NoReturn:
     then exits with code 2."""
     if debug:
         traceback.print_exception(error)
-    for line in user_error_lines(error):
+    exit_with_problems(user_error_lines(error))
+
+
+def exit_with_problems(problems: list[str]) -> NoReturn:
+    """Prints each problem as an 'error: ...' line on stderr and exits with code 2."""
+    for line in problems:
         print(f'error: {line}', file=sys.stderr)
     sys.exit(2)
 

@@ -278,7 +278,7 @@ def test_check_cli_passes_the_fixture_files_without_media(name):
         (["{fixture}", "--seq-len", "0"], "--seq-len=0 must be >= 1"),
         (["{fixture}", "--seq-len", "-5"], "--seq-len=-5 must be >= 1"),
         (["{fixture}", "--tokenizer", "/nope.model"], "--tokenizer /nope.model does not exist"),
-        (["{fixture}", "--media-root", "/nope"], "--media-root /nope does not exist: give the"),
+        (["{fixture}", "--media-root", "/nope"], "media root /nope does not exist"),
         (["{fixture}", "--media-root", "{fixture}"], "is a file but not a zip archive (corrupt"),
     ],
 )

@@ -117,6 +117,10 @@ def test_media_store_reads_folders_and_zips(tmp_path):
     assert formats.MediaStore(tmp_path / "m.zip").read("/a/x.bin") == b"zipped"
     with pytest.raises(FileNotFoundError, match="m.zip:a/y.bin"):
         formats.MediaStore(tmp_path / "m.zip").read("a/y.bin")
+    # A truncated zip is refused as such, not read as a folder where every file is missing.
+    (tmp_path / "cut.zip").write_bytes((tmp_path / "m.zip").read_bytes()[:30])
+    with pytest.raises(FileNotFoundError, match="cut.zip is a file but not a zip archive"):
+        formats.MediaStore(tmp_path / "cut.zip")
 
 
 # ----------------------------------------------------------------------------- images

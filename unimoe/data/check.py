@@ -16,7 +16,6 @@ import json
 import os
 import pathlib
 import sys
-import zipfile
 from collections.abc import Sequence
 
 from unimoe.data import formats, json_pipeline, verify
@@ -95,15 +94,13 @@ def _check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with `check`'s arguments, before any record is read (None: nothing)."""
     if args.seq_len < 1:
         return f"--seq-len={args.seq_len} must be >= 1"
-    for flag, path in (("FILE", args.file), ("--tokenizer", args.tokenizer)):
-        if path is not None and not os.path.isfile(path):
-            what = "is a directory" if os.path.isdir(path) else "does not exist"
-            return f"{flag} {path} {what}: give a file"
-    root = args.media_root
-    if root is not None and not os.path.exists(root):
-        return f"--media-root {root} does not exist: give the folder or zip the media paths are in"
-    if root is not None and os.path.isfile(root) and not zipfile.is_zipfile(root):
-        return f"--media-root {root} is a file but not a zip archive (corrupt or truncated?)"
+    for problem in (
+        formats.file_problem("FILE", args.file),
+        formats.file_problem("--tokenizer", args.tokenizer),
+        args.media_root and formats.media_root_problem(args.media_root),
+    ):
+        if problem:
+            return problem
     return None
 
 

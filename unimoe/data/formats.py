@@ -176,6 +176,23 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record | RecordError]:
             yield e
 
 
+def file_problem(name: str, path: str | os.PathLike | None) -> str | None:
+    """What is wrong with a file a command line names as `name` (None: nothing, or not given)."""
+    if path is None or os.path.isfile(path):
+        return None
+    what = "is a directory" if os.path.isdir(path) else "does not exist"
+    return f"{name} {os.fspath(path)} {what}: give a file"
+
+
+def media_root_problem(root: str | os.PathLike) -> str | None:
+    """What is wrong with a media root (None: a folder or a readable zip archive)."""
+    if not os.path.exists(root):
+        return f"media root {os.fspath(root)} does not exist"
+    if os.path.isfile(root) and not zipfile.is_zipfile(root):
+        return f"media root {os.fspath(root)} is a file but not a zip archive (corrupt or truncated?)"
+    return None
+
+
 class MediaStore:
     """Reads media files named by records, from a folder, a zip file, or as given (root None).
 
@@ -188,8 +205,10 @@ class MediaStore:
         self.root = None if root is None else os.fspath(root)
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = -1
-        if self.root is not None and not os.path.exists(self.root):
-            raise FileNotFoundError(f"media root {self.root} does not exist")
+        problem = None if self.root is None else media_root_problem(self.root)
+        if problem:
+            # A file that is not a zip would be read as a folder: every record "no such file".
+            raise FileNotFoundError(problem)
 
     @property
     def is_zip(self) -> bool:

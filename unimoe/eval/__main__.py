@@ -19,6 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from unimoe import config as config_lib, experiment
+from unimoe.data import formats
 from unimoe.eval import benchmarks, run_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -66,6 +67,17 @@ def main(argv: list[str]) -> None:
         typed_config = experiment.from_config_dict(config_lib.loaded_config(_CONFIG))
     except config_lib.ConfigError as e:
         config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
+    problems = [
+        problem
+        for problem in (
+            formats.file_problem("--data", _DATA.value),
+            formats.file_problem("--answers", _ANSWERS.value),
+            _MEDIA_ROOT.value and formats.media_root_problem(_MEDIA_ROOT.value),
+        )
+        if problem
+    ]
+    if problems:  # before the model is built
+        config_lib.exit_with_problems(problems)
     scores = run_benchmark.evaluate_benchmark(
         typed_config,
         checkpoint=_CHECKPOINT.value,
