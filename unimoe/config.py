@@ -218,7 +218,8 @@ DEBUG_ENV = 'UNIMOE_DEBUG'
 
 
 def debug_requested(argv: list[str]) -> bool:
-    """`--debug` on the command line or UNIMOE_DEBUG=1: show tracebacks of user errors."""
+    """`--debug` on the command line or UNIMOE_DEBUG=1: show tracebacks of user errors. Read from
+    argv, since a user error may come before absl has parsed the flags."""
     flag = any(arg in ('--debug', '--debug=true', '--debug=True', '--debug=1') for arg in argv)
     return flag or os.environ.get(DEBUG_ENV, '') not in ('', '0')
 
@@ -240,10 +241,10 @@ def user_error_lines(error: BaseException) -> list[str]:
     return [line.strip() for line in str(root).splitlines() if line.strip()][-1:] or [repr(root)]
 
 
-def exit_on_user_error(error: BaseException, debug: bool) -> NoReturn:
-    """Prints `user_error_lines(error)` as 'error: ...' lines (and the traceback with `debug`),
-    then exits with code 2."""
-    if debug:
+def exit_on_user_error(error: BaseException) -> NoReturn:
+    """Prints `user_error_lines(error)` as 'error: ...' lines (and the traceback when
+    `debug_requested`), then exits with code 2."""
+    if debug_requested(sys.argv):
         traceback.print_exception(error)
     exit_with_problems(user_error_lines(error))
 
@@ -255,9 +256,9 @@ def exit_with_problems(problems: list[str]) -> NoReturn:
     sys.exit(2)
 
 
-def debug_flag() -> Any:
-    """Defines a command line's `--debug` flag (absl): tracebacks for user errors too."""
-    return flags.DEFINE_bool(
+def define_debug_flag() -> None:
+    """Defines a command line's `--debug` flag (absl), which `debug_requested` reads."""
+    flags.DEFINE_bool(
         'debug',
         False,
         f'Show the traceback of a config or input error too (or set {DEBUG_ENV}=1); errors are '
@@ -271,7 +272,7 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - any error of the user's config file or flags
-        exit_on_user_error(e, debug_requested(argv))
+        exit_on_user_error(e)
 
 
 def loaded_config(flag: Any) -> ml_collections.ConfigDict:
@@ -282,7 +283,7 @@ def loaded_config(flag: Any) -> ml_collections.ConfigDict:
         config.to_dict()  # a config file that failed to load raises on first use
         return config
     except Exception as e:  # noqa: BLE001 - any error of the user's config file
-        exit_on_user_error(e, debug_requested(sys.argv))
+        exit_on_user_error(e)
 
 
 class ConfigError(ValueError):

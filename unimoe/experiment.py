@@ -19,7 +19,14 @@ from typing import Any
 
 import ml_collections
 
-from unimoe.config import ConfigError, EvalConfig, StageConfig, from_fields
+from unimoe.config import (
+    ConfigError,
+    EvalConfig,
+    StageConfig,
+    exit_on_user_error,
+    from_fields,
+    loaded_config,
+)
 from unimoe.data import json_pipeline, pipeline, shapes
 from unimoe.models.unimoe import ModelSpec
 from unimoe.parallel import rules as rules_lib
@@ -67,7 +74,9 @@ class ExperimentConfig:
 
     def stage(self, name: str) -> StageConfig:
         if name not in self.stages:
-            raise ValueError(f"stage {name!r} is not defined in config.stages: {sorted(self.stages)}")
+            raise ValueError(
+                f"stage {name!r} is not defined in config.stages: {sorted(self.stages)}"
+            )
         return self.stages[name]
 
     def ordered_stages(self) -> list[StageConfig]:
@@ -86,7 +95,7 @@ def from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> E
     raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     missing = [key for key in ('model', 'data', 'stages', 'stage_order') if key not in raw]
     if missing:
-        raise ConfigError([f"config.{key} is missing: every experiment config sets it" for key in missing])
+        raise ConfigError([f"config.{key} is missing: every config sets it" for key in missing])
     sections = {key: raw.pop(key, None) for key in _SECTIONS + _EDGE_ONLY}
     if raw.get('tokenizer') is None:
         raw.pop('tokenizer', None)
@@ -120,6 +129,15 @@ def from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> E
     if problems:
         raise ConfigError(problems)
     return experiment
+
+
+def from_config_flag(flag: Any) -> ExperimentConfig:
+    """The typed experiment of a command line's `config_flags` flag; a mistake in the config file,
+    its overrides or a section ends the program (one line per problem, exit code 2)."""
+    try:
+        return from_config_dict(loaded_config(flag))
+    except ConfigError as e:
+        exit_on_user_error(e)
 
 
 def _check_media_tokens(model: ModelSpec, data: pipeline.DataConfig) -> None:

@@ -39,7 +39,7 @@ _DRY_RUN = flags.DEFINE_bool(
     'Print parameter counts, active parameters and training FLOPs per token and memory of every '
     'stage (models built abstractly, nothing trained or written), then exit.',
 )
-_DEBUG = config_lib.debug_flag()
+config_lib.define_debug_flag()
 flags.mark_flags_as_required(['config'])
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
             return
         table = run.run_experiment(config, _WORKDIR.value)
     except config_lib.ConfigError as e:
-        config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
+        config_lib.exit_on_user_error(e)
     except preemption.Preempted as e:
         logging.getLogger('unimoe').warning('%s (exit code %d)', e, preemption.EXIT_CODE)
         sys.exit(preemption.EXIT_CODE)

@@ -36,8 +36,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains the stages `config.stage_order` lists, evaluates, and returns the results table.
 
     `config` is where an experiment enters: it is typed and checked here, once
-    (`validate.validate_experiment`). Raises `unimoe.train.preemption.Preempted` if SIGTERM / SIGINT stopped training (after a
-    checkpoint); calling it again resumes.
+    (`validate.validate_experiment`). Raises `unimoe.train.preemption.Preempted` if SIGTERM /
+    SIGINT stopped training (after a checkpoint); calling it again resumes.
     """
     experiment = validate.validate_experiment(config)
     workdir_path = pathlib.Path(workdir)

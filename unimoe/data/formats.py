@@ -189,7 +189,8 @@ def media_root_problem(root: str | os.PathLike) -> str | None:
     if not os.path.exists(root):
         return f"media root {os.fspath(root)} does not exist"
     if os.path.isfile(root) and not zipfile.is_zipfile(root):
-        return f"media root {os.fspath(root)} is a file but not a zip archive (corrupt or truncated?)"
+        root = os.fspath(root)
+        return f"media root {root} is a file but not a zip archive (corrupt or truncated?)"
     return None
 
 

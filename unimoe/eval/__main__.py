@@ -12,7 +12,6 @@ their record fields: `unimoe/eval/benchmarks.py`.
 
 import logging
 import pathlib
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -54,7 +53,7 @@ _LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N records (0:
 _ON_ERROR = flags.DEFINE_enum(
     "on-error", "raise", ["raise", "skip"], "Bad records: stop, or skip and count them."
 )
-_DEBUG = config_lib.debug_flag()
+config_lib.define_debug_flag()
 flags.mark_flags_as_required(["config", "checkpoint", "benchmark", "data"])
 
 
@@ -63,10 +62,7 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("unimoe").setLevel(logging.INFO)
     output = _OUTPUT.value or str(pathlib.Path(_CHECKPOINT.value) / "eval")
-    try:
-        typed_config = experiment.from_config_dict(config_lib.loaded_config(_CONFIG))
-    except config_lib.ConfigError as e:
-        config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
+    typed_config = experiment.from_config_flag(_CONFIG)
     problems = [
         problem
         for problem in (

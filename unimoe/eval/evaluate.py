@@ -156,7 +156,8 @@ def stage_scores(
 
 
 def evaluate(experiment: ExperimentConfig, workdir: pathlib.Path, tokenizer: TextTokenizer) -> str:
-    """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the table."""
+    """Evaluates every stage in `config.eval.stages`; writes results.{md,json}; returns the
+    table."""
     eval_tasks = list(experiment.eval.tasks)
     examples = pipeline.load_eval_examples(experiment.data, tokenizer, eval_tasks)
     results = {}

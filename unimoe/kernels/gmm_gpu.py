@@ -141,7 +141,11 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, block_m, blo
 
 
 def tgmm(
-    lhs: jax.Array, grad: jax.Array, bounds: tuple[jax.Array, jax.Array], num_local: int, blocks: Blocks
+    lhs: jax.Array,
+    grad: jax.Array,
+    bounds: tuple[jax.Array, jax.Array],
+    num_local: int,
+    blocks: Blocks,
 ) -> jax.Array:
     """out[G_local, K, N]; `bounds` = (first row, one past the last row) of each local group."""
     block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n

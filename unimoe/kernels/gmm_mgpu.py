@@ -106,7 +106,8 @@ def _through_smem(acc: jax.Array, out_dtype, store) -> None:
 
 
 def _gmm_k_loop(acc_ref, lhs_gmem, rhs_g, tile, n_i, blocks: Blocks, k_dim, transpose_rhs):
-    """acc += lhs[tile rows] @ rhs_g[:, n tile] (rhs_g.T with `transpose_rhs`), k blocks streamed."""
+    """acc += lhs[tile rows] @ rhs_g[:, n tile] (rhs_g.T with `transpose_rhs`), k blocks
+    streamed."""
     block_m, block_k, block_n = blocks.block_m, blocks.block_k, blocks.block_n
     plgpu.emit_pipeline(
         lambda _, lhs_smem, rhs_smem: _mma(
@@ -246,4 +247,5 @@ def tgmm(
 
             _through_smem(acc, blocks.out_dtype, store)
 
-    return _kernel(body, blocks.out((num_local, k_dim, n_dim)), blocks.interpret)(*bounds, lhs, grad)
+    kernel = _kernel(body, blocks.out((num_local, k_dim, n_dim)), blocks.interpret)
+    return kernel(*bounds, lhs, grad)

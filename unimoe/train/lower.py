@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Mapping
 
@@ -164,17 +163,14 @@ def lower_stage(
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A config with `mesh`, e.g. configs/paper_scale.py:experts=8,target=v5p-64'
 )
-_DEBUG = config_lib.debug_flag()
+config_lib.define_debug_flag()
 _STAGE = flags.DEFINE_string('stage', None, 'Stage to lower (default: the last of stage_order).')
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv: list[str]) -> None:
     del argv
-    try:
-        experiment = experiment_lib.from_config_dict(config_lib.loaded_config(_CONFIG))
-    except config_lib.ConfigError as e:
-        config_lib.exit_on_user_error(e, _DEBUG.value or config_lib.debug_requested(sys.argv))
+    experiment = experiment_lib.from_config_flag(_CONFIG)
     name = _STAGE.value or experiment.stage_order[-1]
     print(f'{jax.local_device_count()} local devices ({jax.devices()[0].platform})')
     report, _ = lower_stage(experiment, name)

@@ -104,12 +104,17 @@ def _check_stage(experiment: ExperimentConfig, name: str, seen: list[str]) -> No
         trainer.stage_optim_config(stage)
     if stage.batch_size < 1:
         raise ValueError(f"{where}.batch_size={stage.batch_size} must be >= 1")
-    unknown = sorted(set(stage.tasks) - set(tasks_lib.TASKS))
+    unknown = _unknown_tasks(f'{where}.tasks', stage.tasks)
     if unknown and not stage.json_sources:
-        raise ValueError(
-            f"{where}.tasks names unknown tasks {unknown}; the built-in ones: {sorted(tasks_lib.TASKS)}"
-        )
+        raise ValueError(unknown)
     _check_tokenizer(experiment, stage)
+
+
+def _unknown_tasks(where: str, tasks: tuple[str, ...]) -> str | None:
+    unknown = sorted(set(tasks) - set(tasks_lib.TASKS))
+    if not unknown:
+        return None
+    return f"{where} names unknown tasks {unknown}; the built-in ones: {sorted(tasks_lib.TASKS)}"
 
 
 def _run_problems(experiment: ExperimentConfig) -> list[str]:
@@ -130,12 +135,9 @@ def _run_problems(experiment: ExperimentConfig) -> list[str]:
             f"config.eval.stages names {not_run}, which config.stage_order does not run: drop "
             "them from config.eval.stages, or add them to config.stage_order"
         )
-    unknown = sorted(set(experiment.eval.tasks) - set(tasks_lib.TASKS))
+    unknown = _unknown_tasks('config.eval.tasks', experiment.eval.tasks)
     if unknown:
-        problems.append(
-            f"config.eval.tasks names unknown tasks {unknown}; the built-in ones: "
-            f"{sorted(tasks_lib.TASKS)}"
-        )
+        problems.append(unknown)
     for name in ('batch_size', 'max_new_tokens'):
         if getattr(experiment.eval, name) < 1:
             problems.append(f"config.eval.{name}={getattr(experiment.eval, name)} must be >= 1")
