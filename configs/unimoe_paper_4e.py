@@ -142,4 +142,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distributed = dict(auto=False, coordinator_address='', num_processes=1)
     c.log_every = 50
     c.checkpoint_every = 1000
+    # True: go on in a workdir whose trained stages had another config (docs/design.md).
+    c.allow_changed_config = False
     return c

@@ -131,4 +131,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.log_every = 10 if test else 25
     c.checkpoint_every = 5 if test else 200
+    # True: go on in a workdir whose trained stages had another config (docs/design.md).
+    c.allow_changed_config = False
     return c

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from unimoe import storage
 from unimoe.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,26 @@ class Checkpointer:
         """
         if step in self._manager.all_steps():
             return False
+        # Each process writes about its share; refused before a byte is written, the previous
+        # checkpoint untouched (and complete: orbax would wait for it first anyway).
+        self.wait()
+        needed = sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count()
+        storage.check_free_space(self.directory, needed, self.kept_message())
         items = {_STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items[_DATA] = pygrain.PyGrainCheckpointSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with storage.storage_errors(self.directory, self.kept_message):
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def kept_message(self) -> str:
+        """What a user reads after a write failed: which checkpoint is kept, how to go on."""
+        complete = [s for s in self.all_steps() if self._step_dir(s).is_dir()]
+        if not complete:
+            return 'no checkpoint of it was complete yet: free space and run again to start over'
+        return (
+            f'the last good checkpoint (step {max(complete)}) is kept: free space, or move the '
+            'workdir, and run the same command again to resume from it'
+        )
 
     def latest_step(self) -> int | None:
         """The newest step saved (including one still being written asynchronously), or None."""
@@ -256,11 +273,14 @@ class Checkpointer:
         return jax.device_get(restored[_STATE])
 
     def wait(self) -> None:
-        """Blocks until an asynchronous save has been committed."""
-        self._manager.wait_until_finished()
+        """Blocks until an asynchronous save has been committed (`StorageError` if it failed for
+        want of storage)."""
+        with storage.storage_errors(self.directory, self.kept_message):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        with storage.storage_errors(self.directory, self.kept_message):
+            self._manager.close()
 
     def mark_done(self, summary: dict) -> None:
         """Records that the stage finished, with a JSON-serialisable `summary`."""

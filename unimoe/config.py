@@ -231,9 +231,9 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def user_error_lines(error: BaseException) -> list[str]:
-    """What to print for a user's mistake: each problem of a `ConfigError`, else the message of
+    """What to print for a user's mistake: each problem of a `UserError`, else the message of
     the innermost exception (absl and ml_collections wrap the config file's own errors)."""
-    if isinstance(error, ConfigError):
+    if isinstance(error, UserError):
         return error.problems
     root = _root_cause(error)
     if isinstance(root, (AttributeError, KeyError)):  # a --config.<field> override of no field
@@ -286,14 +286,19 @@ def loaded_config(flag: Any) -> ml_collections.ConfigDict:
         exit_on_user_error(e)
 
 
-class ConfigError(ValueError):
-    """The problems of an experiment config, all found before anything is built: one line each,
-    naming the config path (`config.<path>...`) and what to set. A user's mistake, not a bug: the
-    command-line entry points print the lines and exit with code 2, without a traceback."""
+class UserError(Exception):
+    """A user's mistake or their machine's limit (a bad config, a full disk), not a bug: one line
+    per problem, each naming what to change. The command-line entry points print the lines and
+    exit with code 2, without a traceback."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__('\n'.join(self.problems))
+
+
+class ConfigError(UserError, ValueError):
+    """The problems of an experiment config, all found before anything is built: one line each,
+    naming the config path (`config.<path>...`) and what to set."""
 
 
 @contextlib.contextmanager

@@ -45,7 +45,9 @@ class ExperimentConfig:
     """A whole experiment. `stages` holds every stage `config.stages` defines, `stage_order` the
     ones that run, in order; `mesh` None trains on one device; `tokenizer` '' is the built-in
     tokenizer; `vocab_size` is the vocabulary of a model lowered without a tokenizer
-    (`train.lower`); `nonfinite` the policy for NaN / Inf losses (`train.nonfinite.MODES`)."""
+    (`train.lower`); `nonfinite` the policy for NaN / Inf losses (`train.nonfinite.MODES`);
+    `allow_changed_config` runs against a workdir trained with another config
+    (`train.workdir.check_unchanged`)."""
 
     seed: int
     model: ModelSpec
@@ -64,6 +66,8 @@ class ExperimentConfig:
     log_every: int = 25
     checkpoint_every: int = 200
     vocab_size: int = 0
+    # Go on in a workdir whose stages were trained with another config (`train.workdir`).
+    allow_changed_config: bool = False
 
     def __post_init__(self):
         for name in ('log_every', 'checkpoint_every'):

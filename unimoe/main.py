@@ -19,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from unimoe import accounting, config as config_lib, experiment, run
+from unimoe import accounting, config as config_lib, experiment, run, storage
 from unimoe.parallel import distributed
 from unimoe.train import preemption, validate
 
@@ -48,6 +48,7 @@ def main(argv: list[str]) -> None:
     # Library INFO chatter (orbax writes several lines per checkpoint) hides the run's own progress.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger('unimoe').setLevel(logging.INFO)
+    storage.quiet_storage_failures()  # a full disk is reported once, not by every write thread
     config = config_lib.loaded_config(_CONFIG)
     # Several hosts (`config.distributed`): join them before any device is used.
     distributed.initialize(config.get('distributed'))
@@ -59,7 +60,9 @@ def main(argv: list[str]) -> None:
             _dry_run(validate.validate_experiment(config))
             return
         table = run.run_experiment(config, _WORKDIR.value)
-    except config_lib.ConfigError as e:
+    except storage.StorageError as e:
+        storage.exit_after_storage_failure(e)
+    except config_lib.UserError as e:
         config_lib.exit_on_user_error(e)
     except preemption.Preempted as e:
         logging.getLogger('unimoe').warning('%s (exit code %d)', e, preemption.EXIT_CODE)

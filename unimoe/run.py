@@ -7,13 +7,15 @@ import logging
 import pathlib
 import time
 
+import jax
 import ml_collections
 
+from unimoe import storage
 from unimoe.data import builtin
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.experiment import ExperimentConfig
 from unimoe.eval import evaluate
-from unimoe.train import trainer, validate
+from unimoe.train import trainer, validate, workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,17 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains the stages `config.stage_order` lists, evaluates, and returns the results table.
 
     `config` is where an experiment enters: it is typed and checked here, once
-    (`validate.validate_experiment`). Raises `unimoe.train.preemption.Preempted` if SIGTERM /
+    (`validate.validate_experiment`), and against what `workdir` has trained (`train.workdir`). Raises `unimoe.train.preemption.Preempted` if SIGTERM /
     SIGINT stopped training (after a checkpoint); calling it again resumes.
     """
     experiment = validate.validate_experiment(config)
     workdir_path = pathlib.Path(workdir)
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    (workdir_path / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+    storage.check_writable(workdir_path, '--workdir')
+    # Refused before anything is written: config.json keeps saying what was trained.
+    workdir_lib.check_unchanged(experiment, workdir_path)
+    if jax.process_index() == 0:
+        with storage.storage_errors(workdir_path, lambda: 'free space and run again'):
+            workdir_lib.write_run_config(config, workdir_path)
     started = time.perf_counter()
     tokenizer = prepare_data(experiment)
     trainer.run_stages(experiment, workdir_path, tokenizer)

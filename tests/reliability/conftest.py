@@ -76,7 +76,24 @@ class Runner:
     def __call__(
         self, workdir: pathlib.Path, *hooks: str, timeout: float = 600
     ) -> subprocess.CompletedProcess:
-        env = {
+        # Its own process group, so a group signal (Ctrl-C) reaches it and its workers only.
+        return subprocess.run(
+            self.command(workdir, *hooks),
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
+
+    def command(self, workdir: pathlib.Path, *hooks: str) -> list[str]:
+        # Hooks last: `--config.FIELD=` overrides must follow `--config=`.
+        command = [sys.executable, str(DRIVER), f'--config={self.config_path}']
+        return command + [f'--workdir={workdir}', *hooks]
+
+    def env(self) -> dict[str, str]:
+        return {
             **os.environ,
             # This checkout's unimoe, not the one installed in the venv.
             'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
@@ -86,19 +103,6 @@ class Runner:
             'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
             'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
         }
-        # Hooks last: `--config.FIELD=` overrides must follow `--config=`.
-        command = [sys.executable, str(DRIVER), f'--config={self.config_path}']
-        command += [f'--workdir={workdir}', *hooks]
-        # Its own process group, so a group signal (Ctrl-C) reaches it and its workers only.
-        return subprocess.run(
-            command,
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,
-        )
 
 
 @pytest.fixture(scope='session')

@@ -1,13 +1,14 @@
 """Runs `python -m unimoe.main` in this process, optionally interrupting it at a chosen point.
 
   python tests/reliability/driver.py [--kill_after_step=N | --kill_in_save=N |
-      --sigterm_at_step=N] --config=CONFIG.py --workdir=DIR
+      --sigterm_at_step=N | --fill_disk_after_step=N] --config=CONFIG.py --workdir=DIR
 
 The interruptions are real: SIGKILL (no handler can run) right after step N's metrics line is
 written and the checkpoints before it are committed, SIGKILL inside orbax's commit of step N's checkpoint (after its files are written,
 before the rename that publishes it), SIGTERM to this process after step N's metrics line, or
 SIGINT to its whole process group (a terminal's Ctrl-C, which data-loader workers get too);
-`--poison_every` puts NaNs into some records (for the non-finite guard).
+`--poison_every` puts NaNs into some records (for the non-finite guard); `--fill_disk_after_step`
+fills the workdir's filesystem after step N (ENOSPC from the next write).
 """
 
 import os
@@ -30,6 +31,9 @@ _KILL_IN_SAVE = flags.DEFINE_integer('kill_in_save', 0, 'SIGKILL while committin
 _SIGTERM_AT_STEP = flags.DEFINE_integer('sigterm_at_step', 0, 'SIGTERM after this step is logged')
 _SIGINT_GROUP_AT_STEP = flags.DEFINE_integer(
     'sigint_group_at_step', 0, 'SIGINT to the whole process group (Ctrl-C) after this step'
+)
+_FILL_DISK_AFTER_STEP = flags.DEFINE_integer(
+    'fill_disk_after_step', 0, 'fill the workdir\'s filesystem (a file beside it) after this step'
 )
 _POISON_EVERY = flags.DEFINE_integer(
     'poison_every', 0, 'NaN loss_mask in the records whose crc32(id) % N == 0'
@@ -58,6 +62,34 @@ def _interrupt_after_logging(step: int, signum: int, *, group: bool = False) -> 
 
     checkpoint.Checkpointer.save = save_and_remember
     metrics.MetricsWriter.write = write_then_signal
+
+
+def _fill_disk_after_logging(step: int, workdir: str) -> None:
+    """Once `step` is logged and earlier checkpoints are committed, fills the workdir's
+    filesystem with `<workdir>.filler` (another program taking the space), so the next write fails
+    with ENOSPC."""
+    write, save = metrics.MetricsWriter.write, checkpoint.Checkpointer.save
+    checkpointers = []
+
+    def save_and_remember(self, *args, **kwargs):
+        checkpointers.append(self)
+        return save(self, *args, **kwargs)
+
+    def write_then_fill(self, logged_step, scalars):
+        write(self, logged_step, scalars)
+        if logged_step == step:
+            for ckpt in checkpointers:
+                ckpt.wait()
+            with open(workdir.rstrip('/') + '.filler', 'wb') as filler:
+                try:
+                    while True:
+                        filler.write(b'\0' * 65536)
+                        filler.flush()
+                except OSError:
+                    pass
+
+    checkpoint.Checkpointer.save = save_and_remember
+    metrics.MetricsWriter.write = write_then_fill
 
 
 def _kill_in_commit(step: int) -> None:
@@ -93,6 +125,8 @@ def main(argv):
         _interrupt_after_logging(_SIGTERM_AT_STEP.value, signal.SIGTERM)
     if _SIGINT_GROUP_AT_STEP.value:
         _interrupt_after_logging(_SIGINT_GROUP_AT_STEP.value, signal.SIGINT, group=True)
+    if _FILL_DISK_AFTER_STEP.value:
+        _fill_disk_after_logging(_FILL_DISK_AFTER_STEP.value, flags.FLAGS.workdir)
     if _POISON_EVERY.value:
         _poison_records(_POISON_EVERY.value)
     if _KILL_IN_SAVE.value:

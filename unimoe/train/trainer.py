@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from unimoe import factory
+from unimoe import factory, storage
 from unimoe.checkpoint import Checkpointer, path_str
 from unimoe.config import LossWeights, StageConfig
 from unimoe.data import json_pipeline, pipeline
@@ -28,6 +28,7 @@ from unimoe.experiment import ExperimentConfig
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.parallel import mesh as mesh_lib, sharded
 from unimoe.train import metrics as metrics_lib, nonfinite, optim, preemption, step as step_lib
+from unimoe.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,17 @@ def train_stage(
     seed = experiment.seed + zlib.crc32(name.encode()) % 1000
     data_iter = iter(stage_loader(experiment, stage, tokenizer, seed))
 
-    # Closing waits for a save in flight, also when training stops on an error.
-    with factory.stage_checkpointer(workdir, name) as ckpt:
+    # Closing waits for a save in flight, also when training stops on an error. A write failing
+    # for want of storage (checkpoint, metrics, records) stops the run with one line.
+    with (
+        factory.stage_checkpointer(workdir, name) as ckpt,
+        storage.storage_errors(workdir / name, ckpt.kept_message),
+    ):
         start_step = state.restore_latest(ckpt, data_iter, plan)
         if start_step:
             log.info('stage %s: resumed at step %d', name, start_step)
+        if jax.process_index() == 0:
+            workdir_lib.record_stage_start(experiment, name, workdir, start_step)
         loop = StepLoop(experiment, stage, name, state, ckpt, data_iter)
         train_step = step_lib.make_train_step(
             plan, state.graphdef, stage.trains, optim_cfg, loss_cfg
