@@ -6,7 +6,6 @@ The small filesystems are real: a tmpfs of a few MiB (or a few inodes) mounted i
 namespace (`unshare -Urm`), which goes away with the test's shell.
 """
 
-import pathlib
 import shlex
 import shutil
 import subprocess
