@@ -129,3 +129,16 @@ def test_video_frames_are_sampled_while_decoding(container_format, declared):
         assert container.streams.video[0].frames == declared  # 0: counted by a first pass
     frames = preprocess.decode_video(io.BytesIO(data), "c.mkv", 4)
     np.testing.assert_array_equal(frames, _all_frames_sampled(data, 4))
+
+
+def test_check_cli_applies_max_audio_chunks(tmp_path, capsys):
+    (tmp_path / "talk.wav").write_bytes(real_corpus.wav_bytes(45.0, rate=RATE))
+    (tmp_path / "data.json").write_text(json.dumps([_voice_record("/talk.wav")]))
+    args = ["check", str(tmp_path / "data.json"), "--media-root", str(tmp_path)]
+    assert check.main(args) == 0  # 2 chunks of the default 4
+    capsys.readouterr()
+    assert check.main([*args, "--max-audio-chunks", "1"]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"record 0 (id long): voice[0]: {tmp_path}/talk.wav: 45.0 s long, more than the 30.0 s "
+        "allowed by max_audio_chunks=1 (3000-frame chunks, 1 left for this file)"
+    )

@@ -77,6 +77,8 @@ class JsonDataConfig(shapes.BatchShapes):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_audio_chunks < 1:
+            raise ValueError(f"max_audio_chunks={self.max_audio_chunks} must be >= 1")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.image_aspect not in preprocess.IMAGE_ASPECTS:
@@ -148,8 +150,8 @@ class ExampleBuilder:
                 except preprocess.AudioTooLongError as e:
                     raise record.error(
                         field,
-                        f"{e} by max_audio_chunks={cfg.max_audio_chunks} ({left} chunks of "
-                        f"{cfg.audio_frames} frames left after the earlier voice files)",
+                        f"{e} by max_audio_chunks={cfg.max_audio_chunks} "
+                        f"({cfg.audio_frames}-frame chunks, {left} left for this file)",
                     ) from None
             waves.append(wave)
             counts.append(preprocess.num_audio_chunks(len(wave), cfg.audio_frames))
