@@ -38,8 +38,8 @@ class AudioTooLongError(MediaError):
     """Audio longer than the caller's `max_samples`, with its length when the file's header says."""
 
     def __init__(self, name: str, seconds: float | None, limit_seconds: float):
-        length = f"{seconds:.1f} s long" if seconds is not None else "longer"
-        super().__init__(f"{name}: {length}, more than the {limit_seconds:.1f} s allowed")
+        length = "longer than" if seconds is None else f"{seconds:.1f} s long, more than"
+        super().__init__(f"{name}: {length} the {limit_seconds:.1f} s allowed")
 
 
 class _PastLimit(Exception):
