@@ -286,7 +286,7 @@ def test_check_cli_passes_the_fixture_files_without_media(name):
         (["{fixture}", "--tokenizer", "/nope.model"], "--tokenizer /nope.model does not exist"),
         (["{fixture}", "--media-root", "/nope"], "media root /nope does not exist"),
         (["{fixture}", "--media-root", "{fixture}"], "is a file but not a zip archive (corrupt"),
-        (["{fixture}", "--media-root", "{tmp}/cut.zip"], "is a file but not a zip archive (corrupt"),
+        (["{fixture}", "--media-root", "{tmp}/cut.zip"], "cut.zip is a file but not a zip archive"),
     ],
 )
 def test_check_cli_refuses_bad_arguments_in_one_line(args, message, tmp_path, capsys):

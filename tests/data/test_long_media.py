@@ -111,7 +111,7 @@ def test_audio_within_the_margin_is_decoded_whole_and_measured(tmp_path):
     data = real_corpus.wav_bytes(2.5, rate=22050)
     wave_16k = preprocess.decode_audio(io.BytesIO(data), "a.wav", max_samples=2 * RATE)
     assert len(wave_16k) == int(2.5 * 22050) * RATE // 22050
-    with pytest.raises(preprocess.AudioTooLongError, match="a.wav: 2.5 s long, more than the 1.0 s"):
+    with pytest.raises(preprocess.AudioTooLongError, match="a.wav: 2.5 s long, more than the 1"):
         preprocess.decode_audio(io.BytesIO(data), "a.wav", max_samples=RATE)
 
 
