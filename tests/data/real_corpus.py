@@ -50,10 +50,10 @@ def wav_bytes(seconds: float, rate: int = 22050, channels: int = 1, freq: float 
     return buf.getvalue()
 
 
-def video_bytes(num_frames: int, hw=(32, 48)) -> bytes:
+def video_bytes(num_frames: int, hw=(32, 48), container_format: str = "mp4") -> bytes:
     """An MPEG-4 clip whose frame i is uniformly grey level 10 + 15 i (so sampling is checkable)."""
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    with av.open(buf, mode="w", format=container_format) as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.height, stream.width = hw
         stream.pix_fmt = "yuv420p"

@@ -5,6 +5,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 import grain
 import jax
@@ -228,6 +229,8 @@ def test_config_rejects_bad_values(corpus):
         _config(corpus, on_error="ignore")
     with pytest.raises(ValueError, match="weights"):
         _config(corpus, weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="max_audio_chunks=0 must be >= 1"):
+        _config(corpus, max_audio_chunks=0)
     with pytest.raises(FileNotFoundError, match="unimoe_json/nothing"):
         json_pipeline.make_dataset(_config(corpus, sources=("nothing",)), corpus["tokenizer"])
 
@@ -275,22 +278,39 @@ def test_check_cli_passes_the_fixture_files_without_media(name):
     [
         (["/nope.json"], "FILE /nope.json does not exist: give a file"),
         (["{tmp}"], "FILE {tmp} is a directory: give a file"),
-        (["{fixture}", "--seq-len", "0"], "--seq-len=0 must be >= 1"),
-        (["{fixture}", "--seq-len", "-5"], "--seq-len=-5 must be >= 1"),
+        (["{fixture}", "--seq-len", "0"], "--seq-len must be >= 1 (got 0)"),
+        (["{fixture}", "--seq-len", "-5"], "--seq-len must be >= 1 (got -5)"),
+        (["{fixture}", "--max-audio-chunks", "0"], "--max-audio-chunks must be >= 1 (got 0)"),
+        (["{fixture}", "--max-audio-chunks=-5"], "--max-audio-chunks must be >= 1 (got -5)"),
+        (["{fixture}", "--seq-len", "2k"], "argument --seq-len: invalid int value: '2k'"),
         (["{fixture}", "--tokenizer", "/nope.model"], "--tokenizer /nope.model does not exist"),
         (["{fixture}", "--media-root", "/nope"], "media root /nope does not exist"),
         (["{fixture}", "--media-root", "{fixture}"], "is a file but not a zip archive (corrupt"),
+        (["{fixture}", "--media-root", "{tmp}/cut.zip"], "cut.zip is a file but not a zip archive"),
     ],
 )
 def test_check_cli_refuses_bad_arguments_in_one_line(args, message, tmp_path, capsys):
     fixture = real_corpus.FIXTURES / "eval_mmbench11.json"
+    with zipfile.ZipFile(tmp_path / "media.zip", "w") as z:
+        z.writestr("a.wav", real_corpus.wav_bytes(0.1))
+    (tmp_path / "cut.zip").write_bytes((tmp_path / "media.zip").read_bytes()[:-30])
     argv = ["check", *(a.format(tmp=tmp_path, fixture=fixture) for a in args)]
     with pytest.raises(SystemExit) as exit_info:
         check_cli.main(argv)
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("python -m unimoe.data: error: ")
-    assert message.format(tmp=tmp_path) in error
+    (error,) = capsys.readouterr().err.strip().splitlines()  # no usage, no traceback
+    assert error.startswith("error: ") and message.format(tmp=tmp_path) in error
+
+
+def test_check_cli_reports_every_mistaken_argument(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check_cli.main(["check", "/nope.json", "--seq-len", "0", "--max-audio-chunks", "-1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --seq-len must be >= 1 (got 0)",
+        "error: --max-audio-chunks must be >= 1 (got -1)",
+        "error: FILE /nope.json does not exist: give a file",
+    ]
 
 
 def test_too_many_audio_chunks_is_a_record_error(corpus):

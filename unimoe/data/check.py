@@ -1,12 +1,15 @@
-"""`python -m unimoe.data check FILE.json [--media-root DIR] [--no-media]`: validates a Uni-MoE JSON file.
+"""`python -m unimoe.data check FILE.json [--media-root DIR] [--no-media] [--tokenizer T]
+[--seq-len N] [--max-audio-chunks N]`: validates a Uni-MoE JSON file.
 
 (`python -m unimoe.data verify DIR [--checksums TSV] [--record OUT.tsv]` checks downloaded files
 against their published checksums: `unimoe.data.verify`.)
 
 Each record goes through the training pipeline's own `ExampleBuilder` (structure, tag / media
-agreement, media read and decoded, token length when a tokenizer is given). One line per bad
+agreement, media read and decoded, token length when a tokenizer is given; audio longer than
+`--max-audio-chunks` 30-s chunks is refused from its header, not decoded). One line per bad
 record names its index, id and field; the last line is `N records, M ok, K errors`. Exit status 1
-if any record is bad.
+if any record is bad. Mistaken arguments are found before any record is read: one
+`error: ...` line each, exit status 2.
 """
 
 from __future__ import annotations
@@ -18,8 +21,20 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from unimoe import config
 from unimoe.data import formats, json_pipeline, verify
 from unimoe.data.tokenizer import PretrainedTokenizer
+
+# The least value of each numeric flag of `check` (argparse dest -> minimum).
+_MINIMUMS = {"seq_len": 1, "max_audio_chunks": 1}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its own errors (unknown flag, a value that is not a number) as one
+    `error: ...` line and exit status 2, as the project's other command lines report."""
+
+    def error(self, message: str):
+        config.exit_with_problems([message])
 
 
 def check_file(
@@ -42,7 +57,7 @@ def check_file(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unimoe.data")
+    parser = _Parser(prog="python -m unimoe.data")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate every record of a Uni-MoE JSON file")
     check.add_argument("file")
@@ -52,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tokenizer", default=None, help="tokenizer.model / tokenizer.json: check lengths"
     )
     check.add_argument("--seq-len", type=int, default=2048)
+    check.add_argument(
+        "--max-audio-chunks",
+        type=int,
+        default=json_pipeline.JsonDataConfig.max_audio_chunks,
+        help="30-s audio chunks a record may have over all its voice files (the stage's "
+        "json_data.max_audio_chunks)",
+    )
     verify_cmd = commands.add_parser(
         "verify", help="check downloaded files against data/checksums.tsv (size + sha256)"
     )
@@ -63,15 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args.directory, args.checksums, args.record)
-    problem = _check_args(args)
-    if problem:
-        parser.error(problem)  # one line, exit code 2
+    problems = _check_args(args)
+    if problems:
+        config.exit_with_problems(problems)
     cfg = json_pipeline.JsonDataConfig(
         data_dir="",
         sources=("check",),
         media_root=args.media_root,
         seq_len=args.seq_len,
         batch_size=1,
+        max_audio_chunks=args.max_audio_chunks,
     )
     tokenizer = PretrainedTokenizer(args.tokenizer) if args.tokenizer else None
     try:
@@ -90,18 +113,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if errors else 0
 
 
-def _check_args(args: argparse.Namespace) -> str | None:
-    """What is wrong with `check`'s arguments, before any record is read (None: nothing)."""
-    if args.seq_len < 1:
-        return f"--seq-len={args.seq_len} must be >= 1"
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """Every problem with `check`'s arguments, found before any record is read."""
+    problems = [
+        f"--{name.replace('_', '-')} must be >= {least} (got {getattr(args, name)})"
+        for name, least in _MINIMUMS.items()
+        if getattr(args, name) < least
+    ]
     for problem in (
         formats.file_problem("FILE", args.file),
         formats.file_problem("--tokenizer", args.tokenizer),
         args.media_root and formats.media_root_problem(args.media_root),
     ):
         if problem:
-            return problem
-    return None
+            problems.append(problem)
+    return problems
 
 
 def _verify(directory: str, table: str, record_to: str | None) -> int:

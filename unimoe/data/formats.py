@@ -16,11 +16,13 @@ Two readings of the released files, chosen here (docs/design.md, "Real data"):
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import struct
 import zipfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 IMAGE_TAG, VIDEO_TAG, AUDIO_TAG = "<image>", "<video>", "<audio>"
 ROLES = ("human", "gpt")
@@ -28,6 +30,7 @@ ROLES = ("human", "gpt")
 _MEDIA_FIELDS = ("image", "video", "voice")
 _ID_FIELDS = ("id", "question_id")
 VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".gif")
+_ZIP_LOCAL_HEADER_SIZE = 30  # bytes before the member's name and extra field (zip APPNOTE 4.3.7)
 
 
 class RecordError(ValueError):
@@ -194,6 +197,47 @@ def media_root_problem(root: str | os.PathLike) -> str | None:
     return None
 
 
+class _StoredMember(io.RawIOBase):
+    """An uncompressed zip member as a seekable stream of the archive's own bytes.
+
+    Python 3.11's `ZipExtFile` seeks by reading forward in 16 MB blocks, and FFmpeg seeks to the
+    end of every input to learn its size: each audio or video file would be read whole.
+    """
+
+    def __init__(self, archive: str, info: zipfile.ZipInfo):
+        self._file = open(archive, "rb")
+        self._file.seek(info.header_offset)
+        local_header = self._file.read(_ZIP_LOCAL_HEADER_SIZE)
+        name_len, extra_len = struct.unpack("<HH", local_header[26:30])
+        self._start = info.header_offset + _ZIP_LOCAL_HEADER_SIZE + name_len + extra_len
+        self._size, self._pos = info.file_size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        count = max(0, min(len(buffer), self._size - self._pos))
+        self._file.seek(self._start + self._pos)
+        count = self._file.readinto(memoryview(buffer)[:count])
+        self._pos += count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 class MediaStore:
     """Reads media files named by records, from a folder, a zip file, or as given (root None).
 
@@ -228,17 +272,25 @@ class MediaStore:
             return f"{self.root}:{path.lstrip('/')}"
         return os.path.join(self.root, path.lstrip("/"))
 
-    def read(self, path: str) -> bytes:
-        """The file's bytes; FileNotFoundError naming the resolved path if it is not there."""
-        if self.root is not None and self.is_zip:
+    def open(self, path: str) -> BinaryIO:
+        """A binary stream of the file (a zip member is decompressed as it is read, never held
+        whole); FileNotFoundError naming the resolved path if it is not there."""
+        if self.is_zip:
             try:
-                return self._zipfile().read(path.lstrip("/"))
+                info = self._zipfile().getinfo(path.lstrip("/"))
             except KeyError:
                 raise FileNotFoundError(f"{self.resolve(path)}: no such member") from None
+            if info.compress_type == zipfile.ZIP_STORED:
+                return io.BufferedReader(_StoredMember(self.root, info))
+            return self._zipfile().open(info)
         resolved = self.resolve(path)
         if not os.path.isfile(resolved):
             raise FileNotFoundError(f"{resolved}: no such file")
-        with open(resolved, "rb") as f:
+        return open(resolved, "rb")
+
+    def read(self, path: str) -> bytes:
+        """The file's bytes; FileNotFoundError naming the resolved path if it is not there."""
+        with self.open(path) as f:
             return f.read()
 
     def __getstate__(self) -> dict[str, Any]:

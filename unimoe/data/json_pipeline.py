@@ -21,13 +21,15 @@ skipped just before each row; their sum over batches is the skip count).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any
+import zipfile
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
 
 import grain
 import numpy as np
@@ -75,6 +77,8 @@ class JsonDataConfig(shapes.BatchShapes):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_audio_chunks < 1:
+            raise ValueError(f"max_audio_chunks={self.max_audio_chunks} must be >= 1")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.image_aspect not in preprocess.IMAGE_ASPECTS:
@@ -104,31 +108,26 @@ class ExampleBuilder:
             raise formats.RecordError(file, index, f"#{index}", "<record>", f"bad JSON ({e})")
         return formats.parse_record(raw, index, file)
 
-    def _read(self, record: formats.Record, field: str, path: str) -> bytes:
+    @contextlib.contextmanager
+    def _reading(self, record: formats.Record, field: str, path: str) -> Iterator[BinaryIO]:
+        """`path`'s stream; a missing or undecodable file is the record's error in `field`."""
         try:
-            return self.store.read(path)
-        except OSError as e:
+            with self.store.open(path) as stream:
+                yield stream
+        except (OSError, zipfile.BadZipFile, preprocess.MediaError) as e:  # BadZipFile: bad CRC
             raise record.error(field, str(e)) from None
 
     def _image(self, record: formats.Record, path: str, field: str) -> np.ndarray:
-        try:
-            pixels = preprocess.decode_image(
-                self._read(record, field, path), self.store.resolve(path)
-            )
-        except preprocess.MediaError as e:
-            raise record.error(field, str(e)) from None
+        with self._reading(record, field, path) as stream:
+            pixels = preprocess.decode_image(stream.read(), self.store.resolve(path))
         return preprocess.clip_transform(pixels, self.cfg.image_size, self.cfg.image_aspect)
 
     def _video(self, record: formats.Record) -> np.ndarray:
         cfg = self.cfg
         if record.is_video_file:
             path = record.video[0]
-            try:
-                frames = preprocess.decode_video(
-                    self._read(record, "video", path), self.store.resolve(path), cfg.num_frames
-                )
-            except preprocess.MediaError as e:
-                raise record.error("video", str(e)) from None
+            with self._reading(record, "video", path) as stream:
+                frames = preprocess.decode_video(stream, self.store.resolve(path), cfg.num_frames)
             return np.stack(
                 [preprocess.clip_transform(f, cfg.image_size, cfg.image_aspect) for f in frames]
             )
@@ -137,19 +136,25 @@ class ExampleBuilder:
 
     def _audio(self, record: formats.Record) -> list[np.ndarray]:
         """Log-mel chunks [c_k, A, M] of each voice file; too many chunks in all is an error
-        (the reference cuts each file at 20 chunks without a word)."""
-        cfg, waves = self.cfg, []
+        (the reference cuts each file at 20 chunks without a word). A file longer than the
+        chunks left is refused without decoding it whole (`preprocess.decode_audio`)."""
+        cfg, waves, counts = self.cfg, [], []
+        chunk_samples = cfg.audio_frames * preprocess.WHISPER_HOP
         for k, path in enumerate(record.voices):
-            field = f"voice[{k}]"
-            try:
-                waves.append(
-                    preprocess.decode_audio(
-                        self._read(record, field, path), self.store.resolve(path)
+            field, left = f"voice[{k}]", max(0, cfg.max_audio_chunks - sum(counts))
+            with self._reading(record, field, path) as stream:
+                try:
+                    wave = preprocess.decode_audio(
+                        stream, self.store.resolve(path), max_samples=left * chunk_samples
                     )
-                )
-            except preprocess.MediaError as e:
-                raise record.error(field, str(e)) from None
-        counts = [preprocess.num_audio_chunks(len(w), cfg.audio_frames) for w in waves]
+                except preprocess.AudioTooLongError as e:
+                    raise record.error(
+                        field,
+                        f"{e} by max_audio_chunks={cfg.max_audio_chunks} "
+                        f"({cfg.audio_frames}-frame chunks, {left} left for this file)",
+                    ) from None
+            waves.append(wave)
+            counts.append(preprocess.num_audio_chunks(len(wave), cfg.audio_frames))
         if sum(counts) > cfg.max_audio_chunks:
             raise record.error(
                 "voice",

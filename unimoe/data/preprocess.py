@@ -7,13 +7,18 @@ processors: CLIP image processor, Whisper feature extractor, uniform video frame
   of `frames_per_chunk * 160` samples (30 s for Whisper's 3000 frames), each chunk a Whisper log-mel;
 - video: `num_frames` frames at evenly spaced positions, from a list of frame images or a file.
 
+Audio and video files are read from a stream (a file, a zip member, or bytes) and never held whole:
+audio past the caller's limit is refused from its header or after decoding up to that limit
+(`AudioTooLongError`), and a video keeps only the frames it samples.
 Decoding failures raise `MediaError` naming the file; callers add the record and field.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import wave
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -27,6 +32,30 @@ WHISPER_HOP = 160
 
 class MediaError(ValueError):
     """A media file that cannot be decoded (truncated, empty, not an image / audio / video)."""
+
+
+class AudioTooLongError(MediaError):
+    """Audio longer than the caller's `max_samples`, with its length when the file's header says."""
+
+    def __init__(self, name: str, seconds: float | None, limit_seconds: float):
+        length = "longer than" if seconds is None else f"{seconds:.1f} s long, more than"
+        super().__init__(f"{name}: {length} the {limit_seconds:.1f} s allowed")
+
+
+class _PastLimit(Exception):
+    """Raised by the audio readers when a file has more samples than asked for."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+
+
+# Audio this far past a limit is too long whatever the resampler does at the ends (it keeps or
+# loses at most a few dozen samples); a file within the margin is decoded whole and measured.
+_LIMIT_MARGIN_SECONDS = 1.0
+
+
+def _as_stream(source: bytes | BinaryIO) -> BinaryIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
@@ -78,23 +107,40 @@ _AUDIO_PROBE_OPTIONS = {"probesize": "32768"}
 _METADATA_ERRORS = "replace"
 
 
-def _read_pcm_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+def _frame_limit(max_seconds: float | None, rate: int) -> int | None:
+    return None if max_seconds is None else math.ceil(max_seconds * rate)
+
+
+def _read_pcm_wav(
+    source: bytes | BinaryIO, max_seconds: float | None = None
+) -> tuple[np.ndarray, int] | None:
     """Mono samples (channel mean) and rate of a 16-bit PCM WAV (stdlib `wave`), else None.
 
-    The common case of speech corpora, read without FFmpeg's per-file setup (~10 ms).
+    The common case of speech corpora, read without FFmpeg's per-file setup (~10 ms). A file
+    whose header declares more than `max_seconds` raises `_PastLimit` after reading at most one
+    frame past the limit (a truncated file may have fewer frames than its header says).
     """
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+    stream = _as_stream(source)
+    header = stream.read(12)  # b"RIFF", size, b"WAVE"
+    if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
         return None
+    stream.seek(0)
     try:
-        with wave.open(io.BytesIO(data)) as w:
+        with wave.open(stream) as w:
             if w.getsampwidth() != 2 or w.getcomptype() != "NONE":
                 return None
             channels, rate, declared = w.getnchannels(), w.getframerate(), w.getnframes()
-            frames = w.readframes(declared)
+            if rate <= 0:
+                return None  # FFmpeg reports it
+            limit = _frame_limit(max_seconds, rate)
+            wanted = declared if limit is None else min(declared, limit + 1)
+            frames = w.readframes(wanted)
     except (wave.Error, EOFError, RuntimeError):  # RuntimeError: a chunk size past the end
         return None  # let FFmpeg try, and report
-    if len(frames) != declared * 2 * channels:
+    if len(frames) != wanted * 2 * channels:
         return None  # a truncated file: FFmpeg decodes the whole frames there are, or reports
+    if wanted < declared:
+        raise _PastLimit(declared / rate)
     pcm = np.frombuffer(frames, "<i2")
     # Channel sum by strided slices: numpy's mean over a length-2 inner axis costs ~1 ms a clip.
     mono = pcm[0::channels].astype(np.float64)
@@ -103,12 +149,15 @@ def _read_pcm_wav(data: bytes) -> tuple[np.ndarray, int] | None:
     return mono / (channels * 32768.0), rate
 
 
-def _decode_with_ffmpeg(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
-    """Mono samples (channel mean) and rate of any audio FFmpeg decodes."""
-    chunks, rate = [np.zeros(0)], None
+def _decode_with_ffmpeg(
+    source: bytes | BinaryIO, name: str, max_seconds: float | None = None
+) -> tuple[np.ndarray, int | None]:
+    """Mono samples (channel mean) and rate of any audio FFmpeg decodes; past `max_seconds` it
+    stops decoding and raises `_PastLimit`."""
+    chunks, rate, count = [np.zeros(0)], None, 0
     try:
         with av.open(
-            io.BytesIO(data),
+            _as_stream(source),
             mode="r",
             options=_AUDIO_PROBE_OPTIONS,
             metadata_errors=_METADATA_ERRORS,
@@ -124,17 +173,40 @@ def _decode_with_ffmpeg(data: bytes, name: str) -> tuple[np.ndarray, int | None]
                 if samples.dtype.kind == "i":
                     samples = samples / float(np.iinfo(samples.dtype).max + 1)
                 chunks.append(samples.astype(np.float64).mean(axis=0))
+                count += len(chunks[-1])
+                limit = _frame_limit(max_seconds, rate)
+                if limit is not None and count > limit:
+                    duration = container.duration  # microseconds, None if unknown
+                    raise _PastLimit(None if duration is None else duration / 1e6)
     except av.error.FFmpegError as e:
         raise MediaError(f"{name}: cannot decode audio ({e})") from e
     return np.concatenate(chunks), rate
 
 
-def decode_audio(data: bytes, name: str, sample_rate: int = media.SAMPLE_RATE) -> np.ndarray:
+def decode_audio(
+    source: bytes | BinaryIO,
+    name: str,
+    sample_rate: int = media.SAMPLE_RATE,
+    max_samples: int | None = None,
+) -> np.ndarray:
     """float32 mono samples at `sample_rate` (channels averaged, as librosa.to_mono).
 
     16-bit PCM WAVs are read with the stdlib; everything else (and WAVs it rejects) with PyAV.
+    Audio more than a second longer than `max_samples` raises `AudioTooLongError`, decided from
+    a WAV's header or after decoding up to that length, so memory and time follow the limit, not
+    the file; shorter audio is decoded whole (the caller measures it).
     """
-    samples, rate = _read_pcm_wav(data) or _decode_with_ffmpeg(data, name)
+    stream = _as_stream(source)
+    limit_seconds = None if max_samples is None else max_samples / sample_rate
+    max_seconds = None if limit_seconds is None else limit_seconds + _LIMIT_MARGIN_SECONDS
+    try:
+        decoded = _read_pcm_wav(stream, max_seconds)
+        if decoded is None:
+            stream.seek(0)
+            decoded = _decode_with_ffmpeg(stream, name, max_seconds)
+    except _PastLimit as e:
+        raise AudioTooLongError(name, e.seconds, limit_seconds) from None
+    samples, rate = decoded
     if len(samples) == 0:
         raise MediaError(f"{name}: audio has no samples")
     if rate != sample_rate:
@@ -193,16 +265,41 @@ def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
     return np.round(np.linspace(0, num_available - 1, num_frames)).astype(np.int64)
 
 
-def decode_video(data: bytes, name: str, num_frames: int) -> np.ndarray:
-    """uint8 [num_frames, H, W, 3] frames of a video file, evenly spaced over its length."""
+def _sampled_frames(
+    stream: BinaryIO, name: str, num_frames: int, total: int | None
+) -> tuple[int, dict[int, np.ndarray], int]:
+    """(`total`, RGB frames at the indices sampled for `total` frames, frames in the file).
+
+    `total` None takes the count the container declares (0 when it does not say: nothing is
+    kept). Only the sampled frames are converted and kept, so memory does not grow with the file.
+    """
+    stream.seek(0)
     try:
-        with av.open(io.BytesIO(data), mode="r", metadata_errors=_METADATA_ERRORS) as container:
+        with av.open(stream, mode="r", metadata_errors=_METADATA_ERRORS) as container:
             if not container.streams.video:
                 raise MediaError(f"{name}: no video stream")
-            frames = list(container.decode(container.streams.video[0]))
+            video = container.streams.video[0]
+            total = video.frames if total is None else total
+            wanted = set(sample_frame_indices(total, num_frames).tolist()) if total > 0 else set()
+            kept, count = {}, 0
+            for count, frame in enumerate(container.decode(video), 1):
+                if count - 1 in wanted:
+                    kept[count - 1] = frame.to_ndarray(format="rgb24")
     except av.error.FFmpegError as e:
         raise MediaError(f"{name}: cannot decode video ({e})") from e
-    if not frames:
+    return total, kept, count
+
+
+def decode_video(source: bytes | BinaryIO, name: str, num_frames: int) -> np.ndarray:
+    """uint8 [num_frames, H, W, 3] frames of a video file, evenly spaced over its length.
+
+    One decoding pass when the container declares the right frame count (MP4 does), else a
+    second one after the first has counted the frames.
+    """
+    stream = _as_stream(source)
+    declared, kept, count = _sampled_frames(stream, name, num_frames, total=None)
+    if count == 0:
         raise MediaError(f"{name}: video has no frames")
-    picked = sample_frame_indices(len(frames), num_frames)
-    return np.stack([frames[i].to_ndarray(format="rgb24") for i in picked])
+    if declared != count:  # the container did not say, or said wrong
+        _, kept, _ = _sampled_frames(stream, name, num_frames, total=count)
+    return np.stack([kept[i] for i in sample_frame_indices(count, num_frames)])
