@@ -20,6 +20,8 @@ from unimoe.convert.cli import main
 from unimoe.convert.families import Options
 from unimoe.data import builtin
 from unimoe.experiment import from_config_dict
+from unimoe.models.llm import LLMConfig
+from unimoe.moe.config import MoEConfig
 
 TINY = pathlib.Path(__file__).parents[2] / "configs" / "unimoe_tiny.py"
 # Adapters whose B is not zero, as after training; the scale is the tiny recipe's alpha / rank.
@@ -71,10 +73,12 @@ def _stage_model(workdir: pathlib.Path, name: str):
     experiment = from_config_dict(json.loads((workdir / "config.json").read_text()))
     tokenizer = builtin.experiment_tokenizer("", experiment.data.data_dir, on_missing="error")
     stage = experiment.stage(name)
+    # Shapes only, every parameter from the checkpoint (eager init costs seconds).
     model = factory.build_model(
-        experiment.model, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=0
+        experiment.model, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=0, abstract=True
     )
-    factory.load_params(model, [(name, factory.final_params(workdir, name))])
+    params, _ = Checkpointer(workdir / name / "checkpoints").final_params()
+    factory.load_params(model, [(name, params)])
     return nnx.view(model, deterministic=True, raise_if_not_found=False)
 
 
@@ -149,11 +153,11 @@ def test_towers_match_transformers_and_read_back_exactly(workdir, moe_export, to
 def test_extras_readme_and_tokenizer(workdir, moe_export):
     extras = load_file(moe_export / stage_export.EXTRA_FILE)
     params, _ = Checkpointer(workdir / "s3_moe" / "checkpoints").final_params()
-    expected = {
-        p for p in params if p.startswith(("image_proj/", "image_head/", "audio_head/"))
-    } | {p for p in params if p.startswith("audio_conn/") and "layers" not in p} - {
-        p for p in params if p.startswith("audio_conn/") and ("layer_norm" in p or "embed_pos" in p)
-    }
+    # The tiny recipe's connector has the encoder's width: no enc_proj.
+    no_hf_counterpart = (
+        "image_proj/", "image_head/", "audio_head/", "audio_conn/query_tokens", "audio_conn/out_proj/"
+    )
+    expected = {p for p in params if p.startswith(no_hf_counterpart)}
     assert set(extras) == expected
     for path, value in extras.items():
         np.testing.assert_array_equal(value, params[path], err_msg=path)
@@ -161,7 +165,7 @@ def test_extras_readme_and_tokenizer(workdir, moe_export):
     assert "MixtralForCausalLM with its LoRA (rank 8) merged" in readme
     assert "`audio_conn/query_tokens`" in readme and "`image_proj/`" in readme
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(moe_export / "llm")
-    ours = builtin.load_or_train_tokenizer(pathlib.Path(workdir.parent / "data" / builtin.TOKENIZER_FILE))
+    ours = builtin.experiment_tokenizer("", workdir.parent / "data", on_missing="error")
     text = "USER: <image> what is red? ASSISTANT: a ball</s>"
     assert hf_tokenizer.encode(text, add_special_tokens=False) == ours.encode(text)
 
@@ -174,3 +178,28 @@ def test_dense_stage_exports_only_what_it_defined(workdir, tmp_path):
     # Its towers and connectors are the random init: not exported.
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "llm"]
     assert "`vision/`: not written" in (out / "README.md").read_text()
+
+
+def test_an_lm_without_hf_counterpart_is_refused_naming_each_setting():
+    lm = dict(vocab_size=10, dim=8, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=8)
+    assert stage_export.hf_lm_family(LLMConfig(**lm)) == "llama"
+    assert stage_export.hf_lm_family(LLMConfig(**lm, moe_layers=(0, 1))) == "mixtral"
+    moe = MoEConfig(router="softmax_topk", num_shared_experts=1)
+    with pytest.raises(
+        ValueError,
+        match=r"MoE in layers \[0\] of 2; config\.model\.moe\.router='softmax_topk'; "
+        r"config\.model\.moe\.num_shared_experts=1$",
+    ):
+        stage_export.hf_lm_family(LLMConfig(**lm, moe_layers=(0,), moe=moe))
+
+
+def test_a_trained_recipe_stage_exports(tiny_recipe_run, tmp_path):
+    """The stage `python -m unimoe.main` trained (its workdir's config.json, DONE.json and
+    tokenizer as written by the run), not a built one. The session trains it anyway."""
+    _, workdir, _ = tiny_recipe_run
+    out = tmp_path / "hf"
+    assert main(["to-hf", str(workdir / "s3_moe"), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "audio", "llm", stage_export.EXTRA_FILE, "vision"
+    ]
+    assert _logits_diff(_stage_model(workdir, "s3_moe"), out / "llm") <= 1e-4

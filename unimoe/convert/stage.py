@@ -32,7 +32,7 @@ from unimoe.convert.families import FAMILIES, Options
 from unimoe.data import builtin
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.experiment import ExperimentConfig, from_config_dict
-from unimoe.models import audio as audio_lib, llm
+from unimoe.models import audio as audio_lib, connectors, llm, vision as vision_lib
 from unimoe.nn.lora import merge_lora
 
 CONFIG_FILE = "config.json"  # the experiment config `run.run_experiment` writes in WORKDIR
@@ -72,7 +72,7 @@ def read_experiment(stage_dir: pathlib.Path) -> ExperimentConfig:
     return experiment
 
 
-def _lm_family(cfg: llm.LLMConfig) -> str:
+def hf_lm_family(cfg: llm.LLMConfig) -> str:
     """'llama' or 'mixtral'; raises naming each setting neither HF family computes."""
     moe = cfg.moe
     problems = ["config.model.llm.qkv_bias=True"] if cfg.qkv_bias else []
@@ -169,7 +169,7 @@ def _converted(
     )
 
 
-def _clip(cfg, params: Mapping[str, np.ndarray]) -> core.Converted:
+def _clip(cfg: vision_lib.ViTEncoder.Config, params: Mapping[str, np.ndarray]) -> core.Converted:
     hf_config = {
         "architectures": ["CLIPVisionModel"],
         "model_type": "clip_vision_model",
@@ -187,7 +187,11 @@ def _clip(cfg, params: Mapping[str, np.ndarray]) -> core.Converted:
     return _converted("clip_vision", hf_config, params, options=Options(select_layer=cfg.select_layer))
 
 
-def _whisper(enc, conn, params: Mapping[str, np.ndarray]) -> core.Converted:
+def _whisper(
+    enc: audio_lib.AudioEncoder.Config,
+    conn: connectors.QueryConnector.Config,
+    params: Mapping[str, np.ndarray],
+) -> core.Converted:
     if conn.width != enc.width:
         raise ValueError(
             f"config.model.audio_conn.width={conn.width} differs from config.model.audio.width="
@@ -252,37 +256,35 @@ def _write_tokenizer(
     return line + " (the media placeholders are the three ids past its vocabulary)"
 
 
-def _lm_folder(cfg, params, tokenizer, max_length) -> tuple[core.Converted, str]:
-    family = _lm_family(cfg)
+def _lm_folder(
+    cfg: llm.LLMConfig, params: Mapping[str, np.ndarray], tokenizer: TextTokenizer | None,
+    max_length: int,
+) -> tuple[core.Converted, str]:
+    family = hf_lm_family(cfg)
     hf_config = _lm_hf_config(cfg, family, tokenizer, max_length)
-    merged = " with its LoRA (rank %d) merged" % cfg.lora.rank if cfg.lora.enabled else ""
+    merged = f" with its LoRA (rank {cfg.lora.rank}) merged" if cfg.lora.enabled else ""
     kind = hf_config["architectures"][0]
     return _converted(family, hf_config, merged_lm_params(cfg, params)), f"{kind}{merged}"
 
 
-def export_stage(
-    stage_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, max_shard_bytes: int = 0
-) -> list[str]:
-    """Writes the finished stage WORKDIR/STAGE as HF folders under `out_dir` (module docstring);
-    returns the README's lines."""
-    stage_dir, out_dir = pathlib.Path(stage_dir).absolute(), pathlib.Path(out_dir)
-    experiment = read_experiment(stage_dir)
-    stage = experiment.stage(stage_dir.name)
-    with Checkpointer(stage_dir / "checkpoints") as ckpt:
-        params, defined = ckpt.final_params()
-    spec = experiment.model
+def _folders(
+    experiment: ExperimentConfig,
+    stage_name: str,
+    params: Mapping[str, np.ndarray],
+    defined: set[str],
+    tokenizer: TextTokenizer | None,
+) -> tuple[dict[str, tuple[core.Converted, str]], list[str]]:
+    """({folder: (its tensors, what it is)} for each module the stage defined, README lines for
+    the others). Raises before anything is written when a module has no HF counterpart."""
+    stage, spec = experiment.stage(stage_name), experiment.model
     lm_cfg = spec.stage_llm(
         vocab_size=params["llm/embed/embedding"].shape[0], moe=stage.moe, lora_rank=stage.lora_rank
     )
-    tokenizer_file = _tokenizer_file(experiment)
-    tokenizer = None
-    if tokenizer_file.is_file():
-        tokenizer = builtin.experiment_tokenizer(
-            experiment.tokenizer, experiment.data.data_dir, on_missing="error"
-        )
-    max_length = experiment.data.seq_len
-    towers = {
-        "llm": (("llm/",), lambda: _lm_folder(lm_cfg, params, tokenizer, max_length)),
+    builders = {
+        "llm": (
+            ("llm/",),
+            lambda: _lm_folder(lm_cfg, params, tokenizer, experiment.data.seq_len),
+        ),
         "vision": (("vision/",), lambda: (_clip(spec.vision, params), "CLIPVisionModel")),
         "audio": (
             ("audio/", "audio_conn/"),
@@ -293,38 +295,78 @@ def export_stage(
             ),
         ),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Stage {stage.name} of {stage_dir.parent}", ""]
-    for name, (prefixes, build) in towers.items():
+    folders, skipped = {}, []
+    for name, (prefixes, build) in builders.items():
         own = [p for p in params if p.startswith(prefixes) and not p.startswith(tuple(EXTRAS))]
         # An adapter the stage never trained has B = 0: merging it changes nothing.
         undefined = [p for p in own if p not in defined and "/lora" not in p]
         if undefined:
-            lines.append(
+            skipped.append(
                 f"- `{name}/`: not written: the stage neither trained nor inherited "
                 f"{undefined[0]} (and {len(undefined) - 1} more of {len(own)}): random init"
             )
-            continue
-        conv, what = build()
+        else:
+            folders[name] = build()
+    return folders, skipped
+
+
+def _write_extras(
+    params: Mapping[str, np.ndarray], defined: set[str], out_dir: pathlib.Path
+) -> list[str]:
+    """Writes the defined parameters no HF model holds; returns their README lines."""
+    extras = {p: params[p] for p in sorted(defined) if p.startswith(tuple(EXTRAS))}
+    if not extras:
+        return []
+    save_file({p: np.ascontiguousarray(v) for p, v in extras.items()}, out_dir / EXTRA_FILE)
+    return [
+        f"- `{EXTRA_FILE}`: no HF counterpart, under unimoe's parameter paths; kernels are "
+        "[in, out] (y = x @ kernel + bias):",
+        *(
+            f"  - `{prefix}`: {text}"
+            for prefix, text in EXTRAS.items()
+            if any(p.startswith(prefix) for p in extras)
+        ),
+    ]
+
+
+def export_stage(
+    stage_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, max_shard_bytes: int = 0
+) -> list[str]:
+    """Writes the finished stage WORKDIR/STAGE as HF folders under `out_dir` (module docstring);
+    returns the README's lines."""
+    stage_dir, out_dir = pathlib.Path(stage_dir).absolute(), pathlib.Path(out_dir)
+    experiment = read_experiment(stage_dir)
+    with Checkpointer(stage_dir / "checkpoints") as ckpt:
+        params, defined = ckpt.final_params()
+    tokenizer_file = _tokenizer_file(experiment)
+    tokenizer = None
+    if tokenizer_file.is_file():
+        tokenizer = builtin.experiment_tokenizer(
+            experiment.tokenizer, experiment.data.data_dir, on_missing="error"
+        )
+    folders, lines = _folders(experiment, stage_dir.name, params, set(defined), tokenizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, (conv, what) in folders.items():
         hf_io.write_folder(
             out_dir / name, conv.hf_config, core.to_hf_tensors(conv), max_shard_bytes=max_shard_bytes
         )
-        if name == "llm" and tokenizer is not None:
-            what += "; " + _write_tokenizer(
-                tokenizer_file, out_dir / name, max_length, built_in=not experiment.tokenizer
-            )
-        elif name == "llm":
+        if name == "llm" and tokenizer is None:
             what += f"; no tokenizer: {tokenizer_file} is missing"
+        elif name == "llm":
+            what += "; " + _write_tokenizer(
+                tokenizer_file,
+                out_dir / name,
+                experiment.data.seq_len,
+                built_in=not experiment.tokenizer,
+            )
         lines.append(f"- `{name}/`: {what}")
-    extras = {p: params[p] for p in sorted(defined) if p.startswith(tuple(EXTRAS))}
-    if extras:
-        save_file({p: np.ascontiguousarray(v) for p, v in extras.items()}, out_dir / EXTRA_FILE)
-        lines.append(
-            f"- `{EXTRA_FILE}`: no HF counterpart, under unimoe's parameter paths; kernels are "
-            "[in, out] (y = x @ kernel + bias):"
-        )
-        lines += [f"  - `{prefix}`: {text}" for prefix, text in EXTRAS.items()
-                  if any(p.startswith(prefix) for p in extras)]
-    lines += ["", "`python -m unimoe.convert from-hf OUT/<folder> DIR` reads each folder back."]
+    lines += _write_extras(params, set(defined), out_dir)
+    lines = [
+        f"# Stage {stage_dir.name} of {stage_dir.parent}",
+        "",
+        *lines,
+        "",
+        "`python -m unimoe.convert from-hf OUT/<folder> DIR` reads each folder back.",
+    ]
     (out_dir / README_FILE).write_text("\n".join(lines) + "\n")
     return lines
