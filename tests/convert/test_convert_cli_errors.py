@@ -31,7 +31,8 @@ def _folder(path, config=None, files=()):
     return path
 
 
-def _truncated_safetensors(tmp_path) -> bytes:
+def _truncated(tmp_path) -> bytes:
+    """The first 5000 bytes of a 16 KB safetensors file."""
     hf_io.write_folder(tmp_path / "whole", {}, {"w": np.ones((64, 64), np.float32)})
     return (tmp_path / "whole" / hf_io.SINGLE_FILE).read_bytes()[:5000]
 
@@ -65,7 +66,7 @@ CASES = {
     "truncated_safetensors": (
         lambda tmp: [
             "from-hf",
-            str(_folder(tmp / "hf", LLAMA_CONFIG, {"model.safetensors": _truncated_safetensors(tmp)})),
+            str(_folder(tmp / "hf", LLAMA_CONFIG, {"model.safetensors": _truncated(tmp)})),
             f"{tmp}/out",
         ],
         "error: {tmp}/hf/model.safetensors: not a readable safetensors file (Error while "
@@ -111,8 +112,9 @@ def _convert(*args: str) -> subprocess.CompletedProcess:
 def test_the_command_line_and_its_debug_flag(tmp_path):
     result = _convert("from-hf", f"{tmp_path}/nope", f"{tmp_path}/out")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}/nope is not a folder")
+    expected = f"error: {tmp_path}/nope is not a folder"
+    assert result.stderr.strip().splitlines()[-1].startswith(expected)
     assert "Traceback" not in result.stderr
     debug = _convert("from-hf", f"{tmp_path}/nope", f"{tmp_path}/out", "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
-    assert debug.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}/nope is not a folder")
+    assert debug.stderr.strip().splitlines()[-1].startswith(expected)

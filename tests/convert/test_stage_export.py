@@ -29,7 +29,7 @@ LORA_RANK = 8
 
 
 def _write_stage(workdir: pathlib.Path, name: str, model: nnx.Module, defined: list[str]) -> None:
-    """Saves `model` as the trainer leaves a finished stage (WORKDIR/NAME/checkpoints, DONE.json)."""
+    """Saves `model` as the trainer leaves a finished stage (NAME/checkpoints with DONE.json)."""
     params = nnx.state(model, nnx.Param).to_pure_dict()
     with Checkpointer(workdir / name / "checkpoints", async_save=False) as ckpt:
         ckpt.save(3, {"params": params}, force=True)
@@ -155,7 +155,11 @@ def test_extras_readme_and_tokenizer(workdir, moe_export):
     params, _ = Checkpointer(workdir / "s3_moe" / "checkpoints").final_params()
     # The tiny recipe's connector has the encoder's width: no enc_proj.
     no_hf_counterpart = (
-        "image_proj/", "image_head/", "audio_head/", "audio_conn/query_tokens", "audio_conn/out_proj/"
+        "image_proj/",
+        "image_head/",
+        "audio_head/",
+        "audio_conn/query_tokens",
+        "audio_conn/out_proj/",
     )
     expected = {p for p in params if p.startswith(no_hf_counterpart)}
     assert set(extras) == expected

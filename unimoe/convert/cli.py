@@ -52,19 +52,23 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--select-layer", type=int, default=-2, help="CLIP hidden state to return")
         p.add_argument("--num-queries", type=int, default=50, help="Whisper decoder queries kept")
 
-    p = commands.add_parser("from-hf", parents=[debug], help="HF folder -> unimoe orbax checkpoint")
+    p = commands.add_parser(
+        "from-hf", parents=[debug], help="HF folder -> unimoe orbax checkpoint"
+    )
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     with_options(p)
     p = commands.add_parser(
         "to-hf",
         parents=[debug],
-        help="converted checkpoint or finished stage (WORKDIR/STAGE) -> HF folder(s)"
+        help="converted checkpoint or finished stage (WORKDIR/STAGE) -> HF folder(s)",
     )
     p.add_argument("ckpt_dir")
     p.add_argument("out_dir")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
-    p = commands.add_parser("parity", parents=[debug], help="max |unimoe - transformers| on random inputs")
+    p = commands.add_parser(
+        "parity", parents=[debug], help="max |unimoe - transformers| on random inputs"
+    )
     p.add_argument("hf_dir")
     p.add_argument("--tolerance", type=float, default=parity.TOLERANCE)
     p.add_argument("--seed", type=int, default=0)
@@ -75,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
 def _check_out_dir(out_dir: str) -> None:
     path = pathlib.Path(out_dir)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{out_dir} exists and is not a directory: give a new or empty one")
+        raise NotADirectoryError(
+            f"{out_dir} exists and is not a directory: give a new or empty one"
+        )
 
 
 def _to_hf(args: argparse.Namespace) -> None:
@@ -84,9 +90,9 @@ def _to_hf(args: argparse.Namespace) -> None:
         files = core.to_hf(source, args.out_dir, max_shard_bytes=args.max_shard_size)
         print(f"wrote {len(files)} safetensors file(s) to {args.out_dir}")
     elif stage.is_finished_stage(source):
-        lines = stage.export_stage(source, args.out_dir, max_shard_bytes=args.max_shard_size)
-        print("\n".join(lines[2:-2]))
-        print(f"wrote {args.out_dir} (see {args.out_dir}/{stage.README_FILE})")
+        readme = stage.export_stage(source, args.out_dir, max_shard_bytes=args.max_shard_size)
+        print("\n".join(readme))
+        print(f"wrote {args.out_dir} (this is its {stage.README_FILE})")
     else:
         problem = (
             "is neither a converted checkpoint nor a finished stage"

@@ -1,4 +1,4 @@
-"""A finished training stage -> Hugging Face folders (`python -m unimoe.convert to-hf WORKDIR/STAGE`).
+"""A finished training stage -> Hugging Face folders (`python -m unimoe.convert to-hf STAGE_DIR`).
 
 OUT/llm     the LM with its LoRA merged: `LlamaForCausalLM` (dense) or `MixtralForCausalLM` (MoE
             in every layer, top-k softmax router), with the stage's tokenizer;
@@ -51,8 +51,12 @@ EXTRAS = {
 }
 
 
+# A stage's checkpoints: WORKDIR/STAGE/checkpoints (`factory.stage_checkpointer`).
+CHECKPOINTS = "checkpoints"
+
+
 def is_finished_stage(path: pathlib.Path) -> bool:
-    return (path / "checkpoints" / DONE_FILE).is_file()
+    return (path / CHECKPOINTS / DONE_FILE).is_file()
 
 
 def read_experiment(stage_dir: pathlib.Path) -> ExperimentConfig:
@@ -133,7 +137,9 @@ def _lm_hf_config(
         config.update(num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k)
     if tokenizer is not None:
         config.update(
-            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
         )
     return config
 
@@ -184,7 +190,8 @@ def _clip(cfg: vision_lib.ViTEncoder.Config, params: Mapping[str, np.ndarray]) -
         "layer_norm_eps": cfg.layer_norm_eps,
         "dtype": "float32",
     }
-    return _converted("clip_vision", hf_config, params, options=Options(select_layer=cfg.select_layer))
+    options = Options(select_layer=cfg.select_layer)
+    return _converted("clip_vision", hf_config, params, options=options)
 
 
 def _whisper(
@@ -336,7 +343,7 @@ def export_stage(
     returns the README's lines."""
     stage_dir, out_dir = pathlib.Path(stage_dir).absolute(), pathlib.Path(out_dir)
     experiment = read_experiment(stage_dir)
-    with Checkpointer(stage_dir / "checkpoints") as ckpt:
+    with Checkpointer(stage_dir / CHECKPOINTS) as ckpt:
         params, defined = ckpt.final_params()
     tokenizer_file = _tokenizer_file(experiment)
     tokenizer = None
@@ -347,9 +354,8 @@ def export_stage(
     folders, lines = _folders(experiment, stage_dir.name, params, set(defined), tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, (conv, what) in folders.items():
-        hf_io.write_folder(
-            out_dir / name, conv.hf_config, core.to_hf_tensors(conv), max_shard_bytes=max_shard_bytes
-        )
+        tensors = core.to_hf_tensors(conv)
+        hf_io.write_folder(out_dir / name, conv.hf_config, tensors, max_shard_bytes=max_shard_bytes)
         if name == "llm" and tokenizer is None:
             what += f"; no tokenizer: {tokenizer_file} is missing"
         elif name == "llm":
