@@ -301,6 +301,14 @@ class Checkpointer:
             raise FileNotFoundError(f'{path} does not exist: the stage has not finished')
         return json.loads(path.read_text())
 
+    def final_params(self) -> tuple[dict[str, np.ndarray], list[str]]:
+        """A finished stage's parameters at its final step: all of them ({path: array}, `flat_params`)
+        and the paths it defined (DONE.json's `defined_params`: trained or taken from its sources;
+        the others are its random init)."""
+        done = self.read_done()
+        params = flat_params(self.restore_raw(done['final_step'])['params'])
+        return params, list(done['defined_params'])
+
     def _step_dir(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 

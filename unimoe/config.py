@@ -225,7 +225,10 @@ def debug_requested(argv: list[str]) -> bool:
 
 
 def _root_cause(error: BaseException) -> BaseException:
-    while error.__cause__ is not None or error.__context__ is not None:
+    """The innermost exception, not looking past `raise ... from None` (whose message is whole)."""
+    while error.__cause__ is not None or (
+        error.__context__ is not None and not error.__suppress_context__
+    ):
         error = error.__cause__ or error.__context__
     return error
 
@@ -241,10 +244,10 @@ def user_error_lines(error: BaseException) -> list[str]:
     return [line.strip() for line in str(root).splitlines() if line.strip()][-1:] or [repr(root)]
 
 
-def exit_on_user_error(error: BaseException) -> NoReturn:
+def exit_on_user_error(error: BaseException, argv: list[str] | None = None) -> NoReturn:
     """Prints `user_error_lines(error)` as 'error: ...' lines (and the traceback when
-    `debug_requested`), then exits with code 2."""
-    if debug_requested(sys.argv):
+    `debug_requested` by `argv`, default `sys.argv`), then exits with code 2."""
+    if debug_requested(sys.argv if argv is None else argv):
         traceback.print_exception(error)
     exit_with_problems(user_error_lines(error))
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimoe.checkpoint import Checkpointer, flat_params, path_str
+from unimoe.checkpoint import Checkpointer, path_str
 from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import tasks as tasks_lib
 from unimoe.data.tokenizer import TextTokenizer
@@ -220,13 +220,13 @@ def final_params(workdir: pathlib.Path, name: str) -> dict[str, np.ndarray]:
     loaded are its random init: a stage starting from `s0_llm` and `s0_vision` must take the LM
     from the first and only the ViT from the second.
     """
-    ckpt = stage_checkpointer(workdir, name)
-    if not ckpt.is_done():
-        raise ValueError(f"stage {name!r} is named as a source but has not finished in {workdir}")
-    done = ckpt.read_done()
-    flat = flat_params(ckpt.restore_raw(done['final_step'])['params'])
-    ckpt.close()
-    return {path: flat[path] for path in done['defined_params']}
+    with stage_checkpointer(workdir, name) as ckpt:
+        if not ckpt.is_done():
+            raise ValueError(
+                f"stage {name!r} is named as a source but has not finished in {workdir}"
+            )
+        flat, defined = ckpt.final_params()
+    return {path: flat[path] for path in defined}
 
 
 def build_stage_model(

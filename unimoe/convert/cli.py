@@ -4,16 +4,24 @@ r"""Command line: Hugging Face folders to unimoe checkpoints and back, and the p
   python -m unimoe.convert to-hf CKPT_DIR OUT_DIR [--max-shard-size 5GB]
   python -m unimoe.convert parity HF_DIR [--tolerance 1e-4]
 
+`to-hf` takes a directory `from-hf` wrote (the HF folder comes back as it was) or a finished
+training stage, WORKDIR/STAGE as `python -m unimoe.main` writes it (`convert/stage.py`: the LM,
+CLIP and Whisper towers as HF folders under OUT_DIR, the rest in a safetensors file, a README).
 `parity` exits with status 1 when any output differs from transformers' by more than the
-tolerance (float32).
+tolerance (float32). A mistake in the input (a missing folder or file, an unsupported or damaged
+checkpoint) prints one `error: ...` line and exits with status 2; `--debug` (or UNIMOE_DEBUG=1)
+adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import re
+import sys
 
-from unimoe.convert import core, parity
+from unimoe import config as config_lib
+from unimoe.convert import core, parity, stage
 from unimoe.convert.families import Options
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
@@ -31,40 +39,83 @@ def _options(args: argparse.Namespace) -> Options:
     return Options(select_layer=args.select_layer, num_queries=args.num_queries)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unimoe.convert", description=__doc__.split("\n")[0]
     )
+    # Read by `config.debug_requested` (anywhere in argv); each command accepts it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show an input error's traceback too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--select-layer", type=int, default=-2, help="CLIP hidden state to return")
         p.add_argument("--num-queries", type=int, default=50, help="Whisper decoder queries kept")
 
-    p = commands.add_parser("from-hf", help="HF folder -> unimoe orbax checkpoint")
+    p = commands.add_parser(
+        "from-hf", parents=[debug], help="HF folder -> unimoe orbax checkpoint"
+    )
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     with_options(p)
-    p = commands.add_parser("to-hf", help="unimoe converted checkpoint -> HF folder")
+    p = commands.add_parser(
+        "to-hf",
+        parents=[debug],
+        help="converted checkpoint or finished stage (WORKDIR/STAGE) -> HF folder(s)",
+    )
     p.add_argument("ckpt_dir")
     p.add_argument("out_dir")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
-    p = commands.add_parser("parity", help="max |unimoe - transformers| on random inputs")
+    p = commands.add_parser(
+        "parity", parents=[debug], help="max |unimoe - transformers| on random inputs"
+    )
     p.add_argument("hf_dir")
     p.add_argument("--tolerance", type=float, default=parity.TOLERANCE)
     p.add_argument("--seed", type=int, default=0)
     with_options(p)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _check_out_dir(out_dir: str) -> None:
+    path = pathlib.Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"{out_dir} exists and is not a directory: give a new or empty one"
+        )
+
+
+def _to_hf(args: argparse.Namespace) -> None:
+    source = pathlib.Path(args.ckpt_dir)
+    if (source / core.META_FILE).is_file():
+        files = core.to_hf(source, args.out_dir, max_shard_bytes=args.max_shard_size)
+        print(f"wrote {len(files)} safetensors file(s) to {args.out_dir}")
+    elif stage.is_finished_stage(source):
+        readme = stage.export_stage(source, args.out_dir, max_shard_bytes=args.max_shard_size)
+        print("\n".join(readme))
+        print(f"wrote {args.out_dir} (this is its {stage.README_FILE})")
+    else:
+        problem = (
+            "is neither a converted checkpoint nor a finished stage"
+            if source.is_dir()
+            else "does not exist"
+        )
+        raise FileNotFoundError(
+            f"{source} {problem}: give a directory `from-hf` wrote, or a finished stage "
+            "WORKDIR/STAGE (with STAGE/checkpoints/DONE.json)"
+        )
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "from-hf":
+        _check_out_dir(args.out_dir)
         conv = core.from_hf(args.hf_dir, args.out_dir, _options(args))
         print(
             f"{conv.family}: {len(conv.params)} params, {len(conv.extra)} HF tensors kept -> {args.out_dir}"
         )
         return 0
     if args.command == "to-hf":
-        files = core.to_hf(args.ckpt_dir, args.out_dir, max_shard_bytes=args.max_shard_size)
-        print(f"wrote {len(files)} safetensors file(s) to {args.out_dir}")
+        _check_out_dir(args.out_dir)
+        _to_hf(args)
         return 0
     diffs = parity.parity(args.hf_dir, _options(args), seed=args.seed)
     worst = max(diffs.values())
@@ -73,3 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "PASS" if worst <= args.tolerance else "FAIL"
     print(f"{verdict}: max abs diff {worst:.3e} (tolerance {args.tolerance:g})")
     return 0 if verdict == "PASS" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    # Every ValueError / OSError here is about the input: a folder, a file, a config.json.
+    except (ValueError, OSError) as error:
+        config_lib.exit_on_user_error(error, argv)

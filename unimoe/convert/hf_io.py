@@ -6,12 +6,14 @@ written back is byte-for-byte the same tensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 CONFIG_FILE = "config.json"
@@ -19,14 +21,41 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+# PyTorch pickles, which only torch reads (and running one can run code).
+TORCH_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def read_config(hf_dir: str | pathlib.Path) -> dict:
-    path = pathlib.Path(hf_dir) / CONFIG_FILE
+    hf_dir = pathlib.Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(
+            f"{hf_dir} is not a folder: give a Hugging Face model folder (config.json and "
+            "safetensors, as `save_pretrained` writes it)"
+        )
+    path = hf_dir / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json, so {hf_dir} is not a Hugging Face folder")
+        raise FileNotFoundError(
+            f"{path} is missing, so {hf_dir} is not a Hugging Face model folder: it needs the "
+            "config.json `save_pretrained` writes beside the weights"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        # The message names the file; the decoder's own error is only its position.
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: pathlib.Path, framework: str = "np") -> Iterator[Any]:
+    """`safe_open(path)`, whose errors (a truncated or damaged file) name the file."""
+    try:
+        with safe_open(path, framework) as f:
+            yield f
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({err}); it may be truncated or damaged: "
+            "download or save it again"
+        ) from None
 
 
 def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
@@ -46,11 +75,14 @@ def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
         return files
     single = hf_dir / SINGLE_FILE
     if not single.is_file():
+        torch_files = [name for name in TORCH_FILES if (hf_dir / name).is_file()]
+        found = f"it has {torch_files[0]}, but " if torch_files else ""
         raise FileNotFoundError(
-            f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors are read; "
-            "convert .bin checkpoints with transformers first)"
+            f"{hf_dir}: {found}neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors are "
+            "read: convert it with transformers, e.g. `AutoModel.from_pretrained(DIR)"
+            ".save_pretrained(NEW_DIR, safe_serialization=True)`"
         )
-    with safe_open(single, "np") as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -62,7 +94,7 @@ def read_tensors(hf_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path, names in by_file.items():
         # The flax reader knows bfloat16 (numpy's does not); np.asarray keeps it as ml_dtypes.
-        with safe_open(path, "flax") as f:
+        with open_safetensors(path, "flax") as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:

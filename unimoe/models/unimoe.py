@@ -61,6 +61,16 @@ class ModelSpec:
             ),
         )
 
+    def stage_llm(self, *, vocab_size: int, moe: bool, lora_rank: int) -> llm.LLMConfig:
+        """The LM of one stage: the tokenizer's vocabulary, MoE in `moe_layers` when `moe`, LoRA
+        of `lora_rank` (0: none)."""
+        return dataclasses.replace(
+            self.llm,
+            vocab_size=vocab_size,
+            moe_layers=self.moe_layers if moe else (),
+            lora=dataclasses.replace(self.llm.lora, rank=lora_rank),
+        )
+
     @property
     def num_media_tokens(self) -> dict[str, int]:
         """LM positions one image, video or audio clip fills (`UniMoE.num_media_tokens`)."""
@@ -105,12 +115,7 @@ class UniMoEConfig:
         `moe` turns the layers `spec.moe_layers` names into MoE layers; `lora_rank` > 0 adds LoRA
         (with `spec`'s alpha and dropout) to attention and experts.
         """
-        llm_config = dataclasses.replace(
-            spec.llm,
-            vocab_size=vocab_size,
-            moe_layers=spec.moe_layers if moe else (),
-            lora=dataclasses.replace(spec.llm.lora, rank=lora_rank),
-        )
+        llm_config = spec.stage_llm(vocab_size=vocab_size, moe=moe, lora_rank=lora_rank)
         return cls(
             llm=llm_config,
             vision=spec.vision,
