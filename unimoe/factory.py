@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from unimoe.checkpoint import Checkpointer, path_str
+from unimoe.config import ConfigError
 from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import tasks as tasks_lib
 from unimoe.data.tokenizer import TextTokenizer
@@ -172,8 +173,12 @@ def _checked(key: str, value: np.ndarray, current: Any, source: str) -> np.ndarr
         rows[axis] = slice(0, value.shape[axis])
         extended[tuple(rows)] = value
         return extended
-    raise ValueError(
-        f"param {key}: stage {source!r} has shape {value.shape}, model expects {shape}"
+    raise ConfigError(
+        [
+            f"param {key}: {source!r} has shape {value.shape}, this config's model {shape}: it "
+            "was trained or converted with another config.model; retrain or reconvert it with "
+            "this one, or use a new --workdir"
+        ]
     )
 
 

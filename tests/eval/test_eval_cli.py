@@ -88,6 +88,28 @@ def test_cli_writes_predictions_and_scores_that_match_them(stage):
     assert (scores["n"], scores["skipped_records"], scores["headline"]) == (5, 0, "vqa_accuracy")
 
 
+def test_a_bad_record_is_one_line_naming_it(stage, tmp_path):
+    (tmp_path / "media").mkdir()  # no images in it: the first record's image is missing
+    command = [
+        sys.executable, "-m", "unimoe.eval",
+        f"--config={stage['config_file']}",
+        f"--checkpoint={stage['root'] / 'run' / STAGE}",
+        "--benchmark=aokvqa",
+        f"--data={FIXTURES / 'eval_aokvqa.json'}",
+        f"--media-root={tmp_path / 'media'}",
+        f"--output={tmp_path / 'out'}",
+        "--limit=2",
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    first = json.loads((FIXTURES / "eval_aokvqa.json").read_text())[0]
+    assert len(errors) == 1 and "record 0" in errors[0] and first["image"] in errors[0], errors
+    assert errors[0].endswith("pass --on-error=skip to skip and count bad records"), errors
+
+
 def test_audio_records_are_answered_and_scored(stage, tmp_path):
     media = tmp_path / "media"
     media.mkdir()

@@ -74,7 +74,21 @@ def main(argv: list[str]) -> None:
     ]
     if problems:  # before the model is built
         config_lib.exit_with_problems(problems)
-    scores = run_benchmark.evaluate_benchmark(
+    try:
+        scores = _evaluate(typed_config, output)
+    except formats.RecordError as e:  # a bad record with --on-error=raise
+        config_lib.exit_with_problems(
+            [f"{e}; fix the record, or pass --on-error=skip to skip and count bad records"]
+        )
+    except config_lib.UserError as e:
+        config_lib.exit_on_user_error(e)
+    predictions, scores_path = run_benchmark.output_paths(output, _BENCHMARK.value)
+    print(f"{_BENCHMARK.value}: {scores['headline']} = {scores[scores['headline']]:.4f}")
+    print(f"wrote {predictions} and {scores_path}")
+
+
+def _evaluate(typed_config: experiment.ExperimentConfig, output: str) -> dict:
+    return run_benchmark.evaluate_benchmark(
         typed_config,
         checkpoint=_CHECKPOINT.value,
         benchmark=_BENCHMARK.value,
@@ -90,9 +104,6 @@ def main(argv: list[str]) -> None:
         top_p=_TOP_P.value,
         seed=_SEED.value,
     )
-    predictions, scores_path = run_benchmark.output_paths(output, _BENCHMARK.value)
-    print(f"{_BENCHMARK.value}: {scores['headline']} = {scores[scores['headline']]:.4f}")
-    print(f"wrote {predictions} and {scores_path}")
 
 
 if __name__ == "__main__":
