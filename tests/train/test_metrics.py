@@ -113,7 +113,7 @@ def test_progress_bar_counts_steps_and_shows_loss(tmp_path, capsys):
         ({'big': np.zeros((2, 2, 2))}, 'big'),  # no axes named
         ({'huge': np.zeros(metrics.MAX_ARRAY_SIZE + 1)}, 'huge'),
         ({'load': np.zeros(2)}, 'load'),  # two axes named
-        ({'usage': np.zeros((2, 3))}, r"axis labels \('a', 'b'\) do not match its size 3"),
+        ({'usage': np.zeros((2, 3))}, r"shape \(2, 3\), axes \('expert', \('a', 'b'\)\)"),
         ({'step': 3}, 'step'),
     ],
 )

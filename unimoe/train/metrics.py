@@ -105,28 +105,21 @@ class MetricsWriter:
         if 'loss' in record:
             self._progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
-    def _axis_labels(self, name: str, shape: tuple[int, ...]) -> list[Sequence[str]]:
+    def _axis_labels(self, name: str, shape: tuple[int, ...]) -> list[list[str]]:
         """The TensorBoard label of every position of every axis of metric `name`."""
-        if name not in self.axes or math.prod(shape) > MAX_ARRAY_SIZE:
+        axes = self.axes.get(name)
+        if axes is None or math.prod(shape) > MAX_ARRAY_SIZE:
             raise ValueError(
                 f'MetricsWriter.write: metric {name!r} has shape {shape}; only scalars and arrays '
                 f'of at most {MAX_ARRAY_SIZE} elements whose axes are named (MetricsWriter axes=) '
                 'are logged'
             )
-        axes = self.axes[name]
-        if len(axes) != len(shape):
+        labels = [
+            [f'{axis}{i}' for i in range(size)] if isinstance(axis, str) else list(axis)
+            for axis, size in zip(axes, shape)
+        ]
+        if len(axes) != len(shape) or [len(axis) for axis in labels] != list(shape):
             raise ValueError(f'MetricsWriter: metric {name!r} has shape {shape}, axes {axes}')
-        labels = []
-        for axis, size in zip(axes, shape):
-            if isinstance(axis, str):
-                labels.append([f'{axis}{i}' for i in range(size)])
-            elif len(axis) == size:
-                labels.append(axis)
-            else:
-                raise ValueError(
-                    f'MetricsWriter: metric {name!r} has shape {shape}; axis labels {axis} do '
-                    f'not match its size {size}'
-                )
         return labels
 
     def update(self, steps: int = 1) -> None:

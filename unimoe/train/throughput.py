@@ -30,6 +30,7 @@ from unimoe.models.unimoe import UniMoE
 # first match wins, so variants come before their family. TPU v4 and later: one device per chip.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ('H100 PCIe', 756e12),
+    ('H100 NVL', 835e12),
     ('H100', 989e12),  # SXM ('NVIDIA H100 80GB HBM3')
     ('H200', 989e12),
     ('A100', 312e12),
