@@ -28,7 +28,7 @@ $(VENV)/.base: setup.cfg pyproject.toml $(LOCK) requirements/check_lock.py
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(INSTALL) --no-build-isolation -e '.[test]'
+	$(INSTALL) --no-build-isolation -e '.[test,notebook]'
 	touch $@
 
 demo: $(VENV)/.base
@@ -50,7 +50,7 @@ bench: $(VENV)/.test
 lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --constraint $(LOCK) uv
-	$(LOCK_VENV)/bin/uv pip compile setup.cfg requirements/tools.in --extra test --universal \
+	$(LOCK_VENV)/bin/uv pip compile setup.cfg requirements/tools.in --all-extras --universal \
 	  --python-version 3.11 --custom-compile-command 'make lock' $(LOCK_FLAGS) -o $(LOCK)
 
 clean:

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -20,10 +20,35 @@
 # connector alignment (stage 1), one dense model per modality (stage 2), and the 4-expert MoE
 # with LoRA upcycled from them (stage 3); then evaluates and plots the loss curves.
 #
-# **Install** (Colab): clone the repository, then `pip install -e .` in it and restart the
-# runtime. Locally, `make demo` does the same as this notebook at full tiny size (~11 min on a
-# 2-core CPU). `TINY = True` runs a few steps per stage (a couple of minutes on a CPU runtime);
-# set it to False for the real tiny recipe (same code on a GPU or TPU runtime).
+# On Colab the setup cell below clones and installs the repository (the first time, it may ask
+# for one restart of the runtime). Locally, `make demo` does the same as this notebook at full
+# tiny size (~11 min on a 2-core CPU). `TINY = True` runs a few steps per stage (a couple of
+# minutes on a CPU runtime); set it to False for the real tiny recipe (same code on a GPU or TPU
+# runtime).
+
+# %% [markdown]
+# **Setup.** On Colab the next cell clones the repository from `REPO_URL` (set the
+# `UNIMOE_REPO_URL` environment variable, e.g. `%env UNIMOE_REPO_URL=https://github.com/...`, or
+# edit the line), changes into the checkout and installs it with the `notebook` extra, keeping
+# the runtime's GPU / TPU JAX (`unimoe/colab.py`). Run from a checkout, it does nothing.
+
+# %%
+import os
+import subprocess
+import sys
+
+REPO_URL = os.environ.get("UNIMOE_REPO_URL", "https://github.com/YOUR_ORG/unimoe.git")
+if "google.colab" in sys.modules:
+    CHECKOUT = "/content/unimoe"
+    if not os.path.isdir(CHECKOUT):
+        if "YOUR_ORG" in REPO_URL:
+            raise ValueError("set REPO_URL (or %env UNIMOE_REPO_URL=...) to the repository's URL")
+        subprocess.run(["git", "clone", "--depth=1", REPO_URL, CHECKOUT], check=True)
+    os.chdir(CHECKOUT)  # what %cd does: configs/, experiments/ and runs/ are read from here
+    sys.path.insert(0, CHECKOUT)
+    from unimoe import colab
+
+    colab.install(CHECKOUT)
 
 # %% tags=["parameters"]
 TINY = True

@@ -22,6 +22,30 @@
 # experts (expert e was initialised from the stage-2 FFN named below it), cells the share of that
 # modality's routed assignments. Reuses the quickstart notebook's run when `WORKDIR` is the same.
 
+# %% [markdown]
+# **Setup.** On Colab the next cell clones the repository from `REPO_URL` (set the
+# `UNIMOE_REPO_URL` environment variable, e.g. `%env UNIMOE_REPO_URL=https://github.com/...`, or
+# edit the line), changes into the checkout and installs it with the `notebook` extra, keeping
+# the runtime's GPU / TPU JAX (`unimoe/colab.py`). Run from a checkout, it does nothing.
+
+# %%
+import os
+import subprocess
+import sys
+
+REPO_URL = os.environ.get("UNIMOE_REPO_URL", "https://github.com/YOUR_ORG/unimoe.git")
+if "google.colab" in sys.modules:
+    CHECKOUT = "/content/unimoe"
+    if not os.path.isdir(CHECKOUT):
+        if "YOUR_ORG" in REPO_URL:
+            raise ValueError("set REPO_URL (or %env UNIMOE_REPO_URL=...) to the repository's URL")
+        subprocess.run(["git", "clone", "--depth=1", REPO_URL, CHECKOUT], check=True)
+    os.chdir(CHECKOUT)  # what %cd does: configs/, experiments/ and runs/ are read from here
+    sys.path.insert(0, CHECKOUT)
+    from unimoe import colab
+
+    colab.install(CHECKOUT)
+
 # %% tags=["parameters"]
 TINY = True
 WORKDIR = "runs/colab_quickstart"

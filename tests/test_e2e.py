@@ -21,6 +21,12 @@ def test_recipe_trains_every_stage_resumes_and_evaluates(tiny_recipe_run, tmp_pa
         assert logged and logged[-1]['step'] == config.stages[name].steps, name
         assert all(np.isfinite(row['loss']) for row in logged), name
         assert list((workdir / name).glob('events.out.tfevents.*')), name
+        # No logged step is the first (it compiles), so each has its rates; classification
+        # stages run no text through the LM, so they have no tokens per second.
+        has_text = config.stages[name].mode in ('chat', 'lm_text')
+        for row in logged:
+            assert row['step_time_s'] > 0 and row['examples_per_s'] > 0, name
+            assert ('tokens_per_s' in row) == has_text and row.get('tokens_per_s', 1) > 0, name
     # Each source contributes what it trained: the LM of s0_llm, the ViT of s0_vision, not their
     # random copies of each other's parts.
     s0_llm, s0_vision = (

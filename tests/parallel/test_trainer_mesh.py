@@ -2,6 +2,7 @@
 checkpoint that restores into the rule shardings. (That the sharded step equals the one-device
 step is test_sharded_step.py's; multi-process save / restore is test_multihost.py's.)"""
 
+import logging
 import pathlib
 
 import jax
@@ -10,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tests.reliability.conftest import small_config
+from tests.train.test_metrics import tensorboard_scalars
 from unimoe import checkpoint, factory
 from unimoe.data import builtin
 from unimoe.parallel import sharded
@@ -19,7 +21,9 @@ STEPS = 3
 COUNTERS = ('skipped_records', 'nonfinite_steps')  # the trainer's checkpointed counters
 
 
-def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(builtin_test_data, tmp_path):
+def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(
+    builtin_test_data, tmp_path, caplog
+):
     config = small_config(builtin_test_data)
     config.stages.s.steps = STEPS
     config.stages.s.batch_size = 8
@@ -28,10 +32,22 @@ def test_sharded_stage_trains_and_its_checkpoint_restores_sharded(builtin_test_d
     tokenizer = builtin.load_or_train_tokenizer(
         pathlib.Path(builtin_test_data) / builtin.TOKENIZER_FILE
     )
+    caplog.set_level(logging.INFO, logger='unimoe')
     trainer.train_stage(typed, 's', tmp_path, tokenizer)
+    messages = [r.getMessage() for r in caplog.records]
+    compiled = [i for i, m in enumerate(messages) if m.startswith('stage s: compiled in ')]
+    assert messages.index('compiling s ...') < compiled[0]
     log = metrics.read_metrics(tmp_path / 's')
     assert [r['step'] for r in log] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r['loss']) for r in log)
+    # Rates cover the steps since the previous log, never step 1 (it compiled); no peak on CPU.
+    assert not {'step_time_s', 'tokens_per_s', 'examples_per_s'} & log[0].keys()
+    for row in log[1:]:
+        assert row['step_time_s'] > 0 and row['tokens_per_s'] > 0 and row['examples_per_s'] > 0
+        assert 'mfu' not in row
+    tags = set(tensorboard_scalars(tmp_path / 's'))
+    assert {'step_time_s', 'tokens_per_s', 'router_entropy/layer1'} <= tags
+    assert {'expert_load/layer1/expert3', 'expert_usage_by_modality/text/expert0'} <= tags
     final = factory.final_params(tmp_path, 's')
 
     # The stage's last checkpoint (the trainer's train state) restores straight into the

@@ -84,6 +84,21 @@ def test_expert_usage_by_modality_rows_are_each_modalitys_shares():
     np.testing.assert_array_equal(np.delete(np.asarray(usage), 1, axis=0), 0.0)
 
 
+def test_metric_axes_name_moe_layers_by_their_decoder_layer_and_usage_by_modality():
+    md = model_dict()
+    md.llm.num_layers = 3
+    md.moe_layers = 'every_2'  # MoE FFNs in decoder layers 0 and 2
+    cfg = UniMoEConfig.for_stage(
+        ModelSpec.from_dict(md),
+        vocab_size=41, token_ids=TOKEN_IDS, num_labels=(5, 7), moe=True, lora_rank=0
+    )
+    model = nnx.eval_shape(lambda: UniMoE(cfg, rngs=nnx.Rngs(0)))
+    axes = step_lib.metric_axes(model)
+    assert axes['router_entropy'] == axes['dropped_fraction'] == (('layer0', 'layer2'),)
+    assert axes['expert_load'] == (('layer0', 'layer2'), 'expert')
+    assert axes['expert_usage_by_modality'] == (step_lib.MODALITIES, 'expert')
+
+
 def test_router_bias_is_updated_by_the_step_from_the_load_not_by_the_optimizer():
     md = model_dict()
     md.moe = dict(num_experts=3, top_k=2, router='sigmoid_bias', bias_update_rate=0.125)

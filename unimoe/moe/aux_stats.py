@@ -14,6 +14,8 @@ from flax import struct
 
 # Losses summed over MoE layers; every other field stays stacked per layer.
 SUMMED = ("balance_loss", "z_loss", "dcmoe_balance_loss")
+# Logged statistics with one value per stacked layer (`expert_load` has an expert axis besides).
+_PER_LAYER = ("dropped_fraction", "experts_per_token", "router_entropy")
 
 
 @struct.dataclass
@@ -62,8 +64,13 @@ class MoEAux:
 
     def metrics(self) -> dict[str, jax.Array]:
         """What a training step logs (per-example counts are reduced by modality instead)."""
+        return {name: getattr(self, name) for name in (*SUMMED, "expert_load", *_PER_LAYER)}
+
+    @staticmethod
+    def metric_axes(layer_labels: Sequence[str]) -> dict[str, tuple]:
+        """The axes of `metrics()`'s arrays (`train.metrics.Axes`), `layer_labels` naming the
+        stacked MoE layers; the summed losses are scalars."""
         return {
-            name: getattr(self, name)
-            for name in (*SUMMED, "expert_load", "dropped_fraction", "experts_per_token",
-                         "router_entropy")
+            "expert_load": (tuple(layer_labels), "expert"),
+            **{name: (tuple(layer_labels),) for name in _PER_LAYER},
         }

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,16 +16,20 @@ import tqdm
 METRICS_FILE = 'metrics.jsonl'
 # Arrays are logged element-wise; larger ones belong in a separate artifact, not a scalar log.
 MAX_ARRAY_SIZE = 1024
-# Per-expert statistics are [E] or [L_moe, E]: element tags read `name/e3`, `name/l0/e3`.
-_INDEX_PREFIXES = {1: ('e',), 2: ('l', 'e')}
+# How an array metric's elements are tagged in TensorBoard, one entry per axis: a prefix the index
+# is appended to ('expert' -> expert0, expert1, ...) or the labels of its positions (('text',
+# 'image', ...)). `expert_load` [L_moe, E] of MoE layers 1 and 3 has (('layer1', 'layer3'),
+# 'expert'): tags `expert_load/layer3/expert0`. Declared by whoever makes the metric, since only
+# it knows what an axis is (the decoder layers of an [L_moe] array are not 0..L_moe-1).
+Axes = Sequence[str | Sequence[str]]
 
 
 class MetricsWriter:
     """Logs `write(step, scalars)` to `<logdir>/metrics.jsonl` and TensorBoard; shows progress.
 
-    Values may be Python/numpy/jax scalars or small arrays (1-D per expert, 2-D per layer and
-    expert). A non-finite value under a key containing `loss` raises `FloatingPointError`, before
-    anything of that step is written.
+    Values may be Python/numpy/jax scalars or small arrays whose axes `axes[name]` names (`Axes`):
+    an array without them is refused rather than tagged by guesswork. A non-finite value under a
+    key containing `loss` raises `FloatingPointError`, before anything of that step is written.
 
     `initial_step` is the step training (re)starts after: records of later steps already in the
     log were written by a run killed after its last checkpoint, and are dropped (the resumed run
@@ -41,6 +45,7 @@ class MetricsWriter:
         desc: str,
         disable_progress: bool = False,
         initial_step: int = 0,
+        axes: Mapping[str, Axes] | None = None,
     ):
         if total_steps < 1:
             raise ValueError(f'MetricsWriter.total_steps must be >= 1, got {total_steps}')
@@ -48,6 +53,7 @@ class MetricsWriter:
             raise ValueError(
                 f'MetricsWriter.initial_step must be in [0, {total_steps}], got {initial_step}'
             )
+        self.axes = dict(axes or {})
         self.logdir = pathlib.Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         _drop_records_after(self.logdir / METRICS_FILE, initial_step)
@@ -78,15 +84,10 @@ class MetricsWriter:
                 record[name] = float(array)
                 tagged_values.append((name, float(array)))
             else:
-                if array.ndim not in _INDEX_PREFIXES or array.size > MAX_ARRAY_SIZE:
-                    raise ValueError(
-                        f'MetricsWriter.write: metric {name!r} has shape {array.shape}; only scalars and '
-                        f'1-D/2-D arrays of at most {MAX_ARRAY_SIZE} elements are logged'
-                    )
                 record[name] = array.tolist()
-                prefixes = _INDEX_PREFIXES[array.ndim]
+                labels = self._axis_labels(name, array.shape)
                 for index in np.ndindex(array.shape):
-                    tag = '/'.join([name] + [f'{p}{i}' for p, i in zip(prefixes, index)])
+                    tag = '/'.join([name] + [axis[i] for axis, i in zip(labels, index)])
                     tagged_values.append((tag, float(array[index])))
 
         bad_losses = {
@@ -103,6 +104,23 @@ class MetricsWriter:
             self._tensorboard.add_scalar(tag, value, global_step=int(step))
         if 'loss' in record:
             self._progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+
+    def _axis_labels(self, name: str, shape: tuple[int, ...]) -> list[list[str]]:
+        """The TensorBoard label of every position of every axis of metric `name`."""
+        axes = self.axes.get(name)
+        if axes is None or math.prod(shape) > MAX_ARRAY_SIZE:
+            raise ValueError(
+                f'MetricsWriter.write: metric {name!r} has shape {shape}; only scalars and arrays '
+                f'of at most {MAX_ARRAY_SIZE} elements whose axes are named (MetricsWriter axes=) '
+                'are logged'
+            )
+        labels = [
+            [f'{axis}{i}' for i in range(size)] if isinstance(axis, str) else list(axis)
+            for axis, size in zip(axes, shape)
+        ]
+        if len(axes) != len(shape) or [len(axis) for axis in labels] != list(shape):
+            raise ValueError(f'MetricsWriter: metric {name!r} has shape {shape}, axes {axes}')
+        return labels
 
     def update(self, steps: int = 1) -> None:
         """Advances the progress bar by `steps` training steps."""

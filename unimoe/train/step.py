@@ -16,6 +16,7 @@ from unimoe.config import LossWeights
 from unimoe.data.tasks import MODALITIES
 from unimoe.models.unimoe import UniMoE
 from unimoe.moe import routing
+from unimoe.moe.aux_stats import MoEAux
 from unimoe.parallel import sharded
 from unimoe.train import optim
 
@@ -83,6 +84,17 @@ def expert_usage_by_modality(counts_lbe: jax.Array, modality_b: jax.Array) -> ja
     onehot_bm = jax.nn.one_hot(modality_b, len(MODALITIES), dtype=jnp.float32)
     counts_me = jnp.einsum('be,bm->me', counts_lbe.sum(0), onehot_bm)
     return counts_me / jnp.maximum(counts_me.sum(-1, keepdims=True), 1.0)
+
+
+def metric_axes(model: UniMoE) -> dict[str, tuple]:
+    """The axes of the step's array metrics, for `metrics.MetricsWriter(axes=)`: the MoE
+    statistics per MoE layer, labelled by the decoder layer it is (`layer3`), and per expert;
+    `expert_usage_by_modality` per modality (by name) and expert."""
+    moe_layers = [f'layer{i}' for i, layer in enumerate(model.llm.layers) if layer.is_moe]
+    return {
+        **MoEAux.metric_axes(moe_layers),
+        'expert_usage_by_modality': (MODALITIES, 'expert'),
+    }
 
 
 def compute_loss(

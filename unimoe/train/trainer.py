@@ -28,7 +28,7 @@ from unimoe.experiment import ExperimentConfig
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.parallel import mesh as mesh_lib, sharded
 from unimoe.train import metrics as metrics_lib, nonfinite, optim, preemption, step as step_lib
-from unimoe.train import workdir as workdir_lib
+from unimoe.train import throughput, workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class StepLoop:
         self.stage, self.name, self.state, self.ckpt = stage, name, state, ckpt
         self.data_iter = data_iter
         self.log_every = experiment.log_every
+        self.seq_len = experiment.data.seq_len
         self.checkpoint_every = experiment.checkpoint_every
         self.schedule = optim.learning_rate_schedule(stage_optim_config(stage))
         self.guard = nonfinite.NonFiniteGuard(
@@ -222,18 +223,27 @@ class StepLoop:
     ) -> dict[str, Any]:
         """Runs the steps after `start_step`; returns the last logged metrics."""
         stage, counters, last = self.stage, self.state.counters, {}
+        axes = step_lib.metric_axes(self.state.model)
+        devices = plan.mesh.devices.flat
+        meter = throughput.stage_meter(self.state.model, stage, self.seq_len, devices)
         with metrics_lib.MetricsWriter(
-            logdir, total_steps=stage.steps, desc=self.name, initial_step=start_step
+            logdir, total_steps=stage.steps, desc=self.name, initial_step=start_step, axes=axes
         ) as writer:
             for step in range(start_step + 1, stage.steps + 1):
                 batch = dict(next(self.data_iter))
                 # Skipped records travel in the batches (on_error='skip'), never into the step.
                 counters['skipped_records'] += np.int32(np.sum(batch.pop('num_skipped', 0)))
+                meter.count(batch)
+                if step == start_step + 1:
+                    log.info('compiling %s ...', self.name)  # the first call compiles the step
                 metrics = self.state.apply(train_step, sharded.shard_batch(plan, batch), step)
+                if step == start_step + 1:
+                    seconds = meter.restart_after(metrics)  # its compile stays out of the rates
+                    log.info('stage %s: compiled in %.1f s (step included)', self.name, seconds)
                 self.guard.add(step, metrics)
                 writer.update(1)
                 if step % self.log_every == 0 or step == stage.steps:
-                    last = self.log(writer, step, metrics)
+                    last = self.log(writer, step, metrics, meter)
                 if signals is not None and signals.requested and step < stage.steps:
                     self.save(step, force=True)
                     self.ckpt.wait()
@@ -244,10 +254,18 @@ class StepLoop:
         self.ckpt.wait()
         return last
 
-    def log(self, writer: metrics_lib.MetricsWriter, step: int, metrics: Any) -> dict[str, Any]:
-        """Writes step `step`'s metrics (the non-finite guard checked first); returns them."""
+    def log(
+        self,
+        writer: metrics_lib.MetricsWriter,
+        step: int,
+        metrics: Any,
+        meter: throughput.StepMeter,
+    ) -> dict[str, Any]:
+        """Writes step `step`'s metrics and the rates of the steps since the last log (the
+        non-finite guard checked first); returns the step's metrics."""
         bad_steps = self.guard.check()
         last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+        rates = meter.rates()  # after the read-back, which waited for the steps it covers
         # A skipped step's NaN / Inf values are not logged; its step is counted instead.
         last = {k: v for k, v in last.items() if np.all(np.isfinite(v))}
         # Skipped steps do not advance the optimizer, nor so its schedule.
@@ -257,7 +275,7 @@ class StepLoop:
             extra['nonfinite_steps'] = self.guard.skipped_steps
         if self.stage.json_sources:
             extra['skipped_records'] = self.state.counters['skipped_records']
-        writer.write(step, {**last, **extra})
+        writer.write(step, {**last, **extra, **rates})
         return last
 
 
