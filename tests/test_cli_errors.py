@@ -44,6 +44,10 @@ def _main(*args: str, tmp_path) -> subprocess.CompletedProcess:
             ["error: config.eval.stages names ['s2_image', 's2_video', 's2_speech', 's2_audio', "],
         ),
         (('--config.foo=3', '--dry_run'), ["error: the config has no field 'foo'"]),
+        (
+            ('--config.model.moe.top_kk=1', '--dry_run'),
+            ["error: the config has no field 'top_kk' (did you mean top_k?): check the --config"],
+        ),
     ],
 )
 def test_config_mistakes_are_one_line_each_with_exit_code_2(args, errors, tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
+import re
 import sys
 import traceback
 import types
@@ -233,6 +234,17 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _suggestion(error: BaseException) -> str:
+    """ml_collections' 'Did you mean "top_k" instead of "top_kk"?', found on the way to the root
+    (the root's own message lacks it), as ' (did you mean top_k?)'."""
+    while error is not None:
+        match = re.search(r'Did you mean "([^"]+)"', str(error))
+        if match:
+            return f' (did you mean {match.group(1)}?)'
+        error = error.__cause__ or error.__context__
+    return ''
+
+
 def user_error_lines(error: BaseException) -> list[str]:
     """What to print for a user's mistake: each problem of a `UserError`, else the message of
     the innermost exception (absl and ml_collections wrap the config file's own errors)."""
@@ -240,7 +252,10 @@ def user_error_lines(error: BaseException) -> list[str]:
         return error.problems
     root = _root_cause(error)
     if isinstance(root, (AttributeError, KeyError)):  # a --config.<field> override of no field
-        return [f"the config has no field {str(root).strip(chr(34))}: check the --config.* flags"]
+        return [
+            f"the config has no field {str(root).strip(chr(34))}{_suggestion(error)}: check the "
+            "--config.* flags"
+        ]
     return [line.strip() for line in str(root).splitlines() if line.strip()][-1:] or [repr(root)]
 
 
