@@ -82,6 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             rope_theta=10000.0,
             norm_eps=1e-5,
             dtype='bfloat16',
+            # One compiled block for the 32 layers, each recomputed in the backward pass from its
+            # input (unimoe/models/layer_stack.py; the memory plan: docs/design.md).
+            scan_layers=True,
+            remat='full',
         ),
         vision=dict(
             image_size=336,

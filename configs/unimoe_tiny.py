@@ -48,7 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     c.model = dict(
-        llm=dict(dim=96, num_layers=3, num_heads=4, num_kv_heads=2, ffn_dim=192),
+        # scan_layers: layers stacked and scanned (one compiled block); remat: what the backward
+        # recomputes (unimoe/models/layer_stack.py). Unrolled and kept at this size.
+        llm=dict(
+            dim=96, num_layers=3, num_heads=4, num_kv_heads=2, ffn_dim=192, scan_layers=False,
+            remat='none',
+        ),
         vision=dict(
             image_size=32,
             patch_size=8,

@@ -30,6 +30,7 @@ from unimoe.convert import core as convert_core, upcycle
 from unimoe.data import tasks as tasks_lib
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.experiment import ExperimentConfig
+from unimoe.models import layer_stack
 from unimoe.models.abstract import abstract_module
 from unimoe.models.unimoe import ModelSpec, UniMoE, UniMoEConfig
 from unimoe.parallel import sharded
@@ -40,8 +41,8 @@ log = logging.getLogger(__name__)
 # '/'-joined paths such as 'llm/layers/0/ffn/gate/kernel'. The FFNs are a part of their own:
 # stage 2 trains them and stage 3 takes them from `experts_from`.
 PARTS: dict[str, str] = {
-    'llm': r'^llm/(?!layers/\d+/ffn/)',  # the LM but its FFNs
-    'ffn': r'^llm/layers/\d+/ffn/',
+    'llm': r'^llm/(?!(blocks/)?layers/\d+/ffn/)',  # the LM but its FFNs
+    'ffn': r'^llm/(blocks/)?layers/\d+/ffn/',  # unrolled or scanned (`models.layer_stack`)
     'vision': r'^vision/',
     'image_head': r'^image_head/',
     'audio': r'^audio/',
@@ -122,11 +123,12 @@ def load_params(
     one source. A path found with a different shape is an error: silently skipping it would train
     from a half-initialised model.
     """
-    state = nnx.state(model, nnx.Param)
-    origin: dict[str, str] = {}
-    for path, variable in nnx.to_flat_state(state):
-        key = path_str(path)
-        value = variable.get_value()
+    # Matched by unrolled names (`llm/layers/<i>/...`, as sources and upcycling speak them); a
+    # scanned LM's stacked parameters are viewed layer by layer and stacked back.
+    variables = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    current = layer_stack.unrolled_params({k: v.get_value() for k, v in variables.items()})
+    values, origin = {}, {}
+    for key, value in current.items():
         for name, flat in sources:
             if key in flat:
                 value = _checked(key, flat[key], value, name)
@@ -136,8 +138,14 @@ def load_params(
             if upcycled is not None:
                 value = upcycled
                 origin[key] = '+'.join(name for name, _ in experts_from)
+        values[key] = value
+    if current.keys() != variables.keys():
+        lm = model.llm.cfg
+        values = layer_stack.scanned_params(values, lm.block_period, lm.num_layers)
+        origin = layer_stack.scanned_origin(origin, lm.block_period)
+    for key, variable in variables.items():
         # The State holds the model's own Variables, so this writes into the model.
-        variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
+        variable.set_value(jnp.asarray(values[key], dtype=variable.get_value().dtype))
     log.info('initialised %d params from earlier stages', len(origin))
     return origin
 
@@ -231,7 +239,8 @@ def final_params(workdir: pathlib.Path, name: str) -> dict[str, np.ndarray]:
                 f"stage {name!r} is named as a source but has not finished in {workdir}"
             )
         flat, defined = ckpt.final_params()
-    return {path: flat[path] for path in defined}
+    # Unrolled names whatever the stage's layout, as `load_params` matches them.
+    return layer_stack.unrolled_params({path: flat[path] for path in defined})
 
 
 def build_stage_model(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from unimoe.models import audio, connectors, llm, vision
+from unimoe.models import audio, connectors, llm, rope, vision
 from unimoe.moe.config import MoEConfig
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _rope_scaling(cfg: dict) -> tuple[float, dict]:
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = {**(cfg.get("rope_scaling") or {}), **params}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    _unsupported(rope_type not in llm.ROPE_TYPES, f"rope_type {rope_type!r}")
+    _unsupported(rope_type not in rope.ROPE_TYPES, f"rope_type {rope_type!r}")
     kwargs: dict[str, Any] = {"rope_type": rope_type}
     if rope_type != "default":
         kwargs["factor"] = float(scaling["factor"])

@@ -32,6 +32,7 @@ from unimoe.convert.families import FAMILIES, Options
 from unimoe.data import builtin
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.experiment import ExperimentConfig, from_config_dict
+from unimoe.models import layer_stack
 from unimoe.models import audio as audio_lib, connectors, llm, vision as vision_lib
 from unimoe.nn.lora import merge_lora
 
@@ -345,6 +346,9 @@ def export_stage(
     experiment = read_experiment(stage_dir)
     with Checkpointer(stage_dir / CHECKPOINTS) as ckpt:
         params, defined = ckpt.final_params()
+    # A scanned LM's stacked layers, one by one (`models.layer_stack`): HF names them so.
+    defined = list(layer_stack.unrolled_params({path: params[path] for path in defined}))
+    params = layer_stack.unrolled_params(params)
     tokenizer_file = _tokenizer_file(experiment)
     tokenizer = None
     if tokenizer_file.is_file():

@@ -56,7 +56,7 @@ def prefill(
     mask_bt = jnp.arange(seq)[None, :] < prompt_len_b[:, None]
     x_btd = x_btd.astype(lm.cfg.dtype)
     keys, values = [], []
-    for layer in lm.layers:
+    for layer in lm.layer_list():
         q_btgrd, k_btgd, v_btgd = layer.attn.qkv(layer.attn_norm(x_btd), seq)
         x_btd = x_btd + layer.attn.output(causal_attention(q_btgrd, k_btgd, v_btgd, mask_bt))
         x_btd, _ = layer.ffn_block(x_btd, mask_bt)
@@ -80,7 +80,7 @@ def decode_step(lm: DecoderLM, x_bd: jax.Array, cache: KVCache) -> tuple[jax.Arr
     token_mask_b1 = jnp.ones((batch, 1), bool)
     x_b1d = x_bd[:, None].astype(lm.cfg.dtype)
     keys, values = [], []
-    for layer, k_bgsd, v_bgsd in zip(lm.layers, cache.k, cache.v):
+    for layer, k_bgsd, v_bgsd in zip(lm.layer_list(), cache.k, cache.v):
         q_b1grd, k_b1gd, v_b1gd = layer.attn.qkv(layer.attn_norm(x_b1d), pos_b[:, None])
         k_bgsd = k_bgsd.at[rows_b, :, pos_b].set(k_b1gd[:, 0])
         v_bgsd = v_bgsd.at[rows_b, :, pos_b].set(v_b1gd[:, 0])

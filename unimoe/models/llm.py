@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimoe.models import layer_stack
+from unimoe.models.rope import RopeScaling, apply_rope, rope_cos_sin
 from unimoe.moe.aux_stats import MoEAux
 from unimoe.moe.config import MoEConfig
 from unimoe.moe.layer import MoELayer
@@ -50,39 +52,6 @@ def resolve_moe_layers(spec: str | Sequence[int], num_layers: int) -> tuple[int,
     return tuple(sorted(layers))
 
 
-ROPE_TYPES = ("default", "linear", "llama3")
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling as Hugging Face's `rope_parameters` / `rope_scaling`.
-
-    'default': none; 'linear': positions divided by `factor` (Vicuna-16k style); 'llama3': low
-    frequencies divided by `factor`, high ones kept, the band between interpolated (Llama 3.1).
-    """
-
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_positions: int = 8192
-
-    def __post_init__(self):
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(
-                f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}"
-            )
-        if self.factor <= 0:
-            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
-        if self.rope_type == "llama3" and not (
-            0 < self.low_freq_factor < self.high_freq_factor and self.original_max_positions > 0
-        ):
-            raise ValueError(
-                "RopeScaling 'llama3' needs 0 < low_freq_factor < high_freq_factor and "
-                f"original_max_positions > 0, got {self}"
-            )
-
-
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
     """Decoder LM shape. Built from plain kwargs: nested `moe` / `lora` may be dicts and
@@ -92,6 +61,9 @@ class LLMConfig:
     float32 and logits are returned in float32.
     qkv_bias: biases on the q, k and v projections (Qwen2 / Qwen2-MoE); LLaMA has none.
     rope_scaling: a `RopeScaling` (or its kwargs) applied to the RoPE frequencies.
+    scan_layers: the layers' parameters stacked and scanned over (`models.layer_stack`).
+    remat: what the backward pass recomputes, per layer or scanned block
+    (`layer_stack.REMAT_POLICIES`: 'none', 'full', 'dots', 'dots_no_batch', ...).
     vocab_size: 0 only in an experiment's `unimoe.models.unimoe.ModelSpec`, before the tokenizer
     gives it (a model needs > 0).
     """
@@ -112,6 +84,8 @@ class LLMConfig:
     dtype: str = "float32"
     qkv_bias: bool = False
     rope_scaling: RopeScaling = RopeScaling()
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         if self.vocab_size < 0:
@@ -135,6 +109,11 @@ class LLMConfig:
             raise ValueError(
                 f"LLMConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
             )
+        if self.remat not in layer_stack.REMAT_POLICIES:
+            raise ValueError(
+                f"LLMConfig.remat must be one of {sorted(layer_stack.REMAT_POLICIES)}, "
+                f"got {self.remat!r}"
+            )
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if isinstance(self.lora, dict):
@@ -147,52 +126,12 @@ class LLMConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.num_heads
 
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> jax.Array:
-    """Inverse frequencies [head_dim // 2], scaled as HF's `ROPE_INIT_FUNCTIONS`."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling.rope_type == "linear":
-        return inv_freq / scaling.factor
-    if scaling.rope_type == "llama3":
-        context = scaling.original_max_positions
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(
-            wavelen > context / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq
-        )
-        smooth = (context / wavelen - scaling.low_freq_factor) / (
-            scaling.high_freq_factor - scaling.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-        is_medium = (wavelen >= context / scaling.high_freq_factor) & (
-            wavelen <= context / scaling.low_freq_factor
-        )
-        return jnp.where(is_medium, smoothed, scaled)
-    return inv_freq
-
-
-def rope_cos_sin(
-    positions: int | jax.Array, head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()
-) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [..., head_dim] at integer `positions` (an int T means 0..T-1, giving [T, hd]),
-    the two halves repeated as in HF. Decoding passes each row's own positions, [B, 1]."""
-    if isinstance(positions, int):
-        positions = jnp.arange(positions, dtype=jnp.float32)
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
-    angles_pf = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles_ph = jnp.concatenate([angles_pf, angles_pf], axis=-1)
-    return jnp.cos(angles_ph), jnp.sin(angles_ph)
-
-
-def apply_rope(x_bthd: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """HF LLaMA convention: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
-
-    cos, sin: [T, hd] (every row at the same positions) or [B, T, hd] (per-row positions).
-    """
-    half = x_bthd.shape[-1] // 2
-    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
-    cos = cos[..., None, :].astype(x_bthd.dtype)
-    sin = sin[..., None, :].astype(x_bthd.dtype)
-    return x_bthd * cos + rotated * sin
+    @property
+    def block_period(self) -> int:
+        """Layers per scanned block (`layer_stack.block_period`); 1 per layer when unrolled."""
+        if not self.scan_layers:
+            return 1
+        return layer_stack.block_period(self.moe_layers, self.num_layers)
 
 
 # Query rows per block of `causal_attention`: S=512 then costs 10 of 16 score blocks.
@@ -395,6 +334,11 @@ class DecoderLayer(nnx.Module):
 ACTIVATION_AXES = ("batch", "seq", "act_embed")
 LOGITS_AXES = ("batch", "seq", "act_vocab")
 
+
+def _pin(x_btd: jax.Array) -> jax.Array:
+    return constrain(x_btd, ACTIVATION_AXES)
+
+
 class DecoderLM(nnx.Module):
     """Token embedding, decoder layers, final RMSNorm and LM head.
 
@@ -413,7 +357,15 @@ class DecoderLM(nnx.Module):
             embedding_init=nnx.initializers.normal(BASE_INIT_STDDEV),
             rngs=rngs,
         )
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        make_layer = lambda index, rngs: DecoderLayer(cfg, index, rngs=rngs)  # noqa: E731
+        if cfg.scan_layers:
+            # Block layer j is MoE as decoder layer j is: the layout repeats every block.
+            period = cfg.block_period
+            self.blocks = layer_stack.stacked_blocks(
+                make_layer, period, cfg.num_layers // period, rngs
+            )
+        else:
+            self.layers = nnx.List([make_layer(i, rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         # Tied models read the output projection from `embed`; the head stays unadapted in stage 3.
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, rngs=rngs)
@@ -440,18 +392,40 @@ class DecoderLM(nnx.Module):
             )
         # Layer boundaries pin the residual stream to the batch sharding (no-op on one device).
         x_btd = constrain(x_btd.astype(cfg.dtype), ACTIVATION_AXES)
-        layer_aux = []
-        for layer in self.layers:
-            x_btd, aux = layer(x_btd, attn_mask_bt, token_weight_bt)
-            x_btd = constrain(x_btd, ACTIVATION_AXES)
-            if aux is not None:
-                layer_aux.append(aux)
-        logits_btv = self.logits(x_btd)
-        if layer_aux:
-            aux = MoEAux.stack(layer_aux)
+        if cfg.scan_layers:
+            x_btd, aux = layer_stack.scan_blocks(
+                self.blocks, x_btd, attn_mask_bt, token_weight_bt, _pin, cfg.remat
+            )
         else:
+            x_btd, aux = self._unrolled(x_btd, attn_mask_bt, token_weight_bt)
+        logits_btv = self.logits(x_btd)
+        if aux is None:
             aux = MoEAux.no_layers(x_btd.shape[0], cfg.moe.num_experts)
         return logits_btv, aux.reduce_layers()
+
+    def _unrolled(
+        self, x_btd: jax.Array, attn_mask_bt: jax.Array, token_weight_bt: jax.Array | None
+    ) -> tuple[jax.Array, MoEAux | None]:
+        call = layer_stack.rematerialised(
+            lambda layer, x_btd: layer(x_btd, attn_mask_bt, token_weight_bt),
+            self.cfg.remat,
+            in_scan=False,
+        )
+        layer_aux = []
+        for layer in self.layers:
+            x_btd, aux = call(layer, x_btd)
+            x_btd = _pin(x_btd)
+            if aux is not None:
+                layer_aux.append(aux)
+        return x_btd, MoEAux.stack(layer_aux) if layer_aux else None
+
+    def layer_list(self) -> list[DecoderLayer]:
+        """The decoder layers in order; scanned, views of the stack that read it (writes to them
+        do not reach the model)."""
+        if not self.cfg.scan_layers:
+            return list(self.layers)
+        blocks = layer_stack.block_views(self.blocks)
+        return [layer for block in blocks for layer in block.layers]
 
     def logits(self, x_btd: jax.Array) -> jax.Array:
         """Final norm and LM head on the last layer's output -> float32 logits_btv."""

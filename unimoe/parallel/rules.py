@@ -69,8 +69,15 @@ PARAM_AXES: tuple[tuple[str, Logical], ...] = (
 _COMPILED = tuple((re.compile(pattern), names) for pattern, names in PARAM_AXES)
 
 
+# Scanned decoder layers (`models.layer_stack`): a leading layer axis, never sharded (each
+# device runs every layer), before the axes of the unrolled parameter.
+_STACKED = re.compile(r'(^|/)blocks/layers/')
+
+
 def logical_axes(path: str, ndim: int) -> Logical:
     """The logical names of parameter `path` (one per dimension); raises if none fits."""
+    if _STACKED.search(path):
+        return (None, *logical_axes(_STACKED.sub(r'\1layers/', path), ndim - 1))
     for pattern, names in _COMPILED:
         if pattern.search(path):
             if names is None:

@@ -90,7 +90,7 @@ def metric_axes(model: UniMoE) -> dict[str, tuple]:
     """The axes of the step's array metrics, for `metrics.MetricsWriter(axes=)`: the MoE
     statistics per MoE layer, labelled by the decoder layer it is (`layer3`), and per expert;
     `expert_usage_by_modality` per modality (by name) and expert."""
-    moe_layers = [f'layer{i}' for i, layer in enumerate(model.llm.layers) if layer.is_moe]
+    moe_layers = [f'layer{i}' for i in model.llm.cfg.moe_layers]
     return {
         **MoEAux.metric_axes(moe_layers),
         'expert_usage_by_modality': (MODALITIES, 'expert'),
@@ -134,13 +134,20 @@ def update_router_biases(model: UniMoE, expert_load_le: jax.Array) -> None:
 
     Outside the optimizer on purpose: the bias is a `RouterBias` variable, not a Param.
     """
-    moe_layers = [layer.ffn for layer in model.llm.layers if layer.is_moe]
-    for layer, load_e in zip(moe_layers, expert_load_le, strict=True):
-        bias = getattr(layer, 'router_bias', None)
+    lm = model.llm
+    if lm.cfg.scan_layers:
+        # One stacked [blocks, E] bias per MoE layer of the block; its loads are every
+        # (MoE layers per block)-th row, in layer order.
+        moe_ffns = [layer.ffn for layer in lm.blocks.layers if layer.is_moe]
+        update = jax.vmap(routing.bias_update, in_axes=(0, 0, None))
+        loads = [expert_load_le[k :: len(moe_ffns)] for k in range(len(moe_ffns))]
+    else:
+        moe_ffns = [layer.ffn for layer in lm.layers if layer.is_moe]
+        update, loads = routing.bias_update, list(expert_load_le)
+    for ffn, load in zip(moe_ffns, loads, strict=True):
+        bias = getattr(ffn, 'router_bias', None)
         if bias is not None:
-            bias.set_value(
-                routing.bias_update(bias.get_value(), load_e, layer.cfg.bias_update_rate)
-            )
+            bias.set_value(update(bias.get_value(), load, ffn.cfg.bias_update_rate))
 
 
 TrainStep = Callable[

@@ -63,7 +63,8 @@ def _model_fields(spec: ModelSpec) -> dict[str, Any]:
     fields = dataclasses.asdict(spec)
     llm = fields['llm']
     fields['moe'], fields['lora'] = llm.pop('moe'), llm.pop('lora')
-    del llm['vocab_size'], llm['moe_layers']
+    # remat changes what is recomputed, not what is learned.
+    del llm['vocab_size'], llm['moe_layers'], llm['remat']
     return fields
 
 
