@@ -15,6 +15,7 @@ import pytest
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+from tests.kernels.test_gmm import assert_cotangent_precision_kept, mixed_precision_operands
 from unimoe.kernels import gmm as kgmm
 
 TILING = kgmm.Tiling(64, 64, 64)
@@ -93,3 +94,29 @@ def test_mosaic_gpu_is_chosen_for_16_bit_operands_on_hopper_only():
         )
     with pytest.raises(ValueError, match="gpu_lowering"):
         kgmm.gmm(x, w, sizes, platform="gpu", gpu_lowering="cutlass", interpret=True)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose_rhs",))
+def mosaic_grads(x, w, sizes, dy, *, transpose_rhs):
+    def fn(x, w):
+        return kgmm.gmm(
+            x,
+            w,
+            sizes,
+            transpose_rhs=transpose_rhs,
+            preferred_element_type=jnp.float32,
+            tiling=TILING,
+            platform="gpu",
+            gpu_lowering="mosaic",
+            interpret=True,
+        )
+
+    return jax.vjp(fn, x, w)[1](dy)
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_mosaic_gpu_float32_cotangent_keeps_its_precision(transpose_rhs):
+    """Warpgroup MMAs take 16-bit operands only: the float32 cotangent runs as two bf16 parts."""
+    x, w, sizes, dy = mixed_precision_operands(transpose_rhs)
+    grads_fn = functools.partial(mosaic_grads, transpose_rhs=transpose_rhs)
+    assert_cotangent_precision_kept(grads_fn, x, w, sizes, dy, transpose_rhs)
