@@ -4,7 +4,8 @@ Axis letters as in `unimoe.moe.gmm`: rows M sorted by group (expert), G groups, 
 `gmm(lhs[M, K], rhs[G, K, N], group_sizes[G])[r] = lhs[r] @ rhs[g]` for row r of group g; rows
 past sum(group_sizes) are zero. `tgmm(lhs[M, K], grad[M, N], group_sizes)[g] = lhs_g.T @ grad_g`.
 `gmm` is a `jax.custom_vjp` whose backward pass is a gmm (d_lhs, with the weights transposed in
-the kernel, not in memory) and a tgmm (d_rhs), so it trains. Both accumulate in float32.
+the kernel, not in memory) and a tgmm (d_rhs), so it trains. Both accumulate in float32, and the
+backward keeps the cotangent's dtype (a float32 cotangent of a bf16 gmm is not rounded to bf16).
 
 `group_offset` (expert parallelism): rhs holds only G_local = rhs.shape[0] groups, the global
 groups [group_offset, group_offset + G_local) of `group_sizes`; rows of other groups are zero.
@@ -232,7 +233,7 @@ def _gmm_bwd(call, res, d_out):
     grads = functools.partial(_grads, call, lhs, rhs, group_sizes, group_offset)
     # d_out keeps its dtype (float32 for a bf16 gmm with preferred_element_type=float32):
     # rounding it to bf16 first drops 16 of its mantissa bits before any product is taken
-    # (docs/design.md, "Kernels": megablox's tolerance failed on 8% of d_lhs that way).
+    # (docs/design.md, "Kernels": ~10% of d_lhs failed megablox's tolerance that way).
     if call.mosaic_gpu and d_out.dtype != lhs.dtype:
         # Warpgroup MMAs take 16-bit operands only (float32 would be TF32 and is refused), so the
         # cotangent is split into two 16-bit parts, hi + lo, each an exact product with the
@@ -304,7 +305,8 @@ def gmm(
     """out[M, N] = each row times its group's matrix (module docstring); differentiable.
 
     rhs is [G_local, K, N] ([G_local, N, K] with `transpose_rhs`) and is cast to lhs's dtype;
-    the result has `preferred_element_type` (default lhs's dtype), accumulated in float32.
+    the result has `preferred_element_type` (default lhs's dtype), accumulated in float32, and so
+    has the cotangent of the VJP, which keeps it (float32 with bf16 operands: module docstring).
     `platform` overrides the backend the kernel is lowered for (default: the default backend);
     `tiling` defaults to `default_tiling(platform)`; `gpu_lowering` ('triton' | 'mosaic')
     defaults to `default_gpu_lowering`.
