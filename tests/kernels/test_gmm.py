@@ -211,3 +211,80 @@ def test_bad_operands_are_rejected_clearly():
         kgmm.gmm(x, jnp.zeros((2, 4, 3)), sizes, interpret=False)
     with pytest.raises(ValueError, match="power of two"):
         kgmm.gmm(x, jnp.zeros((2, 4, 3)), sizes, tiling=kgmm.Tiling(24, 16, 16), platform="gpu")
+
+
+# Megablox's tolerances when an operand or the output is bf16 (jax `tests/pallas/tpu_gmm_test.py`,
+# `tolerances`). Its test draws bf16-exact cotangents, so it cannot see a cast-first backward.
+MEGABLOX_ATOL, MEGABLOX_RTOL = 1e-3, 1e-2
+# Odd group sizes with an empty group, summing to the 128 rows.
+MIXED_SIZES = (37, 0, 51, 29, 11)
+
+
+def mixed_precision_operands(transpose_rhs: bool):
+    """bf16 x [128, 128] and weights, and a float32 cotangent [128, 256] drawn from a normal, so
+    (almost) none of it is bf16-exact: what a bf16 gmm with a float32 output gets back."""
+    num_rows, k_dim, n_dim = 128, 128, 256
+    keys = jax.random.split(jax.random.key(11), 3)
+    x = jax.random.normal(keys[0], (num_rows, k_dim), jnp.bfloat16)
+    w_shape = (n_dim, k_dim) if transpose_rhs else (k_dim, n_dim)
+    w = jax.random.normal(keys[1], (len(MIXED_SIZES), *w_shape), jnp.bfloat16)
+    dy = jax.random.normal(keys[2], (num_rows, n_dim), jnp.float32)
+    return x, w, jnp.asarray(MIXED_SIZES, jnp.int32), dy
+
+
+def float32_grads(x, w, sizes, dy, transpose_rhs: bool):
+    """(d_x, d_w) in float32 from the same bf16 values upcast: `jax.vjp` of `ragged_dot`."""
+
+    def fn(x, w):
+        w = jnp.swapaxes(w, 1, 2) if transpose_rhs else w
+        return jax.lax.ragged_dot(x, w, sizes, precision=jax.lax.Precision.HIGHEST)
+
+    return jax.vjp(fn, x.astype(jnp.float32), w.astype(jnp.float32))[1](dy)
+
+
+def tolerance_ratio(got: jax.Array, want: jax.Array) -> float:
+    """max |got - want| / (atol + rtol |want|) at megablox's tolerances: <= 1 passes its test."""
+    got, want = np.float32(got), np.float32(want)
+    return float(np.max(np.abs(got - want) / (MEGABLOX_ATOL + MEGABLOX_RTOL * np.abs(want))))
+
+
+def assert_cotangent_precision_kept(grads_fn, x, w, sizes, dy, transpose_rhs) -> None:
+    """The kernel's (d_x, d_w) for the float32 cotangent pass megablox's tolerance against the
+    float32 reference, and their error is at least 5x smaller than the same kernel's for the
+    cotangent rounded to bf16 first, which is what the backward pass did before (its d_x and d_w
+    were bit-identical to these on this data)."""
+    want = float32_grads(x, w, sizes, dy, transpose_rhs)
+    got = grads_fn(x, w, sizes, dy)
+    cast_first = grads_fn(x, w, sizes, dy.astype(jnp.bfloat16).astype(jnp.float32))
+    for name, g, c, r in zip(("d_x", "d_w"), got, cast_first, want, strict=True):
+        assert g.dtype == jnp.bfloat16, name  # the primal's dtype
+        new, old = tolerance_ratio(g, r), tolerance_ratio(c, r)
+        assert new <= 1 and old > 1 and 5 * new < old, (name, new, old)
+
+
+@functools.partial(jax.jit, static_argnames=("platform", "transpose_rhs"))
+def kernel_grads(x, w, sizes, dy, *, platform, transpose_rhs):
+    def fn(x, w):
+        return kgmm.gmm(
+            x,
+            w,
+            sizes,
+            transpose_rhs=transpose_rhs,
+            preferred_element_type=jnp.float32,
+            tiling=kgmm.Tiling(32, 32, 32),
+            interpret=True,
+            platform=platform,
+        )
+
+    return jax.vjp(fn, x, w)[1](dy)
+
+
+@pytest.mark.parametrize(
+    "platform,transpose_rhs", [("tpu", False), ("tpu", True), ("gpu", False), ("gpu", True)]
+)
+def test_float32_cotangent_of_bf16_gmm_keeps_its_precision(platform, transpose_rhs):
+    """bf16 operands, float32 output and cotangent: the backward kernels take the float32
+    cotangent and bf16 residuals (TPU kernels and Triton kernels, interpret mode)."""
+    x, w, sizes, dy = mixed_precision_operands(transpose_rhs)
+    grads_fn = functools.partial(kernel_grads, platform=platform, transpose_rhs=transpose_rhs)
+    assert_cotangent_precision_kept(grads_fn, x, w, sizes, dy, transpose_rhs)

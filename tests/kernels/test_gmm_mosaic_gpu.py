@@ -15,6 +15,7 @@ import pytest
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+from tests.kernels.test_gmm import assert_cotangent_precision_kept, mixed_precision_operands
 from unimoe.kernels import gmm as kgmm
 
 TILING = kgmm.Tiling(64, 64, 64)
@@ -93,3 +94,27 @@ def test_mosaic_gpu_is_chosen_for_16_bit_operands_on_hopper_only():
         )
     with pytest.raises(ValueError, match="gpu_lowering"):
         kgmm.gmm(x, w, sizes, platform="gpu", gpu_lowering="cutlass", interpret=True)
+
+
+@jax.jit
+def mosaic_grads(x, w, sizes, dy):
+    def fn(x, w):
+        return kgmm.gmm(
+            x,
+            w,
+            sizes,
+            preferred_element_type=jnp.float32,
+            tiling=TILING,
+            platform="gpu",
+            gpu_lowering="mosaic",
+            interpret=True,
+        )
+
+    return jax.vjp(fn, x, w)[1](dy)
+
+
+def test_mosaic_gpu_float32_cotangent_keeps_its_precision():
+    """Warpgroup MMAs take 16-bit operands only: the float32 cotangent runs as two bf16 parts
+    through the bf16 kernels (whose transposed variants the bf16 tests above cover)."""
+    x, w, sizes, dy = mixed_precision_operands(transpose_rhs=False)
+    assert_cotangent_precision_kept(mosaic_grads, x, w, sizes, dy, transpose_rhs=False)

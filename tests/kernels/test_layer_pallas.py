@@ -1,6 +1,7 @@
 """MoELayer with kernel_impl='pallas' (interpret mode on CPU) equals kernel_impl='xla'."""
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -77,3 +78,33 @@ def test_kernel_impl_resolves_in_one_place_and_is_validated():
     assert (layer.backend(num_tokens=2), layer.backend(num_tokens=4096)) == ("ragged_dot", "tiles")
     with pytest.raises(ValueError, match="kernel_impl"):
         MoEConfig(kernel_impl="triton")
+
+
+def test_bf16_compute_with_float32_params_matches_xla(caplog):
+    """Mixed precision as `LLMConfig.dtype='bfloat16'` runs a layer: bf16 activations, float32
+    parameters (the master weights, cast to bf16 at each matmul). The Pallas layer's expert
+    gradients are float32 and agree with the XLA path's (the tile loops here) to bf16 rounding."""
+    cfg = MoEConfig(num_experts=4, router="top_p", top_p=0.5, k_max=3, num_null_experts=1)
+    keys = jax.random.split(jax.random.key(1), 2)
+    # 24 tokens x 3 slots: enough rows per expert for the XLA path to take the tile loops on CPU.
+    x_btd = jax.random.normal(keys[0], (2, 12, DIM)).astype(jnp.bfloat16)
+    probe_btd = jax.random.normal(keys[1], (2, 12, DIM))
+    mask_bt = jnp.ones((2, 12), bool).at[1, 9:].set(False)
+    run = functools.partial(loss_and_grads, x_btd=x_btd, mask_bt=mask_bt, probe_btd=probe_btd)
+
+    (_, (y_p, _)), (grads_p, _) = run(dataclasses.replace(cfg, kernel_impl="pallas"))
+    with caplog.at_level(logging.INFO, logger="unimoe.moe.layer"):
+        (_, (y_x, _)), (grads_x, _) = run(dataclasses.replace(cfg, kernel_impl="xla"))
+    assert "(tiles)" in caplog.text
+    _, (grads_f32, _) = run(dataclasses.replace(cfg, kernel_impl="xla"), x_btd=jnp.float32(x_btd))
+    assert y_p.dtype == y_x.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(y_p), np.float32(y_x), rtol=2e-2, atol=2e-2)
+    for name in ("w_gate_edf", "w_up_edf", "w_down_efd"):
+        g_p, g_x = grads_p["experts"][name][...], grads_x["experts"][name][...]
+        assert g_p.dtype == g_x.dtype == jnp.float32
+        scale = float(jnp.abs(g_x).max())
+        assert scale > 0
+        # bf16 keeps 8 significant bits: 2^-8 of the largest gradient, with room for the sums.
+        np.testing.assert_allclose(g_p, g_x, atol=2e-2 * scale, rtol=0)
+        # ... and the compute really was bf16: float32 activations give other gradients.
+        assert float(jnp.abs(g_x - grads_f32["experts"][name][...]).max()) > 1e-4 * scale

@@ -4,7 +4,8 @@ Axis letters as in `unimoe.moe.gmm`: rows M sorted by group (expert), G groups, 
 `gmm(lhs[M, K], rhs[G, K, N], group_sizes[G])[r] = lhs[r] @ rhs[g]` for row r of group g; rows
 past sum(group_sizes) are zero. `tgmm(lhs[M, K], grad[M, N], group_sizes)[g] = lhs_g.T @ grad_g`.
 `gmm` is a `jax.custom_vjp` whose backward pass is a gmm (d_lhs, with the weights transposed in
-the kernel, not in memory) and a tgmm (d_rhs), so it trains. Both accumulate in float32.
+the kernel, not in memory) and a tgmm (d_rhs), so it trains. Both accumulate in float32, and the
+backward keeps the cotangent's dtype (a float32 cotangent of a bf16 gmm is not rounded to bf16).
 
 `group_offset` (expert parallelism): rhs holds only G_local = rhs.shape[0] groups, the global
 groups [group_offset, group_offset + G_local) of `group_sizes`; rows of other groups are zero.
@@ -40,6 +41,7 @@ GPU_LOWERINGS = ("triton", "mosaic")
 # Mosaic GPU blocks: warpgroup MMAs take rows in multiples of 64, and a 128-byte swizzled
 # shared-memory row holds 64 bf16 values.
 MOSAIC_BLOCK_MULTIPLE = 64
+F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,11 @@ class _Call:
     transpose_rhs: bool
     out_dtype: Any
     gpu_lowering: str
+
+    @property
+    def mosaic_gpu(self) -> bool:
+        """Whether the call lowers to the Mosaic GPU (Hopper) kernels."""
+        return self.platform in GPU_PLATFORMS and self.gpu_lowering == "mosaic"
 
 
 def _resolve(
@@ -189,7 +196,7 @@ def _mosaic_gmm(call: _Call, blocks: Blocks, lhs, rhs, group_sizes, group_offset
 def _gmm_call(call: _Call, lhs, rhs, group_sizes, group_offset) -> jax.Array:
     num_rows, k_dim, n_dim, num_local = gmm_dims(lhs, rhs, call.transpose_rhs)
     blocks = _blocks(call, (num_rows, k_dim, n_dim), lhs, rhs, group_sizes, group_offset)
-    if call.platform in GPU_PLATFORMS and call.gpu_lowering == "mosaic":
+    if call.mosaic_gpu:
         return _mosaic_gmm(call, blocks, lhs, rhs, group_sizes, group_offset)
     visits = make_visits(group_sizes, num_rows, blocks.block_m, group_offset, num_local)
     kernels = gmm_gpu if call.platform in GPU_PLATFORMS else gmm_tpu
@@ -200,7 +207,7 @@ def _tgmm_call(call: _Call, lhs, grad, group_sizes, group_offset, num_local) -> 
     num_rows, k_dim = lhs.shape
     n_dim = grad.shape[1]
     blocks = _blocks(call, (num_rows, k_dim, n_dim), lhs, grad, group_sizes, group_offset)
-    if call.platform in GPU_PLATFORMS and call.gpu_lowering == "mosaic":
+    if call.mosaic_gpu:
         bm, bk, bn = blocks.block_m, blocks.block_k, blocks.block_n
         bounds = local_bounds(group_sizes, num_rows, group_offset, num_local)
         lhs, grad = _pad_to(lhs, {0: bm, 1: bk}), _pad_to(grad, {0: bm, 1: bn})
@@ -223,10 +230,30 @@ def _gmm_fwd(call, lhs, rhs, group_sizes, group_offset):
 
 def _gmm_bwd(call, res, d_out):
     lhs, rhs, group_sizes, group_offset = res
-    # The operands share lhs's dtype (the public `gmm` casts rhs); both kernels accumulate in
-    # float32 and write the gradients in that dtype.
-    d_out = d_out.astype(lhs.dtype)
-    grad_call = dataclasses.replace(call, out_dtype=lhs.dtype)
+    grads = functools.partial(_grads, call, lhs, rhs, group_sizes, group_offset)
+    # d_out keeps its dtype (float32 for a bf16 gmm with preferred_element_type=float32):
+    # rounding it to bf16 first drops 16 of its mantissa bits before any product is taken
+    # (docs/design.md, "Kernels": ~10% of d_lhs failed megablox's tolerance that way).
+    if call.mosaic_gpu and d_out.dtype != lhs.dtype:
+        # Warpgroup MMAs take 16-bit operands only (float32 would be TF32 and is refused), so the
+        # cotangent is split into two 16-bit parts, hi + lo, each an exact product with the
+        # 16-bit weights: twice the MMAs at the 16-bit rate, ~16 of the cotangent's mantissa bits.
+        hi = d_out.astype(lhs.dtype)
+        lo = (d_out - hi.astype(d_out.dtype)).astype(lhs.dtype)
+        (d_lhs_hi, d_rhs_hi), (d_lhs_lo, d_rhs_lo) = grads(hi, F32), grads(lo, F32)
+        d_lhs = (d_lhs_hi + d_lhs_lo).astype(lhs.dtype)
+        d_rhs = (d_rhs_hi + d_rhs_lo).astype(rhs.dtype)
+    else:
+        # The TPU and Triton kernels multiply blocks of two dtypes in float32
+        # (`metadata.matmul_operands`).
+        d_lhs, d_rhs = grads(d_out, lhs.dtype)
+    return d_lhs, d_rhs, None, None
+
+
+def _grads(call, lhs, rhs, group_sizes, group_offset, d_out, out_dtype):
+    """(d_lhs, d_rhs) of the forward `call` in `out_dtype`: a gmm with the weights transposed in
+    the kernel, and a tgmm. The residuals share lhs's dtype (the public `gmm` casts rhs)."""
+    grad_call = dataclasses.replace(call, out_dtype=out_dtype)
     d_lhs = _gmm_call(
         dataclasses.replace(grad_call, transpose_rhs=not call.transpose_rhs),
         d_out,
@@ -239,7 +266,7 @@ def _gmm_bwd(call, res, d_out):
         d_rhs = _tgmm_call(grad_call, d_out, lhs, group_sizes, group_offset, num_local)
     else:
         d_rhs = _tgmm_call(grad_call, lhs, d_out, group_sizes, group_offset, num_local)
-    return d_lhs, d_rhs, None, None
+    return d_lhs, d_rhs
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -278,7 +305,8 @@ def gmm(
     """out[M, N] = each row times its group's matrix (module docstring); differentiable.
 
     rhs is [G_local, K, N] ([G_local, N, K] with `transpose_rhs`) and is cast to lhs's dtype;
-    the result has `preferred_element_type` (default lhs's dtype), accumulated in float32.
+    the result has `preferred_element_type` (default lhs's dtype), accumulated in float32, and so
+    has the cotangent of the VJP, which keeps it (float32 with bf16 operands: module docstring).
     `platform` overrides the backend the kernel is lowered for (default: the default backend);
     `tiling` defaults to `default_tiling(platform)`; `gpu_lowering` ('triton' | 'mosaic')
     defaults to `default_gpu_lowering`.

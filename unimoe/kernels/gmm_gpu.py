@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from unimoe.kernels.metadata import Blocks, Visits, gmm_dims, num_visits
+from unimoe.kernels.metadata import Blocks, Visits, gmm_dims, matmul_operands, num_visits
 
 F32 = jnp.float32
 NUM_WARPS = 4
@@ -29,6 +29,12 @@ NUM_STAGES = 3
 
 def _compiler_params():
     return pltr.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b accumulated in float32 (`matmul_operands`: blocks of two dtypes in full float32)."""
+    a, b, precision = matmul_operands(a, b)
+    return jnp.dot(a, b, precision=precision, preferred_element_type=F32)
 
 
 def _gmm_kernel(
@@ -72,7 +78,7 @@ def _gmm_kernel(
             rhs = pltr.load(
                 rhs_ref.at[g, k_block, col_block], mask=k_ok[:, None] & col_ok[None, :], other=0
             )
-        return acc + jnp.dot(lhs, rhs.astype(lhs.dtype), preferred_element_type=F32)
+        return acc + _dot(lhs, rhs)
 
     # Sentinel visits (rows outside the local groups) run no k step and store zeros.
     num_k = jnp.where(computes, pl.cdiv(k_dim, block_k), 0)
@@ -128,7 +134,7 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, block_m, blo
             mask=row_ok[:, None] & (cols < n_dim)[None, :],
             other=0,
         )
-        return acc + jnp.dot(lhs.T, grad.astype(lhs.dtype), preferred_element_type=F32)
+        return acc + _dot(lhs.T, grad)
 
     acc = jax.lax.fori_loop(
         0, pl.cdiv(end - start, block_m), row_step, jnp.zeros((block_k, block_n), F32)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from unimoe.kernels.metadata import Blocks, Visits, gmm_dims, num_visits
+from unimoe.kernels.metadata import Blocks, Visits, gmm_dims, matmul_operands, num_visits
 
 F32 = jnp.float32
 
@@ -63,8 +63,9 @@ def _gmm_kernel(
             lhs = _k_tail_mask(lhs, k_i, block_k, k_dim, 1)
             rhs = _k_tail_mask(rhs, k_i, block_k, k_dim, 1 if transpose_rhs else 0)
         dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+        lhs, rhs, precision = matmul_operands(lhs, rhs)
         acc_ref[...] += jax.lax.dot_general(
-            lhs, rhs.astype(lhs.dtype), dims, preferred_element_type=F32
+            lhs, rhs, dims, precision=precision, preferred_element_type=F32
         )
 
     @pl.when(k_i == pl.num_programs(2) - 1)
@@ -166,8 +167,9 @@ def _tgmm_kernel(
         grad = jnp.where(
             _row_mask(grad.shape, tile, start, end, block_m), grad, jnp.zeros_like(grad)
         )
+        lhs, grad, precision = matmul_operands(lhs, grad)
         acc_ref[...] += jax.lax.dot_general(
-            lhs, grad.astype(lhs.dtype), (((0,), (0,)), ((), ())), preferred_element_type=F32
+            lhs, grad, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=F32
         )
 
     @pl.when(local & last)

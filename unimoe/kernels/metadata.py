@@ -41,6 +41,18 @@ class Blocks:
         return self.out_type(shape, self.out_dtype)
 
 
+def matmul_operands(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+    """(a, b, precision) for a kernel's float32-accumulated dot of two blocks. Blocks of one dtype
+    go as they are (bf16 x bf16 runs on the 16-bit MXU / tensor cores). Blocks of two dtypes (a
+    float32 cotangent against bf16 weights, in the backward pass) are both cast to their promoted
+    dtype, float32, at HIGHEST precision: Triton's default for float32 is TF32, which would round
+    the cotangent to 10 mantissa bits, and on TPU it makes Mosaic's fp32 contraction explicit."""
+    if a.dtype == b.dtype:
+        return a, b, None
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    return a.astype(dtype), b.astype(dtype), jax.lax.Precision.HIGHEST
+
+
 def gmm_dims(lhs: jax.Array, rhs: jax.Array, transpose_rhs: bool) -> tuple[int, int, int, int]:
     """(M, K, N, G_local) of lhs [M, K] times rhs [G_local, K, N] ([G_local, N, K] transposed)."""
     num_rows, k_dim = lhs.shape
