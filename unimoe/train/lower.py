@@ -328,6 +328,10 @@ def main(argv: list[str]) -> None:
     del argv
     experiment = experiment_lib.from_config_flag(_CONFIG)
     name = _STAGE.value or experiment.stage_order[-1]
+    try:
+        device_bytes = device_memory_bytes(_CONFIG.value.get('target_device'))
+    except ValueError as e:
+        config_lib.exit_on_user_error(e)
     # Simulated CPU devices (JAX has not started yet): 8 to lower, the planned mesh's count to
     # compile it whole (a scaled-down mesh would plan another program's memory).
     planned_devices = math.prod(experiment.mesh.values()) if experiment.mesh else 1
@@ -337,10 +341,6 @@ def main(argv: list[str]) -> None:
         report, _ = lower_stage(experiment, name)
         print(report.format())
         return
-    try:
-        device_bytes = device_memory_bytes(_CONFIG.value.get('target_device'))
-    except ValueError as e:
-        config_lib.exit_on_user_error(e)
     report, plan = compile_stage(experiment, name, device_bytes)
     print(report.format())
     print(plan.format())
