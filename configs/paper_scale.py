@@ -8,12 +8,15 @@ experts, Vicuna's 32000-token vocabulary plus the three media placeholders. The 
 Uni-MoE's stage 3 (LoRA + routers + connectors trained, global batch 8 for 4E and 64 for 8E,
 the Uni-MoE paper); training configs with data are experiments/paper.
 
-`config.mesh` is the pod's mesh (`target`):
-- v5p-64: 32 chips (64 TensorCores, one JAX device per chip): FSDP inside the slice, experts
-  over `expert` (4E: fsdp=8 x expert=4; 8E: fsdp=4 x expert=8);
-- 8xh100: one host of 8 GPUs (4E: fsdp=2 x expert=4; 8E: expert=8).
+`config.mesh` is the pod's mesh (`target`), `config.target_device` its device (whose memory
+`unimoe.train.lower --compile` plans against, `lower.DEVICE_MEMORY_GIB`):
+- v5p-64, v4-64, v5e-32: 32 chips (one JAX device per chip; v5p and v4 name TensorCores, 2 per
+  chip): FSDP inside the slice, experts over `expert` (4E: fsdp=8 x expert=4; 8E: fsdp=4 x
+  expert=8);
+- 8xh100, 8xh200, 8xa100: one host of 8 GPUs (4E: fsdp=2 x expert=4; 8E: expert=8).
 `unimoe.train.lower` lowers the same program on 8 simulated CPU devices with the mesh scaled
-down to 8 devices (axes kept, sizes halved), and prints the per-device memory on both meshes.
+down to 8 devices (axes kept, sizes halved), and prints the per-device memory on both meshes;
+with `--compile` it compiles the planned mesh whole on as many simulated devices.
 
 `size=test` shrinks every width and depth (same code path; what tests/parallel lowers).
 """
@@ -25,12 +28,21 @@ import ml_collections
 from unimoe import config as config_lib
 
 BASE_CONFIG = pathlib.Path(__file__).resolve().parent / 'unimoe_paper_4e.py'
-# (target, experts) -> the pod's mesh.
+# target -> (device, devices in the pod).
+TARGETS = {
+    'v5p-64': ('v5p', 32),
+    'v4-64': ('v4', 32),
+    'v5e-32': ('v5e', 32),
+    '8xh100': ('h100', 8),
+    '8xh200': ('h200', 8),
+    '8xa100': ('a100', 8),
+}
+# (devices in the pod, experts) -> the pod's mesh.
 POD_MESHES = {
-    ('v5p-64', 4): dict(fsdp=8, expert=4),
-    ('v5p-64', 8): dict(fsdp=4, expert=8),
-    ('8xh100', 4): dict(fsdp=2, expert=4),
-    ('8xh100', 8): dict(expert=8),
+    (32, 4): dict(fsdp=8, expert=4),
+    (32, 8): dict(fsdp=4, expert=8),
+    (8, 4): dict(fsdp=2, expert=4),
+    (8, 8): dict(expert=8),
 }
 # Vicuna's tokenizer.model (32000) + <image>, <video>, <audio> (`PretrainedTokenizer` appends them).
 VOCAB_SIZE = 32003
@@ -39,10 +51,10 @@ BATCH_SIZE = {4: 8, 8: 64}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(arg, experts=4, target='v5p-64', size='paper')
-    if (arg.target, arg.experts) not in POD_MESHES:
-        raise ValueError(
-            f"experts={arg.experts}, target={arg.target!r}: expected one of {sorted(POD_MESHES)}"
-        )
+    if arg.target not in TARGETS:
+        raise ValueError(f"target={arg.target!r}: expected one of {sorted(TARGETS)}")
+    if arg.experts not in BATCH_SIZE:
+        raise ValueError(f"experts={arg.experts}: expected one of {sorted(BATCH_SIZE)}")
     if arg.size not in ('paper', 'test'):
         raise ValueError(f"size={arg.size!r}: expected 'paper' or 'test'")
     c = config_lib.load_config(str(BASE_CONFIG))
@@ -52,7 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = ml_collections.ConfigDict({'s3_moe': s3})
     c.stage_order = 's3_moe'
     c.eval.stages = ''
-    c.mesh = POD_MESHES[(arg.target, arg.experts)]
+    device, num_devices = TARGETS[arg.target]
+    c.mesh = POD_MESHES[(num_devices, arg.experts)]
+    c.target_device = device
     c.vocab_size = VOCAB_SIZE
     if arg.size == 'test':
         c.vocab_size = 99

@@ -87,6 +87,12 @@ def test_a_missing_config_file_and_the_debug_flag(tmp_path):
             ('--config=configs/paper_scale.py:size=test', '--config.foo=1'),
             "error: the config has no field 'foo': check the --config.* flags",
         ),
+        (
+            'unimoe.train.lower',
+            ('--config=configs/paper_scale.py:size=test', '--config.target_device=h800'),
+            "error: config.target_device='h800': expected one of "
+            "['a100', 'h100', 'h200', 'v4', 'v5e', 'v5p']",
+        ),
     ],
 )
 def test_the_other_command_lines_report_config_mistakes_alike(module, args, error):

@@ -36,8 +36,9 @@ _SECTIONS = (
     'model', 'data', 'stages', 'eval', 'json_data', 'mesh', 'sharding_rules', 'pretrained'
 )
 # Not the run's: read before the experiment is built (`unimoe.main` starts the processes with
-# `distributed`) or by what reports it (`paper`: experiments/paper's table row).
-_EDGE_ONLY = ('distributed', 'paper')
+# `distributed`) or by what reports it (`paper`: experiments/paper's table row; `target_device`:
+# the device whose memory `train.lower --compile` plans for).
+_EDGE_ONLY = ('distributed', 'paper', 'target_device')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
