@@ -16,10 +16,10 @@ import os
 
 import jax
 
-# Written whatever their compile time or size. On CPU most of a run's compile time is in programs
-# that compile in under JAX's default 1 s each (eager initialisers: one program per op and shape;
-# data and metric helpers), and a read costs milliseconds. A JAX environment variable of the same
-# name (`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`) still wins.
+# Written whatever their compile time or size: on the project's CPU, 84 of the 93 programs of the
+# tiny recipe compile in under JAX's default threshold of 1 s each, 13.8 s together (a warm run
+# would compile them again), and reading one costs milliseconds. A JAX environment variable of
+# the same name (`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`) still wins.
 _THRESHOLDS = {
     'jax_persistent_cache_min_compile_time_secs': 0.0,
     'jax_persistent_cache_min_entry_size_bytes': -1,  # -1: no size floor, none chosen by JAX
