@@ -36,7 +36,7 @@ import os
 
 import ml_collections
 
-from unimoe import config as config_lib
+from unimoe import compilation_cache, config as config_lib
 from unimoe.data import tasks as tasks_lib
 from unimoe.moe.config import MoEConfig
 
@@ -148,4 +148,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     # True: go on in a workdir whose trained stages had another config (docs/design.md).
     c.allow_changed_config = False
+    # Compiled programs kept for the next run (docs/design.md, "Compilation cache"); '': off.
+    c.compilation_cache_dir = compilation_cache.default_dir()
     return c

@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+from unimoe import compilation_cache
 from unimoe.config import (
     ConfigError,
     EvalConfig,
@@ -48,7 +49,8 @@ class ExperimentConfig:
     tokenizer; `vocab_size` is the vocabulary of a model lowered without a tokenizer
     (`train.lower`); `nonfinite` the policy for NaN / Inf losses (`train.nonfinite.MODES`);
     `allow_changed_config` runs against a workdir trained with another config
-    (`train.workdir.check_unchanged`)."""
+    (`train.workdir.check_unchanged`); `compilation_cache_dir` is where compiled programs are
+    kept between runs ('' : nowhere; `unimoe.compilation_cache`)."""
 
     seed: int
     model: ModelSpec
@@ -69,6 +71,7 @@ class ExperimentConfig:
     vocab_size: int = 0
     # Go on in a workdir whose stages were trained with another config (`train.workdir`).
     allow_changed_config: bool = False
+    compilation_cache_dir: str = dataclasses.field(default_factory=compilation_cache.default_dir)
 
     def __post_init__(self):
         for name in ('log_every', 'checkpoint_every'):

@@ -218,7 +218,7 @@ def build_model(
     if abstract:
         return abstract_module(lambda rngs: UniMoE(model_cfg, rngs=rngs), seed)
     if plan is not None:
-        return sharded.init_module(plan, lambda: UniMoE(model_cfg, rngs=nnx.Rngs(seed)))
+        return sharded.init_module(plan, lambda rngs: UniMoE(model_cfg, rngs=rngs), seed)
     return UniMoE(model_cfg, rngs=nnx.Rngs(seed))
 
 

@@ -10,7 +10,7 @@ import time
 import jax
 import ml_collections
 
-from unimoe import storage
+from unimoe import compilation_cache, storage
 from unimoe.data import builtin
 from unimoe.data.tokenizer import TextTokenizer
 from unimoe.experiment import ExperimentConfig
@@ -49,6 +49,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
     if jax.process_index() == 0:
         with storage.storage_errors(workdir_path, lambda: 'free space and run again'):
             workdir_lib.write_run_config(config, workdir_path)
+    compilation_cache.enable(experiment.compilation_cache_dir)
     started = time.perf_counter()
     tokenizer = prepare_data(experiment)
     trainer.run_stages(experiment, workdir_path, tokenizer)
@@ -56,6 +57,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str) -> str:
     if experiment.eval.stages:
         table = evaluate.evaluate(experiment, workdir_path, tokenizer)
     log.info('experiment finished in %.0f s', time.perf_counter() - started)
+    log.info('%s', compilation_cache.summary())
     (workdir_path / 'timing.json').write_text(
         json.dumps({'seconds': time.perf_counter() - started}) + '\n'
     )

@@ -106,7 +106,7 @@ def test_rules_shard_the_fsdp_tensor_expert_mesh_as_written():
 def test_init_module_creates_sharded_params_equal_to_the_unsharded_init():
     plan = sharded.Plan(mesh_lib.make_mesh(MESHES['data2_expert4']), sharding.DEFAULT_RULES)
     cfg = tiny_config().llm
-    lm = sharded.init_module(plan, lambda: DecoderLM(cfg, rngs=nnx.Rngs(3)))
+    lm = sharded.init_module(plan, lambda rngs: DecoderLM(cfg, rngs=rngs), seed=3)
     bank = lm.layers[0].ffn.experts.w_up_edf.get_value()
     assert bank.sharding.spec == P('expert', None, None)
     assert bank.addressable_shards[0].data.shape == (1, 24, 20)

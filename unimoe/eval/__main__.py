@@ -17,7 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from unimoe import config as config_lib, experiment
+from unimoe import compilation_cache, config as config_lib, experiment
 from unimoe.data import formats
 from unimoe.eval import benchmarks, run_benchmark
 
@@ -74,6 +74,7 @@ def main(argv: list[str]) -> None:
     ]
     if problems:  # before the model is built
         config_lib.exit_with_problems(problems)
+    compilation_cache.enable(typed_config.compilation_cache_dir)
     try:
         scores = _evaluate(typed_config, output)
     except formats.RecordError as e:  # a bad record with --on-error=raise

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from unimoe.nn import sharding
+from unimoe.nn.rngs import traceable_rngs
 from unimoe.parallel import mesh as mesh_lib, rules as rules_lib
 
 
@@ -67,21 +68,28 @@ def make_plan(mesh: Mapping[str, int] | None, rules: sharding.Rules | None = Non
 ModuleT = Any
 
 
-def init_module(plan: Plan, build: Callable[[], ModuleT]) -> ModuleT:
-    """`build()` with every variable created directly in its shards (jit with out_shardings).
+def init_module(plan: Plan, build: Callable[[nnx.Rngs], ModuleT], seed: int) -> ModuleT:
+    """`build(nnx.Rngs(seed))` with every variable created directly in its shards (jit with
+    out_shardings).
 
-    On a one-device mesh `build()` runs eagerly and is placed: under jit XLA fuses the
+    On a one-device mesh `build` runs eagerly and is placed: under jit XLA fuses the
     initialisers and the last bit of many values changes (72 of the test model's 149 leaves),
-    which would change every number a one-device run has ever reported.
+    which would change every number a one-device run has ever reported. Traced (for the shapes,
+    then under jit), `build` gets `traceable_rngs(seed)`: the same draws, in time linear in the
+    number of parameters.
     """
     if plan.mesh.size == 1:
-        graphdef, state = nnx.split(build())
+        graphdef, state = nnx.split(build(nnx.Rngs(seed)))
         return nnx.merge(graphdef, place(plan, state))
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+
+    def build_traced() -> ModuleT:
+        return build(traceable_rngs(seed))
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build_traced))
     shardings = plan.shardings(abstract_state)
 
     def init_state():
-        return nnx.split(build())[1]
+        return nnx.split(build_traced())[1]
 
     state = run_once(jax.jit(init_state, out_shardings=shardings))
     return nnx.merge(graphdef, state)
