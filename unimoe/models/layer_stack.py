@@ -89,14 +89,18 @@ def stacked_blocks(
     rngs: nnx.Rngs,
 ) -> LayerBlock:
     """`num_blocks` LayerBlocks with their variables stacked on a leading axis (each its own
-    initialisation and RNG streams)."""
+    initialisation and RNG streams, split from one draw of each of `rngs`' streams)."""
+    # New streams rather than `nnx.split_rngs`, which writes the split keys into `rngs` itself:
+    # a traced build's streams (`nn.rngs.traceable_rngs`) hold refs of fixed shape.
+    block_rngs = nnx.Rngs(
+        **{name: jax.random.split(stream(), num_blocks) for name, stream in rngs.items()}
+    )
 
-    @nnx.split_rngs(splits=num_blocks)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def build(rngs: nnx.Rngs) -> LayerBlock:
         return LayerBlock(make_layer, period, rngs=rngs)
 
-    return build(rngs)
+    return build(block_rngs)
 
 
 def scan_blocks(
