@@ -25,11 +25,12 @@ def test_paper_scale_config_lowers_with_expert_sharded_weights():
     text = lowered.as_text()
     assert 'num_partitions = 8' in text
     # The step returns the expert banks (frozen: in `rest`, result 2) and their LoRA adapters
-    # (trained: result 0) split over the `expert` axis, as the rules say.
+    # (trained: result 0) split over the `expert` axis, as the rules say; the layers are scanned,
+    # their stacked axis unsharded.
     for result, name in ((2, 'w_gate_edf'), (0, 'lora_gate_a_edr')):
-        leaf = f"result[{result}]['llm']['layers'][0]['ffn']['experts']['{name}'].value"
+        leaf = f"result[{result}]['llm']['blocks']['layers'][0]['ffn']['experts']['{name}'].value"
         assert re.search(
-            re.escape(leaf) + r'", sdy\.sharding = #sdy\.sharding<@mesh, \[\{"expert"\}', text
+            re.escape(leaf) + r'", sdy\.sharding = #sdy\.sharding<@mesh, \[\{\}, \{"expert"\}', text
         ), name
     # Per-device memory shrinks by the mesh: the expert banks (most parameters) 8 ways, the rest
     # 4 ways more on the planned fsdp=4 x expert=8 mesh.
@@ -114,3 +115,15 @@ def test_targets_name_their_device_and_its_memory():
     assert lower.device_memory_bytes(None) is None
     with pytest.raises(ValueError, match='expected one of'):
         lower.device_memory_bytes('h800')
+
+
+def test_rematerialisation_lowers_the_activation_figure():
+    """The compiled plan of the scanned step keeps fewer temporaries when each block is
+    recomputed from its input (`remat='full'`) than when every intermediate is kept."""
+    plans = {}
+    for remat in ('none', 'full'):
+        config = config_lib.load_config(f'{CONFIG}:experts=8,target=8xh100,size=test')
+        config.model.llm.remat = remat
+        _, plans[remat] = lower.compile_stage(experiment.from_config_dict(config), 's3_moe')
+    assert plans['full'].temp_bytes < plans['none'].temp_bytes
+    assert plans['full'].param_bytes == plans['none'].param_bytes
