@@ -22,6 +22,7 @@ EXPECTED_KEYS = {
         'R_onehot',
         'R_torch_hf',
     ],
+    'scan_layers.py': ['compile_speedup', 'step_ratio'],
     'train_blocks.py': ['attention', 'moe', 'head'],
     'train_step.py': ['train_speedup'],
 }
