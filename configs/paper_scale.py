@@ -47,6 +47,9 @@ POD_MESHES = {
 # Vicuna's tokenizer.model (32000) + <image>, <video>, <audio> (`PretrainedTokenizer` appends them).
 VOCAB_SIZE = 32003
 BATCH_SIZE = {4: 8, 8: 64}
+# Gradient accumulation: 8E's 64 sequences as 8 micro-batches of one per GPU (the memory plan:
+# experiments/paper/README.md); 4E's 8 fit in one.
+MICRO_BATCHES = {4: 1, 8: 8}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -60,7 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = config_lib.load_config(str(BASE_CONFIG))
     c.model.moe.num_experts = arg.experts
     s3 = c.stages.s3_moe
-    s3.update(init_from='', experts_from='', batch_size=BATCH_SIZE[arg.experts])
+    s3.update(
+        init_from='', experts_from='', batch_size=BATCH_SIZE[arg.experts],
+        micro_batches=MICRO_BATCHES[arg.experts],
+    )  # fmt: skip
     c.stages = ml_collections.ConfigDict({'s3_moe': s3})
     c.stage_order = 's3_moe'
     c.eval.stages = ''

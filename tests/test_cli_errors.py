@@ -28,10 +28,13 @@ def _main(*args: str, tmp_path) -> subprocess.CompletedProcess:
             (
                 '--config.stages.s3_moe.learning_rate=-1',
                 '--config.stages.s2_audio.batch_size=0',
+                '--config.stages.s2_image.micro_batches=5',
                 '--config.eval.tasks=text_qa,bogus',
                 '--dry_run',
             ),
             [
+                'error: config.stages.s2_image.micro_batches=5 must be >= 1 and divide '
+                'batch_size=32',
                 'error: config.stages.s2_audio.batch_size=0 must be >= 1',
                 'error: config.stages.s3_moe.learning_rate must be > 0, got -1.0',
                 "error: config.eval.tasks names unknown tasks ['bogus']; the built-in ones: ",

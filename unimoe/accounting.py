@@ -217,7 +217,8 @@ def account_expert_exchange(experiment: ExperimentConfig) -> list[ExchangeAccoun
         llm_cfg = model.cfg.llm
         if llm_cfg.moe.expert_parallel not in ('auto', 'all_to_all'):
             continue  # no all-to-all: 'off', or the all-gather / reduce-scatter exchange
-        local_tokens = experiment.stage(name).batch_size * experiment.data.seq_len // shards
+        stage = experiment.stage(name)  # one accumulated micro-batch at a time
+        local_tokens = stage.batch_size // stage.micro_batches * experiment.data.seq_len // shards
         per_layer = expert_parallel.exchange_bytes(
             local_tokens,
             llm_cfg.moe.num_slots,

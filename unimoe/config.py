@@ -148,6 +148,8 @@ class StageConfig(LossWeights):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 32
+    # Gradient accumulation: the step runs batch_size / micro_batches rows at a time.
+    micro_batches: int = 1
     init_from: tuple[str, ...] = ()
     experts_from: tuple[str, ...] = ()
     upcycle_mode: str = 'per_source'

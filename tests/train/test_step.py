@@ -160,3 +160,43 @@ def test_both_balance_losses_anneal_over_the_decay_steps():
     assert m_0['dcmoe_balance_loss'] > 0
     with pytest.raises(ValueError, match='dcmoe_coef_end'):
         step_lib.LossConfig(dcmoe_coef=0.5, dcmoe_coef_end=0.1)
+
+
+def test_micro_batches_accumulate_the_full_batch_gradient():
+    """Two micro-batches of the same supervised token count give the full batch's update (the
+    dense model, no dropout: the loss is then the mean of the micro-batches' means)."""
+    model = UniMoE(model_config(moe=False, lora_rank=2), rngs=nnx.Rngs(0))
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if 'lora_b' in checkpoint.path_str(path):  # LoRA B starts at zero: give it gradients' use
+            variable.set_value(0.1 * jnp.ones(variable.get_value().shape))
+    trains = 'lora'
+    graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(trains), ...)
+    optim_cfg = optim.OptimConfig(learning_rate=1e-2, total_steps=8)
+    opt_state = optim.make_optimizer(optim_cfg).init(trainable)
+    rng = np.random.default_rng(0)
+    batch = {
+        'tokens': jnp.asarray(rng.integers(6, 41, size=(4, 11))),
+        'loss_mask': jnp.ones((4, 11)).at[:, :3].set(0.0),
+        'attn_mask': jnp.ones((4, 11), bool),
+    }
+    results = {}
+    for micro_batches in (1, 2, 4):
+        step = jax.jit(
+            step_lib.train_step_fn(
+                graphdef, trains, optim_cfg, step_lib.LossConfig(kind='chat'), micro_batches
+            )
+        )
+        results[micro_batches] = step(trainable, opt_state, rest, batch, np.int32(0))
+    full_trainable, _, _, full_metrics = results[1]
+    for micro_batches in (2, 4):
+        new_trainable, _, _, metrics = results[micro_batches]
+        np.testing.assert_allclose(metrics['loss'], full_metrics['loss'], rtol=1e-5)
+        np.testing.assert_allclose(metrics['grad_norm'], full_metrics['grad_norm'], rtol=1e-4)
+        assert float(metrics['supervised_tokens']) == float(full_metrics['supervised_tokens'])
+        for (path, a), (_, b) in zip(
+            nnx.to_flat_state(new_trainable), nnx.to_flat_state(full_trainable)
+        ):
+            np.testing.assert_allclose(
+                a.get_value(), b.get_value(), rtol=1e-5, atol=1e-6, err_msg=str(path)
+            )
+    assert float(full_metrics['grad_norm']) > 0

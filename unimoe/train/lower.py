@@ -146,7 +146,7 @@ def lower_stage(
     opt_state = jax.eval_shape(optim.make_optimizer(optim_cfg).init, trainable)
     batch = abstract_batch(experiment.data, stage.batch_size)
     step_fn = step_lib.train_step_fn(
-        graphdef, stage.trains, optim_cfg, trainer.stage_loss_config(stage)
+        graphdef, stage.trains, optim_cfg, trainer.stage_loss_config(stage), stage.micro_batches
     )
     step = sharded.jit_step(plan, step_fn)
     lowered = step.lower(trainable, opt_state, rest, batch, jax.ShapeDtypeStruct((), jnp.int32))

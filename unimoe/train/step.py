@@ -168,10 +168,13 @@ def make_train_step(
     trains: str,
     optim_cfg: optim.OptimConfig,
     loss_cfg: LossConfig,
+    micro_batches: int = 1,
 ) -> TrainStep:
     """`train_step_fn` jitted on the plan's mesh (one device without `config.mesh`). Buffers are
     donated: callers must use the returned state."""
-    return sharded.jit_step(plan, train_step_fn(graphdef, trains, optim_cfg, loss_cfg))
+    return sharded.jit_step(
+        plan, train_step_fn(graphdef, trains, optim_cfg, loss_cfg, micro_batches)
+    )
 
 
 def make_loss_fn(
@@ -193,9 +196,49 @@ def make_loss_fn(
     return loss_fn
 
 
+# Metrics of micro-batches that add up (the others are averaged).
+_SUMMED_METRICS = ('supervised_tokens',)
+
+
+def accumulated_grads(
+    loss_fn: Callable, trainable: nnx.State, rest: nnx.State, batch: Batch,
+    step_index: jax.Array, micro_batches: int,
+) -> tuple[tuple[jax.Array, tuple[Metrics, nnx.State]], nnx.State]:
+    """`jax.value_and_grad(loss_fn, has_aux=True)` over `micro_batches` slices of the batch in
+    turn (`lax.scan`: one micro-batch's activations live at a time), gradients and losses
+    averaged (each micro-batch weighs the same, as DeepSpeed and Hugging Face accumulate).
+
+    Micro-batch `a` takes rows `a, a + micro_batches, ...`: with the batch split over devices in
+    contiguous blocks, every micro-batch keeps rows on every device."""
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        return value_and_grad(trainable, rest, batch, step_index)
+    micro = jax.tree.map(
+        lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch
+    )
+
+    def one(carry, batch):
+        grads_sum, rest = carry
+        (loss, (metrics, rest)), grads = value_and_grad(trainable, rest, batch, step_index)
+        return (jax.tree.map(jnp.add, grads_sum, grads), rest), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (grads_sum, rest), (losses, metrics) = jax.lax.scan(one, (zeros, rest), micro)
+    metrics = {
+        name: value.sum(0) if name in _SUMMED_METRICS else value.mean(0)
+        for name, value in metrics.items()
+    }
+    grads = jax.tree.map(lambda g: g / micro_batches, grads_sum)
+    return (losses.mean(), (metrics, rest)), grads
+
+
 @functools.lru_cache(maxsize=None)
 def train_step_fn(
-    graphdef: nnx.GraphDef, trains: str, optim_cfg: optim.OptimConfig, loss_cfg: LossConfig
+    graphdef: nnx.GraphDef,
+    trains: str,
+    optim_cfg: optim.OptimConfig,
+    loss_cfg: LossConfig,
+    micro_batches: int = 1,
 ) -> TrainStep:
     """Pure `step(trainable, opt_state, rest, batch, step_index)`. `step_index` (0-based) drives
     the aux-weight schedule. Cached, so jitting it again (the next same-shaped stage, a resume)
@@ -210,6 +253,9 @@ def train_step_fn(
     `jax.tree.leaves` order), read by `unimoe.train.nonfinite.NonFiniteGuard`. The check reuses the
     per-leaf squared norms of `grad_norm` (a leaf whose squared norm overflows float32 counts as
     non-finite: clipping by an infinite norm would zero or NaN the update).
+
+    `micro_batches` > 1 accumulates the gradients of that many slices of the batch
+    (`accumulated_grads`) before one update.
     """
     tx = optim.make_optimizer(optim_cfg)
     is_trainable = factory.trainable_filter(trains)
@@ -217,8 +263,8 @@ def train_step_fn(
     loss_fn = make_loss_fn(graphdef, trains, loss_cfg)
 
     def step(trainable, opt_state, rest, batch, step_index):
-        (loss, (metrics, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, rest, batch, step_index
+        (loss, (metrics, new_rest)), grads = accumulated_grads(
+            loss_fn, trainable, rest, batch, step_index, micro_batches
         )
         sq_norms = jnp.stack(
             [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)]

@@ -167,7 +167,7 @@ def train_stage(
             workdir_lib.record_stage_start(experiment, name, workdir, start_step)
         loop = StepLoop(experiment, stage, name, state, ckpt, data_iter)
         train_step = step_lib.make_train_step(
-            plan, state.graphdef, stage.trains, optim_cfg, loss_cfg
+            plan, state.graphdef, stage.trains, optim_cfg, loss_cfg, stage.micro_batches
         )
         started = time.perf_counter()
         last = loop.run(plan, train_step, start_step, workdir / name, signals)

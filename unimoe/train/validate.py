@@ -104,6 +104,11 @@ def _check_stage(experiment: ExperimentConfig, name: str, seen: list[str]) -> No
         trainer.stage_optim_config(stage)
     if stage.batch_size < 1:
         raise ValueError(f"{where}.batch_size={stage.batch_size} must be >= 1")
+    if stage.micro_batches < 1 or stage.batch_size % stage.micro_batches:
+        raise ValueError(
+            f"{where}.micro_batches={stage.micro_batches} must be >= 1 and divide "
+            f"batch_size={stage.batch_size}"
+        )
     unknown = _unknown_tasks(f'{where}.tasks', stage.tasks)
     if unknown and not stage.json_sources:
         raise ValueError(unknown)
@@ -208,11 +213,13 @@ def _check_mesh(experiment: ExperimentConfig) -> None:
         )
     batch_shards = math.prod(sizes[a] for a in rules['batch'])
     for stage in experiment.ordered_stages():
-        if stage.batch_size % batch_shards or stage.batch_size % jax.process_count():
+        micro = stage.batch_size // max(stage.micro_batches, 1)  # rows of one accumulated slice
+        if micro % batch_shards or stage.batch_size % jax.process_count():
             raise ValueError(
-                f"stage {stage.name!r}: batch_size={stage.batch_size} must be divisible by the "
-                f"{batch_shards} batch shards of config.mesh={sizes} (sharding rule 'batch' -> "
-                f"{rules['batch']}) and by the {jax.process_count()} processes"
+                f"stage {stage.name!r}: batch_size={stage.batch_size} / micro_batches="
+                f"{stage.micro_batches} must be divisible by the {batch_shards} batch shards of "
+                f"config.mesh={sizes} (sharding rule 'batch' -> {rules['batch']}), batch_size by "
+                f"the {jax.process_count()} processes"
             )
 
 
