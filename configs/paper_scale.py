@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.stages = ''
     device, num_devices = TARGETS[arg.target]
     c.mesh = POD_MESHES[(num_devices, arg.experts)]
+    # The dense weights over every device (ZeRO-3 style), not only `fsdp`: on 8 GPUs with
+    # expert=8 they would otherwise be whole on each (experiments/paper/README.md, memory plan).
+    c.sharding_rules = dict(embed=('fsdp', 'expert'))
     c.target_device = device
     c.vocab_size = VOCAB_SIZE
     if arg.size == 'test':

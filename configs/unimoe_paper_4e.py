@@ -133,6 +133,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         moe=True,
         lora_rank=8,
         balance_coef=0.01,
+        # The frozen LM (experts included) in bf16, as its matmuls read it: half the memory.
+        frozen_in_compute_dtype=True,
     )
     c.eval = dict(
         stages=','.join([f's2_{m}' for m in tasks_lib.EXPERT_MODALITIES] + ['s3_moe']),

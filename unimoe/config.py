@@ -150,6 +150,9 @@ class StageConfig(LossWeights):
     batch_size: int = 32
     # Gradient accumulation: the step runs batch_size / micro_batches rows at a time.
     micro_batches: int = 1
+    # The LM's frozen matrices held in its compute dtype (`factory.frozen_in_compute_dtype`):
+    # the same numbers, half their memory; this stage's checkpoint then holds them so.
+    frozen_in_compute_dtype: bool = False
     init_from: tuple[str, ...] = ()
     experts_from: tuple[str, ...] = ()
     upcycle_mode: str = 'per_source'

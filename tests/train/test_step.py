@@ -200,3 +200,43 @@ def test_micro_batches_accumulate_the_full_batch_gradient():
                 a.get_value(), b.get_value(), rtol=1e-5, atol=1e-6, err_msg=str(path)
             )
     assert float(full_metrics['grad_norm']) > 0
+
+
+def test_frozen_matrices_in_the_compute_dtype_change_no_number():
+    """A bf16 LM's frozen float32 matrices held in bf16 (`factory.frozen_in_compute_dtype`): the
+    same loss and gradients bit for bit, since every use casts them to bf16 anyway."""
+    md = model_dict()
+    md.llm = {**md.llm, 'dtype': 'bfloat16'}
+    md.moe = dict(num_experts=4, top_k=2)
+    cfg = UniMoEConfig.for_stage(
+        ModelSpec.from_dict(md), vocab_size=41, token_ids=TOKEN_IDS, num_labels=(5, 7),
+        moe=True, lora_rank=2,
+    )  # fmt: skip
+    model = UniMoE(cfg, rngs=nnx.Rngs(0))
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if 'lora_b' in checkpoint.path_str(path):
+            variable.set_value(0.1 * jnp.ones(variable.get_value().shape))
+    trains = 'lora+router+connectors'
+    graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(trains), ...)
+    compact = factory.frozen_in_compute_dtype(rest, 'bfloat16')
+    dtypes = {checkpoint.path_str(p): v.get_value().dtype for p, v in nnx.to_flat_state(compact)}
+    assert dtypes['llm/layers/0/ffn/experts/w_up_edf'] == jnp.bfloat16
+    assert dtypes['llm/layers/0/attn/q/kernel'] == jnp.bfloat16
+    assert dtypes['llm/final_norm/scale'] == jnp.float32  # vectors keep theirs
+    encoder = [dtype for path, dtype in dtypes.items() if path.startswith('vision/') and 'kernel' in path]
+    assert encoder and all(dtype == jnp.float32 for dtype in encoder)  # the encoders keep theirs
+    rng = np.random.default_rng(0)
+    batch = {
+        'tokens': jnp.asarray(rng.integers(6, 41, size=(4, 11))),
+        'loss_mask': jnp.ones((4, 11)),
+        'attn_mask': jnp.ones((4, 11), bool),
+    }
+    loss_fn = step_lib.make_loss_fn(
+        graphdef, trains, step_lib.LossConfig(kind='chat', balance_coef=0.01)
+    )
+    value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, _), grads = value_and_grad(trainable, rest, batch, np.int32(0))
+    (compact_loss, _), compact_grads = value_and_grad(trainable, compact, batch, np.int32(0))
+    assert float(compact_loss) == float(loss)
+    for a, b in zip(jax.tree.leaves(compact_grads), jax.tree.leaves(grads)):
+        np.testing.assert_array_equal(a, b)

@@ -142,6 +142,8 @@ def lower_stage(
     )
     account = accounting.account_model(model, stage.trains, experiment.data.seq_len, name)
     graphdef, trainable, rest = nnx.split(model, factory.trainable_filter(stage.trains), ...)
+    if stage.frozen_in_compute_dtype:
+        rest = factory.frozen_in_compute_dtype(rest, model.cfg.llm.dtype)
     optim_cfg = trainer.stage_optim_config(stage)
     opt_state = jax.eval_shape(optim.make_optimizer(optim_cfg).init, trainable)
     batch = abstract_batch(experiment.data, stage.batch_size)
@@ -155,7 +157,8 @@ def lower_stage(
     def per_device(tree):
         return tuple(rules_lib.shard_bytes(tree, s, rules) for s in (planned, lowered_shape))
 
-    params = nnx.state(model, nnx.Param)
+    # The step's own parameters: trainable and frozen (these maybe in the compute dtype).
+    params = (trainable, nnx.filter_state(rest, nnx.Param))
     report = LoweringReport(
         account=account,
         planned_mesh=planned,

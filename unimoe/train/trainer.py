@@ -89,9 +89,13 @@ class TrainState:
     stage's counters (bad records the real-data pipeline skipped, steps the non-finite guard
     skipped, since the stage started)."""
 
-    def __init__(self, model: nnx.Module, trains: str, plan: sharded.Plan, tx: Any):
-        self.model, self.is_trainable = model, factory.trainable_filter(trains)
+    def __init__(
+        self, model: nnx.Module, stage: StageConfig, plan: sharded.Plan, tx: Any
+    ):
+        self.model, self.is_trainable = model, factory.trainable_filter(stage.trains)
         self.graphdef, trainable, rest = nnx.split(model, self.is_trainable, ...)
+        if stage.frozen_in_compute_dtype:
+            rest = factory.frozen_in_compute_dtype(rest, model.cfg.llm.dtype)
         # Parameters loaded from earlier stages arrive as host arrays: back into their shards.
         self.trainable, self.rest = sharded.place(plan, trainable), sharded.place(plan, rest)
         self.opt_state = sharded.init_optimizer(plan, tx, self.trainable)
@@ -146,7 +150,7 @@ def train_stage(
     plan = sharded.make_plan(experiment.mesh, experiment.sharding_rules)
     model, origin = factory.build_stage_model(experiment, name, workdir, tokenizer, plan)
     optim_cfg, loss_cfg = stage_optim_config(stage), stage_loss_config(stage)
-    state = TrainState(model, stage.trains, plan, optim.make_optimizer(optim_cfg))
+    state = TrainState(model, stage, plan, optim.make_optimizer(optim_cfg))
     log.info('stage %s: mesh %s', name, mesh_lib.describe(plan.mesh))
     defined = sorted(set(origin) | {path_str(p) for p, _ in nnx.to_flat_state(state.trainable)})
     num_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
