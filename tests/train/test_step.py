@@ -223,8 +223,8 @@ def test_frozen_matrices_in_the_compute_dtype_change_no_number():
     assert dtypes['llm/layers/0/ffn/experts/w_up_edf'] == jnp.bfloat16
     assert dtypes['llm/layers/0/attn/q/kernel'] == jnp.bfloat16
     assert dtypes['llm/final_norm/scale'] == jnp.float32  # vectors keep theirs
-    encoder = [dtype for path, dtype in dtypes.items() if path.startswith('vision/') and 'kernel' in path]
-    assert encoder and all(dtype == jnp.float32 for dtype in encoder)  # the encoders keep theirs
+    encoder = [d for path, d in dtypes.items() if path.startswith('vision/') and 'kernel' in path]
+    assert encoder and all(d == jnp.float32 for d in encoder)  # the encoders keep theirs
     rng = np.random.default_rng(0)
     batch = {
         'tokens': jnp.asarray(rng.integers(6, 41, size=(4, 11))),
