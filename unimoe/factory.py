@@ -34,7 +34,7 @@ from unimoe.experiment import ExperimentConfig
 from unimoe.models import layer_stack
 from unimoe.models.abstract import abstract_module
 from unimoe.models.unimoe import ModelSpec, UniMoE, UniMoEConfig
-from unimoe.parallel import sharded
+from unimoe.parallel import rules as rules_lib, sharded
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def frozen_in_compute_dtype(rest: nnx.State, dtype: str) -> nnx.State:
     encoders' weights keep their dtype. Concrete arrays or abstract ones (`train.lower`)."""
 
     def cast(key_path: Any, leaf: Any) -> Any:
-        path = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in key_path)
+        path = rules_lib.key_path_str(key_path)
         if not (
             path.startswith('llm/') and '/router/' not in path
             and getattr(leaf, 'ndim', 0) >= 2 and leaf.dtype == jnp.float32

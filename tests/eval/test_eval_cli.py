@@ -56,11 +56,8 @@ def write_images(records: list[dict], media: pathlib.Path) -> None:
         real_corpus.write_jpeg(path, rng)
 
 
-def test_cli_writes_predictions_and_scores_that_match_them(stage):
-    records = json.loads((FIXTURES / "eval_aokvqa.json").read_text())[:5]
-    media = stage["root"] / "media"
-    write_images(records, media)
-    out = stage["root"] / "out"
+def run_aokvqa(stage, media, out, *flags) -> subprocess.CompletedProcess:
+    """`python -m unimoe.eval` on the stage and the A-OKVQA fixture records."""
     command = [
         sys.executable, "-m", "unimoe.eval",
         f"--config={stage['config_file']}",
@@ -69,12 +66,18 @@ def test_cli_writes_predictions_and_scores_that_match_them(stage):
         f"--data={FIXTURES / 'eval_aokvqa.json'}",
         f"--media-root={media}",
         f"--output={out}",
-        "--max-new-tokens=3",
-        "--batch-size=2",
-        "--limit=5",
+        *flags,
     ]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_predictions_and_scores_that_match_them(stage):
+    records = json.loads((FIXTURES / "eval_aokvqa.json").read_text())[:5]
+    media = stage["root"] / "media"
+    write_images(records, media)
+    out = stage["root"] / "out"
+    done = run_aokvqa(stage, media, out, "--max-new-tokens=3", "--batch-size=2", "--limit=5")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "aokvqa: vqa_accuracy = " in done.stdout
 
@@ -90,18 +93,7 @@ def test_cli_writes_predictions_and_scores_that_match_them(stage):
 
 def test_a_bad_record_is_one_line_naming_it(stage, tmp_path):
     (tmp_path / "media").mkdir()  # no images in it: the first record's image is missing
-    command = [
-        sys.executable, "-m", "unimoe.eval",
-        f"--config={stage['config_file']}",
-        f"--checkpoint={stage['root'] / 'run' / STAGE}",
-        "--benchmark=aokvqa",
-        f"--data={FIXTURES / 'eval_aokvqa.json'}",
-        f"--media-root={tmp_path / 'media'}",
-        f"--output={tmp_path / 'out'}",
-        "--limit=2",
-    ]  # fmt: skip
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_aokvqa(stage, tmp_path / "media", tmp_path / "out", "--limit=2")
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]

@@ -40,9 +40,9 @@ _POISON_EVERY = flags.DEFINE_integer(
 )
 
 
-def _interrupt_after_logging(step: int, signum: int, *, group: bool = False) -> None:
-    """`signum` to this process once `step` is logged and earlier checkpoints are committed (an
-    asynchronous save still in flight would make which checkpoint survives a matter of timing)."""
+def _after_logging(step: int, action) -> None:
+    """`action()` once `step` is logged and earlier checkpoints are committed (an asynchronous
+    save still in flight would make which checkpoint survives a matter of timing)."""
     write, save = metrics.MetricsWriter.write, checkpoint.Checkpointer.save
     checkpointers = []
 
@@ -50,46 +50,34 @@ def _interrupt_after_logging(step: int, signum: int, *, group: bool = False) -> 
         checkpointers.append(self)
         return save(self, *args, **kwargs)
 
-    def write_then_signal(self, logged_step, scalars):
+    def write_then_act(self, logged_step, scalars):
         write(self, logged_step, scalars)
         if logged_step == step:
             for ckpt in checkpointers:
                 ckpt.wait()
-            if group:  # as a terminal's Ctrl-C: data-loader workers get it too
-                os.killpg(os.getpgrp(), signum)
-            else:
-                os.kill(os.getpid(), signum)
+            action()
 
     checkpoint.Checkpointer.save = save_and_remember
-    metrics.MetricsWriter.write = write_then_signal
+    metrics.MetricsWriter.write = write_then_act
 
 
-def _fill_disk_after_logging(step: int, workdir: str) -> None:
-    """Once `step` is logged and earlier checkpoints are committed, fills the workdir's
-    filesystem with `<workdir>.filler` (another program taking the space), so the next write fails
-    with ENOSPC."""
-    write, save = metrics.MetricsWriter.write, checkpoint.Checkpointer.save
-    checkpointers = []
+def _signal(signum: int, *, group: bool = False) -> None:
+    if group:  # as a terminal's Ctrl-C: data-loader workers get it too
+        os.killpg(os.getpgrp(), signum)
+    else:
+        os.kill(os.getpid(), signum)
 
-    def save_and_remember(self, *args, **kwargs):
-        checkpointers.append(self)
-        return save(self, *args, **kwargs)
 
-    def write_then_fill(self, logged_step, scalars):
-        write(self, logged_step, scalars)
-        if logged_step == step:
-            for ckpt in checkpointers:
-                ckpt.wait()
-            with open(workdir.rstrip('/') + '.filler', 'wb') as filler:
-                try:
-                    while True:
-                        filler.write(b'\0' * 65536)
-                        filler.flush()
-                except OSError:
-                    pass
-
-    checkpoint.Checkpointer.save = save_and_remember
-    metrics.MetricsWriter.write = write_then_fill
+def _fill_disk(workdir: str) -> None:
+    """Fills the workdir's filesystem with `<workdir>.filler` (another program taking the space),
+    so the next write fails with ENOSPC."""
+    with open(workdir.rstrip('/') + '.filler', 'wb') as filler:
+        try:
+            while True:
+                filler.write(b'\0' * 65536)
+                filler.flush()
+        except OSError:
+            pass
 
 
 def _kill_in_commit(step: int) -> None:
@@ -120,13 +108,13 @@ def _poison_records(every: int) -> None:
 
 def main(argv):
     if _KILL_AFTER_STEP.value:
-        _interrupt_after_logging(_KILL_AFTER_STEP.value, signal.SIGKILL)
+        _after_logging(_KILL_AFTER_STEP.value, lambda: _signal(signal.SIGKILL))
     if _SIGTERM_AT_STEP.value:
-        _interrupt_after_logging(_SIGTERM_AT_STEP.value, signal.SIGTERM)
+        _after_logging(_SIGTERM_AT_STEP.value, lambda: _signal(signal.SIGTERM))
     if _SIGINT_GROUP_AT_STEP.value:
-        _interrupt_after_logging(_SIGINT_GROUP_AT_STEP.value, signal.SIGINT, group=True)
+        _after_logging(_SIGINT_GROUP_AT_STEP.value, lambda: _signal(signal.SIGINT, group=True))
     if _FILL_DISK_AFTER_STEP.value:
-        _fill_disk_after_logging(_FILL_DISK_AFTER_STEP.value, flags.FLAGS.workdir)
+        _after_logging(_FILL_DISK_AFTER_STEP.value, lambda: _fill_disk(flags.FLAGS.workdir))
     if _POISON_EVERY.value:
         _poison_records(_POISON_EVERY.value)
     if _KILL_IN_SAVE.value:

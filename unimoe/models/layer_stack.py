@@ -137,6 +137,16 @@ _UNROLLED = re.compile(r'^((?:llm/)?)layers/(\d+)/(.*)$')
 _SCANNED = re.compile(r'^((?:llm/)?)blocks/layers/(\d+)/(.*)$')
 
 
+def _scanned_path(path: str, period: int) -> tuple[str, int] | None:
+    """Unrolled `.../layers/<i>/rest` -> (`.../blocks/layers/<i % period>/rest`, block i //
+    period); None for a path outside the LM's layers."""
+    match = _UNROLLED.match(path)
+    if match is None:
+        return None
+    prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
+    return f'{prefix}blocks/layers/{index % period}/{rest}', index // period
+
+
 def scanned_params(
     flat: Mapping[str, Any], period: int, num_layers: int
 ) -> dict[str, np.ndarray]:
@@ -145,13 +155,12 @@ def scanned_params(
     out: dict[str, Any] = {}
     groups: dict[str, dict[int, Any]] = {}
     for path, value in flat.items():
-        match = _UNROLLED.match(path)
-        if match is None:
+        scanned = _scanned_path(path, period)
+        if scanned is None:
             out[path] = value
             continue
-        prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
-        key = f'{prefix}blocks/layers/{index % period}/{rest}'
-        groups.setdefault(key, {})[index // period] = value
+        key, block = scanned
+        groups.setdefault(key, {})[block] = value
     num_blocks = num_layers // period
     for key, by_block in groups.items():
         missing = sorted(set(range(num_blocks)) - set(by_block))
@@ -183,11 +192,8 @@ def scanned_origin(origin: Mapping[str, str], period: int) -> dict[str, str]:
     """{unrolled path: source} -> {scanned path: sources of its layers, '+'-joined if several}."""
     by_path: dict[str, list[str]] = {}
     for path, source in origin.items():
-        match = _UNROLLED.match(path)
-        if match is not None:
-            prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
-            path = f'{prefix}blocks/layers/{index % period}/{rest}'
-        sources = by_path.setdefault(path, [])
+        scanned = _scanned_path(path, period)
+        sources = by_path.setdefault(path if scanned is None else scanned[0], [])
         if source not in sources:
             sources.append(source)
     return {path: '+'.join(sources) for path, sources in by_path.items()}
