@@ -124,8 +124,9 @@ def load_params(
     one source. A path found with a different shape is an error: silently skipping it would train
     from a half-initialised model.
     """
-    # Matched by unrolled names (`llm/layers/<i>/...`, as sources and upcycling speak them); a
-    # scanned LM's stacked parameters are viewed layer by layer and stacked back.
+    # Matched by unrolled names (`llm/layers/<i>/...`, as upcycling speaks them); a scanned LM's
+    # stacked parameters, and a source saved from one, are viewed layer by layer and stacked back.
+    sources = [(name, layer_stack.unrolled_params(flat)) for name, flat in sources]
     variables = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     current = layer_stack.unrolled_params({k: v.get_value() for k, v in variables.items()})
     values, origin = {}, {}

@@ -4,14 +4,13 @@ transformers runs to our logits and `from-hf` reads back to the stage's paramete
 import json
 import pathlib
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
+from tests.convert.stages import logits_diff, stage_model, write_stage
 from tests.tiny_model import random_module
 from unimoe import config as config_lib, factory
 from unimoe.checkpoint import Checkpointer, path_str
@@ -26,14 +25,6 @@ from unimoe.moe.config import MoEConfig
 TINY = pathlib.Path(__file__).parents[2] / "configs" / "unimoe_tiny.py"
 # Adapters whose B is not zero, as after training; the scale is the tiny recipe's alpha / rank.
 LORA_RANK = 8
-
-
-def _write_stage(workdir: pathlib.Path, name: str, model: nnx.Module, defined: list[str]) -> None:
-    """Saves `model` as the trainer leaves a finished stage (NAME/checkpoints with DONE.json)."""
-    params = nnx.state(model, nnx.Param).to_pure_dict()
-    with Checkpointer(workdir / name / "checkpoints", async_save=False) as ckpt:
-        ckpt.save(3, {"params": params}, force=True)
-        ckpt.mark_done({"final_step": 3, "defined_params": sorted(defined)})
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
         )
         paths = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
         defined = paths if moe else [p for p in paths if p.startswith("llm/")]
-        _write_stage(workdir, name, model, defined)
+        write_stage(workdir, name, model, defined)
     return workdir
 
 
@@ -68,39 +59,6 @@ def moe_export(workdir, tmp_path_factory) -> pathlib.Path:
     return out
 
 
-def _stage_model(workdir: pathlib.Path, name: str):
-    """The stage's model with its checkpointed weights (LoRA unmerged), in eval mode."""
-    experiment = from_config_dict(json.loads((workdir / "config.json").read_text()))
-    tokenizer = builtin.experiment_tokenizer("", experiment.data.data_dir, on_missing="error")
-    stage = experiment.stage(name)
-    # Shapes only, every parameter from the checkpoint (eager init costs seconds).
-    model = factory.build_model(
-        experiment.model, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=0, abstract=True
-    )
-    params, _ = Checkpointer(workdir / name / "checkpoints").final_params()
-    factory.load_params(model, [(name, params)])
-    return nnx.view(model, deterministic=True, raise_if_not_found=False)
-
-
-def _logits_diff(model, hf_dir: pathlib.Path) -> float:
-    """max |our logits - transformers'| on the real positions of a right-padded batch."""
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    rng = np.random.default_rng(0)
-    tokens_bt = rng.integers(0, model.llm.cfg.vocab_size, (2, 11)).astype(np.int32)
-    mask_bt = np.arange(11)[None, :] < np.array([[11], [7]])
-    with torch.no_grad():
-        theirs = hf_model(
-            input_ids=torch.from_numpy(tokens_bt).long(),
-            attention_mask=torch.from_numpy(mask_bt).long(),
-        ).logits.numpy()
-    ours = np.asarray(model.llm(model.llm.embed_tokens(jnp.asarray(tokens_bt)), mask_bt)[0])
-    # Far from uniform, so a 1e-4 agreement is not an artefact of tiny logits.
-    assert np.abs(theirs).max() > 1.0
-    return float(np.abs(ours[mask_bt] - theirs[mask_bt]).max())
-
-
 def _merged(params: dict, kernel: str, a: str, b: str, subscripts: str) -> np.ndarray:
     """kernel + A @ B * alpha / rank, per expert for the banks (the adapter's update, by hand)."""
     scale = 16.0 / LORA_RANK
@@ -109,7 +67,7 @@ def _merged(params: dict, kernel: str, a: str, b: str, subscripts: str) -> np.nd
 
 def test_moe_stage_exports_as_mixtral_with_lora_merged(workdir, moe_export, tmp_path):
     assert json.loads((moe_export / "llm" / "config.json").read_text())["model_type"] == "mixtral"
-    diff = _logits_diff(_stage_model(workdir, "s3_moe"), moe_export / "llm")
+    diff = logits_diff(stage_model(workdir, "s3_moe"), moe_export / "llm")
     assert diff <= 1e-4, diff
     # from-hf reads the folder back: the stage's weights, each adapter folded into its kernel.
     assert main(["from-hf", str(moe_export / "llm"), str(tmp_path / "back")]) == 0
@@ -178,7 +136,7 @@ def test_dense_stage_exports_only_what_it_defined(workdir, tmp_path):
     out = tmp_path / "hf"
     assert main(["to-hf", str(workdir / "s0_llm"), str(out)]) == 0
     assert json.loads((out / "llm" / "config.json").read_text())["model_type"] == "llama"
-    assert _logits_diff(_stage_model(workdir, "s0_llm"), out / "llm") <= 1e-4
+    assert logits_diff(stage_model(workdir, "s0_llm"), out / "llm") <= 1e-4
     # Its towers and connectors are the random init: not exported.
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "llm"]
     assert "`vision/`: not written" in (out / "README.md").read_text()
@@ -206,4 +164,4 @@ def test_a_trained_recipe_stage_exports(tiny_recipe_run, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "audio", "llm", stage_export.EXTRA_FILE, "vision"
     ]
-    assert _logits_diff(_stage_model(workdir, "s3_moe"), out / "llm") <= 1e-4
+    assert logits_diff(stage_model(workdir, "s3_moe"), out / "llm") <= 1e-4

@@ -9,10 +9,21 @@ import os
 import re
 import shutil
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from tests.reliability.conftest import CHECKPOINT_EVERY, STEPS, assert_same_run
-from unimoe import checkpoint
+from tests.reliability.conftest import (
+    CHECKPOINT_EVERY,
+    STEPS,
+    Runner,
+    _flatten,
+    assert_same_run,
+    final_state,
+    small_config,
+    write_config,
+)
+from unimoe import checkpoint, config as config_lib
 from unimoe.train import metrics, preemption
 
 pytestmark = pytest.mark.slow
@@ -106,3 +117,32 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(
     assert [p.name.split('.')[0] for p in moved] == [str(STEPS)]
     assert_same_run(workdir, reference_run)
     assert json.loads((checkpoints / checkpoint.DONE_FILE).read_text())['final_step'] == STEPS
+
+
+def test_a_stage_holding_its_frozen_matrices_in_bf16_resumes_exactly(builtin_test_data, tmp_path):
+    """The paper's stage 3 holds the LM's frozen matrices in bf16 (`frozen_in_compute_dtype`): its
+    checkpoints keep them in bf16 and a killed run resumes to the uninterrupted one, bit for bit."""
+    config = small_config(builtin_test_data)
+    config.model.llm.dtype = 'bfloat16'
+    # A dense stage trains the LM that stage `s` freezes and upcycles, as in the recipe.
+    config.stages.s0 = config_lib.stage(
+        trains='llm', mode='lm_text', tasks=('text_qa',), steps=2, learning_rate=3e-3, batch_size=4
+    )
+    config.stages.s.update(
+        trains='lora+router', init_from='s0', experts_from='s0', upcycle_mode='copies',
+        frozen_in_compute_dtype=True,
+    )  # fmt: skip
+    config.stage_order = 's0,s'
+    bf16_runner = Runner(write_config(config, tmp_path / 'config'), tmp_path / 'jax_cache')
+    reference = tmp_path / 'reference'
+    finished = bf16_runner(reference)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    killed = bf16_runner(tmp_path / 'run', '--kill_after_step=5')
+    assert killed.returncode == -9
+    _resume(bf16_runner, tmp_path / 'run', CHECKPOINT_EVERY)
+    assert_same_run(tmp_path / 'run', reference)
+    params = dict(_flatten(final_state(tmp_path / 'run')['params']))
+    query = [value for key, value in params.items() if key.endswith('attn/q/kernel/value')]
+    assert query and all(value.dtype == jnp.bfloat16 for value in query)
+    lora = [value for key, value in params.items() if key.endswith('attn/q/lora_a/value')]
+    assert lora and all(value.dtype == np.float32 for value in lora)  # trained: float32

@@ -17,6 +17,7 @@ unimoe.main` writes beside the stages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -146,8 +147,10 @@ def _lm_hf_config(
 
 
 def merged_lm_params(cfg: llm.LLMConfig, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The LM's parameters ('llm/...') with every LoRA adapter folded into its base weight."""
-    lm = core.abstract_modules({"llm": cfg})["llm"]
+    """The LM's parameters ('llm/...', unrolled names) with every LoRA adapter folded into its
+    base weight."""
+    # Built unrolled whatever the stage's layout: `params` speak `llm/layers/<i>/...`.
+    lm = core.abstract_modules({"llm": dataclasses.replace(cfg, scan_layers=False)})["llm"]
     core.load_into({"llm": lm}, params)
     merge_lora(lm)
     base = nnx.state(lm, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))

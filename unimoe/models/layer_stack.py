@@ -184,8 +184,15 @@ def unrolled_params(flat: Mapping[str, Any]) -> dict[str, Any]:
             continue
         prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
         for b in range(value.shape[0]):
-            out[f'{prefix}layers/{b * period + index}/{rest}'] = value[b]
+            out[f'{prefix}layers/{b * period + index}/{rest}'] = _block(value, b)
     return out
+
+
+def _block(value: Any, b: int) -> Any:
+    """Block `b` of a stacked value; an abstract model's (`jax.ShapeDtypeStruct`) stays abstract."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+    return value[b]
 
 
 def scanned_origin(origin: Mapping[str, str], period: int) -> dict[str, str]:
