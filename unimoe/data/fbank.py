@@ -28,7 +28,7 @@ _LOG_FLOOR = float(np.finfo(np.float32).eps)
 _PREEMPHASIS = 0.97
 _POVEY_POWER = 0.85
 _LOW_FREQ_HZ = 20.0
-# Frames per block of a long input: the [frames, FFT] intermediates stay ~20 MB at any length.
+# Frames per block of a long input: the per-block intermediates stay ~45 MB at any length.
 _BLOCK_FRAMES = 4096
 
 
@@ -158,7 +158,9 @@ def beats_features(
     window, shift = window_samples()
     frames = num_frames(chunk_samples, window, shift)
     if frames == 0:
-        raise ValueError(f"chunk_samples={chunk_samples} is shorter than one {window}-sample window")
+        raise ValueError(
+            f"chunk_samples={chunk_samples} is shorter than one {window}-sample window"
+        )
     count = min(-(-len(wave) // chunk_samples), max_chunks)
     features = np.empty((count, frames, num_mel_bins), np.float32)
     mask = np.zeros((count, frames), bool)
