@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import struct
 import wave
 
 import av
@@ -48,6 +49,33 @@ def wav_bytes(seconds: float, rate: int = 22050, channels: int = 1, freq: float 
         w.setframerate(rate)
         w.writeframes(pcm.tobytes())
     return buf.getvalue()
+
+
+def silent_wav(path, seconds: float, sample_width: int = 2, rate: int = 16000) -> None:
+    """A mono PCM WAV of `seconds` of silence, its samples never written: the file is extended
+    to its full size (sparse where the file system allows)."""
+    data_bytes = int(seconds * rate) * sample_width
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        *(b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, 1),  # PCM, mono
+        *(rate, rate * sample_width, sample_width, 8 * sample_width, b"data", data_bytes),
+    )
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + data_bytes)
+
+
+def voice_record(*paths: str) -> dict:
+    """Record 'long': one `<audio>` tag per voice file."""
+    tags = "".join("<audio>\n" for _ in paths)
+    return {
+        "id": "long",
+        "voice": list(paths),
+        "conversations": [
+            {"from": "human", "value": f"{tags}What is said?"},
+            {"from": "gpt", "value": "Nothing."},
+        ],
+    }
 
 
 def video_bytes(num_frames: int, hw=(32, 48), container_format: str = "mp4") -> bytes:

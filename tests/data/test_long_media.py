@@ -4,7 +4,6 @@ limit (`max_audio_chunks` chunks of 30 s), not the file (docs/design.md, "Real d
 import contextlib
 import io
 import json
-import struct
 import tracemalloc
 import zipfile
 
@@ -16,32 +15,6 @@ from tests.data import real_corpus
 from unimoe.data import check, formats, json_pipeline, preprocess
 
 RATE = 16000
-
-
-def _wav_header(path, seconds: float, sample_width: int = 2) -> None:
-    """A mono PCM WAV of `seconds` of silence, its samples never written: the file is extended
-    to its full size (sparse where the file system allows)."""
-    data_bytes = int(seconds * RATE) * sample_width
-    header = struct.pack(
-        "<4sI4s4sIHHIIHH4sI",
-        *(b"RIFF", 36 + data_bytes, b"WAVE", b"fmt ", 16, 1, 1),  # PCM, mono
-        *(RATE, RATE * sample_width, sample_width, 8 * sample_width, b"data", data_bytes),
-    )
-    with open(path, "wb") as f:
-        f.write(header)
-        f.truncate(len(header) + data_bytes)
-
-
-def _voice_record(*paths: str) -> dict:
-    tags = "".join("<audio>\n" for _ in paths)
-    return {
-        "id": "long",
-        "voice": list(paths),
-        "conversations": [
-            {"from": "human", "value": f"{tags}What is said?"},
-            {"from": "gpt", "value": "Nothing."},
-        ],
-    }
 
 
 @contextlib.contextmanager
@@ -73,8 +46,8 @@ def _allowed_bytes(cfg: json_pipeline.JsonDataConfig) -> int:
 
 
 def test_check_refuses_a_two_hour_wav_from_its_header(tmp_path):
-    _wav_header(tmp_path / "long.wav", 2 * 3600)  # 230 MB as written
-    (tmp_path / "data.json").write_text(json.dumps([_voice_record("/long.wav")]))
+    real_corpus.silent_wav(tmp_path / "long.wav", 2 * 3600)  # 230 MB as written
+    (tmp_path / "data.json").write_text(json.dumps([real_corpus.voice_record("/long.wav")]))
     cfg = _config(tmp_path)
     with _tracing_memory() as memory:
         total, errors = check.check_file(
@@ -92,12 +65,12 @@ def test_check_refuses_a_two_hour_wav_from_its_header(tmp_path):
 
 @pytest.mark.parametrize("sample_width", [2, 1])  # 16-bit: stdlib reader; 8-bit: FFmpeg's
 def test_a_zipped_wav_past_the_chunks_left_is_refused_while_streaming(tmp_path, sample_width):
-    _wav_header(tmp_path / "long.wav", 10 * 60, sample_width)
+    real_corpus.silent_wav(tmp_path / "long.wav", 10 * 60, sample_width)
     with zipfile.ZipFile(tmp_path / "media.zip", "w") as z:  # stored, as media zips are
         z.write(tmp_path / "long.wav", "speech/long.wav")
     cfg = _config(tmp_path / "media.zip", max_audio_chunks=1)
     builder = json_pipeline.ExampleBuilder(cfg, tokenizer=None)
-    record = json.dumps(_voice_record("/speech/long.wav"))
+    record = json.dumps(real_corpus.voice_record("/speech/long.wav"))
     with _tracing_memory() as memory:
         with pytest.raises(formats.RecordError, match="more than the 30.0 s allowed") as info:
             builder(record, 3, "d.json")
@@ -133,7 +106,7 @@ def test_video_frames_are_sampled_while_decoding(container_format, declared):
 
 def test_check_cli_applies_max_audio_chunks(tmp_path, capsys):
     (tmp_path / "talk.wav").write_bytes(real_corpus.wav_bytes(45.0, rate=RATE))
-    (tmp_path / "data.json").write_text(json.dumps([_voice_record("/talk.wav")]))
+    (tmp_path / "data.json").write_text(json.dumps([real_corpus.voice_record("/talk.wav")]))
     args = ["check", str(tmp_path / "data.json"), "--media-root", str(tmp_path)]
     assert check.main(args) == 0  # 2 chunks of the default 4
     capsys.readouterr()

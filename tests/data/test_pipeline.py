@@ -314,7 +314,7 @@ def test_modality_grouped_global_batches_lose_no_record(cfg, tok):
 
 def test_both_pipelines_take_their_shapes_from_one_declaration():
     """`BatchShapes` declares and checks the shapes once; a stage's JSON pipeline gets exactly
-    `config.data`'s (no field left at the reference default)."""
+    the built-in pipeline's, which are `config.data`'s (a field it leaves out at its default)."""
     with pytest.raises(ValueError, match=r"JsonDataConfig.seq_len must be >= 1, got 0"):
         json_pipeline.JsonDataConfig(
             data_dir="", sources=("x",), media_root=None, seq_len=0, batch_size=1
@@ -325,6 +325,9 @@ def test_both_pipelines_take_their_shapes_from_one_declaration():
     json_cfg = json_pipeline.JsonDataConfig(
         data_dir="", sources=("x",), media_root=None, batch_size=2, **shapes.from_config_data(data)
     )
+    builtin_cfg = pipeline.DataConfig(**data.to_dict())
     for field in dataclasses.fields(shapes.BatchShapes):
         if field.name != "batch_size":
-            assert getattr(json_cfg, field.name) == data[field.name], field.name
+            value = getattr(json_cfg, field.name)
+            assert value == getattr(builtin_cfg, field.name), field.name
+            assert value == data.get(field.name, field.default), field.name

@@ -1,12 +1,15 @@
 """`python -m unimoe.data check FILE.json [--media-root DIR] [--no-media] [--tokenizer T]
-[--seq-len N] [--max-audio-chunks N]`: validates a Uni-MoE JSON file.
+[--seq-len N] [--max-audio-chunks N] [--sound [--max-sound-chunks N] [--sound-chunk-samples N]]`:
+validates a Uni-MoE JSON file.
 
 (`python -m unimoe.data verify DIR [--checksums TSV] [--record OUT.tsv]` checks downloaded files
 against their published checksums: `unimoe.data.verify`.)
 
 Each record goes through the training pipeline's own `ExampleBuilder` (structure, tag / media
 agreement, media read and decoded, token length when a tokenizer is given; audio longer than
-`--max-audio-chunks` 30-s chunks is refused from its header, not decoded). One line per bad
+`--max-audio-chunks` 30-s chunks is refused from its header, not decoded). With `--sound` the
+file is read as a sound source (`json_data.sound_sources`): its voice files become BEATs features,
+limited by `--max-sound-chunks` chunks of `--sound-chunk-samples`. One line per bad
 record names its index, id and field; the last line is `N records, M ok, K errors`. Exit status 1
 if any record is bad. Mistaken arguments are found before any record is read: one
 `error: ...` line each, exit status 2.
@@ -26,7 +29,14 @@ from unimoe.data import formats, json_pipeline, verify
 from unimoe.data.tokenizer import PretrainedTokenizer
 
 # The least value of each numeric flag of `check` (argparse dest -> minimum).
-_MINIMUMS = {"seq_len": 1, "max_audio_chunks": 1}
+_MINIMUMS = {
+    "seq_len": 1,
+    "max_audio_chunks": 1,
+    "max_sound_chunks": 1,
+    "sound_chunk_samples": 400,  # one Kaldi window (25 ms at 16 kHz)
+}
+# The source name `check` gives the file's records (a sound source with `--sound`).
+_SOURCE = "check"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +56,7 @@ def check_file(
 ) -> tuple[int, list[formats.RecordError]]:
     """(number of records, errors) of `path`; without a tokenizer, token lengths are not checked."""
     raws = formats.load_json_list(path)
-    builder = json_pipeline.ExampleBuilder(cfg, tokenizer, read_media=read_media)
+    builder = json_pipeline.ExampleBuilder(cfg, tokenizer, read_media=read_media, source=_SOURCE)
     errors = []
     for index, raw in enumerate(raws):
         try:
@@ -56,7 +66,7 @@ def check_file(
     return len(raws), errors
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> _Parser:
     parser = _Parser(prog="python -m unimoe.data")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate every record of a Uni-MoE JSON file")
@@ -74,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="30-s audio chunks a record may have over all its voice files (the stage's "
         "json_data.max_audio_chunks)",
     )
+    _add_sound_flags(check)
     verify_cmd = commands.add_parser(
         "verify", help="check downloaded files against data/checksums.tsv (size + sha256)"
     )
@@ -82,7 +93,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify_cmd.add_argument(
         "--record", default=None, help="write size + sha256 of the files the table does not name"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _add_sound_flags(check: argparse.ArgumentParser) -> None:
+    defaults = json_pipeline.JsonDataConfig
+    check.add_argument(
+        "--sound",
+        action="store_true",
+        help="a sound source (json_data.sound_sources): voice files go to BEATs, not Whisper",
+    )
+    check.add_argument(
+        "--max-sound-chunks",
+        type=int,
+        default=defaults.max_sound_chunks,
+        help="with --sound: BEATs chunks a record may have over all its voice files",
+    )
+    check.add_argument(
+        "--sound-chunk-samples",
+        type=int,
+        default=defaults.sound_chunk_samples,
+        help="with --sound: samples (16 kHz) per BEATs chunk",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "verify":
         return _verify(args.directory, args.checksums, args.record)
     problems = _check_args(args)
@@ -90,11 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.exit_with_problems(problems)
     cfg = json_pipeline.JsonDataConfig(
         data_dir="",
-        sources=("check",),
+        sources=(_SOURCE,),
         media_root=args.media_root,
         seq_len=args.seq_len,
         batch_size=1,
         max_audio_chunks=args.max_audio_chunks,
+        sound_sources=(_SOURCE,) if args.sound else (),
+        max_sound_chunks=args.max_sound_chunks,
+        sound_chunk_samples=args.sound_chunk_samples,
     )
     tokenizer = PretrainedTokenizer(args.tokenizer) if args.tokenizer else None
     try:

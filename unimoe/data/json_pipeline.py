@@ -16,7 +16,10 @@ Batch keys (docs/design.md, "Real data"): the design batch format, except that a
 `audio_mel` float32 [B, C, A, M] with `audio_chunk_mask` bool [B, C] (C chunks of A frames: every
 chunk of every voice file of the row, in order; each `<audio>` tag expands to n_audio_tokens per
 chunk of its file), plus `modality_type` int32 [B] and `num_skipped` int32 [B] (bad records
-skipped just before each row; their sum over batches is the skip count).
+skipped just before each row; their sum over batches is the skip count). The voice files of the
+sources named in `sound_sources` go to the sound tower (BEATs) instead: `sound_fbank`,
+`sound_frame_mask`, `sound_chunk_mask`, `has_sound` (`unimoe.data.sound`; present only when
+`sound_sources` is set), each `<audio>` tag expanding to n_sound_tokens per chunk of its file.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any, BinaryIO
 import grain
 import numpy as np
 
-from unimoe.data import formats, grouping, json_builder, preprocess, shapes, vicuna
+from unimoe.data import formats, grouping, json_builder, preprocess, shapes, sound, vicuna
 from unimoe.data.conversation import SequenceTooLongError
 from unimoe.data.tasks import MODALITIES
 from unimoe.data.tokenizer import PretrainedTokenizer
@@ -42,7 +45,8 @@ from unimoe.data.tokenizer import PretrainedTokenizer
 ON_ERROR = ("raise", "skip")
 _ERROR_KEY = "_error"
 # Modality type (video 4 + voice 2 + image 1) -> index into tasks.MODALITIES. A `voice` file may be
-# speech or sound; it counts as speech (the reference's speech model reads both with Whisper).
+# speech or sound; it counts as speech (the reference's speech model reads both with Whisper),
+# except in a `sound_sources` source: voice-only records are "audio" (`ExampleBuilder.modality`).
 _MODALITY_OF_TYPE = {
     0: "text",
     1: "image",
@@ -69,6 +73,13 @@ class JsonDataConfig(shapes.BatchShapes):
     weights: tuple[float, ...] = ()  # per source, fraction of batches; () = equal
     image_aspect: str = "square"
     max_audio_chunks: int = 4  # per record, over all its voice files
+    # Sources whose voice files go to the sound tower (BEATs features, `unimoe.data.sound`), not
+    # to Whisper; with the BEATs chunk (480000 samples = 30 s), mel bins and chunks per record
+    # over all its voice files (the reference cuts each file at 20).
+    sound_sources: tuple[str, ...] = ()
+    sound_chunk_samples: int = 480000
+    sound_mel_bins: int = 128
+    max_sound_chunks: int = 20
     on_error: str = "raise"
     group_by_modality: bool = False
     seq_buckets: tuple[int, ...] = ()
@@ -79,6 +90,7 @@ class JsonDataConfig(shapes.BatchShapes):
         super().__post_init__()
         if self.max_audio_chunks < 1:
             raise ValueError(f"max_audio_chunks={self.max_audio_chunks} must be >= 1")
+        sound.check_fields(self)
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.image_aspect not in preprocess.IMAGE_ASPECTS:
@@ -95,11 +107,19 @@ class ExampleBuilder:
     """One raw record -> one unbatched example; any bad input raises `formats.RecordError`."""
 
     def __init__(
-        self, cfg: JsonDataConfig, tokenizer: PretrainedTokenizer | None, read_media: bool = True
+        self,
+        cfg: JsonDataConfig,
+        tokenizer: PretrainedTokenizer | None,
+        read_media: bool = True,
+        *,
+        source: str | None = None,
     ):
-        """Without a tokenizer, records are validated (and media decoded) but not tokenized."""
+        """Without a tokenizer, records are validated (and media decoded) but not tokenized.
+        `source` is the records' source: its voice files go to BEATs if `cfg.sound_sources`
+        names it."""
         self.cfg, self.tokenizer, self.read_media = cfg, tokenizer, read_media
         self.store = formats.MediaStore(cfg.media_root) if read_media else None
+        self.sound = source is not None and source in cfg.sound_sources
 
     def parse(self, raw_json: str, index: int, file: str) -> formats.Record:
         try:
@@ -134,14 +154,16 @@ class ExampleBuilder:
         picked = preprocess.sample_frame_indices(len(record.video), cfg.num_frames)
         return np.stack([self._image(record, record.video[i], f"video[{i}]") for i in picked])
 
-    def _audio(self, record: formats.Record) -> list[np.ndarray]:
-        """Log-mel chunks [c_k, A, M] of each voice file; too many chunks in all is an error
-        (the reference cuts each file at 20 chunks without a word). A file longer than the
-        chunks left is refused without decoding it whole (`preprocess.decode_audio`)."""
-        cfg, waves, counts = self.cfg, [], []
-        chunk_samples = cfg.audio_frames * preprocess.WHISPER_HOP
+    def _voices(
+        self, record: formats.Record, chunk_samples: int, limit: str, size: int, unit: str
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """Each voice file's waveform and chunk count; more chunks in all than `cfg.<limit>` is
+        an error (the reference cuts each file at 20 chunks without a word). A file longer than
+        the chunks left is refused without decoding it whole (`preprocess.decode_audio`).
+        Messages give a chunk's `size` in `unit`s (3000 'frame's)."""
+        most, waves, counts = getattr(self.cfg, limit), [], []
         for k, path in enumerate(record.voices):
-            field, left = f"voice[{k}]", max(0, cfg.max_audio_chunks - sum(counts))
+            field, left = f"voice[{k}]", max(0, most - sum(counts))
             with self._reading(record, field, path) as stream:
                 try:
                     wave = preprocess.decode_audio(
@@ -150,21 +172,34 @@ class ExampleBuilder:
                 except preprocess.AudioTooLongError as e:
                     raise record.error(
                         field,
-                        f"{e} by max_audio_chunks={cfg.max_audio_chunks} "
-                        f"({cfg.audio_frames}-frame chunks, {left} left for this file)",
+                        f"{e} by {limit}={most} ({size}-{unit} chunks, {left} left for this file)",
                     ) from None
             waves.append(wave)
-            counts.append(preprocess.num_audio_chunks(len(wave), cfg.audio_frames))
-        if sum(counts) > cfg.max_audio_chunks:
+            counts.append(preprocess.num_chunks(len(wave), chunk_samples))
+        if sum(counts) > most:
             raise record.error(
-                "voice",
-                f"{sum(counts)} audio chunks of {cfg.audio_frames} frames, more than "
-                f"max_audio_chunks={cfg.max_audio_chunks}",
+                "voice", f"{sum(counts)} audio chunks of {size} {unit}s, more than {limit}={most}"
             )
+        return waves, counts
+
+    def _audio(self, record: formats.Record) -> list[np.ndarray]:
+        """Whisper log-mel chunks [c_k, A, M] of each voice file."""
+        cfg = self.cfg
+        chunk_samples = cfg.audio_frames * preprocess.WHISPER_HOP
+        waves, counts = self._voices(
+            record, chunk_samples, "max_audio_chunks", cfg.audio_frames, "frame"
+        )
         return [
             preprocess.chunked_log_mel(w, cfg.num_mel_bins, cfg.audio_frames, c)
             for w, c in zip(waves, counts, strict=True)
         ]
+
+    def _sound(self, record: formats.Record) -> list[tuple[np.ndarray, np.ndarray]]:
+        """BEATs features and padding masks ([c_k, F, M], [c_k, F]) of each voice file."""
+        cfg = self.cfg
+        size = cfg.sound_chunk_samples
+        waves, counts = self._voices(record, size, "max_sound_chunks", size, "sample")
+        return [sound.features(w, cfg, c) for w, c in zip(waves, counts, strict=True)]
 
     def media(self, record: formats.Record) -> tuple[dict[str, np.ndarray], list[int]]:
         """The media slots of one record (zeros where absent, decoded when `read_media`) and the
@@ -178,8 +213,11 @@ class ExampleBuilder:
             "audio_chunk_mask": np.zeros((cfg.max_audio_chunks,), bool),
             "has_image": np.bool_(bool(record.images)),
             "has_video": np.bool_(bool(record.video)),
-            "has_audio": np.bool_(bool(record.voices)),
+            "has_audio": np.bool_(bool(record.voices) and not self.sound),
         }
+        if cfg.sound_sources:  # every source's rows then carry the slots: batches stack
+            example.update(sound.empty_slots(cfg))
+            example["has_sound"] = np.bool_(bool(record.voices) and self.sound)
         chunks_per_file = [1] * len(record.voices)  # --no-media: one chunk per file assumed
         if self.read_media:
             if record.images:
@@ -187,12 +225,31 @@ class ExampleBuilder:
             if record.video:
                 example["video"] = self._video(record)
             if record.voices:
-                per_file = self._audio(record)
-                chunks_per_file = [len(m) for m in per_file]
-                mels = np.concatenate(per_file)
-                example["audio_mel"][: len(mels)] = mels
-                example["audio_chunk_mask"][: len(mels)] = True
+                chunks_per_file = self._put_voices(record, example)
         return example, chunks_per_file
+
+    def _put_voices(self, record: formats.Record, example: dict[str, np.ndarray]) -> list[int]:
+        """Fills the Whisper or (for a sound source) the BEATs slots; chunks per voice file."""
+        if self.sound:
+            per_file = self._sound(record)
+            sound.fill(example, per_file)
+            return [len(features) for features, _ in per_file]
+        per_file = self._audio(record)
+        mels = np.concatenate(per_file)
+        example["audio_mel"][: len(mels)] = mels
+        example["audio_chunk_mask"][: len(mels)] = True
+        return [len(m) for m in per_file]
+
+    def audio_tokens(self, chunks_per_file: list[int]) -> list[int]:
+        """Placeholders of each `<audio>` tag: its tower's tokens per chunk x its file's chunks."""
+        per_chunk = self.cfg.n_sound_tokens if self.sound else self.cfg.n_audio_tokens
+        return [per_chunk * c for c in chunks_per_file]
+
+    def modality(self, record: formats.Record) -> str:
+        """The record's `tasks.MODALITIES` name: a sound source's voice-only records are audio."""
+        if self.sound and record.modality_type == 2:
+            return "audio"
+        return _MODALITY_OF_TYPE[record.modality_type]
 
     def __call__(self, raw_json: str, index: int, file: str) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -208,7 +265,7 @@ class ExampleBuilder:
                 self.tokenizer,
                 n_image_tokens=cfg.n_image_tokens,
                 n_video_tokens=cfg.n_video_tokens,
-                audio_tokens=[cfg.n_audio_tokens * c for c in chunks_per_file],
+                audio_tokens=self.audio_tokens(chunks_per_file),
                 seq_len=cfg.seq_len,
             )
         except (SequenceTooLongError, vicuna.TemplateMismatchError) as e:
@@ -220,7 +277,7 @@ class ExampleBuilder:
             loss_mask=loss_mask,
             attn_mask=np.arange(cfg.seq_len) < length,
             modality_type=np.int32(record.modality_type),
-            modality=np.int32(MODALITIES.index(_MODALITY_OF_TYPE[record.modality_type])),
+            modality=np.int32(MODALITIES.index(self.modality(record))),
         )
         return example
 
@@ -374,7 +431,8 @@ def _source_batches(
     ordered = _EpochOrderDataset(
         records, keys, lengths, source_seed, grouped=cfg.group_by_modality, **order_args
     )
-    examples = ordered.map(_BuildExample(ExampleBuilder(cfg, tokenizer), f"unimoe_json/{name}"))
+    example_builder = ExampleBuilder(cfg, tokenizer, source=name)
+    examples = ordered.map(_BuildExample(example_builder, f"unimoe_json/{name}"))
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * per_shard)
     # A whole epoch of bad records in a row means nothing usable is left.
     kept = _SkipBadDataset(examples.to_iter_dataset(read), cfg.on_error, patience=len(records))

@@ -3,7 +3,9 @@
 Train loaders read `tfds` array_record data sources, sample shuffled infinite epochs, preprocess each
 record (template + placeholder expansion, CLIP-normalised media, log-mel) in-process and batch it.
 Their iterators are checkpointable (`grain.python.PyGrainCheckpointSave`). Eval examples are loaded
-eagerly, with prompts instead of full conversations, and batched with `collate`.
+eagerly, with prompts instead of full conversations, and batched with `collate`. The audio of the
+tasks in `sound_tasks` goes to the sound tower (BEATs features in the `unimoe.data.sound` slots,
+present only when `sound_tasks` is set) instead of Whisper's log-mel.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
-from unimoe.data import builtin, conversation, grouping, media, shapes
+from unimoe.data import builtin, conversation, grouping, media, shapes, sound
 from unimoe.data import tasks as task_defs  # `tasks` is the loaders' parameter name
 from unimoe.data.tokenizer import Tokenizer
 
@@ -31,6 +33,9 @@ _MODE_MEDIA: dict[str, tuple[str, ...]] = {
     "classify_audio": ("audio",),
 }
 _INT16_SCALE = 32767.0
+# BEATs' input as the reference reads a 16-bit file (soundfile: int16 / 2^15), so that BEATs'
+# x 2^15 gives back the stored samples.
+_SOUND_INT16_SCALE = 32768.0
 _STRING_KEYS = ("answer", "task", "modality", "id")
 
 
@@ -47,9 +52,22 @@ class DataConfig(shapes.BatchShapes):
     # Modality-level data parallelism (Uni-MoE): every global batch of one modality
     # (`unimoe.data.grouping`); needs skip_too_long=False (a skipped record would shift rows).
     group_by_modality: bool = False
+    # Tasks whose audio goes to the sound tower (BEATs features, `unimoe.data.sound`), not to
+    # Whisper; a tiny BEATs input by default: a built-in clip (3 s) is one chunk of 298 frames.
+    sound_tasks: tuple[str, ...] = ()
+    sound_chunk_samples: int = 3 * media.SAMPLE_RATE
+    sound_mel_bins: int = 32
+    max_sound_chunks: int = 1
 
     def __post_init__(self):
         super().__post_init__()
+        sound.check_fields(self)
+        silent = [t for t in self.sound_tasks if t not in task_defs.AUDIO_LABEL_TASKS]
+        if silent:
+            raise ValueError(
+                f"DataConfig.sound_tasks: {silent} have no audio; tasks with audio are "
+                f"{task_defs.AUDIO_LABEL_TASKS}"
+            )
         if self.group_by_modality and self.skip_too_long:
             raise ValueError(
                 "DataConfig.group_by_modality needs skip_too_long=False: a skipped record would "
@@ -78,21 +96,35 @@ def _builder(cfg: DataConfig) -> builtin.UnimoeBuiltin:
             f"DataConfig.num_frames={cfg.num_frames} exceeds the stored videos' "
             f"{stored.num_frames} frames (unimoe_builtin/{stored.name})"
         )
+    room = cfg.sound_chunk_samples * cfg.max_sound_chunks
+    if cfg.sound_tasks and stored.clip_samples > room:
+        raise ValueError(
+            f"DataConfig.max_sound_chunks={cfg.max_sound_chunks} chunks of sound_chunk_samples="
+            f"{cfg.sound_chunk_samples} hold {room} samples, fewer than the stored clips' "
+            f"{stored.clip_samples} (unimoe_builtin/{stored.name})"
+        )
     return builder
 
 
 def _media(record: dict[str, Any], cfg: DataConfig, used: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Normalised media slots; absent or unused media are zeros with has_* False."""
+    """Normalised media slots; absent or unused media are zeros with has_* False. The audio of
+    a `sound_tasks` task fills the sound slots (has_sound) instead of `audio_mel`."""
     size = cfg.image_size
     image, video, audio = record["image"], record["video"], record["audio"]
+    to_sound = _text(record["task"]) in cfg.sound_tasks
     out = {
         "image": np.zeros((size, size, 3), np.float32),
         "has_image": np.bool_(len(image) > 0 and "image" in used),
         "video": np.zeros((cfg.num_frames, size, size, 3), np.float32),
         "has_video": np.bool_(len(video) > 0 and "video" in used),
         "audio_mel": np.zeros((cfg.audio_frames, cfg.num_mel_bins), np.float32),
-        "has_audio": np.bool_(len(audio) > 0 and "audio" in used),
+        "has_audio": np.bool_(len(audio) > 0 and "audio" in used and not to_sound),
     }
+    if cfg.sound_tasks:
+        out.update(sound.empty_slots(cfg))
+        if to_sound and len(audio) > 0 and "audio" in used:
+            wave = audio.astype(np.float32) / _SOUND_INT16_SCALE
+            sound.fill(out, [sound.features(wave, cfg, cfg.max_sound_chunks)])
     if out["has_image"]:
         out["image"] = media.normalize_image(image[0])
     if out["has_video"]:
@@ -110,19 +142,27 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _audio_tokens(example: dict[str, np.ndarray], cfg: DataConfig) -> int:
+    """Placeholders an `<audio>` tag expands to: Whisper's, or the sound tower's per chunk."""
+    if example.get("has_sound", False):
+        return cfg.n_sound_tokens * int(example["sound_chunk_mask"].sum())
+    return cfg.n_audio_tokens
+
+
 def _check_media_tags(
     convs: list[dict[str, str]], example: dict[str, np.ndarray], record_id: str
 ) -> None:
     text = "".join(turn["value"] for turn in convs)
-    for tag, has_key in (
-        ("<image>", "has_image"),
-        ("<video>", "has_video"),
-        ("<audio>", "has_audio"),
+    for tag, has_keys in (
+        ("<image>", ("has_image",)),
+        ("<video>", ("has_video",)),
+        ("<audio>", ("has_audio", "has_sound")),
     ):
-        if (tag in text) != bool(example[has_key]):
+        present = any(bool(example.get(key, False)) for key in has_keys)
+        if (tag in text) != present:
             raise ValueError(
-                f"record {record_id!r}: {tag} in text is {tag in text} but {has_key} is "
-                f"{bool(example[has_key])}"
+                f"record {record_id!r}: {tag} in text is {tag in text} but "
+                f"{' or '.join(has_keys)} is {present}"
             )
 
 
@@ -147,7 +187,7 @@ class _Preprocess(grain.MapTransform):
                     self.tokenizer,
                     n_image_tokens=cfg.n_image_tokens,
                     n_video_tokens=cfg.n_video_tokens,
-                    n_audio_tokens=cfg.n_audio_tokens,
+                    n_audio_tokens=_audio_tokens(example, cfg),
                     seq_len=cfg.seq_len,
                     record_id=record_id,
                 )
@@ -318,7 +358,7 @@ def load_eval_examples(
             tokenizer,
             n_image_tokens=cfg.n_image_tokens,
             n_video_tokens=cfg.n_video_tokens,
-            n_audio_tokens=cfg.n_audio_tokens,
+            n_audio_tokens=_audio_tokens(example, cfg),
             record_id=record_id,
         )
         if len(prompt) >= cfg.seq_len:

@@ -232,9 +232,9 @@ def _resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     return np.concatenate([np.zeros(0, np.float32)] + [f.to_ndarray()[0] for f in frames])
 
 
-def num_audio_chunks(num_samples: int, frames_per_chunk: int) -> int:
-    chunk = frames_per_chunk * WHISPER_HOP
-    return max(1, -(-num_samples // chunk))
+def num_chunks(num_samples: int, chunk_samples: int) -> int:
+    """Chunks of `chunk_samples` covering `num_samples` samples (the last one partial), >= 1."""
+    return max(1, -(-num_samples // chunk_samples))
 
 
 def chunked_log_mel(
@@ -249,7 +249,7 @@ def chunked_log_mel(
     keeps 480000); these are exact consecutive 30-s windows.
     """
     chunk = frames_per_chunk * WHISPER_HOP
-    count = min(num_audio_chunks(len(wave), frames_per_chunk), max_chunks)
+    count = min(num_chunks(len(wave), chunk), max_chunks)
     return np.stack(
         [
             media.log_mel(wave[i * chunk : (i + 1) * chunk], num_mel_bins, frames_per_chunk)
