@@ -42,6 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         n_image_tokens=16,
         n_video_tokens=16,
         n_audio_tokens=8,
+        # Uni-MoE-audio's tower for non-speech audio: the sound tasks' clips go to BEATs +
+        # Q-Former (one 3-s chunk of 32 Kaldi bins each), speech stays on Whisper.
+        sound_tasks=('audio_caption', 'audio_qa'),
+        n_sound_tokens=8,
         skip_too_long=False,
         worker_count=0,  # grain processes preparing batches ahead (0: in the training process)
         seed=0,
@@ -65,6 +69,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
         audio=dict(num_mel_bins=32, max_frames=300, width=64, depth=2, num_heads=4, mlp_dim=128),
         audio_conn=dict(num_queries=8, width=64, depth=1, num_heads=4, mlp_dim=128),
+        # A tiny BEATs stand-in (BEATs_iter3+'s switches: deep norm, gated relative positions),
+        # 36 tokens per chunk, and a 2-layer Q-Former cross-attending on layer 0.
+        sound=dict(
+            input_patch_size=16, embed_dim=32, encoder_layers=2, encoder_embed_dim=64,
+            encoder_ffn_embed_dim=128, encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4,
+            relative_position_embedding=True, num_buckets=32, max_distance=64, gru_rel_pos=True,
+            deep_norm=True, num_mel_bins=32,
+        ),
+        sound_conn=dict(num_queries=8, width=64, depth=2, num_heads=4, mlp_dim=128),
         moe_layers='all',
         # Every MoEConfig field, so each can be set: --config.model.moe.kernel_impl=ragged_dot.
         moe=config_lib.declared(
@@ -75,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     all_tasks = tasks_lib.INSTRUCTION_TASKS + tasks_lib.ALIGNMENT_TASKS
     c.stage_order = ','.join(
-        ['s0_llm', 's0_vision', 's0_audio', 's1_align']
+        ['s0_llm', 's0_vision', 's0_audio', 's0_sound', 's1_align']
         + [f's2_{m}' for m in tasks_lib.EXPERT_MODALITIES]
         + ['s3_moe']
     )
@@ -93,7 +106,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages.s0_audio = config_lib.stage(
         trains='audio',
         mode='classify_audio',
-        tasks=('speech_transcript', 'audio_caption', 'speech_qa', 'audio_qa'),
+        tasks=('speech_transcript', 'speech_qa'),
+        steps=steps(200),
+        learning_rate=2e-3,
+    )
+    c.stages.s0_sound = config_lib.stage(
+        trains='sound',
+        mode='classify_sound',
+        tasks=('audio_caption', 'audio_qa'),
         steps=steps(200),
         learning_rate=2e-3,
     )
@@ -103,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         tasks=tasks_lib.ALIGNMENT_TASKS,
         steps=steps(200),
         learning_rate=2e-3,
-        init_from=('s0_llm', 's0_vision', 's0_audio'),
+        init_from=('s0_llm', 's0_vision', 's0_audio', 's0_sound'),
     )
     for m in tasks_lib.EXPERT_MODALITIES:
         c.stages[f's2_{m}'] = config_lib.stage(

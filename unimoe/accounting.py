@@ -37,9 +37,9 @@ BYTES_PER_PARAM = 4  # float32 parameters, gradients and optimizer moments
 COMPONENTS: dict[str, tuple[str, ...]] = {
     'llm': factory.TRAINABLE_PARTS['llm'],
     'vision': ('vision',),
-    'audio': ('audio',),
+    'audio': ('audio', 'sound'),  # Whisper, and BEATs where the model has it
     'connectors': factory.TRAINABLE_PARTS['connectors'],
-    'heads': ('image_head', 'audio_head'),
+    'heads': ('image_head', 'audio_head', 'sound_head'),
 }
 _COMPONENT_OF_PART = {part: name for name, parts in COMPONENTS.items() for part in parts}
 

@@ -151,13 +151,18 @@ def from_config_flag(flag: Any) -> ExperimentConfig:
 def _check_media_tokens(model: ModelSpec, data: pipeline.DataConfig) -> None:
     """The tokenizer expands each media placeholder to `config.data.n_<media>_tokens` positions:
     exactly as many as the model's connectors emit."""
+    if data.sound_tasks and model.sound is None:
+        raise ValueError(
+            f"config.data.sound_tasks={list(data.sound_tasks)} routes audio to the sound tower, "
+            "but config.model.sound / sound_conn are empty: set them, or empty sound_tasks"
+        )
     for name, count in model.num_media_tokens.items():
         expected = getattr(data, f'n_{name}_tokens')
         if count != expected:
             raise ValueError(
                 f"config.data.n_{name}_tokens={expected}, but the model emits {count} {name} "
-                "tokens (config.model.vision / audio_conn): the tokenizer must expand "
-                "placeholders to match"
+                "tokens (config.model.vision / audio_conn / sound_conn): the tokenizer must "
+                "expand placeholders to match"
             )
 
 

@@ -48,8 +48,11 @@ PARTS: dict[str, str] = {
     'image_head': r'^image_head/',
     'audio': r'^audio/',
     'audio_head': r'^audio_head/',
+    'sound': r'^sound/',  # BEATs (`config.model.sound`)
+    'sound_head': r'^sound_head/',
     'image_connector': r'^image_proj/',
     'audio_connector': r'^audio_conn/',
+    'sound_connector': r'^sound_conn/',  # the Q-Former
 }
 # What a stage's `trains` names: groups of parts (an encoder with its probe head) ...
 TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
@@ -57,12 +60,14 @@ TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
     'ffn': ('ffn',),
     'vision': ('vision', 'image_head'),
     'audio': ('audio', 'audio_head'),
-    'connectors': ('image_connector', 'audio_connector'),
+    'sound': ('sound', 'sound_head'),
+    'connectors': ('image_connector', 'audio_connector', 'sound_connector'),
 }
 # ... or adapters inside the parts, which start new on purpose (LoRA's B is zero, a new router is
 # near uniform), so training them initialises no part.
 ADAPTERS: dict[str, str] = {'lora': r'(^|/)lora', 'router': r'/router/'}
-# The parts a chat example of each modality reads besides the LM.
+# The parts a chat example of each modality reads besides the LM (audio the data routes to the
+# sound tower reads `SOUND_PARTS` instead of the audio ones).
 MODALITY_PARTS: dict[str, tuple[str, ...]] = {
     'image': ('vision', 'image_connector'),
     'video': ('vision', 'image_connector'),
@@ -71,6 +76,8 @@ MODALITY_PARTS: dict[str, tuple[str, ...]] = {
     'image_speech': ('vision', 'image_connector', 'audio', 'audio_connector'),
     'text': (),
 }
+AUDIO_PARTS = ('audio', 'audio_connector')
+SOUND_PARTS = ('sound', 'sound_connector')
 _PART_PATTERNS = {name: re.compile(pattern) for name, pattern in PARTS.items()}
 
 

@@ -23,7 +23,7 @@ from unimoe.data import builtin, conversation, grouping, media, shapes, sound
 from unimoe.data import tasks as task_defs  # `tasks` is the loaders' parameter name
 from unimoe.data.tokenizer import Tokenizer
 
-MODES: tuple[str, ...] = ("chat", "lm_text", "classify_image", "classify_audio")
+MODES: tuple[str, ...] = ("chat", "lm_text", "classify_image", "classify_audio", "classify_sound")
 # Media each mode feeds the model; the other slots stay zero with has_* False, which skips their
 # preprocessing (log-mel is the costly part) and matches the text, which has no placeholders then.
 _MODE_MEDIA: dict[str, tuple[str, ...]] = {
@@ -31,6 +31,7 @@ _MODE_MEDIA: dict[str, tuple[str, ...]] = {
     "lm_text": (),
     "classify_image": ("image",),
     "classify_audio": ("audio",),
+    "classify_sound": ("audio",),  # the audio of `sound_tasks`, as BEATs features
 }
 _INT16_SCALE = 32767.0
 # BEATs' input as the reference reads a 16-bit file (soundfile: int16 / 2^15), so that BEATs'
@@ -246,12 +247,27 @@ def _select_tasks(selected_tasks: Sequence[str], mode: str) -> list[str]:
     labelled = {
         "classify_image": task_defs.IMAGE_LABEL_TASKS,
         "classify_audio": task_defs.AUDIO_LABEL_TASKS,
+        "classify_sound": task_defs.AUDIO_LABEL_TASKS,
     }
     if mode in labelled:
         selected_tasks = [t for t in selected_tasks if t in labelled[mode]]
         if not selected_tasks:
             raise ValueError(f"mode={mode!r} needs at least one of the tasks {labelled[mode]}")
     return list(selected_tasks)
+
+
+def _check_audio_route(cfg: DataConfig, tasks: Sequence[str], mode: str) -> None:
+    """classify_sound reads only the audio routed to the sound tower, classify_audio only the
+    rest: a task on the other side would train on zeros."""
+    routed = [t for t in tasks if t in cfg.sound_tasks]
+    wrong = {"classify_sound": [t for t in tasks if t not in routed], "classify_audio": routed}
+    if wrong.get(mode):
+        raise ValueError(
+            f"mode={mode!r}: tasks {wrong[mode]} are "
+            f"{'not ' if mode == 'classify_sound' else ''}in DataConfig.sound_tasks="
+            f"{list(cfg.sound_tasks)} (classify_sound reads the sound tower's audio, "
+            "classify_audio Whisper's)"
+        )
 
 
 def make_train_loader(
@@ -272,6 +288,7 @@ def make_train_loader(
     `seed` defaults to `cfg.seed`; the tasks are mixed in proportion to their record counts (equal).
     """
     selected = _select_tasks(tasks, mode)
+    _check_audio_route(cfg, selected, mode)
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     if cfg.batch_size % shard_count:

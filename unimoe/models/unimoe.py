@@ -1,4 +1,10 @@
-"""The multimodal model: encoders -> connectors -> placeholder splicing -> decoder LM (Uni-MoE)."""
+"""The multimodal model: encoders -> connectors -> placeholder splicing -> decoder LM (Uni-MoE).
+
+Audio has one or two towers: Whisper + its decoder connector (`audio`, `audio_conn`) for speech,
+and, when `config.model.sound` is set, BEATs + a BLIP-2 Q-Former (`sound`, `sound_conn`) for the
+audio the data routes to it (`config.data.sound_tasks` / `sound_sources`, Uni-MoE-audio). Both
+fill the `<audio>` placeholders; a row's audio takes one tower (`has_sound`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimoe import config as config_lib
-from unimoe.models import audio, connectors, llm, vision
+from unimoe.models import audio, beats, connectors, llm, qformer, vision
 from unimoe.moe import config as moe_config
 from unimoe.moe.aux_stats import MoEAux
 from unimoe.nn import lora
@@ -31,11 +37,16 @@ class ModelSpec:
     vision: vision.ViTEncoder.Config
     audio: audio.AudioEncoder.Config
     audio_conn: connectors.QueryConnector.Config
+    sound: beats.BEATs.Config | None = None
+    sound_conn: qformer.QFormerConnector.Config | None = None
 
     @classmethod
     def from_dict(cls, model: Mapping[str, Any]) -> ModelSpec:
         """Raises ValueError naming `config.model.<section>` (an unknown field, a bad value)."""
-        known = {'llm', 'moe_layers', 'moe', 'lora', 'vision', 'audio', 'audio_conn'}
+        known = {
+            'llm', 'moe_layers', 'moe', 'lora', 'vision', 'audio', 'audio_conn', 'sound',
+            'sound_conn',
+        }  # fmt: skip
         unknown = sorted(set(model) - known)
         if unknown:
             raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(known)}")
@@ -59,6 +70,7 @@ class ModelSpec:
                 enc_dim=audio_cfg.width,
                 out_dim=llm_cfg.dim,
             ),
+            **_sound_sections(model, llm_cfg.dim),
         )
 
     def stage_llm(self, *, vocab_size: int, moe: bool, lora_rank: int) -> llm.LLMConfig:
@@ -73,9 +85,34 @@ class ModelSpec:
 
     @property
     def num_media_tokens(self) -> dict[str, int]:
-        """LM positions one image, video or audio clip fills (`UniMoE.num_media_tokens`)."""
+        """LM positions one image, video or audio clip (sound: chunk) fills
+        (`UniMoE.num_media_tokens`)."""
         patches = (self.vision.image_size // self.vision.patch_size) ** 2
-        return {'image': patches, 'video': patches, 'audio': self.audio_conn.num_queries}
+        tokens = {'image': patches, 'video': patches, 'audio': self.audio_conn.num_queries}
+        if self.sound_conn is not None:
+            tokens['sound'] = self.sound_conn.num_queries  # per chunk, as audio's
+        return tokens
+
+
+def _sound_sections(model: Mapping[str, Any], lm_dim: int) -> dict[str, Any]:
+    """`config.model.sound` / `sound_conn` typed, or nothing: both or neither are set."""
+    if not model.get('sound') and not model.get('sound_conn'):
+        return {}
+    for name in ('sound', 'sound_conn'):
+        if not model.get(name):
+            raise ValueError(
+                f"config.model.{name} is empty but the other sound section is set: the sound "
+                "tower is BEATs (sound) and its Q-Former (sound_conn) together"
+            )
+    sound = _section('sound', beats.BEATs.Config, **model['sound'])
+    conn = _section(
+        'sound_conn',
+        qformer.QFormerConnector.Config,
+        **model['sound_conn'],
+        enc_dim=sound.encoder_embed_dim,
+        out_dim=lm_dim,
+    )
+    return {'sound': sound, 'sound_conn': conn}
 
 
 def _section(name: str, build: Any, *args: Any, **kwargs: Any) -> Any:
@@ -98,6 +135,8 @@ class UniMoEConfig:
     audio_token_id: int
     num_image_labels: int
     num_audio_labels: int
+    sound: beats.BEATs.Config | None = None
+    sound_conn: qformer.QFormerConnector.Config | None = None
 
     @classmethod
     def for_stage(
@@ -127,6 +166,8 @@ class UniMoEConfig:
             **token_ids,
             num_image_labels=num_labels[0],
             num_audio_labels=num_labels[1],
+            sound=spec.sound,
+            sound_conn=spec.sound_conn,
         )
 
 
@@ -148,14 +189,26 @@ class UniMoE(nnx.Module):
         # Stage-0 probe heads: they give the stand-in encoders a supervised pretraining task.
         self.image_head = nnx.Linear(cfg.vision.width, cfg.num_image_labels, rngs=rngs)
         self.audio_head = nnx.Linear(cfg.audio.width, cfg.num_audio_labels, rngs=rngs)
+        if cfg.sound is None:
+            self.sound = self.sound_conn = self.sound_head = None
+        else:
+            self.sound = beats.BEATs(cfg.sound, rngs=rngs)
+            self.sound_conn = qformer.QFormerConnector(cfg.sound_conn, rngs=rngs)
+            # The sound tower's stage-0 probe: the same labels as the audio one.
+            self.sound_head = nnx.Linear(
+                cfg.sound.encoder_embed_dim, cfg.num_audio_labels, rngs=rngs
+            )
 
     @property
     def num_media_tokens(self) -> dict[str, int]:
-        return {
+        tokens = {
             'image': self.vision.num_patches,
             'video': self.vision.num_patches,
             'audio': self.cfg.audio_conn.num_queries,
         }
+        if self.sound_conn is not None:
+            tokens['sound'] = self.cfg.sound_conn.num_queries
+        return tokens
 
     def encode_image(self, image_bhwc: jax.Array) -> jax.Array:
         return self.image_proj(self.vision(image_bhwc))
@@ -178,6 +231,19 @@ class UniMoE(nnx.Module):
             return self.audio_conn(self.audio(mel))
         b, c = mel.shape[:2]
         tokens = self.audio_conn(self.audio(mel.reshape(b * c, *mel.shape[2:])))
+        return tokens.reshape(b, c * tokens.shape[1], tokens.shape[2])
+
+    def encode_sound(self, fbank_bcfm: jax.Array, frame_mask_bcf: jax.Array) -> jax.Array:
+        """C chunks per row [B, C, F, M] (BEATs features, True = padded frame) -> [B, C*Q, D].
+
+        As Uni-MoE-audio: BEATs masks the padded frames of a chunk, the Q-Former then reads every
+        BEATs output (its encoder mask is all ones), each chunk's queries in order."""
+        b, c = fbank_bcfm.shape[:2]
+        features, _ = self.sound(
+            fbank_bcfm.reshape(b * c, *fbank_bcfm.shape[2:]),
+            frame_mask_bcf.reshape(b * c, -1),
+        )
+        tokens = self.sound_conn(features)
         return tokens.reshape(b, c * tokens.shape[1], tokens.shape[2])
 
     def encode_media(self, batch: Mapping[str, jax.Array]) -> dict[int, jax.Array]:
@@ -205,7 +271,38 @@ class UniMoE(nnx.Module):
                 lambda x, shape=shape: jnp.zeros(shape.shape, shape.dtype),
                 batch[key],
             )
+        if self.sound is not None and 'sound_fbank' in batch:
+            audio_id = self.cfg.audio_token_id
+            media[audio_id] = self._with_sound(media.get(audio_id), batch)
         return media
+
+    def _with_sound(
+        self, speech_bnd: jax.Array | None, batch: Mapping[str, jax.Array]
+    ) -> jax.Array:
+        """The `<audio>` tokens of each row from its tower: the sound tower's where `has_sound`,
+        Whisper's elsewhere (the shorter padded to the longer; padding is never read)."""
+        fbank_bcfm = batch['sound_fbank']
+        b, c = fbank_bcfm.shape[:2]
+        shape = (b, c * self.cfg.sound_conn.num_queries, self.cfg.sound_conn.out_dim)
+        # nnx.cond, not lax.cond: the Q-Former's dropout advances its RNG state in one branch.
+        sound_bnd = nnx.cond(
+            batch['has_sound'].any(),
+            lambda model, *args: model.encode_sound(*args),
+            lambda model, *args: jnp.zeros(shape, fbank_bcfm.dtype),
+            self,
+            fbank_bcfm,
+            batch['sound_frame_mask'],
+        )
+        if speech_bnd is None:
+            return sound_bnd
+        length = max(speech_bnd.shape[1], sound_bnd.shape[1])
+
+        def padded(x_bnd: jax.Array) -> jax.Array:
+            return jnp.pad(x_bnd, ((0, 0), (0, length - x_bnd.shape[1]), (0, 0)))
+
+        has_sound_b11 = batch['has_sound'][:, None, None]
+        speech_bnd = speech_bnd.astype(sound_bnd.dtype)
+        return jnp.where(has_sound_b11, padded(sound_bnd), padded(speech_bnd))
 
     def embed(self, tokens_bt: jax.Array, media: Mapping[int, jax.Array]) -> jax.Array:
         """Text embeddings with every placeholder position replaced by its media token."""
@@ -226,6 +323,21 @@ class UniMoE(nnx.Module):
 
     def classify_audio(self, mel_bam: jax.Array) -> jax.Array:
         return self.audio_head(self.audio.pooled(mel_bam))
+
+    def classify_sound(
+        self, fbank_bcfm: jax.Array, frame_mask_bcf: jax.Array, chunk_mask_bc: jax.Array
+    ) -> jax.Array:
+        """Labels from the sound tower: BEATs features averaged over the real tokens of the real
+        chunks (the stage-0 pretraining of a stand-in BEATs)."""
+        b, c = fbank_bcfm.shape[:2]
+        features_xsd, padding_xs = self.sound(
+            fbank_bcfm.reshape(b * c, *fbank_bcfm.shape[2:]),
+            frame_mask_bcf.reshape(b * c, -1),
+        )
+        real_bcs = ~padding_xs.reshape(b, c, -1) & chunk_mask_bc[:, :, None]
+        features_bcsd = features_xsd.reshape(b, c, *features_xsd.shape[1:])
+        weights_bcs = real_bcs / jnp.maximum(real_bcs.sum(axis=(1, 2), keepdims=True), 1)
+        return self.sound_head(jnp.einsum('bcs,bcsd->bd', weights_bcs, features_bcsd))
 
 
 def splice(x_btd: jax.Array, is_slot_bt: jax.Array, media_bnd: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from unimoe.nn.sharding import DEFAULT_RULES, Logical, Rules, partition_spec
 
-_ATTN_IN = r'(q|k|v|q_proj|k_proj|v_proj)'
+_ATTN_IN = r'(q|k|v|q_proj|k_proj|v_proj|query|key|value)'  # value: the Q-Former's
 _ATTN_OUT = r'(o|out_proj)'
 _FFN_IN = r'(gate|up|fc1)'
 _FFN_OUT = r'(down|fc2)'
@@ -48,6 +48,9 @@ PARAM_AXES: tuple[tuple[str, Logical], ...] = (
     (rf'/{_ATTN_IN}/lora_a$', ('embed', None)),
     (rf'/{_ATTN_IN}/lora_b$', (None, 'heads')),
     (rf'/{_ATTN_OUT}/kernel$', ('heads', 'embed')),
+    (r'/(attention|crossattention)/output/dense/kernel$', ('heads', 'embed')),  # Q-Former
+    (r'/intermediate_query/dense/kernel$', ('embed', 'mlp')),
+    (r'/output_query/dense/kernel$', ('mlp', 'embed')),
     (rf'/{_ATTN_OUT}/lora_a$', ('heads', None)),
     (rf'/{_ATTN_OUT}/lora_b$', (None, 'embed')),
     (rf'/{_FFN_IN}/kernel$', ('embed', 'mlp')),
@@ -61,8 +64,15 @@ PARAM_AXES: tuple[tuple[str, Logical], ...] = (
     (r'/patch_embedding/kernel$', (None, None, None, 'embed')),
     (r'/conv\d/kernel$', ('conv', None, 'embed')),
     (r'/(position_embedding|embed_positions)/embedding$', (None, 'embed')),
+    (r'(^|/)sound_conn/query_tokens$', (None, None, 'embed')),  # [1, Q, width], as BLIP-2 keeps it
     (r'/query_tokens$', (None, 'embed')),
-    (r'(^|/)(image|audio)_head/kernel$', ('embed', None)),
+    (r'/(post_extract_proj|projector)/kernel$', (None, 'embed')),
+    # BEATs' relative positions and their gates, its convolutional positions: small, whole.
+    (r'/relative_attention_bias/embedding$', (None, None)),
+    (r'/grep_linear/kernel$', (None, None)),
+    (r'/grep_a$', (None, None, None, None)),
+    (r'/pos_conv/weight_[gv]$', (None, None, None)),
+    (r'(^|/)(image|audio|sound)_head/kernel$', ('embed', None)),
     # Norm scales and the remaining biases / vectors: small, replicated.
     (r'(^|/)[^/]+$', None),
 )

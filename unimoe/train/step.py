@@ -23,7 +23,7 @@ from unimoe.train import optim
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-LOSS_KINDS = ('chat', 'lm_text', 'classify_image', 'classify_audio')
+LOSS_KINDS = ('chat', 'lm_text', 'classify_image', 'classify_audio', 'classify_sound')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,6 +104,11 @@ def compute_loss(
         return classification_loss(model.classify_image(batch['image']), batch['image_label'])
     if cfg.kind == 'classify_audio':
         return classification_loss(model.classify_audio(batch['audio_mel']), batch['audio_label'])
+    if cfg.kind == 'classify_sound':
+        logits = model.classify_sound(
+            batch['sound_fbank'], batch['sound_frame_mask'], batch['sound_chunk_mask']
+        )
+        return classification_loss(logits, batch['audio_label'])
     answer_bt = batch['loss_mask'] > 0
     token_weight_bt = batch['attn_mask'] * jnp.where(answer_bt, cfg.answer_token_weight, 1.0)
     logits, aux = model(batch, token_weight_bt=token_weight_bt)

@@ -31,7 +31,12 @@ from unimoe.train import nonfinite, trainer
 
 # `config.pretrained` labels -> parts (the converted Whisper holds its decoder as the connector's
 # body, but the connector's own projection starts new: stage 1 trains the connectors).
-_PRETRAINED = {'llm': factory.TRAINABLE_PARTS['llm'], 'vision': ('vision',), 'audio': ('audio',)}
+_PRETRAINED = {
+    'llm': factory.TRAINABLE_PARTS['llm'],
+    'vision': ('vision',),
+    'audio': ('audio',),
+    'sound': ('sound',),  # `convert from-beats`
+}
 
 
 def validate_experiment(config: ml_collections.ConfigDict) -> ExperimentConfig:
@@ -251,17 +256,21 @@ def _check_paths(experiment: ExperimentConfig) -> list[str]:
     return problems
 
 
-def _needed(stage: StageConfig) -> set[str]:
-    """The parts a stage's forward pass reads."""
-    if stage.mode == 'classify_image':
-        return {'vision'}
-    if stage.mode == 'classify_audio':
-        return {'audio'}
+def _needed(stage: StageConfig, sound_tasks: tuple[str, ...]) -> set[str]:
+    """The parts a stage's forward pass reads (the audio of `sound_tasks` through the sound
+    tower)."""
+    encoder = {'classify_image': 'vision', 'classify_audio': 'audio', 'classify_sound': 'sound'}
+    if stage.mode in encoder:
+        return {encoder[stage.mode]}
     needed = set(factory.TRAINABLE_PARTS['llm'])
     if stage.mode == 'chat' and not stage.json_sources:
         # JSON data's modalities are only known by reading it: the LM is checked, media are not.
         for task in stage.tasks:
-            needed.update(factory.MODALITY_PARTS[tasks_lib.TASKS[task]])
+            parts = factory.MODALITY_PARTS[tasks_lib.TASKS[task]]
+            if task in sound_tasks:
+                parts = tuple(p for p in parts if p not in factory.AUDIO_PARTS)
+                parts += factory.SOUND_PARTS
+            needed.update(parts)
     return needed
 
 
@@ -277,7 +286,7 @@ def _check_initialisation(experiment: ExperimentConfig) -> None:
         if stage.experts_from:
             provided.add('ffn')
         defined[name] = factory.trained_parts(stage.trains) | provided
-        missing = sorted(_needed(stage) - defined[name])
+        missing = sorted(_needed(stage, experiment.data.sound_tasks) - defined[name])
         if missing:
             labels = sorted(k for k, parts in _PRETRAINED.items() if set(parts) & set(missing))
             parts = sorted(
