@@ -204,7 +204,8 @@ def read_beats(path: str | pathlib.Path) -> tuple[core.Converted, list[str]]:
     tensors = _tensors(checkpoint["model"])
     shapes = core.param_shapes(core.abstract_modules({MODULE: config}))
     params: dict[str, np.ndarray] = {}
-    for rule in rules(config):
+    mapped = rules(config)
+    for rule in mapped:
         (name,) = rule.hf_names
         if name not in tensors:
             raise BeatsFileError(
@@ -218,7 +219,7 @@ def read_beats(path: str | pathlib.Path) -> tuple[core.Converted, list[str]]:
                 f"param {rule.path})"
             )
         params[rule.path] = core.to_ours(rule, [tensors[name]])
-    used = {rule.hf_names[0] for rule in rules(config)} | _tied_copies(config, tensors, source)
+    used = {rule.hf_names[0] for rule in mapped} | _tied_copies(config, tensors, source)
     unknown = sorted(n for n in tensors if n not in used and not n.startswith(PREDICTOR_PREFIX))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""

@@ -2,10 +2,11 @@
 
 A converted checkpoint directory (`from_hf`'s OUT_DIR) is a `unimoe.checkpoint.Checkpointer`
 directory whose step 0 holds `{'params': ...}` under `UniMoE` parameter paths ('llm/...',
-'vision/...', 'audio/...', 'audio_conn/...') and whose DONE.json lists them as `defined_params`,
-like a finished training stage; beside it `unimoe_convert.json` (family, module configs, the HF
-config.json and each HF tensor's dtype) and `hf_extra.safetensors` (HF tensors unimoe does not use,
-kept so `to_hf` rebuilds the folder exactly).
+'vision/...', 'audio/...', 'audio_conn/...'; 'sound/...' from a BEATs file, `convert/beats.py`)
+and whose DONE.json lists them as `defined_params`, like a finished training stage; beside it
+`unimoe_convert.json` (family, module configs, the HF config.json and each HF tensor's dtype) and
+`hf_extra.safetensors` (HF tensors unimoe does not use, kept so `to_hf` rebuilds the folder
+exactly).
 """
 
 from __future__ import annotations
