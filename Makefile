@@ -27,8 +27,11 @@ $(VENV)/.base: setup.cfg pyproject.toml $(LOCK) requirements/check_lock.py
 	$(INSTALL) --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.base
+# nodeps.in: SpeechBrain (the BEATs reference) without its torchaudio, which the locked torch
+# has no wheel for; its other imports come with the test extra.
+$(VENV)/.test: $(VENV)/.base requirements/nodeps.in
 	$(INSTALL) --no-build-isolation -e '.[test,notebook]'
+	$(INSTALL) --no-deps -r requirements/nodeps.in
 	touch $@
 
 demo: $(VENV)/.base
@@ -45,12 +48,14 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/data_pipeline.py
 
-# Re-resolve requirements/lock.txt from setup.cfg and requirements/tools.in with uv (pinned by
-# the lock itself), for every platform and Python >= 3.11 at once (`--universal`).
+# Re-resolve requirements/lock.txt from setup.cfg, requirements/tools.in and requirements/nodeps.in
+# with uv (pinned by the lock itself), for every platform and Python >= 3.11 at once
+# (`--universal`); requirements/overrides.txt drops what nodeps.in's packages are installed without.
 lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --constraint $(LOCK) uv
-	$(LOCK_VENV)/bin/uv pip compile setup.cfg requirements/tools.in --all-extras --universal \
+	$(LOCK_VENV)/bin/uv pip compile setup.cfg requirements/tools.in requirements/nodeps.in \
+	  --override requirements/overrides.txt --all-extras --universal \
 	  --python-version 3.11 --custom-compile-command 'make lock' $(LOCK_FLAGS) -o $(LOCK)
 
 clean:

@@ -1,4 +1,4 @@
-"""Does requirements/lock.txt satisfy every requirement setup.cfg declares?
+"""Does requirements/lock.txt satisfy every requirement of setup.cfg and requirements/nodeps.in?
 
     python requirements/check_lock.py    # silent, or one line per unmet requirement and exit 2
 
@@ -22,6 +22,8 @@ from packaging.version import Version
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SETUP_CFG = REPO / 'setup.cfg'
 LOCK = REPO / 'requirements' / 'lock.txt'
+# Installed with --no-deps by the Makefile, so pinned by the lock but not by setup.cfg.
+NO_DEPS = REPO / 'requirements' / 'nodeps.in'
 
 
 def declared(setup_cfg: pathlib.Path) -> list[tuple[str, Requirement]]:
@@ -69,12 +71,24 @@ def unmet(setup_cfg: pathlib.Path = SETUP_CFG, lock: pathlib.Path = LOCK) -> lis
     return problems
 
 
+def unmet_no_deps(no_deps: pathlib.Path = NO_DEPS, lock: pathlib.Path = LOCK) -> list[str]:
+    """One line per requirement of nodeps.in the lock does not pin within its range."""
+    pins = locked(lock)
+    problems = []
+    for requirement in map(Requirement, _lines(no_deps.read_text(encoding='utf-8'))):
+        entries = pins.get(canonicalize_name(requirement.name), [])
+        versions = [Version(next(iter(pin.specifier)).version) for pin in entries]
+        if not any(requirement.specifier.contains(v, prereleases=True) for v in versions):
+            problems.append(f'{no_deps.name}: {requirement} has no matching pin in {lock.name}')
+    return problems
+
+
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith('#')]
 
 
 def main() -> int:
-    problems = unmet()
+    problems = unmet() + unmet_no_deps()
     for problem in problems:
         print(f'{problem}; run `make lock` to re-resolve {LOCK.relative_to(REPO)}', file=sys.stderr)
     return 2 if problems else 0

@@ -34,6 +34,18 @@ check_lock = load_check_lock()
 
 def test_the_lock_satisfies_every_requirement_of_setup_cfg():
     assert check_lock.unmet() == []
+    assert check_lock.unmet_no_deps() == []
+
+
+def test_check_lock_names_a_no_deps_requirement_the_lock_lacks(tmp_path):
+    no_deps = tmp_path / 'nodeps.in'
+    no_deps.write_text('# a comment\nspeechbrain==1.1.2\nnot-locked>=1\n')
+    lock = tmp_path / 'lock.txt'
+    lock.write_text('speechbrain==1.1.1\n')
+    assert check_lock.unmet_no_deps(no_deps, lock) == [
+        'nodeps.in: speechbrain==1.1.2 has no matching pin in lock.txt',
+        'nodeps.in: not-locked>=1 has no matching pin in lock.txt',
+    ]
 
 
 def test_check_lock_names_what_the_lock_does_not_satisfy(tmp_path):

@@ -1,16 +1,19 @@
 r"""Command line: Hugging Face folders to unimoe checkpoints and back, and the parity check.
 
   python -m unimoe.convert from-hf HF_DIR OUT_DIR [--select-layer -2] [--num-queries 50]
+  python -m unimoe.convert from-beats BEATS_FILE.pt OUT_DIR
   python -m unimoe.convert to-hf CKPT_DIR OUT_DIR [--max-shard-size 5GB]
-  python -m unimoe.convert parity HF_DIR [--tolerance 1e-4]
+  python -m unimoe.convert parity HF_DIR|BEATS_FILE.pt [--tolerance 1e-4]
 
 `to-hf` takes a directory `from-hf` wrote (the HF folder comes back as it was) or a finished
 training stage, WORKDIR/STAGE as `python -m unimoe.main` writes it (`convert/stage.py`: the LM,
 CLIP and Whisper towers as HF folders under OUT_DIR, the rest in a safetensors file, a README).
-`parity` exits with status 1 when any output differs from transformers' by more than the
-tolerance (float32). A mistake in the input (a missing folder or file, an unsupported or damaged
-checkpoint) prints one `error: ...` line and exits with status 2; `--debug` (or UNIMOE_DEBUG=1)
-adds the traceback.
+`from-beats` converts a BEATs checkpoint (the torch file microsoft/unilm publishes, holding `cfg`
+and `model`) into a converted checkpoint with the parameters under sound/ (`convert/beats.py`).
+`parity` exits with status 1 when any output differs from the reference's (transformers; for a
+BEATs file, SpeechBrain's BEATs) by more than the tolerance (float32). A mistake in the input (a
+missing folder or file, an unsupported or damaged checkpoint, a missing torch) prints one
+`error: ...` line and exits with status 2; `--debug` (or UNIMOE_DEBUG=1) adds the traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import re
 import sys
 
 from unimoe import config as config_lib
-from unimoe.convert import core, parity, stage
+from unimoe.convert import beats, core, parity, stage
 from unimoe.convert.families import Options
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
@@ -59,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     with_options(p)
     p = commands.add_parser(
+        "from-beats",
+        parents=[debug],
+        help="BEATs checkpoint file (.pt) -> unimoe orbax checkpoint (params under sound/)",
+    )
+    p.add_argument("beats_file")
+    p.add_argument("out_dir")
+    p = commands.add_parser(
         "to-hf",
         parents=[debug],
         help="converted checkpoint or finished stage (WORKDIR/STAGE) -> HF folder(s)",
@@ -67,9 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"))
     p = commands.add_parser(
-        "parity", parents=[debug], help="max |unimoe - transformers| on random inputs"
+        "parity",
+        parents=[debug],
+        help="max |unimoe - reference| on random inputs (an HF folder, or a BEATs .pt file)",
     )
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", metavar="hf_dir_or_beats_file")
     p.add_argument("--tolerance", type=float, default=parity.TOLERANCE)
     p.add_argument("--seed", type=int, default=0)
     with_options(p)
@@ -113,6 +125,13 @@ def _run(args: argparse.Namespace) -> int:
             f"{conv.family}: {len(conv.params)} params, {len(conv.extra)} HF tensors kept -> {args.out_dir}"
         )
         return 0
+    if args.command == "from-beats":
+        _check_out_dir(args.out_dir)
+        conv, ignored = beats.from_beats(args.beats_file, args.out_dir)
+        print(f"{conv.family}: {len(conv.params)} params -> {args.out_dir}")
+        for note in ignored:
+            print(f"ignored: {note}")
+        return 0
     if args.command == "to-hf":
         _check_out_dir(args.out_dir)
         _to_hf(args)
@@ -131,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    # Every ValueError / OSError here is about the input: a folder, a file, a config.json.
-    except (ValueError, OSError) as error:
+    # Every ValueError / OSError here is about the input: a folder, a file, a config.json; an
+    # ImportError, about the environment (torch for BEATs files, the parity references).
+    except (ValueError, OSError, ImportError) as error:
         config_lib.exit_on_user_error(error, argv)

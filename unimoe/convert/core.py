@@ -2,10 +2,11 @@
 
 A converted checkpoint directory (`from_hf`'s OUT_DIR) is a `unimoe.checkpoint.Checkpointer`
 directory whose step 0 holds `{'params': ...}` under `UniMoE` parameter paths ('llm/...',
-'vision/...', 'audio/...', 'audio_conn/...') and whose DONE.json lists them as `defined_params`,
-like a finished training stage; beside it `unimoe_convert.json` (family, module configs, the HF
-config.json and each HF tensor's dtype) and `hf_extra.safetensors` (HF tensors unimoe does not use,
-kept so `to_hf` rebuilds the folder exactly).
+'vision/...', 'audio/...', 'audio_conn/...'; 'sound/...' from a BEATs file, `convert/beats.py`)
+and whose DONE.json lists them as `defined_params`, like a finished training stage; beside it
+`unimoe_convert.json` (family, module configs, the HF config.json and each HF tensor's dtype) and
+`hf_extra.safetensors` (HF tensors unimoe does not use, kept so `to_hf` rebuilds the folder
+exactly).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def param_shapes(modules: Mapping[str, nnx.Module]) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def _hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
+def hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape each HF tensor of `rule` must have for a unimoe param of `shape`."""
     if rule.kind == "copy":
         return shape
@@ -81,7 +82,7 @@ def _hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
     raise ValueError(f"no fixed HF shape for rule kind {rule.kind!r}")
 
 
-def _to_ours(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:
+def to_ours(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:
     a = arrays[0]
     if rule.kind == "copy":
         out = a
@@ -147,14 +148,14 @@ def read_hf(hf_dir: str | pathlib.Path, options: Options = Options()) -> Convert
                 ok = len(got) == 2 and got[0] >= rule.rows and got[1] == shape[1]
                 want = f"(>= {rule.rows}, {shape[1]})"
             else:
-                ok = got == _hf_shape(rule, shape)
-                want = str(_hf_shape(rule, shape))
+                ok = got == hf_shape(rule, shape)
+                want = str(hf_shape(rule, shape))
             if not ok:
                 raise ValueError(
                     f"{files[name]}: tensor {name!r} has shape {got}, but config.json implies "
                     f"{want} (unimoe param {rule.path})"
                 )
-        params[rule.path] = _to_ours(rule, [tensors[n] for n in rule.hf_names])
+        params[rule.path] = to_ours(rule, [tensors[n] for n in rule.hf_names])
         used.update(rule.hf_names)
         if rule.kind == "rows":
             extra[rule.hf_names[0]] = tensors[rule.hf_names[0]]
@@ -261,6 +262,11 @@ def to_hf(
     ckpt_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, max_shard_bytes: int = 0
 ) -> list[pathlib.Path]:
     conv = load(ckpt_dir)
+    if conv.family not in FAMILIES:
+        raise ValueError(
+            f"{ckpt_dir} holds a {conv.family} checkpoint, which has no Hugging Face form: "
+            "to-hf writes Hugging Face folders only"
+        )
     return hf_io.write_folder(
         out_dir, conv.hf_config, to_hf_tensors(conv), max_shard_bytes=max_shard_bytes
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from unimoe.models import audio, connectors, llm, rope, vision
+from unimoe.models import audio, beats, connectors, llm, rope, vision
 from unimoe.moe.config import MoEConfig
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,8 @@ MODULES: dict[str, type] = {
     "vision": vision.ViTEncoder,
     "audio": audio.AudioEncoder,
     "audio_conn": connectors.QueryConnector,
+    # BEATs (`python -m unimoe.convert from-beats`, convert/beats.py): no HF family, no to-hf.
+    "sound": beats.BEATs,
 }
 
 

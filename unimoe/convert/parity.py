@@ -1,10 +1,12 @@
-"""Runs an HF folder through `transformers` (PyTorch, CPU, float32) and through unimoe on the same
-random inputs and reports the max absolute difference of each output.
+"""Runs an HF folder through `transformers` (PyTorch, CPU, float32), or a BEATs checkpoint file
+through SpeechBrain's BEATs (`beats_reference`), and through unimoe on the same random inputs, and
+reports the max absolute difference of each output.
 
 Outputs compared: logits for causal LMs (real positions of a right-padded batch); the last hidden
 state, the selected hidden state (class token dropped) and the pooled output for CLIP; the encoder
 output and the decoder's last hidden state (fed learned-query stand-ins and the HF encoder output)
-for Whisper.
+for Whisper; for BEATs the features of a random fbank batch without padding and with a padded
+row, and the token padding masks (0 when equal, 1 when not).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimoe.convert import core
+from unimoe.convert import beats, beats_reference, core
 from unimoe.convert.families import Options
 
 TOLERANCE = 1e-4
@@ -127,6 +129,35 @@ def _whisper(
     }
 
 
+@nnx.jit
+def _beats_outputs(model, fbank_bfm: jax.Array, padding_bf: jax.Array | None):
+    return model(fbank_bfm, padding_bf)
+
+
+def beats_parity(path: str | pathlib.Path, *, seed: int = 0) -> dict[str, float]:
+    """{output name: max |unimoe - SpeechBrain|} for a BEATs checkpoint file, both reading it."""
+    conv, _ = beats.read_beats(path)
+    model = core.abstract_modules(conv.configs)[beats.MODULE]
+    core.load_into({beats.MODULE: model}, conv.params)
+    reference = beats_reference.load(path)
+    cfg = model.cfg
+    # Ten patches of frames and a partial one (as a real clip's tail); row 1 padded after 60 %.
+    num_frames = 10 * cfg.input_patch_size + 3
+    rng = np.random.default_rng(seed)
+    fbank_bfm = rng.normal(size=(2, num_frames, cfg.num_mel_bins)).astype(np.float32)
+    lengths_b = np.array([num_frames, num_frames * 3 // 5])
+    padding_bf = np.arange(num_frames)[None, :] >= lengths_b[:, None]
+    plain, _ = _beats_outputs(model, jnp.asarray(fbank_bfm), None)
+    padded, padding_bs = _beats_outputs(model, jnp.asarray(fbank_bfm), jnp.asarray(padding_bf))
+    expected_plain, _ = beats_reference.features(reference, fbank_bfm)
+    expected_padded, expected_padding = beats_reference.features(reference, fbank_bfm, lengths_b)
+    return {
+        "features": _max_diff(plain, expected_plain),
+        "features_padded": _max_diff(padded, expected_padded),
+        "padding_mask": _max_diff(padding_bs, expected_padding.astype(np.float32)),
+    }
+
+
 _RUNNERS = {
     "llama": _lm,
     "mixtral": _lm,
@@ -139,7 +170,10 @@ _RUNNERS = {
 def parity(
     hf_dir: str | pathlib.Path, options: Options = Options(), *, seed: int = 0
 ) -> dict[str, float]:
-    """{output name: max |unimoe - transformers|} for the folder's family."""
+    """{output name: max |unimoe - transformers|} for the folder's family; a file is taken for a
+    BEATs checkpoint (`beats_parity`)."""
     hf_dir = pathlib.Path(hf_dir)
+    if hf_dir.is_file():
+        return beats_parity(hf_dir, seed=seed)
     conv = core.read_hf(hf_dir, options)
     return _RUNNERS[conv.family](conv, hf_dir, np.random.default_rng(seed))
