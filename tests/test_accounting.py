@@ -63,7 +63,7 @@ def test_dry_run_prints_one_row_per_stage_and_trains_nothing(tmp_path):
     )
     rows = [line for line in result.stdout.splitlines() if line.startswith('| s')][1:]
     assert [row.split('|')[1].strip() for row in rows] == [
-        's0_llm', 's0_vision', 's0_audio', 's1_align',
+        's0_llm', 's0_vision', 's0_audio', 's0_sound', 's1_align',
         's2_image', 's2_video', 's2_speech', 's2_audio', 's3_moe',
     ]  # fmt: skip
     assert 'config (after command-line overrides)' in result.stdout

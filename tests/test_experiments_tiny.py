@@ -41,7 +41,7 @@ def test_link_shared_stages(tmp_path: pathlib.Path):
         (base_dir / name).mkdir(parents=True)
     typed = experiment.from_config_dict(config)
     shared = arms_run.link_shared_stages(typed, base, tmp_path / 'arm', base_dir)
-    assert shared == ['s0_llm', 's0_vision', 's0_audio', 's1_align']
+    assert shared == ['s0_llm', 's0_vision', 's0_audio', 's0_sound', 's1_align']
     assert sorted(p.name for p in (tmp_path / 'arm').iterdir()) == sorted(shared)
     assert (tmp_path / 'arm' / 's1_align').resolve() == (base_dir / 's1_align').resolve()
 

@@ -41,9 +41,9 @@ def test_trainable_filter_rejects_unknown_part():
 
 
 def test_every_parameter_is_in_exactly_one_part():
-    """PARTS is a partition of the parameter tree (MoE, LoRA, both audio connectors), and
-    `trains='llm'` selects exactly the LM's two parts."""
-    paths = _flat(UniMoE(model_config(moe=True, lora_rank=2), rngs=nnx.Rngs(0)))
+    """PARTS is a partition of the parameter tree (MoE, LoRA, both audio towers and their
+    connectors), and `trains='llm'` selects exactly the LM's two parts."""
+    paths = _flat(UniMoE(model_config(moe=True, lora_rank=2, sound=True), rngs=nnx.Rngs(0)))
     patterns = {name: re.compile(regex) for name, regex in factory.PARTS.items()}
     for path in paths:
         owners = [name for name, pattern in patterns.items() if pattern.search(path)]

@@ -23,7 +23,22 @@ class TokenizerInfo:
     audio_id: int = 5
 
 
-def model_dict() -> ml_collections.ConfigDict:
+# A BEATs + Q-Former sound tower of odd sizes (`model_dict(sound=True)`), dropout-free.
+SOUND = dict(
+    sound=dict(
+        input_patch_size=4, embed_dim=10, encoder_layers=2, encoder_embed_dim=12,
+        encoder_ffn_embed_dim=14, encoder_attention_heads=3, conv_pos=5, conv_pos_groups=3,
+        relative_position_embedding=True, num_buckets=8, max_distance=16, gru_rel_pos=True,
+        deep_norm=True, num_mel_bins=8,
+    ),
+    sound_conn=dict(
+        num_queries=3, width=12, depth=2, num_heads=3, mlp_dim=14, dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+    ),
+)  # fmt: skip
+
+
+def model_dict(*, sound: bool = False) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             llm=dict(dim=24, num_layers=2, num_heads=3, num_kv_heads=1, ffn_dim=20),
@@ -41,13 +56,14 @@ def model_dict() -> ml_collections.ConfigDict:
             moe_layers='all',
             moe=dict(num_experts=3, top_k=2, router='topk_softmax'),
             lora=dict(alpha=16.0, dropout=0.0),
+            **(SOUND if sound else {}),
         )
     )
 
 
-def model_config(*, moe: bool = False, lora_rank: int = 0) -> UniMoEConfig:
+def model_config(*, moe: bool = False, lora_rank: int = 0, sound: bool = False) -> UniMoEConfig:
     return UniMoEConfig.for_stage(
-        ModelSpec.from_dict(model_dict()),
+        ModelSpec.from_dict(model_dict(sound=sound)),
         vocab_size=TokenizerInfo.vocab_size,
         token_ids=TOKEN_IDS,
         num_labels=(5, 7),

@@ -63,9 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         stage_order = [s for s in stage_order if s not in _EXPERT_STAGES]
     elif arg.arm == 'no_progressive':
         stage.update(
-            init_from='s0_llm,s0_vision,s0_audio', experts_from='s0_llm', upcycle_mode='copies'
+            init_from='s0_llm,s0_vision,s0_audio,s0_sound', experts_from='s0_llm',
+            upcycle_mode='copies',
         )
-        stage_order = ['s0_llm', 's0_vision', 's0_audio']
+        stage_order = ['s0_llm', 's0_vision', 's0_audio', 's0_sound']
     if arg.arm.startswith('moe8'):
         c.model.moe.num_experts = 2 * len(_EXPERT_STAGES)
         stage.experts_from = ','.join(s for s in _EXPERT_STAGES for _ in range(2))

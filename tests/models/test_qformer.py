@@ -153,6 +153,8 @@ def test_dropout_is_on_unless_deterministic():
     no_dropout = QFormerConnector(
         dataclasses.replace(CFG, dropout_rate=0.0, attention_dropout_rate=0.0), rngs=nnx.Rngs(0)
     )
+    assert not nnx.state(no_dropout, nnx.Not(nnx.Param))  # no RNG state at rate 0
+    nnx.update(no_dropout, nnx.state(conn, nnx.Param))
     np.testing.assert_allclose(
         np.asarray(no_dropout(enc_bsd)), np.asarray(evaluated(enc_bsd)), atol=1e-6, rtol=0
     )

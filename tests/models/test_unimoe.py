@@ -93,3 +93,37 @@ def test_audio_chunks_are_encoded_one_by_one_and_concatenated():
             model.encode_audio(mel_bcam[:, c]),
             atol=1e-5,
         )
+
+
+def test_each_row_takes_its_audio_tokens_from_its_tower():
+    """With a sound tower, a `has_sound` row's `<audio>` tokens are BEATs + Q-Former's of its
+    chunks (in order), the other rows' Whisper's; a batch without sound rows encodes no sound."""
+    model = UniMoE(model_config(sound=True), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    b, c, f = 3, 2, 13  # 13 frames: 3 patches of 4 frames, the last frame dropped
+    batch = _batch(rng, model.cfg, np.zeros((b, 4), np.int32))
+    frame_mask = np.zeros((b, c, f), bool)
+    frame_mask[0, 1, 9:] = True  # row 0's second chunk is padded at its end
+    batch.update(
+        sound_fbank=jnp.asarray(rng.normal(size=(b, c, f, 8)), jnp.float32),
+        sound_frame_mask=jnp.asarray(frame_mask),
+        sound_chunk_mask=jnp.ones((b, c), bool),
+        has_sound=jnp.array([True, False, True]),
+    )
+    tokens = model.encode_media(batch)[model.cfg.audio_token_id]
+    queries = model.cfg.sound_conn.num_queries
+    assert tokens.shape == (b, c * queries, model.cfg.llm.dim)
+    sound = model.encode_sound(batch['sound_fbank'], batch['sound_frame_mask'])
+    np.testing.assert_allclose(tokens[0], sound[0], atol=1e-6)
+    np.testing.assert_allclose(tokens[2], sound[2], atol=1e-6)
+    for k in range(c):  # chunk k's queries read chunk k alone
+        alone = model.sound_conn(model.sound(batch['sound_fbank'][0, k:k + 1],
+                                             batch['sound_frame_mask'][0, k:k + 1])[0])
+        np.testing.assert_allclose(sound[0, k * queries:(k + 1) * queries], alone[0], atol=1e-5)
+    speech = model.encode_audio(batch['audio_mel'])
+    np.testing.assert_allclose(tokens[1, : speech.shape[1]], speech[1], atol=1e-6)
+    assert np.abs(np.asarray(tokens[1] - tokens[0])).max() > 1e-3
+    batch['has_sound'] = jnp.zeros((b,), bool)
+    speech_only = model.encode_media(batch)[model.cfg.audio_token_id]
+    np.testing.assert_allclose(speech_only[:, : speech.shape[1]], speech, atol=1e-6)
+    assert not np.asarray(speech_only[:, speech.shape[1]:]).any()  # padding, never read

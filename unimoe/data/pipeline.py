@@ -256,6 +256,15 @@ def _select_tasks(selected_tasks: Sequence[str], mode: str) -> list[str]:
     return list(selected_tasks)
 
 
+def _check_shard(cfg: DataConfig, shard_index: int, shard_count: int) -> None:
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+    if cfg.batch_size % shard_count:
+        raise ValueError(
+            f"DataConfig.batch_size={cfg.batch_size} is not divisible by shard_count={shard_count}"
+        )
+
+
 def _check_audio_route(cfg: DataConfig, tasks: Sequence[str], mode: str) -> None:
     """classify_sound reads only the audio routed to the sound tower, classify_audio only the
     rest: a task on the other side would train on zeros."""
@@ -283,18 +292,13 @@ def make_train_loader(
     """Infinite shuffled batches of this shard's records of `tasks` (per-shard batch = batch_size / shard_count).
 
     `mode`: 'chat' (Vicuna template, answers supervised), 'lm_text' (plain template text, every token
-    supervised, no media), 'classify_image' / 'classify_audio' (only records with that label, only
-    that medium, no text: tokens are all pad and attn_mask all False).
+    supervised, no media), 'classify_image' / 'classify_audio' / 'classify_sound' (only records
+    with that label, only that medium, no text: tokens are all pad and attn_mask all False).
     `seed` defaults to `cfg.seed`; the tasks are mixed in proportion to their record counts (equal).
     """
     selected = _select_tasks(tasks, mode)
     _check_audio_route(cfg, selected, mode)
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
-    if cfg.batch_size % shard_count:
-        raise ValueError(
-            f"DataConfig.batch_size={cfg.batch_size} is not divisible by shard_count={shard_count}"
-        )
+    _check_shard(cfg, shard_index, shard_count)
     builder = _builder(cfg)
     source = builder.as_data_source(
         split=builtin.task_slices(builder.builder_config, "train", selected)

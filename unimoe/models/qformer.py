@@ -35,6 +35,12 @@ def _linear(in_dim: int, out_dim: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(in_dim, out_dim, kernel_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
 
 
+def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    """A dropout holding an RNG stream only when it drops something: at rate 0 the connector
+    carries no RNG state (a frozen, dropout-free connector is Params only)."""
+    return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
+
+
 class QFormerMultiHeadAttention(nnx.Module):
     """Multi-head attention with HF's `query`/`key`/`value` linears; keys and values come from
     `kv_dim`-wide inputs (the encoder's, for cross-attention). No output projection: that is the
@@ -47,7 +53,7 @@ class QFormerMultiHeadAttention(nnx.Module):
         self.query = _linear(width, width, rngs)
         self.key = _linear(kv_dim, width, rngs)
         self.value = _linear(kv_dim, width, rngs)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.dropout = _dropout(dropout_rate, rngs)
 
     def __call__(
         self, x_bqd: jax.Array, context_bsd: jax.Array, mask_b1s: jax.Array | None
@@ -79,7 +85,7 @@ class QFormerOutput(nnx.Module):
         self.LayerNorm = nnx.LayerNorm(
             cfg.width, epsilon=cfg.layer_norm_eps, use_fast_variance=False, rngs=rngs
         )
-        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+        self.dropout = _dropout(cfg.dropout_rate, rngs)
 
     def __call__(self, h_bqf: jax.Array, residual_bqd: jax.Array) -> jax.Array:
         return self.LayerNorm(self.dropout(self.dense(h_bqf)) + residual_bqd)
@@ -203,7 +209,7 @@ class QFormerConnector(nnx.Module):
         self.layernorm = nnx.LayerNorm(
             cfg.width, epsilon=cfg.layer_norm_eps, use_fast_variance=False, rngs=rngs
         )
-        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+        self.dropout = _dropout(cfg.dropout_rate, rngs)
         self.encoder = QFormerEncoder(cfg, rngs=rngs)
         self.projector = nnx.Linear(cfg.width, cfg.out_dim, rngs=rngs)
 
