@@ -43,6 +43,17 @@ def test_every_row_config_validates(row):
         assert s3.steps == -(-spec.records * spec.epochs // s3.batch_size)
         assert s3.batch_size == (64 if len(spec.experts) == 8 else 8)
         assert s3.balance_coef == (0.01 if row.endswith("_aux") else 0.0)
+    if spec.audio_model:  # Uni-MoE-audio: BEATs + Q-Former for all audio, MoE on even layers
+        assert typed.model.moe_layers == tuple(range(0, 32, 2))
+        assert typed.model.llm.lora.dense_ffn
+        assert typed.model.sound.deep_norm and typed.model.sound_conn.num_queries == 50
+        every_source = {s for name in typed.stage_order for s in typed.stage(name).json_sources}
+        assert set(typed.json_data.sound_sources) == every_source
+        assert (typed.json_data.sound_chunk_samples, typed.json_data.max_sound_chunks) == (
+            480_000, 20
+        )
+    else:
+        assert typed.model.sound is None and not typed.json_data.sound_sources
 
 
 def test_table_dry_run_end_to_end(tmp_path):

@@ -60,6 +60,7 @@ class Row:
     weights: tuple[int, ...] = ()  # batches drawn per source in this ratio (() = equal)
     epochs: int = 2
     balance_coef: float = 0.0  # the 4E code has no aux loss; "+ Aux_loss" rows and 8E use 0.01
+    audio_model: bool = False  # Uni-MoE-audio's layout (`audio_layout`)
 
     @property
     def num_experts(self) -> int:
@@ -79,7 +80,7 @@ ROWS = {
     ),
     "moe_task3_4e": Row(
         "Uni-MoE MoE-Task3 4E (I,T,A,V)", "s3_moe", EXPERTS_4E_AUDIO, (UMOE_CAP,), 453_000,
-        epochs=10,
+        epochs=10, audio_model=True,
     ),
     "moe_task4_4e": Row(
         "Uni-MoE MoE-Task4 4E (I,T,S,V)", "s3_moe", EXPERTS_4E_SPEECH, (UMOE_SPEECH, MIX665K),
@@ -100,6 +101,40 @@ ROWS = {
 }  # fmt: skip
 
 
+# BEATs_iter3+ (AS2M), the cfg its published file carries (`convert from-beats` reads the file's
+# own; these are what the model is built with): deep norm, gated relative positions.
+BEATS_ITER3_AS2M = dict(
+    input_patch_size=16, embed_dim=512, conv_bias=False, encoder_layers=12, encoder_embed_dim=768,
+    encoder_ffn_embed_dim=3072, encoder_attention_heads=12, activation_fn="gelu",
+    layer_norm_first=False, deep_norm=True, conv_pos=128, conv_pos_groups=16,
+    relative_position_embedding=True, num_buckets=320, max_distance=800, gru_rel_pos=True,
+    num_mel_bins=128,
+)
+# Uni-MoE-audio's Q-Former (blip2_config.py): BLIP-2's, 50 queries, cross-attention every 2nd layer.
+SOUND_QFORMER = dict(
+    num_queries=50, width=768, depth=12, num_heads=12, mlp_dim=3072, cross_attention_every=2
+)
+
+
+def audio_layout(c: ml_collections.ConfigDict, beats: str) -> None:
+    """Uni-MoE-audio (`Uni_MoE/Uni_MoE_audio`): every source's audio through BEATs (Kaldi fbank,
+    30-s chunks of 480000 samples, at most 20 per file) and its Q-Former, MoE on the even layers
+    (16 of 32), LoRA on the dense FFNs of the odd ones too (peft on every linear of the LM)."""
+    c.model.sound = dict(BEATS_ITER3_AS2M)
+    c.model.sound_conn = dict(SOUND_QFORMER)
+    c.data.n_sound_tokens = SOUND_QFORMER["num_queries"]
+    c.pretrained.sound = beats
+    c.model.moe_layers = "every_2"
+    c.model.lora.dense_ffn = True
+    sources = sorted(
+        {s for stage in c.stages.values() for s in stage.json_sources.split(",") if s}
+    )
+    c.json_data.update(
+        sound_sources=",".join(sources), sound_chunk_samples=480_000, sound_mel_bins=128,
+        max_sound_chunks=20,
+    )  # fmt: skip
+
+
 def _stage2(base: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     stage = ml_collections.ConfigDict(base.stages.s2_image.to_dict())
     stage.json_sources = EXPERT_STAGES[name][0]
@@ -118,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data_dir="",
         media_root="",
         records=0,
+        beats="",
     )
     if arg.row not in ROWS:
         raise ValueError(f"row={arg.row!r}; known rows: {sorted(ROWS)}")
@@ -165,6 +201,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.model.moe.second_choice = "gumbel"
     c.stages = stages
     c.stage_order = ",".join(order)
+    if row.audio_model:
+        audio_layout(c, arg.beats)
     c.eval.stages = ""  # the built-in evaluation; benchmarks run with `python -m unimoe.eval`
     c.paper = dict(row=arg.row, title=row.title, eval_stage=row.eval_stage)
     return c

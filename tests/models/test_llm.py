@@ -256,3 +256,29 @@ def test_attention_gradients_match_autodiff_of_the_masked_softmax():
         np.testing.assert_allclose(got[:2], want[:2], rtol=1e-4, atol=1e-5)
     d_q, d_k, _ = grads["blocked"]
     assert np.all(np.asarray(d_q[2]) == 0.0) and np.all(np.asarray(d_k[2]) == 0.0)
+
+
+def test_lora_on_dense_ffns_only_when_asked_and_merged_exactly():
+    """`lora.dense_ffn` (Uni-MoE-audio, interleaved layouts): the layers that stay dense get
+    adapters on gate / up / down too; merged into the kernels they compute the same function."""
+    from unimoe.nn.lora import merge_lora
+
+    kwargs = dict(
+        vocab_size=11, dim=8, num_layers=2, num_heads=2, num_kv_heads=1, ffn_dim=12,
+        moe_layers=(0,), moe=dict(num_experts=2, top_k=1),
+    )  # fmt: skip
+    plain = DecoderLM(LLMConfig(**kwargs, lora=dict(rank=2)), rngs=nnx.Rngs(0))
+    assert plain.layers[1].ffn.gate.lora_a is None
+    model = DecoderLM(LLMConfig(**kwargs, lora=dict(rank=2, dense_ffn=True)), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for path, adapter in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        adapter.set_value(jnp.asarray(rng.normal(size=adapter.get_value().shape), jnp.float32))
+    assert model.layers[1].ffn.down.lora_b is not None
+    tokens_bt = jnp.asarray(rng.integers(0, 11, (2, 5)))
+    mask_bt = jnp.ones((2, 5), bool)
+    before = model(model.embed_tokens(tokens_bt), mask_bt)[0]
+    dense_down = np.asarray(model.layers[1].ffn.down.kernel[...])
+    merge_lora(model)
+    assert np.abs(np.asarray(model.layers[1].ffn.down.kernel[...]) - dense_down).max() > 1e-2
+    after = model(model.embed_tokens(tokens_bt), mask_bt)[0]
+    np.testing.assert_allclose(after, before, atol=1e-4)

@@ -284,12 +284,13 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Dense SwiGLU FFN down(silu(gate(x)) * up(x)); no bias, no LoRA (trained fully in stage 2)."""
+    """Dense SwiGLU FFN down(silu(gate(x)) * up(x)); no bias; LoRA only with `lora.dense_ffn`
+    (stage 2 trains it fully)."""
 
-    def __init__(self, dim: int, ffn_dim: int, *, rngs: nnx.Rngs):
-        self.gate = Linear(dim, ffn_dim, rngs=rngs)
-        self.up = Linear(dim, ffn_dim, rngs=rngs)
-        self.down = Linear(ffn_dim, dim, rngs=rngs)
+    def __init__(self, dim: int, ffn_dim: int, *, lora: LoRAConfig = LoRAConfig(), rngs: nnx.Rngs):
+        self.gate = Linear(dim, ffn_dim, lora=lora, rngs=rngs)
+        self.up = Linear(dim, ffn_dim, lora=lora, rngs=rngs)
+        self.down = Linear(ffn_dim, dim, lora=lora, rngs=rngs)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd))
@@ -305,7 +306,8 @@ class DecoderLayer(nnx.Module):
         if layer_index in cfg.moe_layers:
             self.ffn = MoELayer(cfg.dim, cfg.moe, ffn_dim=cfg.ffn_dim, lora=cfg.lora, rngs=rngs)
         else:
-            self.ffn = MLP(cfg.dim, cfg.ffn_dim, rngs=rngs)
+            lora = cfg.lora if cfg.lora.dense_ffn else LoRAConfig()
+            self.ffn = MLP(cfg.dim, cfg.ffn_dim, lora=lora, rngs=rngs)
 
     @property
     def is_moe(self) -> bool:

@@ -24,6 +24,9 @@ class LoRAConfig:
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
+    # Adapters on the dense FFNs of the layers that are not MoE too (Uni-MoE-audio and the
+    # interleaved models: peft on every linear of the LM); attention and experts always have them.
+    dense_ffn: bool = False
 
     def __post_init__(self):
         if self.rank < 0:

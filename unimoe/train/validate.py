@@ -233,9 +233,11 @@ def _check_paths(experiment: ExperimentConfig) -> list[str]:
     problems = []
     for label, directory in experiment.pretrained_dirs.items():
         if not (pathlib.Path(directory) / convert_core.META_FILE).is_file():
+            command = 'from-beats FILE.pt' if label == 'sound' else 'from-hf HF_DIR'
             problems.append(
                 f"config.pretrained.{label}={directory!r} is not a converted checkpoint (no "
-                f"{convert_core.META_FILE}): convert it with `python -m unimoe.convert from-hf`"
+                f"{convert_core.META_FILE}): convert it with `python -m unimoe.convert "
+                f"{command} {directory}`"
             )
     tokenizer = experiment.tokenizer
     if tokenizer and not pathlib.Path(tokenizer).is_file():
