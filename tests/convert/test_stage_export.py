@@ -118,6 +118,9 @@ def test_extras_readme_and_tokenizer(workdir, moe_export):
         "audio_head/",
         "audio_conn/query_tokens",
         "audio_conn/out_proj/",
+        "sound/",  # the sound tower: BEATs and its Q-Former
+        "sound_conn/",
+        "sound_head/",
     )
     expected = {p for p in params if p.startswith(no_hf_counterpart)}
     assert set(extras) == expected
@@ -126,6 +129,7 @@ def test_extras_readme_and_tokenizer(workdir, moe_export):
     readme = (moe_export / stage_export.README_FILE).read_text()
     assert "MixtralForCausalLM with its LoRA (rank 8) merged" in readme
     assert "`audio_conn/query_tokens`" in readme and "`image_proj/`" in readme
+    assert "`sound/`: sound tower: BEATs" in readme
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(moe_export / "llm")
     ours = builtin.experiment_tokenizer("", workdir.parent / "data", on_missing="error")
     text = "USER: <image> what is red? ASSISTANT: a ball</s>"

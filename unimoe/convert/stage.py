@@ -50,6 +50,10 @@ EXTRAS = {
     "audio_conn/out_proj/": "speech connector: Whisper decoder output -> LM width",
     "image_head/": "stage-0 probe head on the ViT (image labels)",
     "audio_head/": "stage-0 probe head on the audio encoder (audio labels)",
+    "sound/": "sound tower: BEATs (`unimoe.models.beats`, the official state_dict's names)",
+    "sound_conn/": "sound connector: BLIP-2 Q-Former (Hugging Face `Blip2QFormerModel` names), "
+    "its learned queries and the projection to the LM width",
+    "sound_head/": "stage-0 probe head on BEATs (audio labels)",
 }
 
 
