@@ -77,7 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             relative_position_embedding=True, num_buckets=32, max_distance=64, gru_rel_pos=True,
             deep_norm=True, num_mel_bins=32,
         ),
-        sound_conn=dict(num_queries=8, width=64, depth=2, num_heads=4, mlp_dim=128),
+        sound_conn=dict(
+            num_queries=8, width=64, depth=2, num_heads=4, mlp_dim=128, dropout_rate=0.1,
+            attention_dropout_rate=0.1,
+        ),
         moe_layers='all',
         # Every MoEConfig field, so each can be set: --config.model.moe.kernel_impl=ragged_dot.
         moe=config_lib.declared(

@@ -27,6 +27,7 @@ def scanned_workdir(tmp_path_factory) -> pathlib.Path:
     config = config_lib.load_config(f"{TINY}:mode=test")
     config.data.data_dir = str(workdir.parent / "data")
     config.model.lora.dropout = 0.0  # `random_module` holds Params only
+    config.model.sound_conn.update(dropout_rate=0.0, attention_dropout_rate=0.0)
     config.model.llm.update(scan_layers=True, remat='full')
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")

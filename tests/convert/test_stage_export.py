@@ -35,6 +35,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
     config = config_lib.load_config(f"{TINY}:mode=test")
     config.data.data_dir = str(workdir.parent / "data")
     config.model.lora.dropout = 0.0  # `random_module` holds Params only
+    config.model.sound_conn.update(dropout_rate=0.0, attention_dropout_rate=0.0)
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     tokenizer = builtin.load_or_train_tokenizer(workdir.parent / "data" / builtin.TOKENIZER_FILE)

@@ -136,7 +136,7 @@ def test_missing_media_root(tmp_path):
 def test_a_stage_whose_frozen_encoder_nothing_initialises():
     config = _tiny()
     # s1_align trains the connectors only; without s0_vision the ViT would stay random.
-    config.stages.s1_align.init_from = 's0_llm,s0_audio'
+    config.stages.s1_align.init_from = 's0_llm,s0_audio,s0_sound'
     with pytest.raises(
         ValueError,
         match=r"stage 's1_align' \(chat\) runs vision frozen .* config.pretrained.\{vision\}, "

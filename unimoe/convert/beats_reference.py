@@ -66,7 +66,20 @@ def speechbrain_beats() -> types.ModuleType:
             f"the BEATs reference needs speechbrain==1.1.2 ({err}): `make test` installs it, "
             "or pip install --no-deps -r requirements/nodeps.in"
         ) from None
+    _drop_lazy_redirects()
     return module
+
+
+def _drop_lazy_redirects() -> None:
+    """SpeechBrain puts lazy modules in `sys.modules` (redirects of its deprecated paths to
+    `speechbrain.inference`, ...); anything that later walks `sys.modules` and touches one
+    (hypothesis, `warnings`) would import them, which needs the real torchaudio. Unloaded, they
+    are dropped: the BEATs module does not use them."""
+    from speechbrain.utils.importutils import LazyModule
+
+    for name, module in list(sys.modules.items()):
+        if isinstance(module, LazyModule) and module.lazy_module is None:
+            del sys.modules[name]
 
 
 def load(path: str | pathlib.Path) -> Any:
