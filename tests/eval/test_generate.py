@@ -143,6 +143,26 @@ def test_cached_greedy_equals_uncached_with_image_and_audio_in_the_prompt(moe, l
     assert (run(model, other, max_new_tokens=NEW) != cached).any()
 
 
+def test_generation_reads_the_sound_tower_for_its_rows():
+    """A `has_sound` row's `<audio>` is read from BEATs + Q-Former in generation too (the
+    evaluation passes the sound keys): other filterbanks change its answer, not the other rows'."""
+    cfg = model_config(sound=True)
+    model = random_module(lambda: UniMoE(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    batch = media_batch(model, rng)
+    batch.update(
+        sound_fbank=rng.normal(size=(3, 1, 13, 8)).astype(np.float32),
+        sound_frame_mask=np.zeros((3, 1, 13), bool),
+        has_sound=np.array([False, True, False]),
+    )
+    assert set(generate.MEDIA_KEYS) >= {'sound_fbank', 'sound_frame_mask', 'has_sound'}
+    cached = run(model, batch, max_new_tokens=NEW)
+    other_fbank = rng.normal(size=batch['sound_fbank'].shape).astype(np.float32)
+    other = run(model, dict(batch, sound_fbank=other_fbank), max_new_tokens=NEW)
+    assert (other[1] != cached[1]).any()
+    np.testing.assert_array_equal(other[[0, 2]], cached[[0, 2]])
+
+
 def test_batched_equals_unbatched_with_different_prompt_lengths():
     model = random_unimoe(moe=True, lora_rank=2)
     batch = media_batch(model, np.random.default_rng(1))

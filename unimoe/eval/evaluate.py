@@ -23,7 +23,7 @@ from unimoe.models.unimoe import UniMoE
 log = logging.getLogger(__name__)
 
 # Keys of an eval batch that the model reads (the rest are strings for scoring).
-_MODEL_KEYS = ('tokens', 'prompt_len', 'image', 'video', 'audio_mel')
+_MODEL_KEYS = ('tokens', 'prompt_len', *generate.MEDIA_KEYS)
 # A finished stage's last scores, beside its checkpoints, with what they were computed from.
 SCORES_FILE = 'eval_scores.json'
 
@@ -83,7 +83,7 @@ def predict(
         ids = generate_answers(
             graphdef,
             state,
-            {k: batch[k] for k in _MODEL_KEYS},
+            {k: batch[k] for k in _MODEL_KEYS if k in batch},
             max_new_tokens=max_new_tokens,
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,

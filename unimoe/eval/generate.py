@@ -29,8 +29,12 @@ from unimoe.models import kv_cache
 from unimoe.models.llm import DecoderLM
 from unimoe.models.unimoe import UniMoE
 
-# Batch keys the multimodal model reads besides tokens / prompt_len (each optional).
-MEDIA_KEYS = ('image', 'video', 'audio_mel', 'has_image', 'has_video', 'has_audio')
+# Batch keys the multimodal model reads besides tokens / prompt_len (each optional; the sound
+# tower's with `config.model.sound`, `unimoe.data.sound`).
+MEDIA_KEYS = (
+    'image', 'video', 'audio_mel', 'has_image', 'has_video', 'has_audio', 'sound_fbank',
+    'sound_frame_mask', 'has_sound',
+)
 # Prompt buffers: powers of two from MIN_PROMPT_BUCKET, then multiples of LONG_PROMPT_STEP.
 MIN_PROMPT_BUCKET = 16
 LONG_PROMPT_STEP = 256
