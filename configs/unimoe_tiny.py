@@ -7,7 +7,8 @@ Launch (this is what `make demo` runs):
 Arms (`--config=configs/unimoe_tiny.py:mode=test`): `mode=demo` (default) is the full tiny
 experiment; `mode=test` shrinks data, steps and eval to what the end-to-end test needs. Stages:
 docs/design.md, "Scale of the built-in experiment". Wall time and held-out accuracy of every
-`make demo` run (last: 7 min 31 s with the sound tower, 2026-12-07, 2-core CPU): benchmarks/HISTORY.md.
+`make demo` run (last: 7 min 31 s with the sound tower, 2026-12-07, 2-core CPU):
+benchmarks/HISTORY.md.
 """
 
 import os
