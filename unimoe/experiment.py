@@ -131,6 +131,8 @@ def from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> E
         sharding_rules=rules_lib.parse_rules(sections['sharding_rules']),
         pretrained={k: str(v or '') for k, v in (sections['pretrained'] or {}).items()},
     )
+    if model is not None and model.sound is not None:
+        typed(lambda: _check_sound_bins(model.sound.num_mel_bins, data, fields['json_data']))
     experiment = typed(
         lambda: from_fields(ExperimentConfig, 'config', raw, model=model, data=data, **fields)
     )
@@ -163,6 +165,25 @@ def _check_media_tokens(model: ModelSpec, data: pipeline.DataConfig) -> None:
                 f"config.data.n_{name}_tokens={expected}, but the model emits {count} {name} "
                 "tokens (config.model.vision / audio_conn / sound_conn): the tokenizer must "
                 "expand placeholders to match"
+            )
+
+
+def _check_sound_bins(
+    num_mel_bins: int,
+    data: pipeline.DataConfig | None,
+    json_data: json_pipeline.JsonDataConfig | None,
+) -> None:
+    """BEATs reads the filterbanks the data computes: as many mel bins on every routed path."""
+    feeds = []
+    if data is not None and data.sound_tasks:
+        feeds.append(('config.data', data.sound_mel_bins))
+    if json_data is not None and json_data.sound_sources:
+        feeds.append(('config.json_data', json_data.sound_mel_bins))
+    for section, bins in feeds:
+        if bins != num_mel_bins:
+            raise ValueError(
+                f"{section}.sound_mel_bins={bins}, but config.model.sound.num_mel_bins="
+                f"{num_mel_bins}: BEATs reads the filterbanks the data computes"
             )
 
 

@@ -3,6 +3,7 @@ checkpoint format in, a converted checkpoint under sound/ out; cfg defaults, tra
 keys and fine-tuned extras; every other layout refused with one line naming the file and key."""
 
 import json
+import pathlib
 import runpy
 import sys
 from unittest import mock
@@ -221,3 +222,27 @@ def test_to_hf_refuses_a_beats_checkpoint(iter3_file, tmp_path, capsys):
         f"error: {tmp_path}/ckpt holds a beats checkpoint, which has no Hugging Face form: "
         "to-hf writes Hugging Face folders only\n"
     )
+
+
+def test_an_experiment_whose_sound_config_differs_from_the_converted_beats_is_refused(
+    iter3_file, tmp_path
+):
+    """Fields that change no shape (max_distance, gru_rel_pos) would load silently and compute
+    another BEATs: the validation compares `config.model.sound` with the converted file's cfg."""
+    from unimoe import config as config_lib
+    from unimoe.config import ConfigError
+    from unimoe.train import validate
+
+    beats.from_beats(iter3_file, tmp_path / "ckpt")
+    tiny = pathlib.Path(__file__).parents[2] / "configs" / "unimoe_tiny.py"
+    config = config_lib.load_config(f"{tiny}:mode=test")
+    config.data.sound_mel_bins = CFG["num_mel_bins"]
+    config.model.sound = dict(CFG)
+    config.pretrained = dict(sound=str(tmp_path / "ckpt"))
+    validate.validate_experiment(config)  # the same cfg: accepted
+    config.model.sound.update(max_distance=CFG["max_distance"] + 1, gru_rel_pos=False)
+    with pytest.raises(ConfigError) as error:
+        validate.validate_experiment(config)
+    converted = f"the BEATs converted in {tmp_path / 'ckpt'}"
+    assert f"config.model.sound.gru_rel_pos=False, but {converted} has True" in str(error.value)
+    assert f"config.model.sound.max_distance={CFG['max_distance'] + 1}" in str(error.value)

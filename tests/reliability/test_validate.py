@@ -156,3 +156,21 @@ def test_an_unknown_nonfinite_policy():
     config.nonfinite = 'ignore'
     with pytest.raises(ValueError, match=r"config.nonfinite='ignore' must be one of"):
         validate.validate_experiment(config)
+
+
+def test_the_sound_tower_and_its_data_disagree_on_mel_bins():
+    config = _tiny()
+    config.data.sound_mel_bins = 16
+    with pytest.raises(
+        ConfigError,
+        match=r"config.data.sound_mel_bins=16, but config.model.sound.num_mel_bins=32: BEATs reads",
+    ):
+        validate.validate_experiment(config)
+    config.data.sound_tasks = ('audio_qa',)  # s0_sound's audio_caption now goes to Whisper
+    config.data.sound_mel_bins = 32
+    with pytest.raises(
+        ConfigError,
+        match=r"config.stages.s0_sound: mode='classify_sound': tasks \['audio_caption'\] are not "
+        r"in DataConfig.sound_tasks=\['audio_qa'\]",
+    ):
+        validate.validate_experiment(config)

@@ -265,7 +265,7 @@ def _check_shard(cfg: DataConfig, shard_index: int, shard_count: int) -> None:
         )
 
 
-def _check_audio_route(cfg: DataConfig, tasks: Sequence[str], mode: str) -> None:
+def check_audio_route(cfg: DataConfig, tasks: Sequence[str], mode: str) -> None:
     """classify_sound reads only the audio routed to the sound tower, classify_audio only the
     rest: a task on the other side would train on zeros."""
     routed = [t for t in tasks if t in cfg.sound_tasks]
@@ -297,7 +297,7 @@ def make_train_loader(
     `seed` defaults to `cfg.seed`; the tasks are mixed in proportion to their record counts (equal).
     """
     selected = _select_tasks(tasks, mode)
-    _check_audio_route(cfg, selected, mode)
+    check_audio_route(cfg, selected, mode)
     _check_shard(cfg, shard_index, shard_count)
     builder = _builder(cfg)
     source = builder.as_data_source(

@@ -14,8 +14,10 @@ the sharding rules and over the processes.
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
+from typing import Any
 
 import jax
 import ml_collections
@@ -23,7 +25,7 @@ import ml_collections
 from unimoe import experiment as experiment_lib, factory
 from unimoe.config import ConfigError, StageConfig, errors_at
 from unimoe.convert import core as convert_core, upcycle
-from unimoe.data import json_builder, tasks as tasks_lib
+from unimoe.data import json_builder, pipeline, tasks as tasks_lib
 from unimoe.experiment import ExperimentConfig
 from unimoe.nn import sharding
 from unimoe.parallel import mesh as mesh_lib
@@ -117,6 +119,11 @@ def _check_stage(experiment: ExperimentConfig, name: str, seen: list[str]) -> No
     unknown = _unknown_tasks(f'{where}.tasks', stage.tasks)
     if unknown and not stage.json_sources:
         raise ValueError(unknown)
+    if not stage.json_sources:
+        try:  # a classify_sound stage reads only audio the data routes to BEATs, and the reverse
+            pipeline.check_audio_route(experiment.data, stage.tasks, stage.mode)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     _check_tokenizer(experiment, stage)
 
 
@@ -228,17 +235,32 @@ def _check_mesh(experiment: ExperimentConfig) -> None:
             )
 
 
+def _sound_config_problems(sound: Any, meta: pathlib.Path) -> list[str]:
+    """`config.model.sound` against the converted BEATs' own cfg: fields that change no shape
+    (max_distance, deep_norm, gru_rel_pos, ...) would otherwise load and compute differently."""
+    converted = json.loads(meta.read_text()).get('configs', {}).get('sound', {})
+    differ = {k: v for k, v in converted.items() if getattr(sound, k, v) != v}
+    return [
+        f"config.model.sound.{key}={getattr(sound, key)!r}, but the BEATs converted in "
+        f"{meta.parent} has {value!r}: set it to the checkpoint's value"
+        for key, value in sorted(differ.items())
+    ]
+
+
 def _check_paths(experiment: ExperimentConfig) -> list[str]:
     """Every path the config names that is missing or not what it should be."""
     problems = []
     for label, directory in experiment.pretrained_dirs.items():
-        if not (pathlib.Path(directory) / convert_core.META_FILE).is_file():
+        meta = pathlib.Path(directory) / convert_core.META_FILE
+        if not meta.is_file():
             command = 'from-beats FILE.pt' if label == 'sound' else 'from-hf HF_DIR'
             problems.append(
                 f"config.pretrained.{label}={directory!r} is not a converted checkpoint (no "
                 f"{convert_core.META_FILE}): convert it with `python -m unimoe.convert "
                 f"{command} {directory}`"
             )
+        elif label == 'sound' and experiment.model.sound is not None:
+            problems += _sound_config_problems(experiment.model.sound, meta)
     tokenizer = experiment.tokenizer
     if tokenizer and not pathlib.Path(tokenizer).is_file():
         problems.append(f"config.tokenizer={tokenizer!r} does not exist")
