@@ -239,12 +239,22 @@ class UniMoE(nnx.Module):
         As Uni-MoE-audio: BEATs masks the padded frames of a chunk, the Q-Former then reads every
         BEATs output (its encoder mask is all ones), each chunk's queries in order."""
         b, c = fbank_bcfm.shape[:2]
-        features, _ = self.sound(
-            fbank_bcfm.reshape(b * c, *fbank_bcfm.shape[2:]),
-            frame_mask_bcf.reshape(b * c, -1),
-        )
-        tokens = self.sound_conn(features)
+        features_bcsd, _ = self._sound_features(fbank_bcfm, frame_mask_bcf)
+        tokens = self.sound_conn(features_bcsd.reshape(b * c, *features_bcsd.shape[2:]))
         return tokens.reshape(b, c * tokens.shape[1], tokens.shape[2])
+
+    def _sound_features(
+        self, fbank_bcfm: jax.Array, frame_mask_bcf: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """BEATs on each chunk: features [B, C, S, D] and their padding mask [B, C, S]."""
+        b, c = fbank_bcfm.shape[:2]
+        features_xsd, padding_xs = self.sound(
+            fbank_bcfm.reshape(b * c, *fbank_bcfm.shape[2:]), frame_mask_bcf.reshape(b * c, -1)
+        )
+        return (
+            features_xsd.reshape(b, c, *features_xsd.shape[1:]),
+            padding_xs.reshape(b, c, -1),
+        )
 
     def encode_media(self, batch: Mapping[str, jax.Array]) -> dict[int, jax.Array]:
         """{placeholder id: media tokens [B, N, D]} for each modality present in the batch.
@@ -329,13 +339,8 @@ class UniMoE(nnx.Module):
     ) -> jax.Array:
         """Labels from the sound tower: BEATs features averaged over the real tokens of the real
         chunks (the stage-0 pretraining of a stand-in BEATs)."""
-        b, c = fbank_bcfm.shape[:2]
-        features_xsd, padding_xs = self.sound(
-            fbank_bcfm.reshape(b * c, *fbank_bcfm.shape[2:]),
-            frame_mask_bcf.reshape(b * c, -1),
-        )
-        real_bcs = ~padding_xs.reshape(b, c, -1) & chunk_mask_bc[:, :, None]
-        features_bcsd = features_xsd.reshape(b, c, *features_xsd.shape[1:])
+        features_bcsd, padding_bcs = self._sound_features(fbank_bcfm, frame_mask_bcf)
+        real_bcs = ~padding_bcs & chunk_mask_bc[:, :, None]
         weights_bcs = real_bcs / jnp.maximum(real_bcs.sum(axis=(1, 2), keepdims=True), 1)
         return self.sound_head(jnp.einsum('bcs,bcsd->bd', weights_bcs, features_bcsd))
 

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from unimoe.nn.sharding import DEFAULT_RULES, Logical, Rules, partition_spec
 
-_ATTN_IN = r'(q|k|v|q_proj|k_proj|v_proj|query|key|value)'  # value: the Q-Former's
+_ATTN_IN = r'(q|k|v|q_proj|k_proj|v_proj|query|key|value)'  # query/key/value: the Q-Former's
 _ATTN_OUT = r'(o|out_proj)'
 _FFN_IN = r'(gate|up|fc1)'
 _FFN_OUT = r'(down|fc2)'
