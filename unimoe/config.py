@@ -194,14 +194,33 @@ def _typed(where: str, value: Any, hint: Any) -> Any:
     raise ValueError(f"{where}={value!r} must be of type {hint.__name__}")
 
 
+# Uni-MoE's released models (`python -m unimoe.convert from-unimoe --variant`) and the evaluation
+# protocols (`unimoe.eval.protocol`).
+RELEASED_VARIANTS = ('speech_4e', 'audio_4e', '8e')
+EVAL_PROTOCOLS = ('official', 'ours')
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """`config.eval`, typed: the stages evaluated on the built-in tasks at the end of a run."""
+    """`config.eval`, typed: the stages evaluated on the built-in tasks at the end of a run, and
+    the defaults of `python -m unimoe.eval`: `protocol` 'ours' or 'official' (the released
+    Uni-MoE variant's eval.py, `released_variant`; `unimoe.eval.protocol`)."""
 
     stages: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     batch_size: int = 8
     max_new_tokens: int = 16
+    protocol: str = 'ours'
+    released_variant: str = ''
+
+    def __post_init__(self):
+        if self.protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"EvalConfig.protocol must be in {EVAL_PROTOCOLS}, got {self.protocol!r}")
+        if self.released_variant not in ('', *RELEASED_VARIANTS):
+            raise ValueError(
+                f"EvalConfig.released_variant must be '' or in {RELEASED_VARIANTS}, got "
+                f"{self.released_variant!r}"
+            )
 
 
 def from_fields(cls: type, where: str, raw: Mapping[str, Any], **extra: Any) -> Any:

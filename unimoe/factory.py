@@ -199,6 +199,12 @@ def _checked(key: str, value: np.ndarray, current: Any, source: str) -> np.ndarr
     )
 
 
+def is_lm_matrix(path: str, leaf: Any) -> bool:
+    """An LM weight every use casts to the compute dtype: its matrices but the router's (which
+    computes in float32)."""
+    return path.startswith('llm/') and '/router/' not in path and getattr(leaf, 'ndim', 0) >= 2
+
+
 def frozen_in_compute_dtype(rest: nnx.State, dtype: str) -> nnx.State:
     """`rest` (a stage's frozen state) with the LM's float32 matrices in `dtype`, the LM's compute
     dtype: every use casts them to it anyway (`nn.lora.Linear`, the expert matmuls, the token
@@ -207,17 +213,51 @@ def frozen_in_compute_dtype(rest: nnx.State, dtype: str) -> nnx.State:
     encoders' weights keep their dtype. Concrete arrays or abstract ones (`train.lower`)."""
 
     def cast(key_path: Any, leaf: Any) -> Any:
-        path = rules_lib.key_path_str(key_path)
-        if not (
-            path.startswith('llm/') and '/router/' not in path
-            and getattr(leaf, 'ndim', 0) >= 2 and leaf.dtype == jnp.float32
-        ):  # fmt: skip
+        if not (is_lm_matrix(rules_lib.key_path_str(key_path), leaf) and leaf.dtype == jnp.float32):
             return leaf
         if isinstance(leaf, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(dtype), sharding=leaf.sharding)
         return leaf.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(cast, rest)
+
+
+def params_into_abstract(
+    model: UniMoE,
+    params: Mapping[str, np.ndarray],
+    source: str,
+    cast: Callable[[str, np.ndarray], Any] = lambda path, value: value,
+    seed: int = 0,
+) -> UniMoE:
+    """A concrete model from an abstract one (`build_model(abstract=True)`) and `params` holding
+    every one of its parameters (unimoe paths, unrolled), never initialising them: the model of a
+    converted checkpoint at paper scale costs the checkpoint's memory only. The vocabulary rows a
+    tokenizer appends (`VOCAB_AXES`) are zeros; `cast(path, value)` may change a value's dtype
+    (e.g. `frozen_in_compute_dtype`'s rule). The other state (RNG streams, router biases) is
+    initialised as `build_model` would. A parameter `params` lacks or shapes differently is an
+    error naming it and `source`."""
+    graphdef, abstract_params, _ = nnx.split(model, nnx.Param, ...)
+    variables = {path_str(p): v for p, v in nnx.to_flat_state(abstract_params)}
+    current = layer_stack.unrolled_params({k: v.get_value() for k, v in variables.items()})
+    filled = {}
+    for key, leaf in current.items():
+        if key not in params:
+            raise ValueError(f"{source}: has no param {key} (shape {tuple(leaf.shape)}) of this model")
+        value = np.asarray(params[key])
+        if tuple(value.shape) != tuple(leaf.shape):
+            value = _checked(key, value, np.zeros(leaf.shape, value.dtype), source)
+        filled[key] = cast(key, value)
+    if current.keys() != variables.keys():
+        lm = model.llm.cfg
+        filled = layer_stack.scanned_params(filled, lm.block_period, lm.num_layers)
+    for key, variable in variables.items():
+        variable.set_value(jnp.asarray(filled[key]))
+    cfg = model.cfg
+    # Only the small non-Param state is computed: XLA drops the unused parameter inits.
+    rest = jax.jit(
+        lambda: nnx.state(UniMoE(cfg, rngs=nnx.Rngs(seed)), nnx.Not(nnx.Param))
+    )()
+    return nnx.merge(graphdef, abstract_params, rest)
 
 
 def build_model(

@@ -126,8 +126,8 @@ def test_audio_records_are_answered_and_scored(stage, tmp_path):
         data=str(data),
         output=str(tmp_path / "out"),
         media_root=str(media),
-        max_new_tokens=2,
         batch_size=2,
+        request=run_benchmark.Request(max_new_tokens=2),
     )
     predictions = json.loads((tmp_path / "out" / "clothoaqa.predictions.json").read_text())
     assert [p["id"] for p in predictions] == ["a0", "a1", "a2"]
@@ -141,7 +141,7 @@ def test_audio_records_are_answered_and_scored(stage, tmp_path):
         ]
     )
     assert scores["accuracy"] == pytest.approx(expected["accuracy"])
-    assert scores["sampling"] == {"temperature": 0.0, "top_p": 1.0, "seed": 0}
+    assert scores["sampling"] == {"temperature": 0.0, "top_p": 1.0, "seed": 0, "top_k": 0}
 
 
 def test_records_with_missing_media_stop_the_run_or_are_skipped(stage, tmp_path):
@@ -155,8 +155,8 @@ def test_records_with_missing_media_stop_the_run_or_are_skipped(stage, tmp_path)
         data=str(data),
         output=str(tmp_path / "out"),
         media_root=str(tmp_path / "media"),
-        max_new_tokens=1,
         batch_size=2,
+        request=run_benchmark.Request(max_new_tokens=1),
     )
     with pytest.raises(formats.RecordError, match=r"record 2 .*field 'image'.*no such file"):
         run_benchmark.evaluate_benchmark(stage["config"], **kwargs)

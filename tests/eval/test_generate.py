@@ -240,6 +240,61 @@ def test_samples_follow_the_tempered_nucleus_softmax(temperature, top_p):
     assert len(kept) < 5 or top_p == 1.0
 
 
+@pytest.mark.parametrize('top_k, top_p', [(2, 1.0), (3, 0.6)])
+def test_samples_follow_top_k_then_the_nucleus(top_k, top_p):
+    """Hugging Face's order: the k most likely tokens, then the nucleus of their softmax."""
+    logits_v = jnp.array([0.0, 2.0, -1.0, 1.5, 0.5])
+    draws = 20000
+    samples = generate.select_tokens(
+        jnp.broadcast_to(logits_v, (draws, 5)),
+        jax.random.key(1),
+        greedy=False,
+        top_k=top_k,
+        top_p=top_p,
+    )
+    top = np.argsort(-np.asarray(logits_v))[:top_k]
+    probs = np.zeros(5)
+    probs[top] = np.exp(np.asarray(logits_v)[top]) / np.exp(np.asarray(logits_v)[top]).sum()
+    order = np.argsort(-probs)
+    kept = order[(np.cumsum(probs[order]) - probs[order] < top_p) & (probs[order] > 0)]
+    expected = np.zeros(5)
+    expected[kept] = probs[kept] / probs[kept].sum()
+    freq = np.bincount(np.asarray(samples), minlength=5) / draws
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+
+
+def test_a_row_samples_its_own_stream_whatever_its_batch():
+    """Row ids key the draws: a prompt sampled alone or beside others gives the same tokens."""
+    lm = random_lm('dense')
+    together = run(
+        lm, prompts_batch(TEXT_PROMPTS), max_new_tokens=NEW, sampling=SAMPLED, row_ids=[10, 11, 12]
+    )
+    for row, prompt in enumerate(TEXT_PROMPTS):
+        alone = run(
+            lm, prompts_batch([prompt]), max_new_tokens=NEW, sampling=SAMPLED, row_ids=[10 + row]
+        )
+        np.testing.assert_array_equal(alone[0], together[row])
+    shifted = run(
+        lm, prompts_batch(TEXT_PROMPTS), max_new_tokens=NEW, sampling=SAMPLED, row_ids=[11, 12, 13]
+    )
+    assert (shifted != together).any()
+
+
+def test_suppressed_ids_are_never_generated_and_first_logits_are_returned():
+    lm = random_lm('dense')
+    batch = prompts_batch(TEXT_PROMPTS)
+    greedy, logits = run(lm, batch, max_new_tokens=NEW, with_first_logits=True)
+    # The first logits are the model's own next-token logits at each prompt's end.
+    full_btv = np.asarray(lm_logits_fn(lm)(jnp.asarray(batch['tokens']), None))
+    ends = batch['prompt_len'] - 1
+    np.testing.assert_allclose(logits, full_btv[np.arange(3), ends], atol=1e-5)
+    banned = sorted({int(t) for t in greedy.ravel()})
+    suppressed = run(lm, batch, max_new_tokens=NEW, suppress_ids=banned)
+    assert not np.isin(suppressed, banned).any()
+    allowed = np.where(np.isin(np.arange(VOCAB), banned), -np.inf, logits)
+    np.testing.assert_array_equal(suppressed[:, 0], allowed.argmax(-1))
+
+
 def test_prompt_lengths_within_a_bucket_compile_once():
     lm = random_lm('dense')
     graphdef, state = nnx.split(lm)

@@ -5,9 +5,14 @@ r"""Answers and scores a benchmark with a finished stage.
       --answers=textvqa_annotations_val.json --media-root=DIR --output=DIR
 
 `--checkpoint` is a finished stage's directory (WORKDIR/STAGE, as `python -m unimoe.main`
-writes it). Writes `<benchmark>.predictions.json` (the input records, each with `prediction`)
-and `<benchmark>.scores.json` under `--output` (default: WORKDIR/STAGE/eval). Benchmarks and
-their record fields: `unimoe/eval/benchmarks.py`.
+writes it) or a converted checkpoint (`python -m unimoe.convert from-unimoe ... OUT`: a released
+Uni-MoE model, with `--config=configs/unimoe_released.py:variant=...,checkpoint=OUT`), built as
+the config's last stage. Writes `<benchmark>.predictions.json` (the input records, each with
+`prediction`) and `<benchmark>.scores.json` under `--output` (default: CHECKPOINT/eval); with
+`--save-logits` also `<benchmark>.logits.npz`, each question's first-step logits keyed by its id.
+`--protocol=official` decodes as the released variant's eval.py (`unimoe/eval/protocol.py`),
+`ours` as this project's stages are evaluated. Benchmarks and their record fields:
+`unimoe/eval/benchmarks.py`.
 """
 
 import logging
@@ -19,7 +24,7 @@ from ml_collections import config_flags
 
 from unimoe import compilation_cache, config as config_lib, experiment
 from unimoe.data import formats
-from unimoe.eval import benchmarks, run_benchmark
+from unimoe.eval import benchmarks, protocol as protocol_lib, run_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -28,7 +33,23 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "A finished stage's directory: WORKDIR/STAGE."
+    "checkpoint", None, "A finished stage's directory (WORKDIR/STAGE) or a converted checkpoint."
+)
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol",
+    None,
+    list(protocol_lib.PROTOCOLS),
+    "Decoding: 'official' (the released variant's eval.py) or 'ours'. Default: config.eval.protocol.",
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "auto",
+    ["auto", "float32", "bfloat16", "float16"],
+    "The LM's compute dtype for a converted checkpoint ('auto': the protocol's; float32 for "
+    "parity checks).",
+)
+_SAVE_LOGITS = flags.DEFINE_bool(
+    "save-logits", False, "Also write each question's first decode step's logits (.logits.npz)."
 )
 _BENCHMARK = flags.DEFINE_enum("benchmark", None, sorted(benchmarks.BENCHMARKS), "Benchmark name.")
 _DATA = flags.DEFINE_string("data", None, "The benchmark's Uni-MoE eval JSON file.")
@@ -39,14 +60,15 @@ _MEDIA_ROOT = flags.DEFINE_string(
     "media-root", None, "Folder or zip the records' media paths are under."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory (default WORKDIR/STAGE/eval).")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max-new-tokens", 16, "Answer length limit.")
-_TEMPERATURE = flags.DEFINE_float(
-    "temperature",
-    None,
-    "Sampling temperature (0: greedy). Default: the benchmark's protocol (Uni-MoE: greedy for "
-    "VQA and multiple choice, 0.2 for video QA).",
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max-new-tokens", None, "Answer length limit. Default: the protocol's (ours: 16)."
 )
-_TOP_P = flags.DEFINE_float("top-p", 1.0, "Nucleus sampling mass (with a temperature > 0).")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", None, "Sampling temperature (0: greedy). Default: the protocol's."
+)
+_TOP_P = flags.DEFINE_float(
+    "top-p", None, "Nucleus sampling mass (with a temperature > 0). Default: the protocol's."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH_SIZE = flags.DEFINE_integer("batch-size", 8, "Prompts per generation batch.")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Evaluate only the first N records (0: all).")
@@ -97,13 +119,18 @@ def _evaluate(typed_config: experiment.ExperimentConfig, output: str) -> dict:
         output=output,
         answers=_ANSWERS.value,
         media_root=_MEDIA_ROOT.value,
-        max_new_tokens=_MAX_NEW_TOKENS.value,
         batch_size=_BATCH_SIZE.value,
         limit=_LIMIT.value,
         on_error=_ON_ERROR.value,
-        temperature=_TEMPERATURE.value,
-        top_p=_TOP_P.value,
-        seed=_SEED.value,
+        request=run_benchmark.Request(
+            protocol=_PROTOCOL.value,
+            max_new_tokens=_MAX_NEW_TOKENS.value,
+            temperature=_TEMPERATURE.value,
+            top_p=_TOP_P.value,
+            seed=_SEED.value,
+            dtype=_DTYPE.value,
+            save_logits=_SAVE_LOGITS.value,
+        ),
     )
 
 

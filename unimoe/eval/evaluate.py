@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import pathlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,9 +38,13 @@ def generate_answers(
     pad_id: int,
     stop_ids: Collection[int] = (),
     sampling: generate.SamplingConfig = generate.SamplingConfig(),
-) -> np.ndarray:
+    row_ids: Sequence[int] | None = None,
+    suppress_ids: Collection[int] = (),
+    with_first_logits: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Answer ids [B, max_new_tokens] (greedy by default), each row ending at eos or another of
-    `stop_ids` and padded after it; KV-cached, media encoded once (`generate.generate`)."""
+    `stop_ids` and padded after it; KV-cached, media encoded once (`generate.generate`, which
+    documents the other arguments)."""
     return generate.generate(
         graphdef,
         state,
@@ -49,6 +53,9 @@ def generate_answers(
         pad_id=pad_id,
         stop_ids={eos_id, *stop_ids},
         sampling=sampling,
+        row_ids=row_ids,
+        suppress_ids=suppress_ids,
+        with_first_logits=with_first_logits,
     )
 
 

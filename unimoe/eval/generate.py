@@ -1,4 +1,4 @@
-"""Batched generation with a KV cache: greedy, temperature and top-p sampling, stop tokens.
+"""Batched generation with a KV cache: greedy, temperature / top-k / top-p sampling, stop tokens.
 
 `generate` takes a `UniMoE` (media encoded once, spliced into the prompt embeddings) or a bare
 `DecoderLM`, as (graphdef, state), and a batch of right-padded prompts of different lengths. The
@@ -11,13 +11,18 @@ compilation serves every batch of a (batch bucket, length bucket, max_new_tokens
 sampling mode) combination. The model runs as at evaluation: `deterministic` (no dropout or
 router noise) and `dropless` (a capacity-based MoE layer keeps every token, so no decoded token is
 ever dropped).
+
+A row's draws depend on its `row_ids` entry (default: its index in the batch), so an evaluation
+that passes each question's index samples the same answer whatever batch the question is in
+(batch-size-1 semantics). `suppress_ids` are never generated (the media placeholders: their
+vocabulary rows exist only to be replaced by media features).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,20 +47,24 @@ LONG_PROMPT_STEP = 256
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 = greedy (argmax; top_p and seed unused). Otherwise sample from
-    softmax(logits / temperature) restricted to the top-p nucleus: the most likely tokens whose
-    mass, counted before each token, is < top_p (so the top token always stays). Draws depend only
-    on (seed, row index, step), not on the batch bucket."""
+    """temperature 0 = greedy (argmax; top_k, top_p and seed unused). Otherwise sample from
+    softmax(logits / temperature) restricted, in Hugging Face's order, to the `top_k` most likely
+    tokens (0: no limit; ties with the k-th stay) and then to the top-p nucleus: the most likely
+    tokens whose mass, counted before each token, is < top_p (so the top token always stays).
+    Draws depend only on (seed, row id, step), not on the batch bucket."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError(f'SamplingConfig.temperature must be >= 0, got {self.temperature}')
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f'SamplingConfig.top_p must be in (0, 1], got {self.top_p}')
+        if self.top_k < 0:
+            raise ValueError(f'SamplingConfig.top_k must be >= 0 (0: no limit), got {self.top_k}')
 
     @property
     def greedy(self) -> bool:
@@ -81,13 +90,19 @@ def select_tokens(
     greedy: bool,
     temperature: float | jax.Array = 1.0,
     top_p: float | jax.Array = 1.0,
+    top_k: int | jax.Array = 0,
+    row_ids_b: jax.Array | None = None,
 ) -> jax.Array:
-    """The next token of each row, int32 [B]: the argmax if `greedy`, else a draw from the top-p
-    nucleus of softmax(logits / temperature) with key fold_in(key, row). temperature and top_p
-    may be traced (a new value does not recompile)."""
+    """The next token of each row, int32 [B]: the argmax if `greedy`, else a draw from the top-k,
+    then top-p, tokens of softmax(logits / temperature) with key fold_in(key, row id) (row ids:
+    `row_ids_b`, default 0..B-1). temperature, top_p and top_k may be traced (a new value does not
+    recompile)."""
     if greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits_bv = logits_bv.astype(jnp.float32) / temperature
+    # Top-k first, as Hugging Face's warpers: the k-th largest logit is the threshold.
+    kth_b1 = jnp.take(-jnp.sort(-logits_bv, axis=-1), jnp.maximum(top_k, 1) - 1, axis=-1)[:, None]
+    logits_bv = jnp.where((top_k > 0) & (logits_bv < kth_b1), -jnp.inf, logits_bv)
     probs_bv = jax.nn.softmax(logits_bv, axis=-1)
     sorted_bv = -jnp.sort(-probs_bv, axis=-1)
     mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv
@@ -98,7 +113,9 @@ def select_tokens(
     # top_p = 1 keeps every token, even those a float32 cumsum would push past 1.
     in_nucleus_bv = (probs_bv >= threshold_b1) | (top_p >= 1.0)
     logits_bv = jnp.where(in_nucleus_bv, logits_bv, -jnp.inf)
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(logits_bv.shape[0]))
+    if row_ids_b is None:
+        row_ids_b = jnp.arange(logits_bv.shape[0])
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids_b)
     return jax.vmap(jax.random.categorical)(row_keys, logits_bv).astype(jnp.int32)
 
 
@@ -107,29 +124,36 @@ def decode(
     x_btd: jax.Array,
     prompt_len_b: jax.Array,
     key: jax.Array,
-    temperature: float | jax.Array,
-    top_p: float | jax.Array,
+    knobs: Mapping[str, jax.Array],
     *,
     max_new_tokens: int,
     stop_ids: tuple[int, ...],
     pad_id: int,
     greedy: bool,
-) -> jax.Array:
-    """Prefill the prompt embeddings, then decode: int32 [B, max_new_tokens], each row's first
-    stop token included and `pad_id` after it. Stops early once every row has stopped."""
-    logits_bv, cache = kv_cache.prefill(
+    suppress_ids: tuple[int, ...] = (),
+) -> tuple[jax.Array, jax.Array]:
+    """Prefill the prompt embeddings, then decode: (int32 [B, max_new_tokens], each row's first
+    stop token included and `pad_id` after it; the first step's logits float32 [B, V], before
+    suppression). Stops early once every row has stopped. knobs: traced 'temperature', 'top_p',
+    'top_k' and 'row_ids' [B] (`select_tokens`)."""
+    first_logits_bv, cache = kv_cache.prefill(
         lm, x_btd, prompt_len_b, max_len=x_btd.shape[1] + max_new_tokens - 1
     )
     stop_s = jnp.asarray(stop_ids, jnp.int32)
     batch = x_btd.shape[0]
+    suppressed_v = jnp.zeros(first_logits_bv.shape[-1], bool).at[jnp.asarray(suppress_ids, int)].set(
+        True
+    )
 
     def choose(n, logits_bv, done_b):
         next_b = select_tokens(
-            logits_bv,
+            jnp.where(suppressed_v, -jnp.inf, logits_bv),
             jax.random.fold_in(key, n),
             greedy=greedy,
-            temperature=temperature,
-            top_p=top_p,
+            temperature=knobs['temperature'],
+            top_p=knobs['top_p'],
+            top_k=knobs['top_k'],
+            row_ids_b=knobs['row_ids'],
         )
         next_b = jnp.where(done_b, pad_id, next_b)
         return next_b, done_b | jnp.isin(next_b, stop_s)
@@ -146,7 +170,7 @@ def decode(
 
     init = (
         jnp.int32(0),
-        logits_bv,
+        first_logits_bv,
         cache,
         jnp.zeros((batch,), bool),
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
@@ -154,22 +178,22 @@ def decode(
     # The last token needs no decode step after it, so the loop stops one short and picks it here
     # (pad for every row if all stopped early).
     n, logits_bv, _, done_b, out_bn = jax.lax.while_loop(running, step, init)
-    return out_bn.at[:, n].set(choose(n, logits_bv, done_b)[0])
+    tokens_bn = out_bn.at[:, n].set(choose(n, logits_bv, done_b)[0])
+    return tokens_bn, first_logits_bv.astype(jnp.float32)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=('graphdef', 'max_new_tokens', 'stop_ids', 'pad_id', 'greedy'),
+    static_argnames=('graphdef', 'max_new_tokens', 'stop_ids', 'pad_id', 'greedy', 'suppress_ids'),
 )
 def _generate_bucketed(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     inputs: Mapping[str, jax.Array],
     key: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
+    knobs: Mapping[str, jax.Array],
     **static: Any,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, state)
     model = nnx.view(model, deterministic=True, dropless=True, raise_if_not_found=False)
     if isinstance(model, UniMoE):
@@ -178,28 +202,10 @@ def _generate_bucketed(
     else:
         lm = model
         x_btd = lm.embed_tokens(inputs['tokens'])
-    return decode(lm, x_btd, inputs['prompt_len'], key, temperature, top_p, **static)
+    return decode(lm, x_btd, inputs['prompt_len'], key, knobs, **static)
 
 
-def generate(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    batch: Mapping[str, Any],
-    *,
-    max_new_tokens: int,
-    pad_id: int,
-    stop_ids: Collection[int] = (),
-    sampling: SamplingConfig = SamplingConfig(),
-) -> np.ndarray:
-    """New tokens int32 [B, max_new_tokens] for the prompts of `batch`.
-
-    graphdef, state: `nnx.split` of a `UniMoE` or a `DecoderLM`.
-    batch: 'tokens' int [B, T] (row b's prompt is tokens[b, :prompt_len[b]], the rest ignored),
-    'prompt_len' int [B], and for a UniMoE the media of `MEDIA_KEYS` it has (batch-major arrays).
-    A row's output ends at its first token in `stop_ids` (included) and is `pad_id` after it.
-    """
-    tokens = np.asarray(batch['tokens'])
-    prompt_len = np.asarray(batch['prompt_len'])
+def _check_batch(tokens: np.ndarray, prompt_len: np.ndarray, max_new_tokens: int) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"generate: batch['tokens'] must be [B, T], got shape {tokens.shape}")
     num_rows, width = tokens.shape
@@ -213,6 +219,34 @@ def generate(
         )
     if max_new_tokens < 1:
         raise ValueError(f'generate: max_new_tokens must be >= 1, got {max_new_tokens}')
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    batch: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: Collection[int] = (),
+    sampling: SamplingConfig = SamplingConfig(),
+    row_ids: Sequence[int] | None = None,
+    suppress_ids: Collection[int] = (),
+    with_first_logits: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """New tokens int32 [B, max_new_tokens] for the prompts of `batch`; with `with_first_logits`
+    also the logits float32 [B, V] the first new token was chosen from (before suppression).
+
+    graphdef, state: `nnx.split` of a `UniMoE` or a `DecoderLM`.
+    batch: 'tokens' int [B, T] (row b's prompt is tokens[b, :prompt_len[b]], the rest ignored),
+    'prompt_len' int [B], and for a UniMoE the media of `MEDIA_KEYS` it has (batch-major arrays).
+    A row's output ends at its first token in `stop_ids` (included) and is `pad_id` after it.
+    row_ids: each row's sampling stream (default 0..B-1); suppress_ids: never generated.
+    """
+    tokens = np.asarray(batch['tokens'])
+    prompt_len = np.asarray(batch['prompt_len'])
+    _check_batch(tokens, prompt_len, max_new_tokens)
+    num_rows, width = tokens.shape
     rows = batch_bucket(num_rows)
     length = length_bucket(int(prompt_len.max()))
     # Extra rows repeat row 0 (their outputs are dropped); the buffer is cut or padded to `length`.
@@ -224,16 +258,23 @@ def generate(
     for name in MEDIA_KEYS:
         if name in batch:
             inputs[name] = np.asarray(batch[name])[take]
-    out = _generate_bucketed(
+    knobs = {
+        'temperature': np.float32(sampling.temperature),
+        'top_p': np.float32(sampling.top_p),
+        'top_k': np.int32(sampling.top_k),
+        'row_ids': np.asarray(np.arange(num_rows) if row_ids is None else row_ids, np.int32)[take],
+    }
+    out, first_logits = _generate_bucketed(
         graphdef,
         state,
         inputs,
         jax.random.key(sampling.seed),
-        np.float32(sampling.temperature),
-        np.float32(sampling.top_p),
+        knobs,
         max_new_tokens=max_new_tokens,
         stop_ids=tuple(sorted({int(i) for i in stop_ids})),
         pad_id=pad_id,
         greedy=sampling.greedy,
+        suppress_ids=tuple(sorted({int(i) for i in suppress_ids})),
     )
-    return np.asarray(out)[:num_rows]
+    out = np.asarray(out)[:num_rows]
+    return (out, np.asarray(first_logits)[:num_rows]) if with_first_logits else out

@@ -18,17 +18,20 @@ import json
 import logging
 import os
 import pathlib
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
 
 from unimoe import factory
+from unimoe.convert import core as convert_core
 from unimoe.data import builtin, conversation, formats, json_pipeline, shapes, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer
-from unimoe.eval import benchmarks, evaluate
+from unimoe.eval import benchmarks, evaluate, protocol as protocol_lib
 from unimoe.eval.generate import SamplingConfig
 from unimoe.experiment import ExperimentConfig
 from unimoe.models.unimoe import UniMoE
@@ -39,6 +42,9 @@ log = logging.getLogger(__name__)
 _LENGTH_BUCKET = 64
 _MODEL_KEYS = ("tokens", "prompt_len", "image", "video", "audio_mel")
 _PRESENCE_KEYS = ("has_image", "has_video", "has_audio")
+# Beside a converted released model (copied by `convert from-unimoe`): the base model's sampling
+# defaults, which the official eval.py inherits through Hugging Face `generate`.
+GENERATION_CONFIG = "generation_config.json"
 
 
 def load_tokenizer(experiment: ExperimentConfig) -> TextTokenizer:
@@ -64,6 +70,41 @@ def load_stage(
             f"--checkpoint={checkpoint}: stage {name!r} has not finished (no DONE.json)"
         )
     return evaluate.load_finished_stage(experiment, name, workdir, tokenizer)
+
+
+def load_converted(
+    experiment: ExperimentConfig,
+    checkpoint: str | os.PathLike,
+    tokenizer: TextTokenizer,
+    *,
+    compute_dtype: str,
+    weights_via_float16: bool,
+) -> UniMoE:
+    """The model of a converted checkpoint (`python -m unimoe.convert from-unimoe` / `from-hf`
+    OUT), built as the config's last stage, every parameter from the checkpoint; the LM computes
+    in `compute_dtype` with its matrices held in it (half the memory at bf16). With
+    `weights_via_float16` every weight is rounded to float16 first, as the official loader reads
+    the released models (`torch_dtype=float16`)."""
+    stage = experiment.stage(list(experiment.stages)[-1])
+    spec = dataclasses.replace(
+        experiment.model, llm=dataclasses.replace(experiment.model.llm, dtype=compute_dtype)
+    )
+    model = factory.build_model(
+        spec, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=experiment.seed,
+        abstract=True,
+    )  # fmt: skip
+
+    def cast(path: str, value: np.ndarray) -> np.ndarray:
+        if weights_via_float16 and np.issubdtype(value.dtype, np.floating):
+            value = value.astype(np.float16)
+        dtype = jnp.dtype(compute_dtype) if factory.is_lm_matrix(path, value) else np.float32
+        return np.asarray(value, dtype=dtype)
+
+    params = convert_core.pretrained_params({"checkpoint": os.fspath(checkpoint)})
+    model = factory.params_into_abstract(
+        model, params, f"--checkpoint={checkpoint}", cast, seed=experiment.seed
+    )
+    return nnx.view(model, deterministic=True, raise_if_not_found=False)
 
 
 def _media_config(
@@ -144,8 +185,11 @@ def generate(
     batch_size: int,
     max_new_tokens: int,
     sampling: SamplingConfig = SamplingConfig(),
+    first_logits: list[np.ndarray] | None = None,
 ) -> list[str]:
-    """Answers to every example, in order (the last batch padded with copies)."""
+    """Answers to every example, in order (the last batch padded with copies). Example i samples
+    from stream i and the media placeholders are never generated, so an answer does not depend
+    on the batch it is in. `first_logits`, if given, receives each example's first-step logits."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(
             f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1"
@@ -166,7 +210,7 @@ def generate(
             "prompt_len": np.asarray([len(ex["prompt"]) for ex in chunk], np.int32),
             **{k: np.stack([ex[k] for ex in chunk]) for k in (*_MODEL_KEYS[2:], *_PRESENCE_KEYS)},
         }
-        ids = evaluate.generate_answers(
+        ids, logits = evaluate.generate_answers(
             graphdef,
             state,
             batch,
@@ -174,7 +218,12 @@ def generate(
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
             sampling=sampling,
+            row_ids=[start + min(row, num_valid - 1) for row in range(batch_size)],
+            suppress_ids=(tokenizer.image_id, tokenizer.video_id, tokenizer.audio_id),
+            with_first_logits=True,
         )
+        if first_logits is not None:
+            first_logits.extend(np.asarray(logits)[:num_valid])
         for row in np.asarray(ids)[:num_valid]:
             row = [int(t) for t in row]
             if tokenizer.eos_id in row:
@@ -195,6 +244,79 @@ def output_paths(output: str | os.PathLike, benchmark: str) -> tuple[pathlib.Pat
     return out / f"{benchmark}.predictions.json", out / f"{benchmark}.scores.json"
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What the command line asks beyond the benchmark: None = the protocol's choice.
+
+    protocol: 'official' or 'ours' (None: `config.eval.protocol`); dtype: the LM's compute dtype
+    for a converted checkpoint, 'auto' = the official eval.py's (`protocol.OFFICIAL_DTYPE`, weights
+    rounded to float16 first as it loads them) or the config's under 'ours'."""
+
+    protocol: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    save_logits: bool = False
+
+
+def _decoding(
+    experiment: ExperimentConfig, request: Request, benchmark: str, checkpoint: str
+) -> protocol_lib.Decoding:
+    protocol = request.protocol or experiment.eval.protocol
+    if protocol == "ours":
+        return protocol_lib.ours_decoding(
+            benchmark,
+            max_new_tokens=request.max_new_tokens or experiment.eval.max_new_tokens,
+            temperature=request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            seed=request.seed,
+        )
+    generation_config = pathlib.Path(checkpoint) / GENERATION_CONFIG
+    decoding = protocol_lib.official_decoding(
+        experiment.eval.released_variant,
+        benchmark,
+        json.loads(generation_config.read_text()) if generation_config.is_file() else {},
+        request.seed,
+    )
+    if decoding.num_beams > 1:
+        raise ValueError(
+            f"{benchmark}: the official protocol decodes it with beam sampling "
+            f"({decoding.num_beams} beams), which unimoe does not implement yet; pass "
+            "--protocol=ours"
+        )
+    overrides = {"temperature": request.temperature, "top_p": request.top_p}
+    return dataclasses.replace(
+        decoding,
+        sampling=dataclasses.replace(
+            decoding.sampling, **{k: v for k, v in overrides.items() if v is not None}
+        ),
+        max_new_tokens=request.max_new_tokens or decoding.max_new_tokens,
+    )
+
+
+def load_model(
+    experiment: ExperimentConfig, request: Request, checkpoint: str, tokenizer: TextTokenizer
+) -> UniMoE:
+    """A finished stage (WORKDIR/STAGE) or a converted checkpoint, in the requested dtype."""
+    if not (pathlib.Path(checkpoint) / convert_core.META_FILE).is_file():
+        return load_stage(experiment, checkpoint, tokenizer)
+    official = (request.protocol or experiment.eval.protocol) == "official"
+    dtype = request.dtype
+    if dtype == "auto":
+        variant = experiment.eval.released_variant
+        dtype = protocol_lib.OFFICIAL_DTYPE.get(variant, "") if official else ""
+        dtype = dtype or experiment.model.llm.dtype
+    return load_converted(
+        experiment,
+        checkpoint,
+        tokenizer,
+        compute_dtype=dtype,
+        weights_via_float16=official and dtype != "float32",
+    )
+
+
 def evaluate_benchmark(
     experiment: ExperimentConfig,
     *,
@@ -204,41 +326,37 @@ def evaluate_benchmark(
     output: str,
     answers: str | None = None,
     media_root: str | None = None,
-    max_new_tokens: int = 16,
     batch_size: int = 8,
     limit: int = 0,
     on_error: str = "raise",
-    temperature: float | None = None,
-    top_p: float = 1.0,
-    seed: int = 0,
+    request: Request = Request(),
 ) -> dict[str, Any]:
     """Writes `<benchmark>.predictions.json` (each input record plus `prediction`) and
-    `<benchmark>.scores.json` under `output`; returns the scores. `temperature` None: the
-    benchmark's protocol (`Benchmark.temperature`)."""
+    `<benchmark>.scores.json` under `output` (with `request.save_logits`, also
+    `<benchmark>.logits.npz`: each question's first-step logits keyed by its id); returns the
+    scores."""
     bench = benchmarks.get(benchmark)
-    sampling = SamplingConfig(
-        temperature=bench.temperature if temperature is None else temperature,
-        top_p=top_p,
-        seed=seed,
-    )
+    decoding = _decoding(experiment, request, benchmark, checkpoint)
     items, skipped = benchmarks.read_items(bench, data, answers_path=answers, on_error=on_error)
     if limit:
         items = items[:limit]
     if not items:
         raise ValueError(f"{data}: no records to evaluate ({skipped} skipped)")
     tokenizer = load_tokenizer(experiment)
-    model = load_stage(experiment, checkpoint, tokenizer)
+    model = load_model(experiment, request, checkpoint, tokenizer)
     items, examples, bad_media = build_examples(experiment, items, tokenizer, media_root, on_error)
     skipped += bad_media
     if not items:
         raise ValueError(f"{data}: every record was skipped ({skipped})")
+    first_logits: list[np.ndarray] = []
     predictions = generate(
         model,
         examples,
         tokenizer,
         batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
+        max_new_tokens=decoding.max_new_tokens,
+        sampling=decoding.sampling,
+        first_logits=first_logits,
     )
     scores = benchmarks.score_items(bench, items, predictions)
     scores.update(
@@ -246,12 +364,41 @@ def evaluate_benchmark(
         answers=answers,
         checkpoint=os.fspath(checkpoint),
         skipped_records=skipped,
-        max_new_tokens=max_new_tokens,
-        sampling=dataclasses.asdict(sampling),
+        protocol=request.protocol or experiment.eval.protocol,
+        max_new_tokens=decoding.max_new_tokens,
+        sampling=dataclasses.asdict(decoding.sampling),
     )
     _write_results(output, benchmark, items, predictions, scores)
+    if request.save_logits:
+        _write_logits(output, benchmark, items, first_logits)
     log.info("%s: %s = %.4f", benchmark, scores["headline"], scores[scores["headline"]])
     return scores
+
+
+def question_keys(items: Sequence[benchmarks.EvalItem]) -> list[str]:
+    """Each item's question id (the record's `question_id`, else its `id`); a repeated id gets
+    '#<n>' appended, n its position in the file."""
+    keys, seen = [], set()
+    for n, item in enumerate(items):
+        key = str(item.record.extra.get("question_id", item.record.id))
+        if key in seen:
+            key = f"{key}#{n}"
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def _write_logits(
+    output: str, benchmark: str, items: Sequence[benchmarks.EvalItem], logits: list[np.ndarray]
+) -> None:
+    """`np.load`-able, written member by member: an id may be any string (even 'file')."""
+    path = pathlib.Path(output) / f"{benchmark}.logits.npz"
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w") as archive:
+        for key, value in zip(question_keys(items), logits):
+            with archive.open(f"{key}.npy", "w") as member:
+                np.lib.format.write_array(member, np.asarray(value, np.float32))
+    os.replace(tmp, path)
 
 
 def _write_results(
