@@ -1,5 +1,6 @@
 """`python -m unimoe.eval` end to end on a tiny random stage checkpoint and the real eval records."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -12,8 +13,10 @@ from flax import nnx
 
 from tests.data import real_corpus
 from unimoe import checkpoint, config as config_lib, experiment, factory
+from unimoe.convert import core as convert_core
 from unimoe.data import formats
 from unimoe.eval import metrics, run_benchmark
+from unimoe.experiment import ExperimentConfig
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
 FIXTURES = ROOT / "tests" / "data" / "fixtures" / "unimoe_formats"
@@ -171,3 +174,74 @@ def test_a_checkpoint_that_is_not_a_finished_stage_is_refused(stage, tmp_path):
         run_benchmark.load_stage(stage["config"], tmp_path / "nope", None)
     with pytest.raises(ValueError, match="has not finished"):
         run_benchmark.load_stage(stage["config"], tmp_path / "s2_image", None)
+
+
+@pytest.fixture(scope="module")
+def converted(stage) -> pathlib.Path:
+    """The stage's parameters as a converted checkpoint (what `convert from-unimoe` writes)."""
+    with factory.stage_checkpointer(stage["root"] / "run", STAGE) as ckpt:
+        params = checkpoint.flat_params(ckpt.restore_raw(0)["params"])
+    out = stage["root"] / "converted"
+    convert_core.save(convert_core.Converted("test", {}, {}, params, {}, {}), out)
+    return out
+
+
+def aokvqa_eval(stage, checkpoint_dir, out, config=None, **request) -> dict:
+    records = json.loads((FIXTURES / "eval_aokvqa.json").read_text())[:3]
+    write_images(records, stage["root"] / "media")
+    return run_benchmark.evaluate_benchmark(
+        config or stage["config"],
+        checkpoint=str(checkpoint_dir),
+        benchmark="aokvqa",
+        data=str(FIXTURES / "eval_aokvqa.json"),
+        output=str(out),
+        media_root=str(stage["root"] / "media"),
+        batch_size=2,
+        limit=3,
+        request=run_benchmark.Request(**request),
+    )
+
+
+def test_a_converted_checkpoint_answers_as_the_stage_it_holds(stage, converted, tmp_path):
+    request = dict(max_new_tokens=3, save_logits=True, dtype="float32")
+    from_stage = aokvqa_eval(stage, stage["root"] / "run" / STAGE, tmp_path / "a", **request)
+    from_converted = aokvqa_eval(stage, converted, tmp_path / "b", **request)
+    assert from_converted["vqa_accuracy"] == from_stage["vqa_accuracy"]
+    predictions = [
+        [p["prediction"] for p in json.loads((tmp_path / d / "aokvqa.predictions.json").read_text())]
+        for d in "ab"
+    ]
+    assert predictions[0] == predictions[1]
+    logits = [np.load(tmp_path / d / "aokvqa.logits.npz") for d in "ab"]
+    records = json.loads((FIXTURES / "eval_aokvqa.json").read_text())[:3]
+    assert sorted(logits[0].files) == sorted(str(r["question_id"]) for r in records)
+    for key in logits[0].files:
+        assert logits[0][key].shape == (run_benchmark.load_tokenizer(stage["config"]).vocab_size,)
+        np.testing.assert_allclose(logits[1][key], logits[0][key], atol=1e-5)
+
+
+def test_the_official_protocol_decodes_as_the_variants_eval_py(stage, converted, tmp_path):
+    def official(variant: str) -> ExperimentConfig:
+        return dataclasses.replace(
+            stage["config"],
+            eval=config_lib.EvalConfig(protocol="official", released_variant=variant),
+        )
+
+    # The speech model's eval.py decodes VQA greedily (512 tokens, capped here), in bfloat16
+    # after a float16 load.
+    scores = aokvqa_eval(stage, converted, tmp_path / "s", official("speech_4e"), max_new_tokens=2)
+    assert scores["protocol"] == "official" and scores["max_new_tokens"] == 2
+    assert scores["sampling"]["temperature"] == 0.0
+    # The audio model's samples everything but Clotho at T=0.2, with Hugging Face's top_k 50 and the
+    # base model's generation_config.json top_p.
+    (converted / run_benchmark.GENERATION_CONFIG).write_text(json.dumps({"top_p": 0.6}))
+    try:
+        scores = aokvqa_eval(stage, converted, tmp_path / "a", official("audio_4e"), max_new_tokens=2)
+    finally:
+        (converted / run_benchmark.GENERATION_CONFIG).unlink()
+    assert scores["sampling"] == {"temperature": 0.2, "top_p": 0.6, "seed": 0, "top_k": 50}
+    with pytest.raises(ValueError, match="beam sampling"):
+        run_benchmark.evaluate_benchmark(
+            official("audio_4e"), checkpoint=str(converted), benchmark="clotho",
+            data="unused.json", output=str(tmp_path / "c"),
+        )  # fmt: skip
