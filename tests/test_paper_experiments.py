@@ -83,3 +83,23 @@ def test_table_dry_run_end_to_end(tmp_path):
     assert raw["dry run: constant 'A' (no model)"]["mmvet"]["metric_label"].startswith(
         "exact-match proxy"
     )
+
+
+def test_released_predictions_sit_under_the_paper_row_they_reproduce(tmp_path):
+    table = load("table")
+    records = json.loads((FIXTURES / "eval_aokvqa.json").read_text())
+    folder = tmp_path / "released" / "8e"
+    folder.mkdir(parents=True)
+    # Every question answered with its most common human answer but the first, answered wrongly.
+    predictions = [
+        {**r, "prediction": collections.Counter(r["gt"]).most_common(1)[0][0] if i else "zzz"}
+        for i, r in enumerate(records)
+    ]
+    (folder / "aokvqa.predictions.json").write_text(json.dumps(predictions))
+    lines = table.main(["--released", str(tmp_path / "released"), "--output", str(tmp_path)]).splitlines()
+    paper = next(i for i, line in enumerate(lines) if "MoE-Task4 8E (I,T,S,V): paper" in line)
+    released = lines[paper + 1].split(" | ")
+    assert released[0] == "| Uni-MoE MoE-Task4 8E (I,T,S,V): released 8e (official protocol)"
+    expected = [metrics.vqa_accuracy(p["prediction"], p["gt"]) for p in predictions]
+    assert released[1] == f"{100 * sum(expected) / len(expected):.2f}" and released[2] == "-"
+    assert sum("released" in line for line in lines) == 1

@@ -228,22 +228,24 @@ def params_into_abstract(
     source: str,
     cast: Callable[[str, np.ndarray], Any] = lambda path, value: value,
     seed: int = 0,
+    missing_ok: tuple[str, ...] = (),
 ) -> UniMoE:
     """A concrete model from an abstract one (`build_model(abstract=True)`) and `params` holding
     every one of its parameters (unimoe paths, unrolled), never initialising them: the model of a
     converted checkpoint at paper scale costs the checkpoint's memory only. The vocabulary rows a
     tokenizer appends (`VOCAB_AXES`) are zeros; `cast(path, value)` may change a value's dtype
     (e.g. `frozen_in_compute_dtype`'s rule). The other state (RNG streams, router biases) is
-    initialised as `build_model` would. A parameter `params` lacks or shapes differently is an
-    error naming it and `source`."""
+    initialised as `build_model` would. A parameter `params` lacks (unless its path starts with
+    one of `missing_ok`: zeros, for parts the source never had and its use never reads) or shapes
+    differently is an error naming it and `source`."""
     graphdef, abstract_params, _ = nnx.split(model, nnx.Param, ...)
     variables = {path_str(p): v for p, v in nnx.to_flat_state(abstract_params)}
     current = layer_stack.unrolled_params({k: v.get_value() for k, v in variables.items()})
     filled = {}
     for key, leaf in current.items():
-        if key not in params:
+        if key not in params and not key.startswith(missing_ok):
             raise ValueError(f"{source}: has no param {key} (shape {tuple(leaf.shape)}) of this model")
-        value = np.asarray(params[key])
+        value = np.asarray(params[key]) if key in params else np.zeros(leaf.shape, leaf.dtype)
         if tuple(value.shape) != tuple(leaf.shape):
             value = _checked(key, value, np.zeros(leaf.shape, value.dtype), source)
         filled[key] = cast(key, value)

@@ -5,7 +5,9 @@ r"""Scores prediction files and writes Table 9 in the paper's column order, pape
 
 `--predictions DIR` holds one folder per row of experiments/paper/config.py, each with the
 `<benchmark>.predictions.json` files `python -m unimoe.eval --output=DIR/<row>` writes; a missing
-file is '-'. MM-Vet and ActivityNet-QA are GPT-graded in the paper; here they are the exact-match
+file is '-'. `--released DIR` holds one folder per released Uni-MoE variant (speech_4e, audio_4e,
+8e), the predictions of the released model (`configs/unimoe_released.py`, official protocol); each
+is shown under the paper row it was released as (`RELEASED`). MM-Vet and ActivityNet-QA are GPT-graded in the paper; here they are the exact-match
 proxy (`unimoe.eval.graders`), and their headers say so. Writes table.md and table.json.
 
 `--dry-run` runs the same path on the eval fixtures with no model: the predictions are the
@@ -73,6 +75,11 @@ PAPER = {
 }
 
 
+# Released variant -> the Table 9 row it reproduces (Uni_MoE/README.md: Uni-MoE-speech is MoE-Task2,
+# Uni-MoE-audio MoE-Task3; the 8E release adds LLaVA-665K, read as MoE-Task4 8E).
+RELEASED = {"speech_4e": "moe_task2_4e", "audio_4e": "moe_task3_4e", "8e": "moe_task4_8e"}
+
+
 def row_titles() -> dict[str, str]:
     """Row key -> Table 9 title, from experiments/paper/config.py (one list of rows)."""
     spec = importlib.util.spec_from_file_location("paper_config", HERE / "config.py")
@@ -124,16 +131,29 @@ def markdown(rows: list[tuple[str, list[str]]]) -> str:
 
 
 def build_table(
-    predictions: pathlib.Path | None, answers: dict[str, str], extra: dict[str, pathlib.Path]
+    predictions: pathlib.Path | None,
+    answers: dict[str, str],
+    extra: dict[str, pathlib.Path],
+    released: pathlib.Path | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Paper and ours for every config row, then the `extra` rows (title -> folder)."""
+    """Paper, ours and the released model for every config row, then the `extra` rows (title ->
+    folder)."""
     rows, raw = [], {}
+    released_rows = {row: variant for variant, row in RELEASED.items()}
     for key, title in row_titles().items():
         rows.append((f"{title}: paper", PAPER[key].split()))
-        folder = predictions / key if predictions else None
-        if folder is not None and folder.is_dir():
-            raw[key] = score_row(folder, answers)
-            rows.append((f"{title}: ours", [cell(raw[key].get(c.benchmark), c) for c in COLUMNS]))
+        found = [
+            (key, f"{title}: ours", predictions / key if predictions else None),
+            (
+                f"released_{released_rows.get(key)}",
+                f"{title}: released {released_rows.get(key)} (official protocol)",
+                released / released_rows[key] if released and key in released_rows else None,
+            ),
+        ]
+        for raw_key, row_title, folder in found:
+            if folder is not None and folder.is_dir():
+                raw[raw_key] = score_row(folder, answers)
+                rows.append((row_title, [cell(raw[raw_key].get(c.benchmark), c) for c in COLUMNS]))
     for title, folder in extra.items():
         raw[title] = score_row(folder, answers)
         rows.append((title, [cell(raw[title].get(c.benchmark), c) for c in COLUMNS]))
@@ -182,6 +202,10 @@ def main(argv: list[str] | None = None) -> str:
         "--answers", action="append", default=[], metavar="BENCHMARK=FILE",
         help="official annotations for benchmarks whose records carry no answers (OK-VQA, VQAv2)",
     )  # fmt: skip
+    parser.add_argument(
+        "--released", type=pathlib.Path,
+        help="DIR/<variant>/<benchmark>.predictions.json of the released Uni-MoE models",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="score the fixtures, no model")
     parser.add_argument("--fixtures", type=pathlib.Path, default=FIXTURES)
     args = parser.parse_args(argv)
@@ -189,11 +213,11 @@ def main(argv: list[str] | None = None) -> str:
     unknown = set(answers) - {c.benchmark for c in COLUMNS}
     if unknown:
         parser.error(f"--answers for benchmarks not in the table: {sorted(unknown)}")
-    if not args.dry_run and args.predictions is None:
-        parser.error("--predictions is required (or --dry-run)")
+    if not args.dry_run and args.predictions is None and args.released is None:
+        parser.error("--predictions or --released is required (or --dry-run)")
     args.output.mkdir(parents=True, exist_ok=True)
     extra = write_dry_run_predictions(args.output, args.fixtures) if args.dry_run else {}
-    table, raw = build_table(args.predictions, answers, extra)
+    table, raw = build_table(args.predictions, answers, extra, args.released)
     (args.output / "table.md").write_text(table)
     (args.output / "table.json").write_text(json.dumps(raw, indent=1) + "\n")
     print(table)
