@@ -80,6 +80,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Whisper chunks per record: 20 in the 8E (`_dp`) code; unlimited in the v1 speech code.
         max_audio_chunks=20,
     )
+    if arg.variant == 'audio_4e':
+        # Uni-MoE-audio hears every clip through BEATs: 480000-sample chunks, 128 mel bins, 20
+        # chunks per file (`trunclen`); the benchmark's records are the source 'benchmark'.
+        c.data.n_sound_tokens = model['sound_conn']['num_queries']
+        c.json_data.update(
+            sound_sources='benchmark', sound_chunk_samples=480_000, sound_mel_bins=128,
+            max_sound_chunks=20,
+        )  # fmt: skip
     c.stage_order = 'finetune'
     c.stages = ml_collections.ConfigDict()
     c.stages.finetune = config_lib.stage(

@@ -15,7 +15,7 @@ from tests.data import real_corpus
 from unimoe import checkpoint, config as config_lib, experiment, factory
 from unimoe.convert import core as convert_core
 from unimoe.data import formats
-from unimoe.eval import metrics, run_benchmark
+from unimoe.eval import benchmarks, metrics, run_benchmark
 from unimoe.experiment import ExperimentConfig
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
@@ -245,3 +245,37 @@ def test_the_official_protocol_decodes_as_the_variants_eval_py(stage, converted,
             official("audio_4e"), checkpoint=str(converted), benchmark="clotho",
             data="unused.json", output=str(tmp_path / "c"),
         )  # fmt: skip
+
+
+def test_benchmark_audio_goes_to_the_sound_tower_when_the_config_routes_it(stage, tmp_path):
+    """Uni-MoE-audio: `config.json_data.sound_sources` naming 'benchmark' sends every benchmark
+    clip to BEATs, each <audio> expanding to n_sound_tokens per chunk."""
+    (tmp_path / "rain.wav").write_bytes(real_corpus.wav_bytes(7.0, 16000))
+    record = {
+        "id": "s0", "voice": ["/rain.wav"], "answer": "rain",
+        "conversations": [{"from": "human", "value": "<audio>\nWhat is it?"}, {"from": "gpt", "value": ""}],
+    }  # fmt: skip
+    data = tmp_path / "clothoaqa.json"
+    data.write_text(json.dumps([record]))
+    config = stage["config"]
+    json_data = dict(
+        data_dir="", sources=("x",), media_root=None, sound_sources=(run_benchmark.BENCHMARK_SOURCE,),
+        sound_chunk_samples=48000, sound_mel_bins=32, max_sound_chunks=3,
+    )  # fmt: skip
+    routed = dataclasses.replace(
+        config,
+        json_data=experiment._json_data(json_data, dataclasses.asdict(config.data)),
+    )
+    tokenizer = run_benchmark.load_tokenizer(config)
+    items, _ = benchmarks.read_items(benchmarks.get("clothoaqa"), data)
+    examples = {
+        name: run_benchmark.build_examples(cfg, items, tokenizer, str(tmp_path))[1][0]
+        for name, cfg in (("whisper", config), ("beats", routed))
+    }
+    assert examples["beats"]["has_sound"] and not examples["beats"]["has_audio"]
+    assert examples["whisper"]["has_audio"] and "has_sound" not in examples["whisper"]
+    # 7 s: three 3-s chunks of 48000 samples.
+    assert examples["beats"]["sound_chunk_mask"].sum() == 3
+    audio_tokens = {n: int((ex["prompt"] == tokenizer.audio_id).sum()) for n, ex in examples.items()}
+    assert audio_tokens["beats"] == 3 * config.data.n_sound_tokens
+    assert audio_tokens["whisper"] == 3 * config.data.n_audio_tokens

@@ -32,7 +32,7 @@ from unimoe.convert import core as convert_core
 from unimoe.data import builtin, conversation, formats, json_pipeline, shapes, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer
 from unimoe.eval import benchmarks, evaluate, protocol as protocol_lib
-from unimoe.eval.generate import SamplingConfig
+from unimoe.eval.generate import MEDIA_KEYS, SamplingConfig
 from unimoe.experiment import ExperimentConfig
 from unimoe.models.unimoe import UniMoE
 
@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 
 # Token buffers are rounded up to a multiple of this, so nearby prompt lengths share a compile.
 _LENGTH_BUCKET = 64
-_MODEL_KEYS = ("tokens", "prompt_len", "image", "video", "audio_mel")
-_PRESENCE_KEYS = ("has_image", "has_video", "has_audio")
 # Beside a converted released model (copied by `convert from-unimoe`): the base model's sampling
 # defaults, which the official eval.py inherits through Hugging Face `generate`.
 GENERATION_CONFIG = "generation_config.json"
+# The source name of a benchmark's records in the media preprocessing (`_media_config`).
+BENCHMARK_SOURCE = "benchmark"
 
 
 def load_tokenizer(experiment: ExperimentConfig) -> TextTokenizer:
@@ -111,14 +111,20 @@ def _media_config(
     experiment: ExperimentConfig, media_root: str | None
 ) -> json_pipeline.JsonDataConfig:
     """The media preprocessing the stage trained with: `config.json_data`'s, `config.data`'s
-    shapes."""
+    shapes. The benchmark's records are the source named `BENCHMARK_SOURCE`: its audio goes to
+    the sound tower (BEATs) when `config.json_data.sound_sources` names it (Uni-MoE-audio)."""
     json_data = experiment.json_data
     policies = {} if json_data is None else dict(
-        image_aspect=json_data.image_aspect, max_audio_chunks=json_data.max_audio_chunks
+        image_aspect=json_data.image_aspect,
+        max_audio_chunks=json_data.max_audio_chunks,
+        sound_sources=tuple(s for s in json_data.sound_sources if s == BENCHMARK_SOURCE),
+        sound_chunk_samples=json_data.sound_chunk_samples,
+        sound_mel_bins=json_data.sound_mel_bins,
+        max_sound_chunks=json_data.max_sound_chunks,
     )
     return json_pipeline.JsonDataConfig(
         data_dir="",  # not read: records come from the benchmark file
-        sources=("benchmark",),
+        sources=(BENCHMARK_SOURCE,),
         media_root=media_root,
         batch_size=1,
         **policies,
@@ -127,15 +133,19 @@ def _media_config(
 
 
 def _prompt(
-    record: formats.Record, tokenizer: TextTokenizer, cfg: json_pipeline.JsonDataConfig, chunks: list[int]
+    record: formats.Record,
+    tokenizer: TextTokenizer,
+    builder: json_pipeline.ExampleBuilder,
+    chunks: list[int],
 ) -> np.ndarray:
+    cfg = builder.cfg
     if isinstance(tokenizer, PretrainedTokenizer):
         return vicuna.build_prompt(
             record.conversations,
             tokenizer,
             n_image_tokens=cfg.n_image_tokens,
             n_video_tokens=cfg.n_video_tokens,
-            audio_tokens=[cfg.n_audio_tokens * c for c in chunks],
+            audio_tokens=builder.audio_tokens(chunks),
         )
     # The built-in template expands every <audio> alike.
     if len(set(chunks)) > 1:
@@ -162,12 +172,12 @@ def build_examples(
     """(items kept, their examples, number skipped). An example is `prompt` int32 [P] (unpadded)
     and the media slots; bad media raise RecordError, or are skipped with on_error='skip'."""
     cfg = _media_config(experiment, media_root)
-    builder = json_pipeline.ExampleBuilder(cfg, tokenizer=None)
+    builder = json_pipeline.ExampleBuilder(cfg, tokenizer=None, source=BENCHMARK_SOURCE)
     kept, examples = [], []
     for item in tqdm.tqdm(items, desc="media", leave=False):
         try:
             example, chunks = builder.media(item.record)
-            example["prompt"] = _prompt(item.record, tokenizer, cfg, chunks)
+            example["prompt"] = _prompt(item.record, tokenizer, builder, chunks)
         except formats.RecordError:
             if on_error == "raise":
                 raise
@@ -208,7 +218,7 @@ def generate(
         batch = {
             "tokens": tokens,
             "prompt_len": np.asarray([len(ex["prompt"]) for ex in chunk], np.int32),
-            **{k: np.stack([ex[k] for ex in chunk]) for k in (*_MODEL_KEYS[2:], *_PRESENCE_KEYS)},
+            **{k: np.stack([ex[k] for ex in chunk]) for k in MEDIA_KEYS if k in chunk[0]},
         }
         ids, logits = evaluate.generate_answers(
             graphdef,
