@@ -1,13 +1,11 @@
 """Benchmark scorers against hand-computed cases and the fixtures' real answers."""
 
 import json
-import math
 import pathlib
 
-import numpy as np
 import pytest
 
-from unimoe.eval import cider, graders, metrics
+from unimoe.eval import graders, metrics
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "data" / "fixtures" / "unimoe_formats"
 

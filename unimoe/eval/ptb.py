@@ -3,13 +3,13 @@ bdb70c3, `PTBLexer.flex`; coco-caption's call: `-preserveLines -lowerCase`, defa
 
 The lexer is JFlex: at each position every rule is tried and the longest match wins (its trailing
 context `a/b` counted), the earlier rule on a tie; a rule's action may change the text or push
-characters back. `tokenize` does the same with one Python regex per rule (alternations whose
+characters back. `tokenize_lines` does the same with one Python regex per rule (alternations whose
 first-found match could be shorter than their longest are split into consecutive rules). The
 scanner is caseless for literals but not for character classes, hence `(?i:...)` on literals only.
 Known differences (docs/design.md, "Benchmarks and scoring"): letters and digits follow Python's
 Unicode tables, not JFlex 1.4.3's (Unicode 4.0 era); characters beyond U+FFFF (emoji), which
-Java sees as two untokenizable surrogates, are dropped all the same; trailing context never looks
-past the end of the caption into the next line of coco-caption's file.
+Java sees as two untokenizable surrogates, are dropped all the same; line breaks inside a
+caption (`tokenize_lines`).
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ SENTENCE_START = "|".join(
     for w in sorted(_SENTENCE_STARTS, key=len, reverse=True)
 )
 _FILE_EXTS = (
-    "bat bmp c class cgi cpp dll doc docx exe gif gz h htm html jar java jpeg jpg mov mp3 pdf php pl"
-    " png ppt ps py sql tar txt wav x xml zip"
+    "bat bmp c class cgi cpp dll doc docx exe gif gz h htm html jar java jpeg jpg mov mp3 pdf php"
+    " pl png ppt ps py sql tar txt wav x xml zip"
 ).split()
 FILENAME = (
     rf"{ALNUM}+(?:\.{ALNUM}+)*\.(?i:{'|'.join(sorted(_FILE_EXTS, key=len, reverse=True))})"
@@ -251,7 +251,8 @@ _RULES: list[tuple[str, str, Action]] = [
     (r"(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+(?i:com|net|org|edu)"
      r"(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},\-])?", "", _keep),
     (r"(?:&(?i:lt);|<)?[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00A0{}]*@"
-     r"(?:[^ \t\n\f\r\"<>|(){}.\u00A0]+\.)*[^ \t\n\f\r\"<>|(){}.\u00A0]+(?:&(?i:gt);|>)?", "", _keep),
+     r"(?:[^ \t\n\f\r\"<>|(){}.\u00A0]+\.)*[^ \t\n\f\r\"<>|(){}.\u00A0]+(?:&(?i:gt);|>)?",
+     "", _keep),
     (rf"@[a-zA-Z_][a-zA-Z_0-9]*|#{LETTER}+", "", _keep),
     (REDAUX, "[^A-Za-z]", _q_right),
     (SREDAUX, "[^A-Za-z]", _q_right),
@@ -259,7 +260,8 @@ _RULES: list[tuple[str, str, Action]] = [
     (rf"[\-+]?{NUM}", "", _map(_no_soft_hyphens)),
     (r"[\u207A\u207B\u208A\u208B]?(?:[\u2070\u00B9\u00B2\u00B3\u2074-\u2079]+|[\u2080-\u2089]+)",
      "", _keep),
-    (rf"(?:[{DIG}]{{1,4}}[\- \u00A0])?[{DIG}]{{1,4}}(?:\\?/|\u2044)[{DIG}]{{1,4}}", "", _map(_nbsp)),
+    (rf"(?:[{DIG}]{{1,4}}[\- \u00A0])?[{DIG}]{{1,4}}(?:\\?/|\u2044)[{DIG}]{{1,4}}", "",
+     _map(_nbsp)),
     (r"[\u00BC\u00BD\u00BE\u2153-\u215E]", "", _map(lambda t: _FRACTIONS.get(t, t))),
     (rf"-(?i:RRB|LRB|RCB|LCB|RSB|LSB)-|(?i:C\.D\.s|pro-|anti-)|(?i:S)(?:&|&(?i:amp);)(?i:P-500|Ls)"
      rf"|(?i:Cap){APOS}(?i:n)|(?i:c){APOS}(?i:est)", "", _map(_amp)),
@@ -315,8 +317,8 @@ _RULES: list[tuple[str, str, Action]] = [
     (REDAUX, "", _q_right),
     (SREDAUX, "", _q_right),
     (r"''", "", _q_right),
-    (r"[`\u2018\u2019\u201A\u201B\u201C\u201D\u0091-\u0094\u201E\u201F\u2039\u203A\u00AB\u00BB]{1,2}",
-     "", _q_right),
+    (r"[`\u2018\u2019\u201A\u201B\u201C\u201D\u0091-\u0094\u201E\u201F\u2039\u203A"
+     r"\u00AB\u00BB]{1,2}", "", _q_right),
     (APOS, "", _q_right),
     (r"<<|>>", "", _keep),
     (MISCSYMBOL, "", _keep),
@@ -345,7 +347,8 @@ def _next_token(text: str, pos: int) -> tuple[str | None, int]:
 
 
 def tokenize_lines(lines: Sequence[str]) -> list[list[str]]:
-    """PTB tokens, before lowercasing, of each line: ['A dog (big)'] -> [['A', 'dog', '-LRB-', ...]].
+    """PTB tokens, before lowercasing, of each line: ['A dog (big)'] -> [['A', 'dog', '-LRB-',
+    'big', '-RRB-']].
 
     The lines are read as one text, as coco-caption writes its captions to one file, so a rule's
     trailing context sees the start of the next line ("... vitamin A." + "The ..." -> "A", ".").
