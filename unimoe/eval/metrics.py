@@ -199,11 +199,12 @@ def extract_choice(
     """The option letter a free-text answer gives, or None (VLMEvalKit's `can_infer`).
 
     Letters first (case-sensitive, punctuation read as spaces): exactly one option letter among
-    the words, first seen in the last four words; else an "answer is X" phrase. A refusal
-    ("Cannot determine the answer", a lone "Z" word) is None at once. Otherwise the option texts:
-    exactly one occurring (lowercased substring) in an answer at most twice as long as all option
-    texts together. Anything else (no option, several) is None, counted as wrong. `protocol`
-    'ours' only reads "answer is X" as a capital letter standing alone (`_VERBOSE_ANSWER`).
+    the words, first seen in the last four words; else an "answer is X" phrase. A refusal (a
+    phrase like "Cannot determine the answer" anywhere, or a word "Z" and no option letter) is
+    None at once. Otherwise the option texts: exactly one occurring (lowercased substring) in an
+    answer at most twice as long as all option texts together. Anything else (no option,
+    several) is None, counted as wrong. `protocol` 'ours' only reads "answer is X" with X a
+    capital standing alone (`_VERBOSE_ANSWER`); 'official' is VLMEvalKit's.
     """
     check_protocol(protocol)
     letter = _choice_by_letter(prediction, options, protocol)

@@ -135,6 +135,7 @@ MISCSYMBOL = (
 
 
 _LINE_BREAKS = re.compile("[\n\r\u2028\u2029\x0b\x0c]")
+_SPACES = re.compile(f"{SPACE}+")
 
 # --- Actions ------------------------------------------------------------------------------------
 
@@ -361,6 +362,10 @@ def tokenize_lines(lines: Sequence[str]) -> list[list[str]]:
     out: list[list[str]] = [[]]
     pos = 0
     while pos < len(text):
+        spaces = _SPACES.match(text, pos)  # no other rule starts with a space: skip them fast
+        if spaces is not None:
+            pos = spaces.end()
+            continue
         token, consumed = _next_token(text, pos)
         if token == "\n":
             out.append([])
