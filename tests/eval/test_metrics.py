@@ -1,13 +1,11 @@
 """Benchmark scorers against hand-computed cases and the fixtures' real answers."""
 
 import json
-import math
 import pathlib
 
-import numpy as np
 import pytest
 
-from unimoe.eval import cider, graders, metrics
+from unimoe.eval import graders, metrics
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "data" / "fixtures" / "unimoe_formats"
 
@@ -64,25 +62,72 @@ def test_vqa_accuracy_on_fixture_answers():
     assert metrics.vqa_accuracy("canon", textvqa) == 0.0
 
 
-OPTIONS = {"A": "a cat", "B": "a dog", "C": "a bird"}
+OPTIONS = {"A": "a cat", "B": "a dog", "C": "a bird"}  # option texts: 16 characters in all
+YES_NO = {"A": "Yes", "B": "No"}
+LONG = {"A": "the distance the footballs traveled", "B": "the air pressure in the footballs"}
+BIRD_CAT = {"A": "bird in the sky", "B": "cat on the mat"}
+
+
+# Hand-checked against VLMEvalKit's matching_util.py (commit e8e78f05): `can_infer_option` reads
+# letters from the words left after .()[],:;!*#{} become spaces; `can_infer_text` the option texts.
+@pytest.mark.parametrize(
+    "prediction, options, expected",
+    [
+        ("B", OPTIONS, "B"),
+        ("B.", OPTIONS, "B"),
+        ("(B) a dog", OPTIONS, "B"),
+        ("[B]", OPTIONS, "B"),
+        ("{C}", OPTIONS, "C"),
+        ("C. a bird", OPTIONS, "C"),
+        ("B: a dog", OPTIONS, "B"),
+        ("Option C", OPTIONS, "C"),
+        ("The answer is B.", OPTIONS, "B"),
+        ("B B B", OPTIONS, "B"),  # one letter, however often
+        ("A or Z", OPTIONS, "A"),  # Z only counts without an option letter
+        ("I think B is it", OPTIONS, "B"),  # B is the 3rd of 5 words: among the last four
+        ("B is right, I think so too", OPTIONS, None),  # 1st of 7 words: too early
+        ("A cat, not B", OPTIONS, "A"),  # two letters: the option texts decide
+        ("A or B", OPTIONS, None),  # two letters, no option text
+        ("A DOG", OPTIONS, "A"),  # a capital "A" is a letter word
+        ("It is a dog", OPTIONS, "B"),  # no letter: the one option text inside
+        ("Bob has a dog", OPTIONS, "B"),  # a letter inside a word is no letter
+        ("ABC", OPTIONS, None),
+        ("b", OPTIONS, None),  # letters are capitals only
+        ("a cat or a dog", OPTIONS, None),  # two option texts
+        ("Looking closely at the picture it is a dog", OPTIONS, None),  # 42 > 2 * 16 characters
+        ("D", OPTIONS, None),  # not an option
+        ("Z", OPTIONS, None),  # VLMEvalKit's "no answer" letter
+        ("Z. a dog", OPTIONS, None),  # ... decided before the option texts are read
+        ("Cannot determine the answer", YES_NO, None),  # a refusal, though "no" is in "cannot"
+        ("Cannot determine the answer, so A", YES_NO, None),  # a refusal wins over a letter
+        ("I'm sorry, but without the image provided I guess A", YES_NO, None),
+        ("Yes", YES_NO, "A"),
+        ("no", YES_NO, "B"),
+        ("Failed to obtain answer via API. B", LONG, None),  # API failure: no letters read
+        ("Failed to obtain answer via API: the air pressure in the footballs", LONG, "B"),
+        ("The answer is **B** because the dog is barking loudly", OPTIONS, "B"),  # "answer is"
+        ("The correct answer is (C), as the bird on the left is flying", OPTIONS, None),
+        ("the answer is b", OPTIONS, "B"),  # "answer is X" is case-insensitive upstream ...
+        ("The answer is a dog", OPTIONS, "A"),  # ... so the article reads as A
+        ("the answer is bird in the sky", BIRD_CAT, "B"),  # ... and the "b" of "bird" as B
+    ],
+)
+def test_extract_choice_official(prediction, options, expected):
+    assert metrics.extract_choice(prediction, options) == expected
 
 
 @pytest.mark.parametrize(
-    "prediction, expected",
+    "prediction, options, expected",
     [
-        ("B", "B"),
-        ("(B) a dog", "B"),
-        ("The answer is B.", "B"),
-        ("C. a bird", "C"),
-        ("It is a dog", "B"),  # no letter: the one option text it contains
-        ("A or B", None),  # two letters
-        ("I cannot tell", None),
-        ("a cat or a dog", None),  # two option texts
-        ("b", None),  # letters are matched case-sensitively, as VLMEvalKit
+        ("the answer is b", OPTIONS, None),
+        ("The answer is a dog", OPTIONS, "B"),  # the option text instead
+        ("the answer is bird in the sky", BIRD_CAT, "A"),
+        ("The answer is **B** because the dog is barking loudly", OPTIONS, "B"),
+        ("The answer is C", OPTIONS, "C"),
     ],
 )
-def test_extract_choice(prediction, expected):
-    assert metrics.extract_choice(prediction, OPTIONS) == expected
+def test_extract_choice_ours_reads_only_a_capital_after_answer_is(prediction, options, expected):
+    assert metrics.extract_choice(prediction, options, protocol="ours") == expected
 
 
 def test_parse_options_of_the_mmbench_fixture():
@@ -96,36 +141,36 @@ def test_parse_options_of_the_mmbench_fixture():
 
 
 def test_choice_scores_per_category_and_circular():
+    rows = [  # (prediction, answer, options, category, group); correct? by the table above
+        ("A", "A", OPTIONS, "x", 1),  # yes
+        ("The answer is C.", "C", OPTIONS, "x", 1),  # yes -> group 1 right
+        ("A cat, not B", "A", OPTIONS, "x", 2),  # yes (by the option text)
+        ("b", "B", OPTIONS, "x", 2),  # no -> group 2 wrong
+        ("Cannot determine the answer", "A", YES_NO, "y", 3),  # no (a refusal)
+        ("Yes", "A", YES_NO, "y", 3),  # yes -> group 3 wrong
+        ("It is a bird", "C", OPTIONS, "y", 4),  # yes
+        ("b", "B", OPTIONS, "y", 4),  # no -> group 4 wrong
+        ("C", "C", OPTIONS, "y", None),  # yes, a group of its own
+    ]
     items = [
-        {
-            "prediction": "A",
-            "answer": "A",
-            "options": OPTIONS,
-            "category": ["x", "all"],
-            "group": 1,
-        },
-        {
-            "prediction": "B",
-            "answer": "A",
-            "options": OPTIONS,
-            "category": ["x", "all"],
-            "group": 1,
-        },
-        {
-            "prediction": "C",
-            "answer": "C",
-            "options": OPTIONS,
-            "category": ["y", "all"],
-            "group": 2,
-        },
-        {"prediction": "??", "answer": "B", "options": OPTIONS, "category": "y", "group": 3},
+        {"prediction": p, "answer": a, "options": o, "category": [c, "all"]}
+        | ({} if g is None else {"group": g})
+        for p, a, o, c, g in rows
     ]
     scores = metrics.choice_scores(items, circular=True)
-    assert scores["accuracy"] == pytest.approx(0.5)
-    assert scores["per_category"] == {"all": pytest.approx(2 / 3), "x": 0.5, "y": 0.5}
-    # Group 1 has a wrong copy, group 3 is wrong: only group 2 counts.
-    assert scores["circular_accuracy"] == pytest.approx(1 / 3)
+    assert scores["accuracy"] == pytest.approx(6 / 9)
+    assert scores["per_category"] == {
+        "all": pytest.approx(6 / 9), "x": pytest.approx(3 / 4), "y": pytest.approx(3 / 5)
+    }
+    # Groups 1 and the lone item are right: 2 of 5; x: 1 of groups 1, 2; y: 1 of 3, 4, lone.
+    assert scores["circular_accuracy"] == pytest.approx(2 / 5)
+    assert scores["circular_groups"] == 5
+    assert scores["circular_per_category"] == {
+        "all": pytest.approx(2 / 5), "x": pytest.approx(1 / 2), "y": pytest.approx(1 / 3)
+    }
     assert "circular_accuracy" not in metrics.choice_scores(items)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        metrics.choice_scores(items, protocol="vlmevalkit")
 
 
 def test_pope_scores_hand_computed():
@@ -148,6 +193,14 @@ def test_pope_scores_hand_computed():
         metrics.pope_scores([{"prediction": "yes", "label": "maybe"}])
 
 
+def test_pope_scores_where_llava_divides_by_zero_are_zero():
+    # No "yes" prediction: LLaVA's eval_pope.py raises ZeroDivisionError for the precision.
+    items = [{"prediction": "No.", "label": y} for y in ("yes", "no", "no")]
+    scores = metrics.pope_scores(items)
+    assert (scores["precision"], scores["recall"], scores["f1"]) == (0.0, 0.0, 0.0)
+    assert scores["accuracy"] == pytest.approx(2 / 3) and scores["yes_ratio"] == 0.0
+
+
 def test_exact_match_scores_use_the_shared_normalization():
     items = [
         {"prediction": "The dog.", "answers": ["dog"], "category": "a"},
@@ -157,50 +210,6 @@ def test_exact_match_scores_use_the_shared_normalization():
     scores = metrics.exact_match_scores(items)
     assert scores["accuracy"] == pytest.approx(2 / 3)
     assert scores["per_category"] == {"a": 1.0, "b": 0.0}
-
-
-def test_ptb_tokenize():
-    assert cider.ptb_tokenize("Don't stop.") == ["do", "n't", "stop"]
-    assert cider.ptb_tokenize("The dog's ball, (red)!") == ["the", "dog", "'s", "ball", "red"]
-    assert cider.ptb_tokenize("A black-and-white cat...") == ["a", "black-and-white", "cat"]
-
-
-def test_cider_d_hand_computed():
-    refs = {"1": ["A cat."], "2": ["a dog"]}
-    # Two images: IDF log(2) - log(df); "a" is in both reference sets (weight 0), every other
-    # n-gram in one. An exact copy has cosine 1 for n=1, 2 and no 3-, 4-grams: (1 + 1) / 4 * 10.
-    corpus, per_image = cider.cider_d({"1": "a cat", "2": "a dog"}, refs)
-    assert per_image == {"1": pytest.approx(5.0), "2": pytest.approx(5.0)}
-    assert corpus == pytest.approx(5.0)
-    # "cat": unigram cosine 1, no bigram; length (bigram count) 0 vs 1 -> penalty e^(-1/72).
-    _, per_image = cider.cider_d({"1": "cat", "2": "a dog"}, refs)
-    assert per_image["1"] == pytest.approx(2.5 * math.exp(-1 / 72))
-    with pytest.raises(ValueError, match="no reference"):
-        cider.cider_d({"3": "x"}, refs)
-
-
-def test_cider_d_matches_coco_caption_scorer():
-    # coco-caption's scorer on the same tokens (its Java PTB tokenizer replaced by ours).
-    from pycocoevalcap.cider.cider import Cider
-
-    rng = np.random.default_rng(0)
-    words = "a the dog cat runs sits on grass red ball two men play in park".split()
-
-    def caption() -> str:
-        return " ".join(rng.choice(words, size=rng.integers(3, 10)))
-
-    predictions = {str(i): caption() for i in range(12)}
-    references = {str(i): [caption() for _ in range(rng.integers(1, 6))] for i in range(12)}
-    predictions["0"] = references["0"][0]  # an exact copy
-    corpus, per_image = cider.cider_d(predictions, references)
-    tokens = lambda text: " ".join(cider.ptb_tokenize(text))  # noqa: E731
-    expected, expected_per_image = Cider().compute_score(
-        {k: [tokens(r) for r in v] for k, v in references.items()},
-        {k: [tokens(v)] for k, v in predictions.items()},
-    )
-    assert corpus == pytest.approx(expected, rel=1e-12)
-    assert [per_image[k] for k in predictions] == pytest.approx(list(expected_per_image), rel=1e-12)
-    assert corpus > 0.1
 
 
 def test_mmvet_grading_prompt_and_a_pluggable_grader():

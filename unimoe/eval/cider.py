@@ -1,9 +1,11 @@
-"""CIDEr-D, as coco-caption's `pycocoevalcap/cider` computes it, with a Python caption tokenizer.
+"""CIDEr-D, as coco-caption's `pycocoevalcap/cider` computes it, on coco-caption's tokens.
 
-coco-caption first runs Stanford's PTBTokenizer (Java) with `-lowerCase` and drops punctuation
-tokens; `ptb_tokenize` does the same in Python: lowercase, split off punctuation and the clitics
-PTB splits ("don't" -> "do n't", "cat's" -> "cat 's"), drop the punctuation. Scores then follow
-`CiderScorer` exactly: n-grams 1..4, document frequency over each image's reference set, IDF
+coco-caption first runs Stanford's PTBTokenizer (Java, CoreNLP 3.4.1) with `-lowerCase` over all
+captions of one side (references, or candidates) as the lines of one file, then drops the tokens
+in its punctuation list; `ptb_tokenize_lines` does the same with `unimoe.eval.ptb`, the lexer in
+Python. Brackets stay, as -lrb- / -rrb- / -lsb- / -rcb- (the list names them in capitals, after
+lowercasing), so do "$", "%", "?!" and other symbols. Scores then follow `CiderScorer` exactly:
+words split on whitespace, n-grams 1..4, document frequency over each image's reference set, IDF
 log(#images) - log(max(1, df)), TF-IDF vectors, clipped cosine with the Gaussian length penalty
 (sigma 6), mean over references and n, times 10; the corpus score is the mean over images.
 """
@@ -12,31 +14,34 @@ from __future__ import annotations
 
 import collections
 import math
-import re
 from collections.abc import Mapping, Sequence
+
+from unimoe.eval import ptb
 
 MAX_N = 4
 SIGMA = 6.0
-# coco-caption's tokenizer.ptbtokenizer.PUNCTUATIONS (PTB's bracket names included).
-_DROPPED = frozenset(
+# coco-caption's tokenizer.ptbtokenizer.PUNCTUATIONS, compared with the lowercased tokens.
+PUNCTUATIONS = frozenset(
     ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
      "...", ";"]
-    # PTB writes brackets as -LRB- ... -RCB- and double quotes as `` / '', all dropped above.
-    + ["(", ")", "[", "]", "{", "}", "\""]
 )  # fmt: skip
-_CLITIC = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
-# Quotes: an apostrophe not inside a word (inside ones are clitics, split afterwards).
-_PUNCT = re.compile(r"(\.\.\.|--|[.?!,:;()\[\]{}\"`]|(?<!\w)'|'(?!\w))")
 
-Ngrams = collections.Counter
+
+def ptb_tokenize_lines(captions: Sequence[str]) -> list[list[str]]:
+    """coco-caption's tokens of each caption, the captions read as one file, in this order."""
+    return [
+        [t for t in (token.lower() for token in tokens) if t not in PUNCTUATIONS]
+        for tokens in ptb.tokenize_lines(captions)
+    ]
 
 
 def ptb_tokenize(caption: str) -> list[str]:
-    """Lowercased PTB-style tokens without punctuation: "A dog's ball." -> ['a', 'dog', "'s", 'ball']."""
-    text = _PUNCT.sub(r" \1 ", caption.lower().replace("\n", " "))
-    text = _CLITIC.sub(r"\1 \2", text)
-    # A hyphen inside a word stays (PTB keeps "black-and-white"); lone dashes are dropped below.
-    return [t for t in text.split() if t not in _DROPPED]
+    """coco-caption's tokens of one caption: "A dog's ball (red)." -> ['a', 'dog', "'s", 'ball',
+    '-lrb-', 'red', '-rrb-']."""
+    return ptb_tokenize_lines([caption])[0]
+
+
+Ngrams = collections.Counter
 
 
 def _ngrams(words: Sequence[str]) -> Ngrams:
@@ -45,6 +50,23 @@ def _ngrams(words: Sequence[str]) -> Ngrams:
         for i in range(len(words) - n + 1):
             counts[tuple(words[i : i + n])] += 1
     return counts
+
+
+def _tokenized_ngrams(
+    ids: Sequence[str], predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, Ngrams], dict[str, list[Ngrams]]]:
+    """Each image's candidate and reference n-grams, tokenized as coco-caption does: all
+    references as one file, all candidates as another; words split on any whitespace, as
+    `CiderScorer` splits the tokenizer's output (a PTB token may hold a no-break space)."""
+    ref_lines = ptb_tokenize_lines([r for k in ids for r in references[k]])
+    hyp_lines = ptb_tokenize_lines([predictions[k] for k in ids])
+    hyps, refs, start = {}, {}, 0
+    for k, hyp_tokens in zip(ids, hyp_lines, strict=True):
+        count = len(references[k])
+        refs[k] = [_ngrams(" ".join(t).split()) for t in ref_lines[start : start + count]]
+        hyps[k] = _ngrams(" ".join(hyp_tokens).split())
+        start += count
+    return hyps, refs
 
 
 def _vector(
@@ -92,7 +114,7 @@ def cider_d(
     if not predictions:
         raise ValueError("cider_d: no predictions")
     ids = list(predictions)
-    refs = {k: [_ngrams(ptb_tokenize(r)) for r in references[k]] for k in ids}
+    hyps, refs = _tokenized_ngrams(ids, predictions, references)
     doc_freq: collections.Counter = collections.Counter()
     for k in ids:
         for ngram in set(ngram for counts in refs[k] for ngram in counts):
@@ -100,7 +122,7 @@ def cider_d(
     log_num_images = math.log(float(len(ids)))
     per_image = {}
     for k in ids:
-        hyp = _vector(_ngrams(ptb_tokenize(predictions[k])), doc_freq, log_num_images)
+        hyp = _vector(hyps[k], doc_freq, log_num_images)
         total = [0.0] * MAX_N
         for counts in refs[k]:
             sim = _similarity(hyp, _vector(counts, doc_freq, log_num_images))

@@ -4,9 +4,11 @@
 - `vqa_accuracy`: VQA soft accuracy with EvalAI's answer normalization, as the reference's
   TextVQA scorer (`m4c_evaluator.py`, LLaVA's `EvalAIAnswerProcessor` +
   `TextVQAAccuracyEvaluator`) computes it; VQAv2, OK-VQA, A-OKVQA and TextVQA;
-- `extract_choice` / `choice_scores`: option letters read from free text the way MMBench's
-  VLMEvalKit `can_infer` does, accuracy overall and per category, MMBench circular accuracy;
-- `pope_scores`: LLaVA's POPE yes/no reading; accuracy, precision, recall, F1, yes-ratio;
+- `extract_choice` / `choice_scores`: option letters read from free text as VLMEvalKit's
+  `can_infer` does (commit e8e78f05, `vlmeval/utils/matching_util.py`), accuracy overall and per
+  category, MMBench circular accuracy as its `mcq_circular_eval` without a judge model;
+- `pope_scores`: LLaVA's POPE yes/no reading; accuracy, precision, recall, F1, yes-ratio (0.0
+  where LLaVA's script divides by zero);
 - `exact_match_scores`: `unimoe.eval.scoring`'s normalization (ClothoAQA, audio / video QA).
 CIDEr-D is in `unimoe.eval.cider`, the GPT-graded benchmarks in `unimoe.eval.graders`.
 Every score here is a fraction in [0, 1]; tables print percent.
@@ -115,8 +117,30 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
 
 # --- Multiple choice ----------------------------------------------------------------------------
 
+PROTOCOLS = ("official", "ours")
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.:)]\s*(.+?)\s*$")
+# VLMEvalKit's matching_util.py as of commit e8e78f05 (2026-08-18), `can_infer` and the two steps
+# it chains; docs/design.md "Benchmarks and scoring" says what each rule does to real answers.
 _CHOICE_SEPARATORS = ".()[],:;!*#{}"
+_API_FAILURE = "Failed to obtain answer via API"
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_NO_ANSWER = "Z"  # VLMEvalKit's letter for "the model declined": never a correct option
+# "The answer is **B**": case-insensitive and unbounded upstream, so "the answer is a dog" -> A.
+_VERBOSE_ANSWER = {
+    "official": re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**"),
+    # ours: the letter must be a capital standing alone, as in the letter step.
+    "ours": re.compile(r"(?i:(?:correct\s+)?answer\s+is\s+)\**([ABCD])(?![A-Za-z0-9])"),
+}
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
 
 
 def parse_options(question: str) -> dict[str, str]:
@@ -138,26 +162,55 @@ def parse_options(question: str) -> dict[str, str]:
     return options
 
 
-def extract_choice(prediction: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-text answer gives, or None (VLMEvalKit's `can_infer`).
-
-    First the letters: punctuation becomes spaces and exactly one option letter must stand as a
-    word ("B", "(B) cat", "The answer is B."). Otherwise the option texts: exactly one must occur
-    in the lowercased answer. Anything else (no option, several) is None, counted as wrong.
-    """
+def _choice_by_letter(prediction: str, options: Mapping[str, str], protocol: str) -> str | None:
+    """VLMEvalKit's `can_infer_option`: an option letter, `_NO_ANSWER`, or None (try the texts)."""
+    if _API_FAILURE in prediction:
+        return None
+    if any(refusal in prediction for refusal in _REFUSALS):
+        return _NO_ANSWER
     words = prediction
     for c in _CHOICE_SEPARATORS:
         words = words.replace(c, " ")
     tokens = words.split()
     named = [letter for letter in options if letter in tokens]
-    if len(named) == 1:
+    # One letter, first seen among the last four words ("B", "(B) cat", "The answer is B.").
+    if len(named) == 1 and tokens.index(named[0]) > len(tokens) - 5:
         return named[0]
-    if not named:
-        lowered = prediction.lower()
-        by_text = [letter for letter, text in options.items() if text.lower() in lowered]
-        if len(by_text) == 1:
-            return by_text[0]
+    if not named and _NO_ANSWER in tokens:
+        return _NO_ANSWER
+    match = _VERBOSE_ANSWER[protocol].search(prediction)
+    if match and match.group(1).upper() in options:
+        return match.group(1).upper()
     return None
+
+
+def _choice_by_text(prediction: str, options: Mapping[str, str]) -> str | None:
+    """VLMEvalKit's `can_infer_text`: the one option whose text is inside a short enough answer."""
+    lowered = prediction.lower()
+    if len(lowered) > 2 * sum(len(text) for text in options.values()):
+        return None
+    found = [letter for letter, text in options.items() if text.lower() in lowered]
+    return found[0] if len(found) == 1 else None
+
+
+def extract_choice(
+    prediction: str, options: Mapping[str, str], *, protocol: str = "official"
+) -> str | None:
+    """The option letter a free-text answer gives, or None (VLMEvalKit's `can_infer`).
+
+    Letters first (case-sensitive, punctuation read as spaces): exactly one option letter among
+    the words, first seen in the last four words; else an "answer is X" phrase. A refusal (a
+    phrase like "Cannot determine the answer" anywhere, or a word "Z" and no option letter) is
+    None at once. Otherwise the option texts: exactly one occurring (lowercased substring) in an
+    answer at most twice as long as all option texts together. Anything else (no option,
+    several) is None, counted as wrong. `protocol` 'ours' only reads "answer is X" with X a
+    capital standing alone (`_VERBOSE_ANSWER`); 'official' is VLMEvalKit's.
+    """
+    check_protocol(protocol)
+    letter = _choice_by_letter(prediction, options, protocol)
+    if letter == _NO_ANSWER:
+        return None
+    return letter or _choice_by_text(prediction, options)
 
 
 def category_list(value: Any) -> list[str]:
@@ -167,31 +220,48 @@ def category_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def choice_scores(items: Iterable[Mapping[str, Any]], *, circular: bool = False) -> dict[str, Any]:
+def _per_category(items: Sequence[Mapping[str, Any]], correct: Sequence[bool]) -> dict[str, float]:
+    per_category: dict[str, list[bool]] = {}
+    for item, ok in zip(items, correct, strict=True):
+        for category in category_list(item.get("category")):
+            per_category.setdefault(category, []).append(ok)
+    return {c: sum(v) / len(v) for c, v in sorted(per_category.items())}
+
+
+def choice_scores(
+    items: Iterable[Mapping[str, Any]], *, circular: bool = False, protocol: str = "official"
+) -> dict[str, Any]:
     """Accuracy of `{prediction, answer (letter), options, category?, group?}` items.
 
     `category` (a name or a list: MMBench gives the fine and the coarse one) adds per-category
     accuracy. With `circular`, items sharing a `group` (MMBench's rotated copies of one question)
-    count once, correct only if all copies are: `circular_accuracy`.
+    count once, correct only if every copy's extracted letter is its answer, as VLMEvalKit's
+    `mcq_circular_eval` without a judge model: `circular_accuracy` and, by the group's first
+    item's categories, `circular_per_category`. `protocol`: see `extract_choice`.
     """
-    correct, per_category, groups = [], {}, {}
-    for item in items:
-        choice = extract_choice(item["prediction"], item["options"])
-        ok = choice is not None and choice == str(item["answer"]).strip().upper()
-        correct.append(ok)
-        for category in category_list(item.get("category")):
-            per_category.setdefault(category, []).append(ok)
-        groups.setdefault(item.get("group", len(groups)), []).append(ok)
-    if not correct:
+    check_protocol(protocol)
+    items = list(items)
+    if not items:
         raise ValueError("choice_scores: no items")
+    correct = [
+        extract_choice(item["prediction"], item["options"], protocol=protocol)
+        == str(item["answer"]).strip().upper()
+        for item in items
+    ]
     out: dict[str, Any] = {
         "accuracy": sum(correct) / len(correct),
         "n": len(correct),
-        "per_category": {c: sum(v) / len(v) for c, v in sorted(per_category.items())},
+        "per_category": _per_category(items, correct),
     }
     if circular:
-        out["circular_accuracy"] = sum(all(v) for v in groups.values()) / len(groups)
+        groups: dict[Any, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.get("group", ("item", i)), []).append(i)
+        group_ok = [all(correct[i] for i in members) for members in groups.values()]
+        out["circular_accuracy"] = sum(group_ok) / len(groups)
         out["circular_groups"] = len(groups)
+        firsts = [items[members[0]] for members in groups.values()]
+        out["circular_per_category"] = _per_category(firsts, group_ok)
     return out
 
 
@@ -225,7 +295,12 @@ def _binary_scores(predicted_yes: Sequence[bool], label_yes: Sequence[bool]) -> 
 
 def pope_scores(items: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """POPE metrics of `{prediction, label ('yes'/'no'), category?}` items, 'yes' the positive
-    class, overall and per category (POPE's random / popular / adversarial splits)."""
+    class, overall and per category (POPE's random / popular / adversarial splits).
+
+    As LLaVA's `eval_pope.py`, except where it divides by zero and stops (no 'yes' predicted:
+    precision; no 'yes' label: recall; both 0: F1): those are 0.0 here, so a split a model
+    answers all 'no' scores F1 0 instead of ending the run.
+    """
     items = list(items)
     if not items:
         raise ValueError("pope_scores: no items")
