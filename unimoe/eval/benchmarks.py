@@ -249,8 +249,10 @@ def score_items(
     items: Sequence[EvalItem],
     predictions: Sequence[str],
     grader: graders.Grader | None = None,
+    protocol: str = "official",
 ) -> dict[str, Any]:
     """The benchmark's scores of `predictions` (one per item, in order); fractions in [0, 1].
+    `protocol` picks the multiple-choice answer reading (`metrics.extract_choice`).
 
     `headline` names the key of the number a results table reports; GPT-graded benchmarks
     without a grader report the labelled exact-match proxy instead.
@@ -266,7 +268,7 @@ def score_items(
         scores = {"vqa_accuracy": sum(per_item) / len(per_item), "n": len(per_item)}
         headline = "vqa_accuracy"
     elif metric == "choice":
-        scores = metrics.choice_scores(rows, circular=benchmark.circular)
+        scores = metrics.choice_scores(rows, circular=benchmark.circular, protocol=protocol)
         headline = "circular_accuracy" if benchmark.circular else "accuracy"
     elif metric == "pope":
         scores, headline = metrics.pope_scores(rows), "f1"

@@ -368,13 +368,14 @@ def evaluate_benchmark(
         sampling=decoding.sampling,
         first_logits=first_logits,
     )
-    scores = benchmarks.score_items(bench, items, predictions)
+    protocol = request.protocol or experiment.eval.protocol
+    scores = benchmarks.score_items(bench, items, predictions, protocol=protocol)
     scores.update(
         data=os.fspath(data),
         answers=answers,
         checkpoint=os.fspath(checkpoint),
         skipped_records=skipped,
-        protocol=request.protocol or experiment.eval.protocol,
+        protocol=protocol,
         max_new_tokens=decoding.max_new_tokens,
         sampling=dataclasses.asdict(decoding.sampling),
     )
