@@ -151,8 +151,8 @@ def test_the_scanned_decoder_reports_the_unrolled_balance_loss(form):
     x_btd = jax.random.normal(jax.random.key(0), (2, 5, 12))
     mask_bt = jnp.ones((2, 5), bool).at[1, 3:].set(False)
     unrolled, scanned = _unrolled_and_scanned(form)
-    _, aux_u = unrolled(x_btd, mask_bt)
-    _, aux_s = scanned(x_btd, mask_bt)
+    run = nnx.jit(lambda model: model(x_btd, mask_bt)[1])
+    aux_u, aux_s = run(unrolled), run(scanned)
     assert aux_u.balance_loss.shape == () and aux_u.balance_tokens.shape == (3,)
     np.testing.assert_allclose(aux_s.balance_loss, aux_u.balance_loss, rtol=1e-5)
     # The pooled value comes from the three layers' sums, not the per-layer values summed.
