@@ -381,11 +381,16 @@ def test_every_aux_key_present_with_its_shape(impl):
     layer = make_layer("top_p", num_null_experts=1, k_max=2, impl=impl, **kw)
     y_btd, aux = forward(layer, X_BTD, all_valid(X_BTD))
     assert y_btd.shape == X_BTD.shape
-    assert {f.name for f in dataclasses.fields(aux)} == {*AUX_SCALARS, "expert_load", "expert_counts_be"}
-    for name in AUX_SCALARS:
+    balance_sums = {"balance_assignments_e", "balance_prob_sums_e", "balance_tokens"}
+    assert {f.name for f in dataclasses.fields(aux)} == {
+        *AUX_SCALARS, "expert_load", "expert_counts_be", *balance_sums, "balance_loss_form"
+    }
+    for name in (*AUX_SCALARS, "balance_tokens"):
         value = getattr(aux, name)
         assert value.shape == () and value.dtype == jnp.float32, name
     assert aux.expert_load.shape == (4,) and aux.expert_counts_be.shape == (2, 4)
+    # The pooled balance sums span every router column, the null expert included.
+    assert aux.balance_assignments_e.shape == aux.balance_prob_sums_e.shape == (5,)
 
 
 def test_router_stays_float32_for_bfloat16_activations():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from unimoe.moe import dispatch, gmm, routers
+from unimoe.moe import dispatch, gmm, routers, routing
 
 SECOND_CHOICES = ("argmax", "gumbel")
 DISPATCH_IMPLS = ("dropless", "capacity")
@@ -60,6 +60,16 @@ class MoEConfig:
       'auto' or 'all_to_all' = per-peer mailboxes and all_to_all; 'all_gather' = all-gather the
       tokens, reduce-scatter the outputs (never drops; for small expert axes or large K);
       'off' = never (the experts then follow the compiler's sharding).
+    balance_loss_form: the balance loss that aux['balance_loss'] carries (`LossConfig.balance_coef`
+      weights it), over every router column, before any capacity drop:
+      'switch_topk' = per layer E * sum_e f_e * P_e over the valid tokens' top-k assignments
+        (loads summing to 1), summed over layers: 1 per layer under uniform routing (default);
+      'uni_moe_8e' = the official Uni-MoE 8E code's (DeepSpeed gating): first choice only,
+        means over every token, padding included, summed over layers (faithful re-training);
+      'hf_pooled' = Hugging Face Mixtral / Qwen2-MoE `load_balancing_loss_func`: top-k counts
+        and probabilities pooled over the layers, then E * sum_e f_e * P_e with f summing to k,
+        so their `router_aux_loss_coef` means the same here. One layer: k x 'switch_topk'.
+      How the forms map to each other: `routing.balance_loss_uni_moe_8e`.
     ep_capacity_factor: rows each device may send to each expert-parallel peer, as a multiple of
       its balanced share N_local * K / P; 0 = P, which never drops. Smaller factors drop the
       overflow (reported in aux['dropped_fraction']).
@@ -89,6 +99,7 @@ class MoEConfig:
     kernel_impl: str = "auto"
     expert_parallel: str = "auto"
     ep_capacity_factor: float = 0.0
+    balance_loss_form: str = "switch_topk"
 
     def __post_init__(self):
         _check_routing(self)
@@ -146,6 +157,11 @@ def _check_routing(cfg: MoEConfig) -> None:
     require(cfg.routed_scaling > 0, "routed_scaling", "must be > 0")
     require(0.0 <= cfg.jitter_eps < 1.0, "jitter_eps", "must be in [0, 1)")
     require(cfg.bias_update_rate >= 0, "bias_update_rate", "must be >= 0")
+    require(
+        cfg.balance_loss_form in routing.BALANCE_LOSS_FORMS,
+        "balance_loss_form",
+        f"must be one of {routing.BALANCE_LOSS_FORMS}",
+    )
     require(
         cfg.bias_update_rate == 0 or cfg.router == "sigmoid_bias",
         "bias_update_rate",

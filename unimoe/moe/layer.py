@@ -247,16 +247,23 @@ class MoELayer(nnx.Module):
         The balance losses use the softmax over all columns whatever the router (as MaxText does
         for sigmoid routers), and are computed before any capacity drop (DCMoE).
         """
-        num_experts = self.cfg.num_experts
+        num_experts, form = self.cfg.num_experts, self.cfg.balance_loss_form
         probs_ne = jax.nn.softmax(logits_ne, axis=-1)
+        sums = routing.balance_sums(probs_ne, columns_nk, mask_n)
         token_weight_n = mask_n.astype(jnp.float32)
         if token_weight_bt is not None:
             token_weight_n = token_weight_n * token_weight_bt.reshape(-1).astype(jnp.float32)
         # Sentinel ids (== E) fall outside one_hot's range and count nowhere.
         counts_ne = jnp.sum(jax.nn.one_hot(experts_nk, num_experts, dtype=jnp.float32), axis=1)
         counts_ne = counts_ne * mask_n.astype(jnp.float32)[:, None]
+        if form == "uni_moe_8e":
+            balance = routing.balance_loss_uni_moe_8e(probs_ne)
+        elif form == "hf_pooled":  # this layer alone; `MoEAux.reduce_layers` pools the layers
+            balance = routing.balance_loss_pooled(*(s[None] for s in sums))
+        else:
+            balance = routing.balance_loss(probs_ne, columns_nk, mask_n)
         return MoEAux(
-            balance_loss=routing.balance_loss(probs_ne, columns_nk, mask_n),
+            balance_loss=balance,
             z_loss=routing.z_loss(logits_ne, mask_n),
             dcmoe_balance_loss=routing.balance_loss_dcmoe(logits_ne, columns_nk, token_weight_n),
             router_entropy=routing.router_entropy(probs_ne, mask_n),
@@ -264,6 +271,10 @@ class MoELayer(nnx.Module):
             experts_per_token=counts_ne.sum() / jnp.maximum(mask_n.sum(), 1),
             expert_load=routing.expert_load(experts_nk, mask_n, num_experts),
             expert_counts_be=counts_ne.reshape(batch, -1, num_experts).sum(axis=1),
+            balance_assignments_e=sums[0],
+            balance_prob_sums_e=sums[1],
+            balance_tokens=sums[2],
+            balance_loss_form=form,
         )
 
 

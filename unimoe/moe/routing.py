@@ -245,7 +245,8 @@ def expert_load(experts_nk: jax.Array, token_mask_n: jax.Array, num_experts: int
 
 
 def balance_loss(probs_ne: jax.Array, experts_nk: jax.Array, token_mask_n: jax.Array) -> jax.Array:
-    """Switch load-balancing loss E * sum_e f_e * P_e, equal to 1.0 under uniform routing.
+    """Switch load-balancing loss E * sum_e f_e * P_e, equal to 1.0 under uniform routing (the
+    default 'switch_topk' form; the others: `balance_loss_uni_moe_8e`).
 
     f_e is `expert_load` (no gradient flows through it: it counts choices); P_e is the mean router
     probability of expert e over valid tokens, which carries the gradient to the router.
@@ -257,6 +258,68 @@ def balance_loss(probs_ne: jax.Array, experts_nk: jax.Array, token_mask_n: jax.A
         token_mask_n
     )
     return num_experts * jnp.sum(load_e * mean_prob_e)
+
+
+# `MoEConfig.balance_loss_form`: which balance loss `aux.balance_loss` carries (see below).
+BALANCE_LOSS_FORMS = ("switch_topk", "uni_moe_8e", "hf_pooled")
+
+
+def balance_loss_uni_moe_8e(probs_ne: jax.Array) -> jax.Array:
+    """Uni-MoE 8E's balance loss (DeepSpeed `top1gating` / `top2gating`): E * sum_e me_e * ce_e.
+
+    me_e = mean router probability of e and ce_e = fraction of rows whose argmax is e, both over
+    ALL N rows of the flattened batch, padding included (the 8E layer gets no token mask), and
+    only the first choice counted even for top-2. 1.0 under uniform routing. The forms compared
+    (L MoE layers, E router columns, k assignments per token, f_le / P_le the per-layer load and
+    mean probability over valid tokens as in `balance_loss`, each form summed as stated):
+
+      'switch_topk' (`balance_loss`, the default) = sum_l E sum_e f_le P_le: every top-k
+        assignment, loads summing to 1, valid tokens only; L under uniform routing.
+      'uni_moe_8e' (this) = sum_l E sum_e me_le ce_le; L under uniform routing. Equal to
+        'switch_topk' for top-1 routing without padding; for top-2 it is blind to the second
+        choice's imbalance.
+      'hf_pooled' (`balance_loss_pooled`, Hugging Face Mixtral / Qwen2-MoE
+        `load_balancing_loss_func`) = E sum_e (k mean_l f_le)(mean_l P_le), counts and
+        probabilities pooled over layers first, NOT summed over them; k under uniform routing.
+        On one layer it is k x 'switch_topk'; on L layers that route alike, k / L x the sum of
+        'switch_topk', otherwise imbalances of different layers may cancel in the pool. A
+        Mixtral / Qwen `router_aux_loss_coef` means the same here with this form.
+    """
+    _check_logits(probs_ne)
+    num_experts = probs_ne.shape[-1]
+    probs_ne = probs_ne.astype(jnp.float32)
+    # argmax has no gradient: as in DeepSpeed, ce_e only weights the probabilities.
+    first_ne = jax.nn.one_hot(jnp.argmax(probs_ne, axis=-1), num_experts, dtype=jnp.float32)
+    return num_experts * jnp.sum(jnp.mean(probs_ne, axis=0) * jnp.mean(first_ne, axis=0))
+
+
+def balance_sums(
+    probs_ne: jax.Array, experts_nk: jax.Array, token_mask_n: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's share of `balance_loss_pooled`: (assignments_e, prob_sums_e, tokens), i.e.
+    the valid tokens' assignments per column (sentinel ids count nowhere), their summed router
+    probabilities per column, and the number of valid tokens."""
+    _check_logits(probs_ne)
+    valid_n = token_mask_n.astype(jnp.float32)
+    assignments_e = _counts(experts_nk, valid_n, probs_ne.shape[-1])
+    prob_sums_e = jnp.einsum("ne,n->e", probs_ne.astype(jnp.float32), valid_n)
+    return assignments_e, prob_sums_e, jnp.sum(valid_n)
+
+
+def balance_loss_pooled(
+    assignments_le: jax.Array, prob_sums_le: jax.Array, tokens_l: jax.Array
+) -> jax.Array:
+    """Hugging Face's pooled balance loss from L layers' `balance_sums` (stacked on axis 0):
+    E * sum_e (sum_l assignments_le / T) * (sum_l prob_sums_le / T), T = sum_l tokens_l.
+
+    The assignment fractions sum to k, so uniform routing gives k; 0 when no token is valid
+    (where HF divides by zero). How it maps to the other forms: `balance_loss_uni_moe_8e`.
+    """
+    num_experts = assignments_le.shape[-1]
+    total = jnp.maximum(jnp.sum(tokens_l), 1.0)
+    frac_e = jnp.sum(assignments_le, axis=0) / total
+    mean_prob_e = jnp.sum(prob_sums_le, axis=0) / total
+    return num_experts * jnp.sum(frac_e * mean_prob_e)
 
 
 def balance_loss_dcmoe(
