@@ -113,7 +113,8 @@ class LossWeights:
     """The weights of a stage's loss terms, declared once: a stage config sets them
     (`StageConfig`), the loss reads them (`train.step.LossConfig`, which checks them).
 
-    balance_coef: weight of the Switch balance loss (summed over MoE layers); linearly annealed to
+    balance_coef: weight of the balance loss (its form: `config.model.moe.balance_loss_form`, the
+      Switch loss summed over MoE layers by default); linearly annealed to
       `balance_coef_end` over `balance_decay_steps` when that is set (UniMoE-Audio), else constant.
     dcmoe_coef: weight of the DCMoE balance loss, whose tokens are weighted `answer_token_weight`
       on supervised (answer) tokens and 1 on the prompt (DCMoE uses 10); annealed to

@@ -369,6 +369,20 @@ def test_sampling_only_in_training_and_deterministic_view_is_plain_routing(kw):
         assert np.all(np.asarray(aux_1.expert_counts_be).sum(0) >= top_counts)
 
 
+def test_gumbel_at_inference_samples_the_second_choice_in_the_deterministic_view():
+    """Uni-MoE 8E as DeepSpeed evaluates it: the second expert is still drawn at inference."""
+    layer = stochastic_layer(second_choice="gumbel", gumbel_at_inference=True)
+    plain = stochastic_layer()
+    nnx.update(plain, nnx.state(layer, nnx.Param))
+    evaluated = nnx.view(layer, deterministic=True)
+    y_plain, _ = forward(plain, X_BTD, all_valid(X_BTD))
+    y_1, _ = forward(evaluated, X_BTD, all_valid(X_BTD))
+    y_2, _ = forward(evaluated, X_BTD, all_valid(X_BTD))
+    assert not np.allclose(y_1, y_plain) and not np.allclose(y_1, y_2)
+    with pytest.raises(ValueError, match="gumbel_at_inference"):
+        MoEConfig(num_experts=NUM_EXPERTS, router="softmax_topk", gumbel_at_inference=True)
+
+
 def test_deterministic_configs_carry_no_rng_state():
     layer = make_layer()
     assert layer.router_rngs is None and layer.router_bias is None

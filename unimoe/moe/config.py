@@ -23,7 +23,9 @@ class MoEConfig:
       'topk_softmax' = softmax over the top-k logits (Uni-MoE 4E, Mixtral);
       'softmax_topk' = softmax over all experts then top-k, renormalized when `renormalize`
         (Uni-MoE 8E, Switch, Qwen2-MoE `norm_topk_prob`); `second_choice='gumbel'` samples the
-        later choices from logits + Gumbel noise in training (Uni-MoE 8E / DeepSpeed);
+        later choices from logits + Gumbel noise in training (Uni-MoE 8E / DeepSpeed), and at
+        inference too with `gumbel_at_inference` (DeepSpeed's gate does: the released 8E model
+        is evaluated that way);
       'top_p' = DCMoE dynamic k: per token the fewest experts whose sorted softmax mass reaches
         `top_p`, at most `k_max` (0 = all router columns); `top_k` is unused;
       'sigmoid_bias' = DeepSeek-V3: sigmoid scores, top-k of scores + `router_bias` (selection
@@ -81,6 +83,7 @@ class MoEConfig:
     router: str = "topk_softmax"
     renormalize: bool = True
     second_choice: str = "argmax"
+    gumbel_at_inference: bool = False
     top_p: float = 0.7
     k_max: int = 0
     num_null_experts: int = 0
@@ -150,6 +153,11 @@ def _check_routing(cfg: MoEConfig) -> None:
         cfg.second_choice == "argmax" or cfg.router == "softmax_topk",
         "second_choice",
         f"'gumbel' needs router='softmax_topk' (router={cfg.router!r})",
+    )
+    require(
+        not cfg.gumbel_at_inference or cfg.second_choice == "gumbel",
+        "gumbel_at_inference",
+        f"needs second_choice='gumbel' (second_choice={cfg.second_choice!r})",
     )
     require(0.0 < cfg.top_p <= 1.0, "top_p", "must be in (0, 1]")
     require(0 <= cfg.k_max <= columns, "k_max", f"must be in [0, {columns}] (0 = all)")

@@ -49,7 +49,7 @@ class MoELayer(nnx.Module):
     Slots that compute nothing (a null expert, an unused top-P slot) get the sentinel expert id E
     before dispatch: they keep their weight but produce zero output and take no capacity.
     `deterministic` (set by `nnx.view(model, deterministic=True)` / `model.eval()`) turns off
-    jitter and Gumbel sampling. `dropless` (`nnx.view(model, dropless=True)`, what generation
+    jitter and Gumbel sampling (but for `cfg.gumbel_at_inference`). `dropless` (`nnx.view(model, dropless=True)`, what generation
     uses) runs an `impl='capacity'` layer through the dropless path: same routing and weights,
     no capacity, so a decode step never drops a token (capacity with C = N would compute the
     same sum).
@@ -128,7 +128,10 @@ class MoELayer(nnx.Module):
         return self.router_rngs is not None and not self.deterministic
 
     def router_state(self) -> routers.RouterState:
-        gumbel = self._sampling and self.cfg.second_choice == "gumbel"
+        cfg = self.cfg
+        gumbel = cfg.second_choice == "gumbel" and (
+            self._sampling or (cfg.gumbel_at_inference and self.router_rngs is not None)
+        )
         return routers.RouterState(
             bias_e=self.router_bias[...] if self.router_bias is not None else None,
             sample_key=self.router_rngs if gumbel else None,
