@@ -40,6 +40,7 @@ import transformers
 from tests.convert import hf_models
 from tests.convert import released_reference as ref
 from tests.data.real_corpus import train_sentencepiece
+from tests.models import beats_checkpoints
 
 VARIANTS = ("speech_4e", "audio_4e", "8e")
 VOCAB = 320  # the tiny SentencePiece model's size
@@ -50,6 +51,14 @@ EXPERTS = {"speech_4e": 4, "audio_4e": 4, "8e": 8}
 QUERIES = 7
 LORA = dict(r=3, lora_alpha=7, lora_dropout=0.05)
 SHARDS = 3
+BEATS = beats_checkpoints.VARIANTS["iter3"]  # BEATs_iter3+ options at odd sizes, width 15
+# The audio aligner's Q-Former (the official builds Blip2Config()'s 768-wide, 12-layer one, whose
+# shape no released file states): as wide as BEATs, cross-attention every 2nd layer.
+QFORMER = dict(
+    hidden_size=BEATS["encoder_embed_dim"], num_hidden_layers=3, num_attention_heads=3,
+    intermediate_size=22, encoder_hidden_size=BEATS["encoder_embed_dim"],
+    cross_attention_frequency=2, layer_norm_eps=1e-12,
+)
 EXPERT_LIST = ("mlp_audiocap", "mlp_basev", "mlp_base", "mlp_base1", "mlp_base4", "mlp_base7",
                "mlp_base", "mlp_base7")  # the official expert_list: slot e <- file
 
@@ -65,8 +74,10 @@ class ReleasedFolders:
     beats: pathlib.Path | None = None  # audio: the BEATs checkpoint file
 
 
-def llava_config(variant: str, clip: pathlib.Path, whisper: pathlib.Path) -> dict[str, Any]:
-    """config.json as the official LlavaConfig (transformers 4.31 LlamaConfig) saves it."""
+def llava_config(variant: str, clip: pathlib.Path, audio_tower: pathlib.Path) -> dict[str, Any]:
+    """config.json as the official LlavaConfig (transformers 4.31 LlamaConfig) saves it; the
+    audio tower is the Whisper folder, or for the audio model the BEATs file."""
+    audio_dim = BEATS["encoder_embed_dim"] if variant == "audio_4e" else 48
     cfg = dict(
         architectures=["LlavaLlamaForCausalLM"], model_type="llava", vocab_size=VOCAB, **LM,
         num_hidden_layers=LAYERS[variant], hidden_act="silu", max_position_embeddings=256,
@@ -78,7 +89,7 @@ def llava_config(variant: str, clip: pathlib.Path, whisper: pathlib.Path) -> dic
         mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
         mm_use_im_start_end=False, mm_use_im_patch_token=False, image_aspect_ratio="pad",
         use_mm_proj=True, tune_mm_mlp_adapter=False, freeze_mm_mlp_adapter=False,
-        mm_audio_tower=str(whisper), mm_audio_hidden_size=48, audio_projector_type="linear",
+        mm_audio_tower=str(audio_tower), mm_audio_hidden_size=audio_dim, audio_projector_type="linear",
         mm_audio_select_layer=0, mm_audio_select_feature="patch", query_tokens_size=QUERIES,
         mm_query_tokens=True, local_files_only=True, language="English", task="transcribe",
     )
@@ -222,18 +233,22 @@ def write_released(root: pathlib.Path, variant: str, seed: int = 0) -> ReleasedF
     """Writes the released folders of a tiny random `variant` under `root`."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
-    if variant == "audio_4e":
-        raise NotImplementedError("audio_4e writer: not yet")
     root = pathlib.Path(root)
     clip = hf_models.save("clip_full", root / "clip-vit", seed=seed + 1)
     whisper = hf_models.save("whisper", root / "whisper", seed=seed + 2)
     folders = ReleasedFolders(
         variant, root / "base", root / "finetuned", clip, whisper,
         experts=root / "experts" if variant == "8e" else None,
+        beats=root / "BEATs_iter3_plus_AS2M.pt" if variant == "audio_4e" else None,
     )
-    cfg = llava_config(variant, clip, whisper)
+    aligner = None
+    if variant == "audio_4e":
+        beats_checkpoints.write(folders.beats, BEATS, seed=seed + 3)
+        aligner = ref.QFormerAligner(transformers.Blip2QFormerConfig(**QFORMER), LM["hidden_size"], QUERIES)
+    cfg = llava_config(variant, clip, folders.beats or whisper)
     torch.manual_seed(seed)
-    lm = ref.build_llava(cfg, variant, transformers.WhisperConfig.from_pretrained(whisper))
+    whisper_cfg = transformers.WhisperConfig.from_pretrained(whisper)
+    lm = ref.build_llava(cfg, variant, whisper_cfg, aligner)
     _redraw(lm, np.random.default_rng(seed))
     if variant == "8e":
         _tie_duplicate_experts(lm)

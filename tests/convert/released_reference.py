@@ -125,6 +125,31 @@ class WhisperAligner(nn.Module):
         return self.projector(out.last_hidden_state)
 
 
+class _QFormer(nn.Module):
+    def __init__(self, qformer_cfg: transformers.Blip2QFormerConfig):
+        super().__init__()
+        self.qformer = transformers.Blip2QFormerModel(qformer_cfg)
+
+
+class QFormerAligner(nn.Module):
+    """The audio model's aligner (`audio_aligner/builder.py`, `Qformer.py`): its own learned
+    queries through a BLIP-2 Q-Former attending to every encoder token, then a linear."""
+
+    def __init__(self, qformer_cfg: transformers.Blip2QFormerConfig, lm_dim: int, queries: int):
+        super().__init__()
+        self.qformer = _QFormer(qformer_cfg)
+        self.projector = nn.Linear(qformer_cfg.hidden_size, lm_dim)
+        self.query_tokens = nn.Parameter(torch.zeros(1, queries, qformer_cfg.hidden_size))
+
+    def forward(self, encoded_bsd: torch.Tensor) -> torch.Tensor:
+        queries = self.query_tokens.expand(encoded_bsd.shape[0], -1, -1)
+        out = self.qformer.qformer(
+            query_embeds=queries, encoder_hidden_states=encoded_bsd,
+            encoder_attention_mask=torch.ones(encoded_bsd.shape[:-1], dtype=torch.long),
+        )
+        return self.projector(out.last_hidden_state)
+
+
 def mlp2x_gelu(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
 
