@@ -51,16 +51,8 @@ EXPERTS = {"speech_4e": 4, "audio_4e": 4, "8e": 8}
 QUERIES = 7
 LORA = dict(r=3, lora_alpha=7, lora_dropout=0.05)
 SHARDS = 3
-BEATS = beats_checkpoints.VARIANTS["iter3"]  # BEATs_iter3+ options at odd sizes, width 15
-# The audio aligner's Q-Former (the official builds Blip2Config()'s 768-wide, 12-layer one, whose
-# shape no released file states): as wide as BEATs, cross-attention every 2nd layer.
-QFORMER = dict(
-    hidden_size=BEATS["encoder_embed_dim"], num_hidden_layers=3, num_attention_heads=3,
-    intermediate_size=22, encoder_hidden_size=BEATS["encoder_embed_dim"],
-    cross_attention_frequency=2, layer_norm_eps=1e-12,
-)
-EXPERT_LIST = ("mlp_audiocap", "mlp_basev", "mlp_base", "mlp_base1", "mlp_base4", "mlp_base7",
-               "mlp_base", "mlp_base7")  # the official expert_list: slot e <- file
+BEATS = ref.BEATS
+EXPERT_LIST = ref.EXPERT_LIST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +236,7 @@ def write_released(root: pathlib.Path, variant: str, seed: int = 0) -> ReleasedF
     aligner = None
     if variant == "audio_4e":
         beats_checkpoints.write(folders.beats, BEATS, seed=seed + 3)
-        aligner = ref.QFormerAligner(transformers.Blip2QFormerConfig(**QFORMER), LM["hidden_size"], QUERIES)
+        aligner = ref.QFormerAligner(transformers.Blip2QFormerConfig(**ref.QFORMER), LM["hidden_size"], QUERIES)
     cfg = llava_config(variant, clip, folders.beats or whisper)
     torch.manual_seed(seed)
     whisper_cfg = transformers.WhisperConfig.from_pretrained(whisper)

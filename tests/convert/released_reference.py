@@ -10,13 +10,33 @@ train.py writes. The MoE blocks are written from the official forward, not from 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pathlib
 from typing import Any
 
+import numpy as np
+import peft
 import torch
 import transformers
 from torch import nn
 from transformers.models.llama import modeling_llama
 from transformers.models.whisper import modeling_whisper
+
+from tests.models import beats_checkpoints
+from unimoe.convert import beats_reference
+
+BEATS = beats_checkpoints.VARIANTS["iter3"]  # BEATs_iter3+ options at odd sizes, width 15
+# The audio aligner's Q-Former. The official builds Blip2Config()'s (768 wide, 12 layers, 12
+# heads), a shape no released file states; here as wide as BEATs, cross-attention every 2nd layer.
+QFORMER = dict(
+    hidden_size=BEATS["encoder_embed_dim"], num_hidden_layers=3, num_attention_heads=3,
+    intermediate_size=22, encoder_hidden_size=BEATS["encoder_embed_dim"],
+    cross_attention_frequency=2, layer_norm_eps=1e-12,
+)
+# The official 8E expert_list: slot e starts from the dense FFN in file EXPERT_LIST[e].
+EXPERT_LIST = ("mlp_audiocap", "mlp_basev", "mlp_base", "mlp_base1", "mlp_base4", "mlp_base7",
+               "mlp_base", "mlp_base7")
 
 
 class MistralMoE(nn.Module):
@@ -215,3 +235,174 @@ def find_all_llm_linear_names(lm: nn.Module, variant: str) -> list[str]:
     }
     names.discard("lm_head")
     return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: the official load order, then the official splice and forward.
+
+IMAGE_TOKEN, AUDIO_TOKEN, VIDEO_TOKEN = -200, -300, -400  # the official sentinel ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One prompt: token ids with the official sentinels (one per media item, in order) and its
+    media. image [3, H, W] and video [F, 3, H, W] are CLIP-normalised pixels; audio is one clip
+    as chunks: Whisper log-mels [C, mels, frames] (speech, 8E) or a normalised fbank
+    [C, frames, mels] (audio model)."""
+
+    ids: tuple[int, ...]
+    image: np.ndarray | None = None
+    video: np.ndarray | None = None
+    audio: np.ndarray | None = None
+
+
+def _load(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _base_state(base: pathlib.Path) -> dict[str, torch.Tensor]:
+    index = json.loads((base / "pytorch_model.bin.index.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(_load(base / shard))
+    return state
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official loader's prefix handling for non_lora_trainables.bin."""
+    state = {(k[11:] if k.startswith("base_model.") else k): v for k, v in state.items()}
+    if any(k.startswith("model.model.") for k in state):
+        state = {(k[6:] if k.startswith("model.") else k): v for k, v in state.items()}
+    return state
+
+
+class _Loader:
+    """load_state_dict(strict=False) as the official loader, remembering what each load filled,
+    so that the reference can insist every parameter came from some file."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.filled = model, set()
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        result = self.model.load_state_dict(state, strict=False)
+        self.filled |= set(state) - set(result.unexpected_keys)
+
+    def check(self) -> None:
+        missing = sorted(set(self.model.state_dict()) - self.filled)
+        if missing:
+            raise AssertionError(f"reference: no file filled {missing[:5]}")
+
+
+def _eight_e_experts(loader: _Loader, folders: Any) -> None:
+    """load_all_pretrained_model_dp step [2] on one rank holding all 8 experts: slot e takes
+    `{e}_mlp_experts.bin` overlaid by `mlp_dir/expert_list[e].bin`, renamed by layer and the
+    projection name (the key's second-to-last part)."""
+    for e, source in enumerate(EXPERT_LIST):
+        state = _load(folders.finetuned / f"{e}_mlp_experts.bin")
+        state.update(_load(folders.experts / f"{source}.bin"))
+        loader.load({
+            f"model.layers.{k.split('.')[2]}.mlp.deepspeed_moe.experts.deepspeed_experts.{e}."
+            f"{k.split('.')[-2]}.weight": v for k, v in state.items()
+        })
+
+
+def load_llm(folders: Any, variant: str) -> transformers.LlamaForCausalLM:
+    """The LLM with its connectors, loaded in the official order: 4E (`load_all_pretrained_model`)
+    base -> non_lora_trainables -> peft merge -> mm_audio_aligner -> mlp_gates, with the
+    fine-tuned folder's config; 8E (`load_all_pretrained_model_dp`, config = 8config.json) base ->
+    experts -> non_lora_trainables -> mlp_gates -> peft merge -> mm_audio_aligner."""
+    config_name = "8config.json" if variant == "8e" else "config.json"
+    cfg = json.loads(((folders.base if variant == "8e" else folders.finetuned) / config_name).read_text())
+    aligner = None
+    if variant == "audio_4e":
+        aligner = QFormerAligner(
+            transformers.Blip2QFormerConfig(**QFORMER), cfg["hidden_size"], cfg["query_tokens_size"]
+        )
+    whisper_cfg = transformers.WhisperConfig.from_pretrained(folders.whisper)
+    lm = build_llava(cfg, variant, whisper_cfg, aligner)
+    loader = _Loader(lm)
+    loader.load(_base_state(folders.base))
+    if variant == "8e":
+        _eight_e_experts(loader, folders)
+    loader.load(_strip(_load(folders.finetuned / "non_lora_trainables.bin")))
+    if variant == "8e":
+        loader.load(_load(folders.finetuned / "mlp_gates.bin"))
+    merged = peft.PeftModel.from_pretrained(lm, folders.finetuned).merge_and_unload()
+    loader.model = merged
+    loader.load(_load(folders.finetuned / "mm_audio_aligner.bin"))
+    if variant != "8e":
+        loader.load(_load(folders.finetuned / "mlp_gates.bin"))
+    loader.check()
+    return merged.eval()
+
+
+@dataclasses.dataclass
+class Reference:
+    variant: str
+    lm: transformers.LlamaForCausalLM
+    clip: transformers.CLIPVisionModel
+    audio_tower: Any  # Whisper's encoder, or SpeechBrain's BEATs
+
+    @classmethod
+    def load(cls, folders: Any, variant: str) -> Reference:
+        if variant == "audio_4e":
+            tower = beats_reference.load(folders.beats)
+        else:
+            tower = transformers.WhisperModel.from_pretrained(folders.whisper).encoder.eval()
+        clip = transformers.CLIPVisionModel.from_pretrained(folders.clip).eval()
+        return cls(variant, load_llm(folders, variant), clip, tower)
+
+    def encode_images(self, pixels_bchw: np.ndarray) -> torch.Tensor:
+        """CLIP's second-to-last hidden states without CLS, through the projector."""
+        out = self.clip(torch.from_numpy(pixels_bchw).float(), output_hidden_states=True)
+        return self.lm.model.mm_projector(out.hidden_states[-2][:, 1:])
+
+    def encode_audio(self, chunks: np.ndarray) -> torch.Tensor:
+        """One clip: each chunk's tokens from the aligner, concatenated in order."""
+        aligner = self.lm.model.mm_audio_aligner
+        blocks = []
+        for chunk in chunks:
+            if self.variant == "audio_4e":
+                encoded, _ = beats_reference.features(self.audio_tower, chunk[None])
+                blocks.append(aligner(torch.from_numpy(encoded))[0])
+            else:
+                encoded = self.audio_tower(torch.from_numpy(chunk[None]).float()).last_hidden_state
+                blocks.append(aligner(encoded, self.lm.model.query_tokens)[0])
+        return torch.cat(blocks, dim=0)
+
+    def embed(self, sample: Sample) -> torch.Tensor:
+        """The official splice: each sentinel replaced by its block (image 576-like, video the
+        frame mean of the image blocks, audio its chunks' blocks), text embedded around them."""
+        blocks = {}
+        if sample.image is not None:
+            blocks[IMAGE_TOKEN] = self.encode_images(sample.image[None])[0]
+        if sample.video is not None:
+            blocks[VIDEO_TOKEN] = self.encode_images(sample.video).mean(dim=0)
+        if sample.audio is not None:
+            blocks[AUDIO_TOKEN] = self.encode_audio(sample.audio)
+        pieces, text = [], []
+        for token in list(sample.ids) + [None]:
+            if token is not None and token >= 0:
+                text.append(token)
+                continue
+            if text:
+                pieces.append(self.lm.model.embed_tokens(torch.tensor(text)))
+                text = []
+            if token is not None:
+                pieces.append(blocks[token])
+        return torch.cat(pieces, dim=0)
+
+    @torch.no_grad()
+    def logits(self, batch: list[Sample]) -> np.ndarray:
+        """[B, T, V] float32 logits, the spliced rows right-padded with zeros (masked out)."""
+        rows = [self.embed(sample) for sample in batch]
+        t = max(len(r) for r in rows)
+        x_btd = torch.zeros(len(rows), t, rows[0].shape[-1])
+        mask_bt = torch.zeros(len(rows), t, dtype=torch.long)
+        for b, row in enumerate(rows):
+            x_btd[b, : len(row)], mask_bt[b, : len(row)] = row, 1
+        return self.lm(inputs_embeds=x_btd, attention_mask=mask_bt).logits.float().numpy()
+
+
+def reference_logits(folders: Any, variant: str, batch: list[Sample]) -> np.ndarray:
+    return Reference.load(folders, variant).logits(batch)
