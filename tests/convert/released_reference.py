@@ -349,7 +349,12 @@ class Reference:
             tower = beats_reference.load(folders.beats)
         else:
             tower = transformers.WhisperModel.from_pretrained(folders.whisper).encoder.eval()
-        clip = transformers.CLIPVisionModel.from_pretrained(folders.clip).eval()
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the CLIP folder's text half is not loaded
+        try:
+            clip = transformers.CLIPVisionModel.from_pretrained(folders.clip).eval()
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         return cls(variant, load_llm(folders, variant), clip, tower)
 
     def encode_images(self, pixels_bchw: np.ndarray) -> torch.Tensor:

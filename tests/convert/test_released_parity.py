@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from transformers.models.llama import modeling_llama
 from transformers.models.mixtral import modeling_mixtral
 
@@ -118,3 +119,101 @@ def test_reference_merges_the_attention_lora(released):
     scale = released_models.LORA["lora_alpha"] / released_models.LORA["r"]
     expected = base[f"{name}.weight"] + scale * b @ a
     torch.testing.assert_close(lm.state_dict()[f"{name}.weight"], expected, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity: converted by `from-unimoe`, built by the factory, against the reference.
+
+MEDIA = {ref.IMAGE_TOKEN: "image", ref.VIDEO_TOKEN: "video", ref.AUDIO_TOKEN: "audio"}
+
+
+def _samples(variant: str, rng: np.random.Generator) -> list[ref.Sample]:
+    """Two prompts of different lengths and media orders: an image, an 8-frame video and a
+    3-chunk clip; then a clip before an image (its video slot empty)."""
+    hw = released_models.hf_models.CLIP_VISION["image_size"]
+
+    def clip() -> np.ndarray:  # 3 chunks: Whisper log-mels [C, mels, frames], BEATs fbank [C, F, mels]
+        shape = (3, 32, ref.BEATS["num_mel_bins"]) if variant == "audio_4e" else (3, 10, 30)
+        return rng.normal(size=shape).astype(np.float32)
+
+    def pixels(*lead: int) -> np.ndarray:
+        return rng.normal(size=(*lead, 3, hw, hw)).astype(np.float32)
+
+    return [
+        ref.Sample((1, 29, 87, ref.IMAGE_TOKEN, 40, ref.VIDEO_TOKEN, 51, 63, ref.AUDIO_TOKEN, 77, 2),
+                   image=pixels(), video=pixels(8), audio=clip()),
+        ref.Sample((1, 101, ref.AUDIO_TOKEN, 13, ref.IMAGE_TOKEN, 150), image=pixels(), audio=clip()),
+    ]
+
+
+def _our_batch(samples: list[ref.Sample], tokenizer, counts: dict[str, int]) -> dict:
+    """The same prompts in our batch form: each sentinel expanded to its block of placeholder
+    ids, right-padded with the pad id; media channels-last; absent media zero-filled."""
+    ids = {"image": tokenizer.image_id, "video": tokenizer.video_id, "audio": tokenizer.audio_id}
+    rows = []
+    for s in samples:
+        row = []
+        for token in s.ids:
+            kind = MEDIA.get(token)
+            if kind is None:
+                row.append(token)
+            else:
+                chunks = len(s.audio) if kind == "audio" else 1
+                row += [ids[kind]] * counts[kind] * chunks
+        rows.append(row)
+    t = max(len(r) for r in rows)
+    tokens = np.full((len(rows), t), tokenizer.pad_id, np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, : len(row)] = row
+    image = np.stack([s.image for s in samples]).transpose(0, 2, 3, 1)
+    video = np.stack([s.video if s.video is not None else np.zeros_like(samples[0].video)
+                      for s in samples]).transpose(0, 1, 3, 4, 2)
+    audio = np.stack([s.audio for s in samples])
+    batch = dict(tokens=tokens, attn_mask=tokens != -1, image=image, video=video)
+    batch["attn_mask"] = np.stack([np.arange(t) < len(r) for r in rows])
+    if counts.get("sound"):
+        batch.update(sound_fbank=audio, sound_frame_mask=np.zeros(audio.shape[:3], bool),
+                     has_sound=np.ones(len(samples), bool))
+    else:
+        batch["audio_mel"] = audio.transpose(0, 1, 3, 2)  # [B, C, frames, mels]
+    return batch
+
+
+def _our_model(folders: released_models.ReleasedFolders, out):
+    from unimoe import factory
+    from unimoe.convert import core, released
+    from unimoe.data.tokenizer import PretrainedTokenizer
+    from unimoe.models.unimoe import ModelSpec
+
+    # No released file states the audio model's Q-Former heads (the official: BLIP-2's 12).
+    heads = {"qformer_heads": ref.QFORMER["num_attention_heads"]} if folders.beats else {}
+    released.from_unimoe(
+        folders.variant, folders.base, folders.finetuned, out, clip=folders.clip,
+        whisper=folders.whisper, experts=folders.experts, beats=folders.beats, **heads,
+    )
+    section = released.model_section(out)
+    if folders.variant == "8e":  # the reference's deterministic second choice
+        section["moe"]["second_choice"] = "argmax"
+    tokenizer = PretrainedTokenizer(out / "tokenizer.model")
+    model = factory.build_model(ModelSpec.from_dict(section), tokenizer, moe=True, lora_rank=0, seed=0)
+    factory.load_params(model, [("released", core.pretrained_params({"unimoe": str(out)}))])
+    return model, tokenizer
+
+
+def test_converted_logits_match_the_reference(released, tmp_path):
+    samples = _samples(released.variant, np.random.default_rng(7))
+    expected = ref.reference_logits(released, released.variant, samples)
+    model, tokenizer = _our_model(released, tmp_path / "converted")
+    model.eval()
+    counts = dict(model.num_media_tokens)
+    if released.variant == "audio_4e":
+        counts["audio"] = counts["sound"]
+    batch = _our_batch(samples, tokenizer, counts)
+    # jit: compiling the whole forward once is quicker than dispatching it op by op.
+    logits = nnx.jit(lambda m, b: m(b)[0])(model, {k: np.asarray(v) for k, v in batch.items()})
+    logits = np.asarray(logits)[..., : released_models.VOCAB]  # the released rows
+    mask = batch["attn_mask"]
+    assert logits.shape[:2] == expected.shape[:2] == mask.shape
+    err = np.abs(logits - expected)[mask].max()
+    print(f"{released.variant}: max |ours - reference| = {err:.2e} (logit std {expected.std():.2f})")
+    assert err < 1e-4, f"{released.variant}: max |ours - reference| = {err:.2e}"
