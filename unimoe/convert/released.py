@@ -56,7 +56,7 @@ from unimoe.convert.released_model import (
     BLIP2_QFORMER_HEADS, NOT_IN_CHECKPOINT, PAPER_MODEL, VARIANTS, model_dict, moe_config,
 )  # fmt: skip
 from unimoe.convert.released_sources import (
-    ReleasedError, State, canonical_8e, gate_layers, load_experts_8e, merge_adapter, merged,
+    Adapter, ReleasedError, State, canonical_8e, gate_layers, load_experts_8e, merge_adapter, merged,
     read_adapter, read_side_file,
 )  # fmt: skip
 from unimoe.models import connectors
@@ -64,7 +64,10 @@ from unimoe.models.abstract import abstract_module
 from unimoe.models.qformer import QFormerConnector
 from unimoe.nn.lora import LoRAConfig
 
-__all__ = ["PAPER_MODEL", "VARIANTS", "from_unimoe", "model_section", "not_in_checkpoint"]
+__all__ = [
+    "BLIP2_QFORMER_HEADS", "PAPER_MODEL", "VARIANTS", "from_unimoe", "model_section",
+    "not_in_checkpoint", "read_unimoe",
+]
 
 FAMILY = "unimoe_released"
 TOKENIZER_FILE = "tokenizer.model"
@@ -128,9 +131,12 @@ def _lm(variant: str, cfg: dict, layers: tuple[int, ...]) -> Any:
     return dataclasses.replace(llm_cfg, moe_layers=layers, moe=moe)
 
 
-def _qformer_config(aligner: dict, enc_dim: int, out_dim: int, source: str) -> QFormerConnector.Config:
-    """Uni-MoE-audio's Q-Former is `Blip2QFormerModel(Blip2Config().qformer_config)`, hard-coded:
-    its heads are BLIP-2's 12; the rest is read from the tensors (tiny test models vary it)."""
+def _qformer_config(
+    aligner: dict, enc_dim: int, out_dim: int, heads: int, source: str
+) -> QFormerConnector.Config:
+    """Uni-MoE-audio's Q-Former is `Blip2QFormerModel(Blip2Config().qformer_config)`, hard-coded,
+    so no file states its shape: the heads are `heads` (BLIP-2's 12 in the release), the rest is
+    read from the tensors."""
     prefix = f"{AUDIO_ALIGNER}qformer.qformer.encoder.layer."
     try:
         queries = aligner[f"{AUDIO_ALIGNER}query_tokens"]
@@ -145,7 +151,7 @@ def _qformer_config(aligner: dict, enc_dim: int, out_dim: int, source: str) -> Q
         num_queries=queries.shape[1],
         width=queries.shape[2],
         depth=len(layers),
-        num_heads=BLIP2_QFORMER_HEADS,
+        num_heads=heads,
         mlp_dim=mlp.shape[0],
         cross_attention_every=cross[1] if len(cross) > 1 else len(layers),
     )
@@ -165,7 +171,8 @@ def _towers(variant: str, cfg: dict, paths: dict, aligner: dict, finetuned: path
     queries = aligner.get(QUERY_TOKENS)
     if variant != "audio_4e" and queries is None:
         raise ReleasedError(f"{finetuned / ALIGNER}: tensor {QUERY_TOKENS!r} is missing")
-    num_queries = queries.shape[1] if queries is not None else PAPER_MODEL[variant]["audio_conn"]["num_queries"]
+    # The audio model's Whisper connector is unused (all audio goes to BEATs): config's size.
+    num_queries = queries.shape[1] if queries is not None else cfg.get("query_tokens_size", 50)
     whisper = core.read_hf(paths["whisper"], Options(num_queries=num_queries))
     for flag, conv, family in (("clip", clip, "clip_vision"), ("whisper", whisper, "whisper")):
         if conv.family != family:
@@ -255,7 +262,7 @@ def _load_side(state: State, folder: pathlib.Path, name: str, variant: str, **kw
 
 
 def _load(variant: str, state: State, base: pathlib.Path, finetuned: pathlib.Path,
-          experts: pathlib.Path | None, cfg: dict) -> None:
+          experts: pathlib.Path | None, cfg: dict, adapter: Adapter) -> None:
     """The official load order (module docstring) into `state`."""
     discard = _discard(variant)
     for path, tensors in _base_shards(base).items():
@@ -266,7 +273,6 @@ def _load(variant: str, state: State, base: pathlib.Path, finetuned: pathlib.Pat
     if variant == "8e":
         pending = load_experts_8e(state, experts, finetuned, cfg["num_experts"])
     _load_side(state, finetuned, NON_LORA, variant, required=False)
-    adapter = read_adapter(finetuned)
     if variant == "8e":
         _load_side(state, finetuned, GATES, variant, required=True)
         _check_fm(state, finetuned, cfg)
@@ -384,6 +390,7 @@ def read_unimoe(
     whisper: str | pathlib.Path,
     experts: str | pathlib.Path | None = None,
     beats: str | pathlib.Path | None = None,
+    qformer_heads: int = BLIP2_QFORMER_HEADS,
 ) -> tuple[core.Converted, dict, list[str]]:
     """(the converted checkpoint in memory, its `config.model` dict, notes for the user)."""
     _check_args(variant, experts, beats)
@@ -402,16 +409,16 @@ def read_unimoe(
     configs["audio_conn"] = dataclasses.replace(configs["audio_conn"], out_dim=lm_dim)
     if variant == "audio_4e":
         enc = configs["sound"].encoder_embed_dim
-        conn = _qformer_config(aligner, enc, lm_dim, str(finetuned / ALIGNER))
+        conn = _qformer_config(aligner, enc, lm_dim, qformer_heads, str(finetuned / ALIGNER))
     else:
         conn = configs["audio_conn"]
     rules = _rules(variant, configs, conn)
     state = State(frozenset(name for rule in rules for name in rule.hf_names))
-    _load(variant, state, base, finetuned, pathlib.Path(experts) if experts else None, cfg)
+    adapter = read_adapter(finetuned)
+    _load(variant, state, base, finetuned, pathlib.Path(experts) if experts else None, cfg, adapter)
     dtypes = {name: str(value.dtype) for name, value in state.tensors.items()}
     where = lambda name: _where(name, variant, base, finetuned)  # noqa: E731
     params = {**_params(state, rules, _shapes(configs, conn), where), **towers.params}
-    adapter = read_adapter(finetuned)
     lora = LoRAConfig(alpha=adapter.alpha, dropout=adapter.dropout, dense_ffn=variant == "audio_4e")
     model = model_dict(configs["llm"], lora, configs, conn if variant == "audio_4e" else None)
     notes = [f"config: {cfg_path}", *state.notes, *towers.notes]
@@ -428,11 +435,14 @@ def from_unimoe(
     whisper: str | pathlib.Path,
     experts: str | pathlib.Path | None = None,
     beats: str | pathlib.Path | None = None,
+    qformer_heads: int = BLIP2_QFORMER_HEADS,
 ) -> tuple[core.Converted, list[str]]:
     """Converts a released Uni-MoE model into the directory `out` (new or empty); returns the
-    checkpoint in memory and the notes (what was dropped and why)."""
+    checkpoint in memory and the notes (what was dropped and why). `qformer_heads`: the audio
+    model's Q-Former heads, which no file records (the release: BLIP-2's 12)."""
     conv, model, notes = read_unimoe(
-        variant, base, finetuned, clip=clip, whisper=whisper, experts=experts, beats=beats
+        variant, base, finetuned, clip=clip, whisper=whisper, experts=experts, beats=beats,
+        qformer_heads=qformer_heads,
     )
     out = core.save(conv, out, source=str(pathlib.Path(finetuned).absolute()))
     meta_path = out / core.META_FILE
