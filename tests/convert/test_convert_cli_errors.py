@@ -53,15 +53,20 @@ CASES = {
         "error: {tmp}/hf/config.json: model_type 'gpt2' is not supported; supported: ['clip', "
         "'clip_vision_model', 'llama', 'mixtral', 'qwen2_moe', 'whisper']",
     ),
-    "bin_only": (
+    "damaged_bin": (
         lambda tmp: [
             "from-hf",
             str(_folder(tmp / "hf", LLAMA_CONFIG, {"pytorch_model.bin": b"pickle"})),
             f"{tmp}/out",
         ],
-        "error: {tmp}/hf: it has pytorch_model.bin, but neither model.safetensors nor "
-        "model.safetensors.index.json; only safetensors are read: convert it with transformers, "
-        "e.g. `AutoModel.from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)`",
+        "error: {tmp}/hf/pytorch_model.bin: torch.load(weights_only=True) cannot read it: it may "
+        "be truncated or damaged (download or save it again), or hold Python objects besides "
+        "tensors",
+    ),
+    "no_weights": (
+        lambda tmp: ["from-hf", str(_folder(tmp / "hf", LLAMA_CONFIG)), f"{tmp}/out"],
+        "error: {tmp}/hf: no weights: neither model.safetensors nor pytorch_model.bin, nor an "
+        "index (model.safetensors.index.json or pytorch_model.bin.index.json) with its shards",
     ),
     "truncated_safetensors": (
         lambda tmp: [

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
 
 import numpy as np
 
-from unimoe.convert import core
+from unimoe.convert import core, hf_io
 from unimoe.convert.families import Rule
 from unimoe.models.beats import BEATs
 
@@ -37,18 +36,6 @@ class BeatsFileError(ValueError):
     """The file is not a BEATs checkpoint unimoe can convert; the message names file and key."""
 
 
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        # from None: the CLI prints the innermost message, which should be this one.
-        raise ImportError(
-            "reading a BEATs checkpoint needs torch (its files are torch pickles): "
-            "pip install torch, or pip install -e '.[test]'"
-        ) from None
-    return torch
-
-
 def load_file(path: str | pathlib.Path) -> dict:
     """The checkpoint's dict, read with `torch.load(weights_only=True)` (no code from the file
     runs), its layout checked: 'cfg' a dict, 'model' a dict of tensors."""
@@ -60,7 +47,7 @@ def load_file(path: str | pathlib.Path) -> dict:
         )
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give a BEATs checkpoint file (.pt)")
-    torch = _torch()
+    torch = hf_io.import_torch("reading a BEATs checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     # torch.load raises UnpicklingError, RuntimeError, EOFError, ... on files it cannot read, with

@@ -2,6 +2,8 @@ r"""Command line: Hugging Face folders to unimoe checkpoints and back, and the p
 
   python -m unimoe.convert from-hf HF_DIR OUT_DIR [--select-layer -2] [--num-queries 50]
   python -m unimoe.convert from-beats BEATS_FILE.pt OUT_DIR
+  python -m unimoe.convert from-unimoe --variant={speech_4e,audio_4e,8e} --base=DIR --finetuned=DIR
+      [--experts=DIR] --clip=DIR --whisper=DIR [--beats=FILE] OUT_DIR
   python -m unimoe.convert to-hf CKPT_DIR OUT_DIR [--max-shard-size 5GB]
   python -m unimoe.convert parity HF_DIR|BEATS_FILE.pt [--tolerance 1e-4]
 
@@ -10,6 +12,10 @@ training stage, WORKDIR/STAGE as `python -m unimoe.main` writes it (`convert/sta
 CLIP and Whisper towers as HF folders under OUT_DIR, the rest in a safetensors file, a README).
 `from-beats` converts a BEATs checkpoint (the torch file microsoft/unilm publishes, holding `cfg`
 and `model`) into a converted checkpoint with the parameters under sound/ (`convert/beats.py`).
+`from-unimoe` converts a released Uni-MoE model (the base folder, the fine-tuned folder with its
+peft adapter and side files, 8E's expert folder, the public CLIP / Whisper folders and for the
+audio model the BEATs file) into one converted checkpoint, every LoRA merged, in the official
+loader's order (`convert/released.py`); it prints what it dropped and why.
 `parity` exits with status 1 when any output differs from the reference's (transformers; for a
 BEATs file, SpeechBrain's BEATs) by more than the tolerance (float32). A mistake in the input (a
 missing folder or file, an unsupported or damaged checkpoint, a missing torch) prints one
@@ -24,7 +30,7 @@ import re
 import sys
 
 from unimoe import config as config_lib
-from unimoe.convert import beats, core, parity, stage
+from unimoe.convert import beats, core, parity, released, stage
 from unimoe.convert.families import Options
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}
@@ -67,6 +73,25 @@ def _parser() -> argparse.ArgumentParser:
         help="BEATs checkpoint file (.pt) -> unimoe orbax checkpoint (params under sound/)",
     )
     p.add_argument("beats_file")
+    p.add_argument("out_dir")
+    p = commands.add_parser(
+        "from-unimoe",
+        parents=[debug],
+        help="released Uni-MoE folders -> unimoe orbax checkpoint (all LoRA merged)",
+    )
+    p.add_argument("--variant", required=True, choices=released.VARIANTS)
+    p.add_argument("--base", required=True, help="Uni-MoE-speech-base / Uni-MoE-audio-base")
+    p.add_argument("--finetuned", required=True, help="Uni-MoE-speech-e2 / -audio-e2 / -8e-e2")
+    p.add_argument("--experts", help="8e only: Uni-MoE-8e-Experts (mlp_<name>.bin files)")
+    p.add_argument("--clip", required=True, help="clip-vit-large-patch14-336 (HF folder)")
+    p.add_argument("--whisper", required=True, help="whisper-small (HF folder)")
+    p.add_argument("--beats", help="audio_4e only: BEATs_iter3_plus_AS2M.pt")
+    p.add_argument(
+        "--qformer-heads",
+        type=int,
+        default=released.BLIP2_QFORMER_HEADS,
+        help="audio_4e's Q-Former heads, which no file records (the release: BLIP-2's 12)",
+    )
     p.add_argument("out_dir")
     p = commands.add_parser(
         "to-hf",
@@ -131,6 +156,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{conv.family}: {len(conv.params)} params -> {args.out_dir}")
         for note in ignored:
             print(f"ignored: {note}")
+        return 0
+    if args.command == "from-unimoe":
+        _check_out_dir(args.out_dir)
+        conv, notes = released.from_unimoe(
+            args.variant, args.base, args.finetuned, args.out_dir, clip=args.clip,
+            whisper=args.whisper, experts=args.experts, beats=args.beats,
+            qformer_heads=args.qformer_heads,
+        )  # fmt: skip
+        for note in notes:
+            print(f"note: {note}")
+        print(f"{args.variant}: {len(conv.params)} params, LoRA merged -> {args.out_dir}")
         return 0
     if args.command == "to-hf":
         _check_out_dir(args.out_dir)

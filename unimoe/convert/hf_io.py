@@ -1,7 +1,12 @@
-"""Hugging Face model folders: config.json plus safetensors, single-file or sharded with an index.
+"""Hugging Face model folders: config.json plus weights, single-file or sharded with an index.
 
-Tensors are numpy arrays in their stored dtype (bfloat16 via ml_dtypes), so a folder read and
-written back is byte-for-byte the same tensors.
+Weights are safetensors or PyTorch pickles (`pytorch_model.bin`, sharded
+`pytorch_model-0000N-of-0000M.bin` + `pytorch_model.bin.index.json`, and side files such as
+Uni-MoE's `mm_projector.bin`: `read_torch_file`). Pickles are read with a lazily imported torch,
+`torch.load(weights_only=True, mmap=True)`: no code from the file runs, and the tensors stay in
+the file's pages until used (a 7B x 4-expert fp32 base is ~80 GB). Tensors are numpy arrays in
+their stored dtype (bfloat16 via ml_dtypes), so a folder read and written back is byte-for-byte
+the same tensors. Only safetensors are written.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -19,10 +25,62 @@ from safetensors.numpy import save_file
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# PyTorch pickles, which only torch reads (weights_only=True: no code from the file runs).
+TORCH_SINGLE_FILE = "pytorch_model.bin"
+TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
+TORCH_INSTALL = "pip install torch, or pip install -e '.[test]'"
 
 
-# PyTorch pickles, which only torch reads (and running one can run code).
-TORCH_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+def import_torch(purpose: str) -> Any:
+    """torch, imported when a command reads a torch file; without it one line saying so."""
+    try:
+        import torch
+    except ImportError:
+        # from None: the CLI prints the innermost message, which should be this one.
+        raise ImportError(
+            f"{purpose} needs torch (its files are torch pickles): {TORCH_INSTALL}"
+        ) from None
+    return torch
+
+
+def _torch_numpy(tensor: Any, torch: Any) -> np.ndarray:
+    """The tensor's values as numpy, sharing its memory; bfloat16 through ml_dtypes."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _torch_load(path: pathlib.Path, torch: Any) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # mmap needs the zip format torch.save writes since 1.6; older pickles load without it.
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # UnpicklingError, RuntimeError, EOFError, ...: long messages that differ by torch version;
+    # --debug shows them.
+    except Exception:  # noqa: BLE001
+        raise ValueError(
+            f"{path}: torch.load(weights_only=True) cannot read it: it may be truncated or "
+            "damaged (download or save it again), or hold Python objects besides tensors"
+        ) from None
+
+
+def read_torch_file(path: str | pathlib.Path, purpose: str = "") -> dict[str, np.ndarray]:
+    """A torch state-dict file ({name: tensor}) as {name: numpy array} in the stored dtypes."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing{f' ({purpose})' if purpose else ''}")
+    torch = import_torch(f"reading {path.name}")
+    state = _torch_load(path, torch)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    bad = [name for name, value in state.items() if not torch.is_tensor(value)]
+    if bad:
+        raise ValueError(f"{path}: entry {bad[0]!r} is not a tensor; a state dict holds tensors")
+    return {str(name): _torch_numpy(value, torch) for name, value in state.items()}
 
 
 def read_config(hf_dir: str | pathlib.Path) -> dict:
@@ -58,12 +116,23 @@ def open_safetensors(path: pathlib.Path, framework: str = "np") -> Iterator[Any]
         ) from None
 
 
+def _index(hf_dir: pathlib.Path) -> pathlib.Path | None:
+    for name in (INDEX_FILE, TORCH_INDEX_FILE):
+        if (hf_dir / name).is_file():
+            return hf_dir / name
+    return None
+
+
 def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
-    """{tensor name: the safetensors file holding it}, from the index or the single file."""
+    """{tensor name: the file holding it}, from the index (safetensors or pytorch_model.bin) or
+    the single file (model.safetensors, else pytorch_model.bin)."""
     hf_dir = pathlib.Path(hf_dir)
-    index_path = hf_dir / INDEX_FILE
-    if index_path.is_file():
-        weight_map = json.loads(index_path.read_text()).get("weight_map")
+    index_path = _index(hf_dir)
+    if index_path is not None:
+        try:
+            weight_map = json.loads(index_path.read_text()).get("weight_map")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{index_path}: not valid JSON ({err})") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path}: no 'weight_map' of tensor name -> shard file")
         files = {name: hf_dir / shard for name, shard in weight_map.items()}
@@ -74,16 +143,16 @@ def tensor_files(hf_dir: str | pathlib.Path) -> dict[str, pathlib.Path]:
                 )
         return files
     single = hf_dir / SINGLE_FILE
-    if not single.is_file():
-        torch_files = [name for name in TORCH_FILES if (hf_dir / name).is_file()]
-        found = f"it has {torch_files[0]}, but " if torch_files else ""
-        raise FileNotFoundError(
-            f"{hf_dir}: {found}neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors are "
-            "read: convert it with transformers, e.g. `AutoModel.from_pretrained(DIR)"
-            ".save_pretrained(NEW_DIR, safe_serialization=True)`"
-        )
-    with open_safetensors(single) as f:
-        return {name: single for name in f.keys()}
+    if single.is_file():
+        with open_safetensors(single) as f:
+            return {name: single for name in f.keys()}
+    pickle = hf_dir / TORCH_SINGLE_FILE
+    if pickle.is_file():
+        return {name: pickle for name in read_torch_file(pickle)}
+    raise FileNotFoundError(
+        f"{hf_dir}: no weights: neither {SINGLE_FILE} nor {TORCH_SINGLE_FILE}, nor an index "
+        f"({INDEX_FILE} or {TORCH_INDEX_FILE}) with its shards"
+    )
 
 
 def read_tensors(hf_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -93,13 +162,17 @@ def read_tensors(hf_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
         by_file.setdefault(path, []).append(name)
     tensors: dict[str, np.ndarray] = {}
     for path, names in by_file.items():
-        # The flax reader knows bfloat16 (numpy's does not); np.asarray keeps it as ml_dtypes.
-        with open_safetensors(path, "flax") as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise ValueError(f"{path}: the index lists tensor {name!r}, the file lacks it")
-                tensors[name] = np.asarray(f.get_tensor(name))
+        if path.suffix == ".safetensors":
+            # The flax reader knows bfloat16 (numpy's does not); np.asarray keeps it as ml_dtypes.
+            with open_safetensors(path, "flax") as f:
+                present = set(f.keys())
+                stored = {n: np.asarray(f.get_tensor(n)) for n in names if n in present}
+        else:
+            stored = read_torch_file(path)
+        for name in names:
+            if name not in stored:
+                raise ValueError(f"{path}: the index lists tensor {name!r}, the file lacks it")
+            tensors[name] = stored[name]
     return tensors
 
 
