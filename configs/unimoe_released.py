@@ -30,8 +30,9 @@ audio_4e), placeholder rows never generated. Deviations we keep on purpose:
   PyTorch's draw.
 - The vision and audio towers compute in float32 on the float16-rounded weights (the official code
   runs them in bfloat16); the LM follows the official dtype.
-- The 8E model's second expert is chosen by argmax at inference unless
-  `--config.model.moe.second_choice_at_inference=True` ... (see README: "8E's Gumbel second choice").
+- The 8E model draws its second expert with Gumbel noise at inference, as the official code
+  (`gumbel=False` in the config arg: argmax, deterministic answers); the noise is a JAX stream,
+  so its draws, unlike the rest of decoding, depend on the batch a question is in.
 - Clotho captioning under the official protocol uses beam sampling, which unimoe does not implement:
   `--protocol=ours` decodes it (sampling, one beam).
 """
@@ -62,7 +63,7 @@ def _data(variant: str, model: dict) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, variant='speech_4e', checkpoint='')
+    arg = config_lib.parse_arg(arg, variant='speech_4e', checkpoint='', gumbel=True)
     if arg.variant not in config_lib.RELEASED_VARIANTS:
         raise ValueError(
             f"configs/unimoe_released.py: variant={arg.variant!r} is not one of "
@@ -71,11 +72,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = config_lib.load_config(_PAPER_4E)
     model = released.model_section(arg.checkpoint) if arg.checkpoint else released.PAPER_MODEL[arg.variant]
     c.model = model
+    if arg.variant == '8e':
+        # DeepSpeed's gate draws the second expert at inference too (`gumbel=False`: argmax).
+        c.model.moe.gumbel_at_inference = arg.gumbel
     c.tokenizer = os.path.join(arg.checkpoint, released.TOKENIZER_FILE) if arg.checkpoint else ''
     c.pretrained = dict(released=arg.checkpoint)
     c.data.update(_data(arg.variant, model))
     c.json_data = dict(
         data_dir='',
+        media_root='',
         image_aspect='square',
         # Whisper chunks per record: 20 in the 8E (`_dp`) code; unlimited in the v1 speech code.
         max_audio_chunks=20,
