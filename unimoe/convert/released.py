@@ -46,6 +46,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -112,7 +113,7 @@ def _config(variant: str, base: pathlib.Path, finetuned: pathlib.Path) -> tuple[
     return cfg, path
 
 
-def _moe_layers(variant: str, cfg: dict, base_tensors: dict, gates: dict, where: str) -> tuple:
+def _moe_layers(variant: str, base_tensors: Mapping, gates: Mapping, where: str) -> tuple:
     """The MoE layers, read from the weights: the base's routers (4E) or mlp_gates.bin's (8E)."""
     if variant == "8e":
         layers = gate_layers(gates)
@@ -236,7 +237,7 @@ def _shapes(configs: dict, conn: Any) -> dict[str, tuple[int, ...]]:
     return {**lm_shapes, **core.param_shapes(modules)}
 
 
-def _discard(variant: str):
+def _discard(variant: str) -> Callable[[str], str | None]:
     """Why the official loader drops a tensor of the base or a side file (None: it loads it)."""
 
     def reason(name: str) -> str | None:
@@ -271,8 +272,15 @@ def _load_side(state: State, folder: pathlib.Path, name: str, variant: str, **kw
     return state.load(tensors, str(folder / name), rename=_rename, discard=_discard(variant))
 
 
-def _load(variant: str, state: State, base: pathlib.Path, finetuned: pathlib.Path,
-          experts: pathlib.Path | None, cfg: dict, adapter: Adapter) -> None:
+def _load(
+    variant: str,
+    state: State,
+    base: pathlib.Path,
+    finetuned: pathlib.Path,
+    experts: pathlib.Path | None,
+    cfg: dict,
+    adapter: Adapter,
+) -> None:
     """The official load order (module docstring) into `state`."""
     discard = _discard(variant)
     for path, tensors in _base_shards(base).items():
@@ -418,7 +426,7 @@ def read_unimoe(
     aligner = read_side_file(finetuned, ALIGNER, required=True)
     gates = read_side_file(finetuned, GATES, required=True) if variant == "8e" else {}
     base_names = hf_io.tensor_files(base)
-    layers = _moe_layers(variant, cfg, base_names, gates, str(finetuned / GATES if gates else base))
+    layers = _moe_layers(variant, base_names, gates, str(finetuned / GATES if gates else base))
     paths = {"clip": clip, "whisper": whisper, "beats": beats}
     towers = _towers(variant, cfg, paths, aligner, finetuned)
     configs = {**towers.configs, "llm": _lm(variant, cfg, layers)}
