@@ -60,26 +60,52 @@ def _torch_file(path) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in torch.load(path, weights_only=True).items()}
 
 
+def _model(out, *, abstract: bool):
+    spec = ModelSpec.from_dict(released.model_section(out))
+    tokenizer = PretrainedTokenizer(out / released.TOKENIZER_FILE)
+    return factory.build_model(spec, tokenizer, moe=True, lora_rank=0, seed=0, abstract=abstract)
+
+
+def _params(model) -> dict[str, tuple[int, ...]]:
+    return {path_str(p): v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 @pytest.mark.parametrize("variant", rm.VARIANTS)
-def test_the_built_model_takes_every_parameter_from_the_checkpoint(variant, converted):
-    """The contract: config.model from the checkpoint, build_model(moe=True, lora_rank=0),
-    load_params from `pretrained_params`: every parameter comes from OUT but `not_in_checkpoint`."""
+def test_the_checkpoint_holds_every_parameter_of_its_model(variant, converted):
+    """config.model from OUT, built with moe=True and lora_rank=0 (shapes only): every parameter
+    but `not_in_checkpoint` is in OUT with its shape (the vocabulary: the tokenizer's appended
+    placeholders aside), nothing else is, and there is no LoRA left."""
     _, out, conv, _ = converted(variant)
     model_dict = released.model_section(out)
     assert model_dict["moe_layers"] == LAYOUT[variant]
     assert set(model_dict) == set(released.PAPER_MODEL[variant])
-    spec = ModelSpec.from_dict(model_dict)
-    tokenizer = PretrainedTokenizer(out / released.TOKENIZER_FILE)
-    model = factory.build_model(spec, tokenizer, moe=True, lora_rank=0, seed=0)
-    source = core.pretrained_params({"unimoe": str(out)})
-    origin = factory.load_params(model, [("unimoe", source)])
-    paths = {path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    model = _model(out, abstract=True)
+    shapes = _params(model)
     skipped = released.not_in_checkpoint(variant)
-    assert set(origin) == {p for p in paths if not p.startswith(skipped)} == set(conv.params)
+    assert {p for p in shapes if not p.startswith(skipped)} == set(conv.params)
+    for path, value in conv.params.items():
+        if path in factory.VOCAB_AXES:
+            axis = factory.VOCAB_AXES[path]
+            assert shapes[path][axis] == value.shape[axis] + 3  # image, video, audio placeholders
+        else:
+            assert shapes[path] == value.shape, path
     assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(model)))
     with Checkpointer(out) as ckpt:
         assert sorted(ckpt.final_params()[1]) == sorted(conv.params)
     assert json.loads((out / core.META_FILE).read_text())["variant"] == variant
+
+
+def test_the_model_loads_the_checkpoint_as_a_stage_would(converted):
+    """The contract, run: `load_params` from `core.pretrained_params({'unimoe': OUT})` sets
+    every parameter but `not_in_checkpoint` (8E, the quickest to build)."""
+    _, out, conv, _ = converted("8e")
+    model = _model(out, abstract=False)
+    source = core.pretrained_params({"unimoe": str(out)})
+    origin = factory.load_params(model, [("unimoe", source)])
+    skipped = released.not_in_checkpoint("8e")
+    assert set(origin) == {p for p in _params(model) if not p.startswith(skipped)}
+    router = nnx.state(model, nnx.Param)["llm"]["layers"][1]["ffn"]["router"]["kernel"]
+    np.testing.assert_array_equal(router.get_value(), conv.params["llm/layers/1/ffn/router/kernel"])
 
 
 def test_the_paper_model_dicts_build_specs():
@@ -138,7 +164,8 @@ def test_merged_weights_equal_peft_merge_and_unload(variant, converted):
         assert not np.allclose(theirs, base[name].numpy().T)  # the LoRA moved it
         np.testing.assert_allclose(conv.params[path], theirs, rtol=0, atol=1e-6)
     theirs = merged["model.layers.0.mlp.experts.2.up_proj.weight"].numpy().T
-    np.testing.assert_allclose(conv.params["llm/layers/0/ffn/experts/w_up_edf"][2], theirs, atol=1e-6)
+    ours = conv.params["llm/layers/0/ffn/experts/w_up_edf"][2]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
 
 
 def test_8e_experts_compute_the_lora_expert_of_their_source_file(converted):
@@ -146,20 +173,23 @@ def test_8e_experts_compute_the_lora_expert_of_their_source_file(converted):
     it (unmerged, scale lora_alpha / lora_r, down's LoRA on silu(gate) * up)."""
     folders, _, conv, _ = converted("8e")
     cfg = json.loads((folders.base / "8config.json").read_text())
-    x = torch.from_numpy(np.random.default_rng(0).normal(size=(5, cfg["hidden_size"])).astype(np.float32))
+    x_nd = np.random.default_rng(0).normal(size=(5, cfg["hidden_size"])).astype(np.float32)
+    prefix = "model.layers.1.mlp.deepspeed_moe.experts.deepspeed_experts.0."
+    weights = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
     for e in (0, 6):  # 6 reuses mlp_base, with its own LoRA
         expert = ref.LoRAExpert(ref.llama_config(cfg), cfg["lora_r"], cfg["lora_alpha"])
         ffn = _torch_file(folders.experts / f"{rm.EXPERT_LIST[e]}.bin")
         lora = _torch_file(folders.finetuned / f"{e}_mlp_experts.bin")
-        prefix = "model.layers.1.mlp.deepspeed_moe.experts.deepspeed_experts.0."
-        state = {k[len(prefix):]: torch.from_numpy(v) for k, v in lora.items() if k.startswith(prefix)}
-        state.update({p: torch.from_numpy(ffn[f"model.layers.1.mlp.{p}"]) for p in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")})
-        expert.load_state_dict(state)
-        want = expert(x).detach().numpy()
-        w = {k: conv.params[f"llm/layers/1/ffn/experts/{k}"][e] for k in ("w_gate_edf", "w_up_edf", "w_down_efd")}
-        xs = x.numpy()
-        silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
-        got = (silu(xs @ w["w_gate_edf"]) * (xs @ w["w_up_edf"])) @ w["w_down_efd"]
+        state = {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)}
+        state.update({w: ffn[f"model.layers.1.mlp.{w}"] for w in weights})
+        expert.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        want = expert(torch.from_numpy(x_nd)).detach().numpy()
+        bank = {
+            k: conv.params[f"llm/layers/1/ffn/experts/{name}"][e]
+            for k, name in (("gate", "w_gate_edf"), ("up", "w_up_edf"), ("down", "w_down_efd"))
+        }
+        gate, up = x_nd @ bank["gate"], x_nd @ bank["up"]
+        got = (gate / (1 + np.exp(-gate)) * up) @ bank["down"]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
@@ -188,31 +218,32 @@ def _damage(case: str, f: rm.ReleasedFolders) -> tuple[list[str], str]:
     if case == "truncated_pickle":
         path = f.finetuned / "mlp_gates.bin"
         path.write_bytes(path.read_bytes()[:300])
-        return [], f"error: {path}: torch.load(weights_only=True) cannot read it: it may be truncated"
+        return [], f"error: {path}: torch.load(weights_only=True) cannot read it: it may be "
     if case == "adapter_of_another_rank":
         path = f.finetuned / "adapter_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "r": 4}))
-        return [], f"error: {f.finetuned}/adapter_model.bin: tensor 'base_model.model.model.layers"
+        return [], f"error: {f.finetuned}/adapter_model.bin: tensor 'base_model.model.model."
     if case == "not_unimoe":
         return ["--finetuned", str(f.whisper)], (
             f"error: {f.whisper}/config.json: model_type 'whisper' without num_experts is not a "
             "Uni-MoE config"
         )
     assert case == "experts_for_4e"
-    return ["--experts", str(f.base)], "error: --experts (the Uni-MoE-8e-Experts folder) is needed"
+    return ["--experts", str(f.base)], "error: --experts (the Uni-MoE-8e-Experts folder) is"
 
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_shard", "truncated_pickle", "adapter_of_another_rank", "not_unimoe", "experts_for_4e"],
+    ["missing_shard", "truncated_pickle", "adapter_of_another_rank", "not_unimoe",
+     "experts_for_4e"],
 )
 def test_damaged_inputs_end_with_one_line_naming_the_file(case, converted, tmp_path, capsys):
     original = converted("speech_4e")[0]
     shutil.copytree(original.base.parent, tmp_path / "released")
+    copied = (original.base, original.finetuned, original.clip, original.whisper)
     f = rm.ReleasedFolders(
-        "speech_4e", *(tmp_path / "released" / p.relative_to(original.base.parent)
-                       for p in (original.base, original.finetuned, original.clip, original.whisper)),
-    )  # fmt: skip
+        "speech_4e", *(tmp_path / "released" / p.relative_to(original.base.parent) for p in copied)
+    )
     extra, expected = _damage(case, f)
     argv = [
         "from-unimoe", "--variant=speech_4e", "--base", str(f.base), "--finetuned",

@@ -48,6 +48,28 @@ def _options(args: argparse.Namespace) -> Options:
     return Options(select_layer=args.select_layer, num_queries=args.num_queries)
 
 
+def _add_from_unimoe(commands: argparse._SubParsersAction, debug: argparse.ArgumentParser) -> None:
+    p = commands.add_parser(
+        "from-unimoe",
+        parents=[debug],
+        help="released Uni-MoE folders -> unimoe orbax checkpoint (all LoRA merged)",
+    )
+    p.add_argument("--variant", required=True, choices=released.VARIANTS)
+    p.add_argument("--base", required=True, help="Uni-MoE-speech-base / Uni-MoE-audio-base")
+    p.add_argument("--finetuned", required=True, help="Uni-MoE-speech-e2 / -audio-e2 / -8e-e2")
+    p.add_argument("--experts", help="8e only: Uni-MoE-8e-Experts (mlp_<name>.bin files)")
+    p.add_argument("--clip", required=True, help="clip-vit-large-patch14-336 (HF folder)")
+    p.add_argument("--whisper", required=True, help="whisper-small (HF folder)")
+    p.add_argument("--beats", help="audio_4e only: BEATs_iter3_plus_AS2M.pt")
+    p.add_argument(
+        "--qformer-heads",
+        type=int,
+        default=released.BLIP2_QFORMER_HEADS,
+        help="audio_4e's Q-Former heads, which no file records (the release: BLIP-2's 12)",
+    )
+    p.add_argument("out_dir")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unimoe.convert", description=__doc__.split("\n")[0]
@@ -74,25 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("beats_file")
     p.add_argument("out_dir")
-    p = commands.add_parser(
-        "from-unimoe",
-        parents=[debug],
-        help="released Uni-MoE folders -> unimoe orbax checkpoint (all LoRA merged)",
-    )
-    p.add_argument("--variant", required=True, choices=released.VARIANTS)
-    p.add_argument("--base", required=True, help="Uni-MoE-speech-base / Uni-MoE-audio-base")
-    p.add_argument("--finetuned", required=True, help="Uni-MoE-speech-e2 / -audio-e2 / -8e-e2")
-    p.add_argument("--experts", help="8e only: Uni-MoE-8e-Experts (mlp_<name>.bin files)")
-    p.add_argument("--clip", required=True, help="clip-vit-large-patch14-336 (HF folder)")
-    p.add_argument("--whisper", required=True, help="whisper-small (HF folder)")
-    p.add_argument("--beats", help="audio_4e only: BEATs_iter3_plus_AS2M.pt")
-    p.add_argument(
-        "--qformer-heads",
-        type=int,
-        default=released.BLIP2_QFORMER_HEADS,
-        help="audio_4e's Q-Former heads, which no file records (the release: BLIP-2's 12)",
-    )
-    p.add_argument("out_dir")
+    _add_from_unimoe(commands, debug)
     p = commands.add_parser(
         "to-hf",
         parents=[debug],

@@ -46,6 +46,7 @@ import dataclasses
 import json
 import pathlib
 import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,8 +57,8 @@ from unimoe.convert.released_model import (
     BLIP2_QFORMER_HEADS, NOT_IN_CHECKPOINT, PAPER_MODEL, VARIANTS, model_dict, moe_config,
 )  # fmt: skip
 from unimoe.convert.released_sources import (
-    Adapter, ReleasedError, State, canonical_8e, gate_layers, load_experts_8e, merge_adapter, merged,
-    read_adapter, read_side_file,
+    Adapter, ReleasedError, State, canonical_8e, gate_layers, load_experts_8e, merge_adapter,
+    merged, read_adapter, read_side_file,
 )  # fmt: skip
 from unimoe.models import connectors
 from unimoe.models.abstract import abstract_module
@@ -101,13 +102,18 @@ def _config(variant: str, base: pathlib.Path, finetuned: pathlib.Path) -> tuple[
             f"{path}: model_type {cfg.get('model_type')!r} without num_experts is not a Uni-MoE "
             "config (model_type 'llava', num_experts, num_experts_per_tok)"
         )
-    for key, want in (("mm_projector_type", "mlp2x_gelu"), ("audio_projector_type", "linear")):
+    wants = (
+        ("mm_projector_type", "mlp2x_gelu"),
+        ("audio_projector_type", "linear"),
+        ("mm_vision_select_feature", "patch"),
+    )
+    for key, want in wants:
         if cfg.get(key, want) != want:
             raise ReleasedError(f"{path}: {key}={cfg[key]!r} is not supported (Uni-MoE: {want!r})")
     return cfg, path
 
 
-def _moe_layers(variant: str, cfg: dict, base_tensors: dict, gates: dict, where: str) -> tuple:
+def _moe_layers(variant: str, base_tensors: Mapping, gates: Mapping, where: str) -> tuple:
     """The MoE layers, read from the weights: the base's routers (4E) or mlp_gates.bin's (8E)."""
     if variant == "8e":
         layers = gate_layers(gates)
@@ -164,7 +170,9 @@ class _Towers:
     notes: list[str]
 
 
-def _towers(variant: str, cfg: dict, paths: dict, aligner: dict, finetuned: pathlib.Path) -> _Towers:
+def _towers(
+    variant: str, cfg: dict, paths: dict, aligner: dict, finetuned: pathlib.Path
+) -> _Towers:
     """CLIP, Whisper (and BEATs) from their public files. The speech variants take only the
     Whisper encoder here: the decoder is mm_audio_aligner.bin's (trained)."""
     clip = core.read_hf(paths["clip"], Options(select_layer=cfg.get("mm_vision_select_layer", -2)))
@@ -214,19 +222,22 @@ def _rules(variant: str, configs: dict, conn: Any) -> list[Rule]:
 
 
 def _shapes(configs: dict, conn: Any) -> dict[str, tuple[int, ...]]:
-    llm_cfg, root = configs["llm"], "sound_conn" if isinstance(conn, QFormerConnector.Config) else "audio_conn"
+    """The shapes of the params the state fills: the LM, the projector and the aligner."""
+    llm_cfg = configs["llm"]
     proj = connectors.MLPProjector.Config(in_dim=configs["vision"].width, out_dim=llm_cfg.dim)
-    builders = {
-        "image_proj": lambda rngs: connectors.MLPProjector(proj, rngs=rngs),
-        root: lambda rngs: (QFormerConnector if root == "sound_conn" else connectors.QueryConnector)(
-            conn, rngs=rngs
-        ),
+    if isinstance(conn, QFormerConnector.Config):
+        root, aligner = "sound_conn", QFormerConnector
+    else:
+        root, aligner = "audio_conn", connectors.QueryConnector
+    modules = {
+        "image_proj": abstract_module(lambda rngs: connectors.MLPProjector(proj, rngs=rngs)),
+        root: abstract_module(lambda rngs: aligner(conn, rngs=rngs)),
     }
-    modules = {name: abstract_module(build) for name, build in builders.items()}
-    return {**core.param_shapes(core.abstract_modules({"llm": llm_cfg})), **core.param_shapes(modules)}
+    lm_shapes = core.param_shapes(core.abstract_modules({"llm": llm_cfg}))
+    return {**lm_shapes, **core.param_shapes(modules)}
 
 
-def _discard(variant: str):
+def _discard(variant: str) -> Callable[[str], str | None]:
     """Why the official loader drops a tensor of the base or a side file (None: it loads it)."""
 
     def reason(name: str) -> str | None:
@@ -261,8 +272,15 @@ def _load_side(state: State, folder: pathlib.Path, name: str, variant: str, **kw
     return state.load(tensors, str(folder / name), rename=_rename, discard=_discard(variant))
 
 
-def _load(variant: str, state: State, base: pathlib.Path, finetuned: pathlib.Path,
-          experts: pathlib.Path | None, cfg: dict, adapter: Adapter) -> None:
+def _load(
+    variant: str,
+    state: State,
+    base: pathlib.Path,
+    finetuned: pathlib.Path,
+    experts: pathlib.Path | None,
+    cfg: dict,
+    adapter: Adapter,
+) -> None:
     """The official load order (module docstring) into `state`."""
     discard = _discard(variant)
     for path, tensors in _base_shards(base).items():
@@ -304,7 +322,9 @@ def _check_fm(state: State, finetuned: pathlib.Path, cfg: dict) -> None:
     if not path.is_file() or not hf_io.read_torch_file(path):
         return
     if cfg.get("use_fm_block"):
-        raise ReleasedError(f"{path}: the modality gate-input blocks (use_fm_block) are not supported")
+        raise ReleasedError(
+            f"{path}: the modality gate-input blocks (use_fm_block) are not supported"
+        )
     state.notes.append(f"{path}: not used: config.json has use_fm_block false (no fm modules)")
 
 
@@ -339,7 +359,8 @@ def _where(name: str, variant: str, base: pathlib.Path, finetuned: pathlib.Path)
 
 def _want(rule: Rule, shape: tuple[int, ...], got: tuple[int, ...]) -> tuple[bool, str]:
     if rule.kind == "rows":
-        return len(got) == 2 and got[0] >= rule.rows and got[1] == shape[1], f"(>= {rule.rows}, {shape[1]})"
+        ok = len(got) == 2 and got[0] >= rule.rows and got[1] == shape[1]
+        return ok, f"(>= {rule.rows}, {shape[1]})"
     want = (1, *shape) if rule.path == "audio_conn/query_tokens" else core.hf_shape(rule, shape)
     return got == want, str(want)
 
@@ -378,7 +399,9 @@ def _check_args(variant: str, experts: Any, beats: Any) -> None:
             "--experts (the Uni-MoE-8e-Experts folder) is needed by variant '8e' and only by it"
         )
     if (variant == "audio_4e") != (beats is not None):
-        raise ValueError("--beats (the BEATs .pt file) is needed by variant 'audio_4e' and only by it")
+        raise ValueError(
+            "--beats (the BEATs .pt file) is needed by variant 'audio_4e' and only by it"
+        )
 
 
 def read_unimoe(
@@ -397,11 +420,13 @@ def read_unimoe(
     base, finetuned = pathlib.Path(base), pathlib.Path(finetuned)
     cfg, cfg_path = _config(variant, base, finetuned)
     if not (base / TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(f"{base / TOKENIZER_FILE} is missing: the released base folders hold it")
+        raise FileNotFoundError(
+            f"{base / TOKENIZER_FILE} is missing: the released base folders hold it"
+        )
     aligner = read_side_file(finetuned, ALIGNER, required=True)
     gates = read_side_file(finetuned, GATES, required=True) if variant == "8e" else {}
     base_names = hf_io.tensor_files(base)
-    layers = _moe_layers(variant, cfg, base_names, gates, str(finetuned / GATES if gates else base))
+    layers = _moe_layers(variant, base_names, gates, str(finetuned / GATES if gates else base))
     paths = {"clip": clip, "whisper": whisper, "beats": beats}
     towers = _towers(variant, cfg, paths, aligner, finetuned)
     configs = {**towers.configs, "llm": _lm(variant, cfg, layers)}

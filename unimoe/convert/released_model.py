@@ -106,7 +106,9 @@ _TOWERS_7B = {
         gru_rel_pos=True, num_mel_bins=128,
     ),
 }  # fmt: skip
-_LAYERS_7B = {"speech_4e": tuple(range(32)), "audio_4e": tuple(range(0, 32, 2)), "8e": tuple(range(32))}
+_LAYERS_7B = {
+    "speech_4e": tuple(range(32)), "audio_4e": tuple(range(0, 32, 2)), "8e": tuple(range(32))
+}  # fmt: skip
 
 
 def _paper(variant: str) -> dict:
