@@ -66,12 +66,13 @@ from unimoe.models.qformer import QFormerConnector
 from unimoe.nn.lora import LoRAConfig
 
 __all__ = [
-    "BLIP2_QFORMER_HEADS", "PAPER_MODEL", "VARIANTS", "from_unimoe", "model_section",
-    "not_in_checkpoint", "read_unimoe",
+    "BLIP2_QFORMER_HEADS", "GENERATION_CONFIG", "PAPER_MODEL", "TOKENIZER_FILE", "VARIANTS",
+    "from_unimoe", "model_section", "not_in_checkpoint", "not_in_checkpoint_of", "read_unimoe",
 ]
 
 FAMILY = "unimoe_released"
 TOKENIZER_FILE = "tokenizer.model"
+GENERATION_CONFIG = "generation_config.json"
 NON_LORA, ALIGNER, GATES, FM = (
     "non_lora_trainables.bin", "mm_audio_aligner.bin", "mlp_gates.bin", "fm_adapter.bin"
 )  # fmt: skip
@@ -475,18 +476,31 @@ def from_unimoe(
     meta.update(variant=variant, model=model)
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(pathlib.Path(base) / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    if (pathlib.Path(base) / GENERATION_CONFIG).is_file():  # sampling defaults the official
+        # eval.py inherits through Hugging Face `generate` (`unimoe.eval.protocol`)
+        shutil.copyfile(pathlib.Path(base) / GENERATION_CONFIG, out / GENERATION_CONFIG)
     return conv, notes
+
+
+def _meta(ckpt_dir: str | pathlib.Path) -> dict:
+    path = pathlib.Path(ckpt_dir) / core.META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a converted checkpoint")
+    return json.loads(path.read_text())
 
 
 def model_section(ckpt_dir: str | pathlib.Path) -> dict:
     """The `config.model` dict `from_unimoe` recorded in `ckpt_dir`."""
-    path = pathlib.Path(ckpt_dir) / core.META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a converted checkpoint")
-    meta = json.loads(path.read_text())
+    meta = _meta(ckpt_dir)
     if meta.get("family") != FAMILY or "model" not in meta:
         raise ValueError(
-            f"{path}: a {meta.get('family')} checkpoint, not one `from-unimoe` wrote: it records "
-            "no Uni-MoE config.model"
+            f"{pathlib.Path(ckpt_dir) / core.META_FILE}: a {meta.get('family')} checkpoint, not "
+            "one `from-unimoe` wrote: it records no Uni-MoE config.model"
         )
     return meta["model"]
+
+
+def not_in_checkpoint_of(ckpt_dir: str | pathlib.Path) -> tuple[str, ...]:
+    """`not_in_checkpoint` of the variant a converted checkpoint holds; () for another family."""
+    meta = _meta(ckpt_dir)
+    return not_in_checkpoint(meta["variant"]) if meta.get("family") == FAMILY else ()

@@ -11,12 +11,13 @@ import dataclasses
 import json
 from typing import Any
 
+from unimoe import config as config_lib
 from unimoe.models import audio, beats, connectors, llm, vision
 from unimoe.models.qformer import QFormerConnector
 from unimoe.moe.config import MoEConfig
 from unimoe.nn.lora import LoRAConfig
 
-VARIANTS = ("speech_4e", "audio_4e", "8e")
+VARIANTS = config_lib.RELEASED_VARIANTS
 # Uni-MoE-audio builds its Q-Former from `Blip2Config()` (blip2_config.py): BLIP-2's 12 heads.
 BLIP2_QFORMER_HEADS = 12
 # Parameters of the built model no released file holds, by path prefix: unimoe's stage-0 probe

@@ -103,7 +103,9 @@ def main(argv: list[str]) -> None:
         config_lib.exit_with_problems(
             [f"{e}; fix the record, or pass --on-error=skip to skip and count bad records"]
         )
-    except config_lib.UserError as e:
+    # Past the record checks, a ValueError / OSError is about the input: a checkpoint of another
+    # model, a missing or damaged file.
+    except (config_lib.UserError, ValueError, OSError) as e:
         config_lib.exit_on_user_error(e)
     predictions, scores_path = run_benchmark.output_paths(output, _BENCHMARK.value)
     print(f"{_BENCHMARK.value}: {scores['headline']} = {scores[scores['headline']]:.4f}")

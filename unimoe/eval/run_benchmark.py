@@ -28,7 +28,7 @@ import tqdm
 from flax import nnx
 
 from unimoe import factory
-from unimoe.convert import core as convert_core
+from unimoe.convert import core as convert_core, released
 from unimoe.data import builtin, conversation, formats, json_pipeline, shapes, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer
 from unimoe.eval import benchmarks, evaluate, protocol as protocol_lib
@@ -40,9 +40,7 @@ log = logging.getLogger(__name__)
 
 # Token buffers are rounded up to a multiple of this, so nearby prompt lengths share a compile.
 _LENGTH_BUCKET = 64
-# Beside a converted released model (copied by `convert from-unimoe`): the base model's sampling
-# defaults, which the official eval.py inherits through Hugging Face `generate`.
-GENERATION_CONFIG = "generation_config.json"
+GENERATION_CONFIG = released.GENERATION_CONFIG
 # The source name of a benchmark's records in the media preprocessing (`_media_config`).
 BENCHMARK_SOURCE = "benchmark"
 
@@ -81,7 +79,8 @@ def load_converted(
     weights_via_float16: bool,
 ) -> UniMoE:
     """The model of a converted checkpoint (`python -m unimoe.convert from-unimoe` / `from-hf`
-    OUT), built as the config's last stage, every parameter from the checkpoint; the LM computes
+    OUT), built as the config's last stage without LoRA (a converted checkpoint holds merged
+    weights), every parameter from the checkpoint; the LM computes
     in `compute_dtype` with its matrices held in it (half the memory at bf16). With
     `weights_via_float16` every weight is rounded to float16 first, as the official loader reads
     the released models (`torch_dtype=float16`)."""
@@ -90,8 +89,7 @@ def load_converted(
         experiment.model, llm=dataclasses.replace(experiment.model.llm, dtype=compute_dtype)
     )
     model = factory.build_model(
-        spec, tokenizer, moe=stage.moe, lora_rank=stage.lora_rank, seed=experiment.seed,
-        abstract=True,
+        spec, tokenizer, moe=stage.moe, lora_rank=0, seed=experiment.seed, abstract=True,
     )  # fmt: skip
 
     def cast(path: str, value: np.ndarray) -> np.ndarray:
@@ -102,7 +100,12 @@ def load_converted(
 
     params = convert_core.pretrained_params({"checkpoint": os.fspath(checkpoint)})
     model = factory.params_into_abstract(
-        model, params, f"--checkpoint={checkpoint}", cast, seed=experiment.seed
+        model,
+        params,
+        f"--checkpoint={checkpoint}",
+        cast,
+        seed=experiment.seed,
+        missing_ok=released.not_in_checkpoint_of(checkpoint),
     )
     return nnx.view(model, deterministic=True, raise_if_not_found=False)
 

@@ -1,0 +1,120 @@
+"""A released Uni-MoE model end to end: `from-unimoe`, then `python -m unimoe.eval` with
+configs/unimoe_released.py, against the PyTorch reference decoding greedily on the same inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.convert import released_models, released_reference as ref
+from tests.data import real_corpus
+from unimoe import config as config_lib, experiment
+from unimoe.convert import cli
+from unimoe.eval import benchmarks, run_benchmark
+
+ROOT = pathlib.Path(__file__).parent.parent.parent
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> dict:
+    """The tiny speech_4e release converted, and a small A-OKVQA-style eval file with media."""
+    root = tmp_path_factory.mktemp("released_eval")
+    folders = released_models.write_released(root / "release", "speech_4e")
+    out = root / "converted"
+    assert cli.main([
+        "from-unimoe", "--variant=speech_4e", f"--base={folders.base}",
+        f"--finetuned={folders.finetuned}", f"--clip={folders.clip}",
+        f"--whisper={folders.whisper}", str(out),
+    ]) == 0  # fmt: skip
+    media = root / "media"
+    media.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        real_corpus.write_jpeg(media / f"img{i}.jpg", rng)
+    (media / "talk.wav").write_bytes(real_corpus.wav_bytes(0.7, 16000))
+
+    def turns(question: str) -> list[dict]:
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": ""}]
+
+    records = [
+        {"id": "q0", "question_id": 10, "image": "/img0.jpg", "gt": ["cat"] * 10,
+         "conversations": turns("<image>\nWhat is it?")},
+        {"id": "q1", "question_id": 11, "image": "/img1.jpg", "voice": ["/talk.wav"],
+         "gt": ["dog"] * 10, "conversations": turns("<image>\n<audio>\nAnd this one?")},
+        {"id": "q2", "question_id": 12, "gt": ["no"] * 10, "conversations": turns("Text alone?")},
+    ]  # fmt: skip
+    data = root / "eval.json"
+    data.write_text(json.dumps(records))
+    return {"root": root, "folders": folders, "out": out, "media": media, "data": data}
+
+
+def _sample(example: dict, tokenizer) -> ref.Sample:
+    """Our example as the reference's prompt: each run of placeholder ids one official sentinel,
+    the media channels-first (Whisper mels [C, mels, frames])."""
+    sentinels = {
+        tokenizer.image_id: ref.IMAGE_TOKEN,
+        tokenizer.video_id: ref.VIDEO_TOKEN,
+        tokenizer.audio_id: ref.AUDIO_TOKEN,
+    }
+    ids = []
+    for token in map(int, example["prompt"]):
+        if token not in sentinels:
+            ids.append(token)
+        elif not ids or ids[-1] != sentinels[token]:
+            ids.append(sentinels[token])
+    chunks = int(example["audio_chunk_mask"].sum())
+    return ref.Sample(
+        tuple(ids),
+        image=example["image"].transpose(2, 0, 1) if example["has_image"] else None,
+        audio=example["audio_mel"][:chunks].transpose(0, 2, 1) if chunks else None,
+    )
+
+
+def _reference_greedy(reference: ref.Reference, sample: ref.Sample, eos_id: int) -> tuple[list, np.ndarray]:
+    """Greedy decoding by rerunning the reference on the whole sequence at every step."""
+    ids, first = list(sample.ids), None
+    for _ in range(NEW_TOKENS):
+        logits = reference.logits([ref.Sample(tuple(ids), image=sample.image, audio=sample.audio)])
+        first = logits[0, -1] if first is None else first
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] == eos_id:
+            break
+    return ids[len(sample.ids):], first
+
+
+def test_eval_answers_a_released_model_as_the_reference_does(released):
+    out_dir = released["root"] / "eval_out"
+    config_arg = f"configs/unimoe_released.py:variant=speech_4e,checkpoint={released['out']}"
+    command = [
+        sys.executable, "-m", "unimoe.eval", f"--config={config_arg}",
+        f"--checkpoint={released['out']}", "--benchmark=aokvqa", f"--data={released['data']}",
+        f"--media-root={released['media']}", f"--output={out_dir}", "--dtype=float32",
+        f"--max-new-tokens={NEW_TOKENS}", "--save-logits", "--batch-size=2",
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    predictions = json.loads((out_dir / "aokvqa.predictions.json").read_text())
+    scores = json.loads((out_dir / "aokvqa.scores.json").read_text())
+    assert scores["protocol"] == "official" and scores["sampling"]["temperature"] == 0.0
+    saved = np.load(out_dir / "aokvqa.logits.npz")
+
+    # The same preprocessed inputs, decoded greedily by the reference.
+    typed = experiment.from_config_dict(config_lib.load_config(config_arg))
+    tokenizer = run_benchmark.load_tokenizer(typed)
+    items, _ = benchmarks.read_items(benchmarks.get("aokvqa"), released["data"])
+    _, examples, _ = run_benchmark.build_examples(typed, items, tokenizer, str(released["media"]))
+    reference = ref.Reference.load(released["folders"], "speech_4e")
+    for example, prediction, key in zip(examples, predictions, ["10", "11", "12"]):
+        ids, first = _reference_greedy(reference, _sample(example, tokenizer), tokenizer.eos_id)
+        if tokenizer.eos_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_id)]
+        assert prediction["prediction"] == tokenizer.decode(ids).strip(), key
+        np.testing.assert_allclose(saved[key][: released_models.VOCAB], first, atol=1e-4)
