@@ -29,7 +29,7 @@ from unimoe.data.tokenizer import PretrainedTokenizer
 from unimoe.models.unimoe import ModelSpec
 
 # The tiny audio model's Q-Former has 3 heads (the release: BLIP-2's 12).
-HEADS = {"audio_4e": rm.QFORMER["num_attention_heads"]}
+HEADS = {"audio_4e": ref.QFORMER["num_attention_heads"]}
 LAYOUT = {"speech_4e": "all", "audio_4e": "every_2", "8e": "all"}
 
 
@@ -147,7 +147,7 @@ def test_merged_weights_equal_peft_merge_and_unload(variant, converted):
     whisper_cfg = transformers.WhisperConfig.from_pretrained(folders.whisper)
     aligner = None
     if variant == "audio_4e":
-        qformer = transformers.Blip2QFormerConfig(**rm.QFORMER)
+        qformer = transformers.Blip2QFormerConfig(**ref.QFORMER)
         aligner = ref.QFormerAligner(qformer, cfg["hidden_size"], rm.QUERIES)
     lm = ref.build_llava(cfg, variant, whisper_cfg, aligner)
     base = {k: torch.from_numpy(np.array(v)) for k, v in hf_io.read_tensors(folders.base).items()}
