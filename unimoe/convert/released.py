@@ -54,7 +54,8 @@ import numpy as np
 from unimoe.convert import beats as beats_lib, core, hf_io, qformer_names
 from unimoe.convert.families import FAMILIES, Options, Rule
 from unimoe.convert.released_model import (
-    BLIP2_QFORMER_HEADS, NOT_IN_CHECKPOINT, PAPER_MODEL, VARIANTS, model_dict, moe_config,
+    BLIP2_QFORMER_HEADS, FAMILY, PAPER_MODEL, VARIANTS, model_dict, model_section, moe_config,
+    not_in_checkpoint, not_in_checkpoint_of,
 )  # fmt: skip
 from unimoe.convert.released_sources import (
     Adapter, ReleasedError, State, canonical_8e, gate_layers, load_experts_8e, merge_adapter,
@@ -70,7 +71,6 @@ __all__ = [
     "from_unimoe", "model_section", "not_in_checkpoint", "not_in_checkpoint_of", "read_unimoe",
 ]
 
-FAMILY = "unimoe_released"
 TOKENIZER_FILE = "tokenizer.model"
 GENERATION_CONFIG = "generation_config.json"
 NON_LORA, ALIGNER, GATES, FM = (
@@ -80,11 +80,6 @@ PROJECTOR = "model.mm_projector"
 AUDIO_ALIGNER = "model.mm_audio_aligner."
 WHISPER_DECODER = f"{AUDIO_ALIGNER}decoder.audio_decoder."
 QUERY_TOKENS = "model.query_tokens"
-
-
-def not_in_checkpoint(variant: str) -> tuple[str, ...]:
-    """Path prefixes of the built model's parameters the checkpoint does not define."""
-    return NOT_IN_CHECKPOINT[variant]
 
 
 def _config(variant: str, base: pathlib.Path, finetuned: pathlib.Path) -> tuple[dict, pathlib.Path]:
@@ -480,27 +475,3 @@ def from_unimoe(
         # eval.py inherits through Hugging Face `generate` (`unimoe.eval.protocol`)
         shutil.copyfile(pathlib.Path(base) / GENERATION_CONFIG, out / GENERATION_CONFIG)
     return conv, notes
-
-
-def _meta(ckpt_dir: str | pathlib.Path) -> dict:
-    path = pathlib.Path(ckpt_dir) / core.META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a converted checkpoint")
-    return json.loads(path.read_text())
-
-
-def model_section(ckpt_dir: str | pathlib.Path) -> dict:
-    """The `config.model` dict `from_unimoe` recorded in `ckpt_dir`."""
-    meta = _meta(ckpt_dir)
-    if meta.get("family") != FAMILY or "model" not in meta:
-        raise ValueError(
-            f"{pathlib.Path(ckpt_dir) / core.META_FILE}: a {meta.get('family')} checkpoint, not "
-            "one `from-unimoe` wrote: it records no Uni-MoE config.model"
-        )
-    return meta["model"]
-
-
-def not_in_checkpoint_of(ckpt_dir: str | pathlib.Path) -> tuple[str, ...]:
-    """`not_in_checkpoint` of the variant a converted checkpoint holds; () for another family."""
-    meta = _meta(ckpt_dir)
-    return not_in_checkpoint(meta["variant"]) if meta.get("family") == FAMILY else ()

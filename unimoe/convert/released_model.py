@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 from typing import Any
 
 from unimoe import config as config_lib
+from unimoe.convert import core
 from unimoe.models import audio, beats, connectors, llm, vision
 from unimoe.models.qformer import QFormerConnector
 from unimoe.moe.config import MoEConfig
 from unimoe.nn.lora import LoRAConfig
 
 VARIANTS = config_lib.RELEASED_VARIANTS
+# `unimoe_convert.json`'s family of a `from-unimoe` checkpoint, which also records its variant and
+# config.model.
+FAMILY = "unimoe_released"
 # Uni-MoE-audio builds its Q-Former from `Blip2Config()` (blip2_config.py): BLIP-2's 12 heads.
 BLIP2_QFORMER_HEADS = 12
 # Parameters of the built model no released file holds, by path prefix: unimoe's stage-0 probe
@@ -126,3 +131,32 @@ def _paper(variant: str) -> dict:
 
 
 PAPER_MODEL = {variant: _paper(variant) for variant in VARIANTS}
+
+
+def not_in_checkpoint(variant: str) -> tuple[str, ...]:
+    """Path prefixes of the built model's parameters the checkpoint does not define."""
+    return NOT_IN_CHECKPOINT[variant]
+
+
+def _meta(ckpt_dir: str | pathlib.Path) -> dict:
+    path = pathlib.Path(ckpt_dir) / core.META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a converted checkpoint")
+    return json.loads(path.read_text())
+
+
+def model_section(ckpt_dir: str | pathlib.Path) -> dict:
+    """The `config.model` dict `from_unimoe` recorded in `ckpt_dir`."""
+    meta = _meta(ckpt_dir)
+    if meta.get("family") != FAMILY or "model" not in meta:
+        raise ValueError(
+            f"{pathlib.Path(ckpt_dir) / core.META_FILE}: a {meta.get('family')} checkpoint, not "
+            "one `from-unimoe` wrote: it records no Uni-MoE config.model"
+        )
+    return meta["model"]
+
+
+def not_in_checkpoint_of(ckpt_dir: str | pathlib.Path) -> tuple[str, ...]:
+    """`not_in_checkpoint` of the variant a converted checkpoint holds; () for another family."""
+    meta = _meta(ckpt_dir)
+    return not_in_checkpoint(meta["variant"]) if meta.get("family") == FAMILY else ()

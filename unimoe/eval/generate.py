@@ -141,9 +141,7 @@ def decode(
     )
     stop_s = jnp.asarray(stop_ids, jnp.int32)
     batch = x_btd.shape[0]
-    suppressed_v = jnp.zeros(first_logits_bv.shape[-1], bool).at[jnp.asarray(suppress_ids, int)].set(
-        True
-    )
+    suppressed_v = jnp.isin(jnp.arange(first_logits_bv.shape[-1]), jnp.asarray(suppress_ids, int))
 
     def choose(n, logits_bv, done_b):
         next_b = select_tokens(
