@@ -22,12 +22,16 @@ LoRA (r8, alpha 16) on the merged weights, training LoRA and routers as Uni-MoE'
 The evaluation defaults to the official protocol (`unimoe/eval/protocol.py`): each variant's
 eval.py decoding per benchmark, weights loaded in float16 and the LM computed in bfloat16 (float16
 for audio_4e), image preprocessing 'square' (CLIP resize + centre crop), speech cut into 30 s
-chunks of 480000 samples taken every 480001 (unlimited chunks for speech_4e, 20 for 8e and
-audio_4e), placeholder rows never generated. Deviations we keep on purpose:
+chunks of 480000 samples taken every 480001 (`json_data.audio_chunk_gap=1`), BEATs clips into
+chunks of 480000 with the last padded by its final sample, placeholder rows never generated.
+Deviations we keep on purpose:
 - Batched decoding (`--batch-size`, default 8) instead of one question at a time: answers are those
   of batch size 1 up to floating-point summation order (right padding with per-row lengths, one
   sampling stream per question), so a sampled answer is reproducible for a seed but never equal to
   PyTorch's draw.
+- At most 20 audio chunks (10 minutes) per question for every variant, and a longer clip is an
+  error naming the record: the 8E and audio code cut at 20 chunks silently, the v1 speech code
+  has no limit.
 - The vision and audio towers compute in float32 on the float16-rounded weights (the official code
   runs them in bfloat16); the LM follows the official dtype.
 - The 8E model draws its second expert with Gumbel noise at inference, as the official code
@@ -84,6 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         image_aspect='square',
         # Whisper chunks per record: 20 in the 8E (`_dp`) code; unlimited in the v1 speech code.
         max_audio_chunks=20,
+        # 480001 samples per step, 480000 kept (Uni-MoE's speech eval.py and data.py).
+        audio_chunk_gap=1,
     )
     if arg.variant == 'audio_4e':
         # Uni-MoE-audio hears every clip through BEATs: 480000-sample chunks, 128 mel bins, 20

@@ -170,6 +170,22 @@ def test_chunked_log_mel_matches_whisper_feature_extractor_per_30s_chunk():
     assert preprocess.chunked_log_mel(wave, 80, 3000, max_chunks=2).shape[0] == 2
 
 
+def test_a_one_sample_gap_chunks_as_uni_moes_speech_preprocessing():
+    """Uni-MoE's eval.py / data.py: while more than 480000 samples are left, feed the next 480001
+    to WhisperFeatureExtractor (which keeps 30 s) and move on by 480001; then the rest."""
+    wave = np.random.default_rng(1).standard_normal(2 * 480001 + 7).astype(np.float32) * 0.1
+    extractor = transformers.WhisperFeatureExtractor(feature_size=80)
+    official, rest = [], wave
+    while len(rest) > 0:
+        chunk, rest = (rest[:480001], rest[480001:]) if len(rest) > 480000 else (rest, rest[:0])
+        official.append(extractor(chunk, sampling_rate=16000, return_tensors="np")["input_features"][0].T)
+    mels = preprocess.chunked_log_mel(wave, 80, 3000, max_chunks=20, gap=1)
+    assert mels.shape[0] == len(official) == 3
+    np.testing.assert_allclose(mels, np.stack(official), atol=1e-4)
+    # Without the gap the windows start one sample earlier each: not the same features.
+    assert np.abs(preprocess.chunked_log_mel(wave, 80, 3000, max_chunks=20)[1] - official[1]).max() > 1e-3
+
+
 def test_decode_audio_downmixes_and_resamples_to_16k():
     data = real_corpus.wav_bytes(1.5, rate=44100, channels=2, freq=440.0)
     wave = preprocess.decode_audio(data, "s.wav")

@@ -73,6 +73,9 @@ class JsonDataConfig(shapes.BatchShapes):
     weights: tuple[float, ...] = ()  # per source, fraction of batches; () = equal
     image_aspect: str = "square"
     max_audio_chunks: int = 4  # per record, over all its voice files
+    # Samples skipped between Whisper chunks: 1 = Uni-MoE's 480001-sample steps
+    # (`preprocess.chunked_log_mel`); 0 = consecutive chunks.
+    audio_chunk_gap: int = 0
     # Sources whose voice files go to the sound tower (BEATs features, `unimoe.data.sound`), not
     # to Whisper; with the BEATs chunk (480000 samples = 30 s), mel bins and chunks per record
     # over all its voice files (the reference cuts each file at 20).
@@ -90,6 +93,8 @@ class JsonDataConfig(shapes.BatchShapes):
         super().__post_init__()
         if self.max_audio_chunks < 1:
             raise ValueError(f"max_audio_chunks={self.max_audio_chunks} must be >= 1")
+        if self.audio_chunk_gap < 0:
+            raise ValueError(f"audio_chunk_gap={self.audio_chunk_gap} must be >= 0")
         sound.check_fields(self)
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
@@ -157,8 +162,9 @@ class ExampleBuilder:
     def _voices(
         self, record: formats.Record, chunk_samples: int, limit: str, size: int, unit: str
     ) -> tuple[list[np.ndarray], list[int]]:
-        """Each voice file's waveform and chunk count; more chunks in all than `cfg.<limit>` is
-        an error (the reference cuts each file at 20 chunks without a word). A file longer than
+        """Each voice file's waveform and chunk count (a chunk every `chunk_samples`); more chunks
+        in all than `cfg.<limit>` is an error (the reference cuts each file at 20 chunks without
+        a word). A file longer than
         the chunks left is refused without decoding it whole (`preprocess.decode_audio`).
         Messages give a chunk's `size` in `unit`s (3000 'frame's)."""
         most, waves, counts = getattr(self.cfg, limit), [], []
@@ -185,12 +191,12 @@ class ExampleBuilder:
     def _audio(self, record: formats.Record) -> list[np.ndarray]:
         """Whisper log-mel chunks [c_k, A, M] of each voice file."""
         cfg = self.cfg
-        chunk_samples = cfg.audio_frames * preprocess.WHISPER_HOP
-        waves, counts = self._voices(
-            record, chunk_samples, "max_audio_chunks", cfg.audio_frames, "frame"
-        )
+        step = cfg.audio_frames * preprocess.WHISPER_HOP + cfg.audio_chunk_gap
+        waves, counts = self._voices(record, step, "max_audio_chunks", cfg.audio_frames, "frame")
         return [
-            preprocess.chunked_log_mel(w, cfg.num_mel_bins, cfg.audio_frames, c)
+            preprocess.chunked_log_mel(
+                w, cfg.num_mel_bins, cfg.audio_frames, c, gap=cfg.audio_chunk_gap
+            )
             for w, c in zip(waves, counts, strict=True)
         ]
 

@@ -238,21 +238,23 @@ def num_chunks(num_samples: int, chunk_samples: int) -> int:
 
 
 def chunked_log_mel(
-    wave: np.ndarray, num_mel_bins: int, frames_per_chunk: int, max_chunks: int
+    wave: np.ndarray, num_mel_bins: int, frames_per_chunk: int, max_chunks: int, gap: int = 0
 ) -> np.ndarray:
-    """float32 [C, frames_per_chunk, num_mel_bins]: consecutive chunks, each a Whisper log-mel.
+    """float32 [C, frames_per_chunk, num_mel_bins]: chunks every chunk + `gap` samples, each a
+    Whisper log-mel of the chunk's samples.
 
     The last chunk is zero-padded (as WhisperFeatureExtractor pads to 30 s); chunks past
     `max_chunks` are dropped (the reference caps a file at 20 chunks = 10 minutes; the pipeline
-    rejects such records instead).
-    The reference's chunks overlap by one sample (it takes 480001 samples and the extractor
-    keeps 480000); these are exact consecutive 30-s windows.
+    rejects such records instead). Uni-MoE's speech preprocessing takes 480001 samples per step
+    and its extractor keeps the first 480000, dropping one sample per boundary: `gap=1`
+    (`JsonDataConfig.audio_chunk_gap`); 0 gives exact consecutive 30-s windows.
     """
     chunk = frames_per_chunk * WHISPER_HOP
-    count = min(num_chunks(len(wave), chunk), max_chunks)
+    stride = chunk + gap
+    count = min(num_chunks(len(wave), stride), max_chunks)
     return np.stack(
         [
-            media.log_mel(wave[i * chunk : (i + 1) * chunk], num_mel_bins, frames_per_chunk)
+            media.log_mel(wave[i * stride : i * stride + chunk], num_mel_bins, frames_per_chunk)
             for i in range(count)
         ]
     )

@@ -120,6 +120,7 @@ def _media_config(
     policies = {} if json_data is None else dict(
         image_aspect=json_data.image_aspect,
         max_audio_chunks=json_data.max_audio_chunks,
+        audio_chunk_gap=json_data.audio_chunk_gap,
         sound_sources=tuple(s for s in json_data.sound_sources if s == BENCHMARK_SOURCE),
         sound_chunk_samples=json_data.sound_chunk_samples,
         sound_mel_bins=json_data.sound_mel_bins,
