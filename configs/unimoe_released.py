@@ -17,7 +17,9 @@ connector), audio_4e (Uni-MoE-audio: 4 experts in the even layers, BEATs + Q-For
 the model its recorded `config.model` and tokenizer; without it the published 7B sizes are used
 (`--dry_run` accounting, lowering). `python -m unimoe.main` with this config fine-tunes the release:
 the stage `finetune` starts from the converted checkpoint (`config.pretrained.released`) with new
-LoRA (r8, alpha 16) on the merged weights, training LoRA and routers as Uni-MoE's stage 3 does.
+LoRA (r8, alpha 16) on the merged weights, training LoRA and routers as Uni-MoE's stage 3 does, on
+the prepared `unimoe_json` sources `json_sources` (default uni_moe_speech) under `data_dir`, media
+under `media_root`.
 
 The evaluation defaults to the official protocol (`unimoe/eval/protocol.py`): each variant's
 eval.py decoding per benchmark, weights loaded in float16 and the LM computed in bfloat16 (float16
@@ -67,7 +69,10 @@ def _data(variant: str, model: dict) -> dict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, variant='speech_4e', checkpoint='', gumbel=True)
+    arg = config_lib.parse_arg(
+        arg, variant='speech_4e', checkpoint='', gumbel=True, data_dir='', media_root='',
+        json_sources='uni_moe_speech',
+    )  # fmt: skip
     if arg.variant not in config_lib.RELEASED_VARIANTS:
         raise ValueError(
             f"configs/unimoe_released.py: variant={arg.variant!r} is not one of "
@@ -83,8 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrained = dict(released=arg.checkpoint)
     c.data.update(_data(arg.variant, model))
     c.json_data = dict(
-        data_dir='',
-        media_root='',
+        data_dir=arg.data_dir,
+        media_root=arg.media_root,
         image_aspect='square',
         # Whisper chunks per record: 20 in the 8E (`_dp`) code; unlimited in the v1 speech code.
         max_audio_chunks=20,
@@ -108,6 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         learning_rate=4e-5,
         batch_size=8,
         warmup_fraction=0.03,
+        json_sources=arg.json_sources,
         moe=True,
         lora_rank=8,
         frozen_in_compute_dtype=True,

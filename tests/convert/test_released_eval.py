@@ -11,11 +11,12 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.convert import released_models, released_reference as ref
 from tests.data import real_corpus
-from unimoe import config as config_lib, experiment
-from unimoe.convert import cli
+from unimoe import checkpoint, config as config_lib, experiment, factory
+from unimoe.convert import cli, released as released_lib
 from unimoe.eval import benchmarks, run_benchmark
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
@@ -118,3 +119,18 @@ def test_eval_answers_a_released_model_as_the_reference_does(released):
             ids = ids[: ids.index(tokenizer.eos_id)]
         assert prediction["prediction"] == tokenizer.decode(ids).strip(), key
         np.testing.assert_allclose(saved[key][: released_models.VOCAB], first, atol=1e-4)
+
+
+def test_a_released_model_is_where_a_finetuning_stage_starts(released):
+    """configs/unimoe_released.py's stage `finetune` takes every weight from the conversion
+    (`config.pretrained.released`); only its new LoRA and the parts no release has start new."""
+    config_arg = f"configs/unimoe_released.py:variant=speech_4e,checkpoint={released['out']}"
+    typed = experiment.from_config_dict(config_lib.load_config(config_arg))
+    tokenizer = run_benchmark.load_tokenizer(typed)
+    model, origin = factory.build_stage_model(typed, "finetune", released["root"], tokenizer)
+    params = [checkpoint.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    new = {p for p in params if p not in origin}
+    assert new and all(
+        "lora" in p or p.startswith(released_lib.not_in_checkpoint("speech_4e")) for p in new
+    ), sorted(new)[:5]
+    assert set(origin.values()) == {"pretrained"}

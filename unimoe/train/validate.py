@@ -38,6 +38,8 @@ _PRETRAINED = {
     'vision': ('vision',),
     'audio': ('audio',),
     'sound': ('sound',),  # `convert from-beats`
+    # `convert from-unimoe`: a whole released Uni-MoE model (configs/unimoe_released.py).
+    'released': tuple(sorted({p for parts in factory.TRAINABLE_PARTS.values() for p in parts})),
 }
 
 
