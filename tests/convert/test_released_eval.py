@@ -23,16 +23,18 @@ ROOT = pathlib.Path(__file__).parent.parent.parent
 NEW_TOKENS = 4
 
 
-@pytest.fixture(scope="module")
-def released(tmp_path_factory) -> dict:
-    """The tiny speech_4e release converted, and a small A-OKVQA-style eval file with media."""
-    root = tmp_path_factory.mktemp("released_eval")
-    folders = released_models.write_released(root / "release", "speech_4e")
+@pytest.fixture(scope="module", params=["speech_4e", "8e"])
+def released(request, tmp_path_factory) -> dict:
+    """A tiny release converted, and a small A-OKVQA-style eval file with media."""
+    variant = request.param
+    root = tmp_path_factory.mktemp(f"released_eval_{variant}")
+    folders = released_models.write_released(root / "release", variant)
     out = root / "converted"
+    experts = [f"--experts={folders.experts}"] if folders.experts else []
     assert cli.main([
-        "from-unimoe", "--variant=speech_4e", f"--base={folders.base}",
+        "from-unimoe", f"--variant={variant}", f"--base={folders.base}",
         f"--finetuned={folders.finetuned}", f"--clip={folders.clip}",
-        f"--whisper={folders.whisper}", str(out),
+        f"--whisper={folders.whisper}", *experts, str(out),
     ]) == 0  # fmt: skip
     media = root / "media"
     media.mkdir()
@@ -53,7 +55,12 @@ def released(tmp_path_factory) -> dict:
     ]  # fmt: skip
     data = root / "eval.json"
     data.write_text(json.dumps(records))
-    return {"root": root, "folders": folders, "out": out, "media": media, "data": data}
+    # The 8E second choice by argmax, as the reference's deterministic gate.
+    config_arg = f"configs/unimoe_released.py:variant={variant},checkpoint={out},gumbel=False"
+    return {
+        "root": root, "folders": folders, "out": out, "media": media, "data": data,
+        "variant": variant, "config_arg": config_arg,
+    }  # fmt: skip
 
 
 def _sample(example: dict, tokenizer) -> ref.Sample:
@@ -92,7 +99,7 @@ def _reference_greedy(reference: ref.Reference, sample: ref.Sample, eos_id: int)
 
 def test_eval_answers_a_released_model_as_the_reference_does(released):
     out_dir = released["root"] / "eval_out"
-    config_arg = f"configs/unimoe_released.py:variant=speech_4e,checkpoint={released['out']}"
+    config_arg = released["config_arg"]
     command = [
         sys.executable, "-m", "unimoe.eval", f"--config={config_arg}",
         f"--checkpoint={released['out']}", "--benchmark=aokvqa", f"--data={released['data']}",
@@ -112,7 +119,7 @@ def test_eval_answers_a_released_model_as_the_reference_does(released):
     tokenizer = run_benchmark.load_tokenizer(typed)
     items, _ = benchmarks.read_items(benchmarks.get("aokvqa"), released["data"])
     _, examples, _ = run_benchmark.build_examples(typed, items, tokenizer, str(released["media"]))
-    reference = ref.Reference.load(released["folders"], "speech_4e")
+    reference = ref.Reference.load(released["folders"], released["variant"])
     for example, prediction, key in zip(examples, predictions, ["10", "11", "12"]):
         ids, first = _reference_greedy(reference, _sample(example, tokenizer), tokenizer.eos_id)
         if tokenizer.eos_id in ids:
@@ -124,13 +131,13 @@ def test_eval_answers_a_released_model_as_the_reference_does(released):
 def test_a_released_model_is_where_a_finetuning_stage_starts(released):
     """configs/unimoe_released.py's stage `finetune` takes every weight from the conversion
     (`config.pretrained.released`); only its new LoRA and the parts no release has start new."""
-    config_arg = f"configs/unimoe_released.py:variant=speech_4e,checkpoint={released['out']}"
-    typed = experiment.from_config_dict(config_lib.load_config(config_arg))
+    typed = experiment.from_config_dict(config_lib.load_config(released["config_arg"]))
     tokenizer = run_benchmark.load_tokenizer(typed)
     model, origin = factory.build_stage_model(typed, "finetune", released["root"], tokenizer)
     params = [checkpoint.path_str(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     new = {p for p in params if p not in origin}
     assert new and all(
-        "lora" in p or p.startswith(released_lib.not_in_checkpoint("speech_4e")) for p in new
+        "lora" in p or p.startswith(released_lib.not_in_checkpoint(released["variant"]))
+        for p in new
     ), sorted(new)[:5]
     assert set(origin.values()) == {"pretrained"}
