@@ -141,3 +141,38 @@ def test_a_released_model_is_where_a_finetuning_stage_starts(released):
         for p in new
     ), sorted(new)[:5]
     assert set(origin.values()) == {"pretrained"}
+
+
+def test_a_float16_conversion_loads_as_the_official_evaluation_loads_a_float32_one(released):
+    """`--dtype=float16` stores what the official loader reads: under the official protocol
+    (float16 load, bfloat16 compute) the model is the same, at half the size."""
+    folders = released["folders"]
+    half = released["root"] / "converted_fp16"
+    if not half.exists():
+        experts = [f"--experts={folders.experts}"] if folders.experts else []
+        assert cli.main([
+            "from-unimoe", f"--variant={released['variant']}", f"--base={folders.base}",
+            f"--finetuned={folders.finetuned}", f"--clip={folders.clip}",
+            f"--whisper={folders.whisper}", *experts, "--dtype=float16", str(half),
+        ]) == 0  # fmt: skip
+    sizes = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in (released["out"], half)]
+    assert sizes[1] < 0.6 * sizes[0]
+    typed = experiment.from_config_dict(config_lib.load_config(released["config_arg"]))
+    tokenizer = run_benchmark.load_tokenizer(typed)
+    states = [
+        nnx.state(
+            run_benchmark.load_converted(
+                typed, ckpt, tokenizer, compute_dtype="bfloat16", weights_via_float16=True
+            ),
+            nnx.Param,
+        )
+        for ckpt in (released["out"], half)
+    ]
+    flat = [dict(nnx.to_flat_state(s)) for s in states]
+    assert flat[0].keys() == flat[1].keys()
+    for key, variable in flat[0].items():
+        np.testing.assert_array_equal(
+            np.asarray(variable.get_value(), np.float32),
+            np.asarray(flat[1][key].get_value(), np.float32),
+            err_msg=str(key),
+        )

@@ -67,6 +67,12 @@ def _add_from_unimoe(commands: argparse._SubParsersAction, debug: argparse.Argum
         default=released.BLIP2_QFORMER_HEADS,
         help="audio_4e's Q-Former heads, which no file records (the release: BLIP-2's 12)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=released.STORE_DTYPES,
+        help="store the weights in this dtype (default: as read; float16 = what the official "
+        "evaluation loads, half the size of float32)",
+    )
     p.add_argument("out_dir")
 
 
@@ -166,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         conv, notes = released.from_unimoe(
             args.variant, args.base, args.finetuned, args.out_dir, clip=args.clip,
             whisper=args.whisper, experts=args.experts, beats=args.beats,
-            qformer_heads=args.qformer_heads,
+            qformer_heads=args.qformer_heads, store_dtype=args.dtype,
         )  # fmt: skip
         for note in notes:
             print(f"note: {note}")

@@ -93,7 +93,7 @@ def load_converted(
     )  # fmt: skip
 
     def cast(path: str, value: np.ndarray) -> np.ndarray:
-        if weights_via_float16 and np.issubdtype(value.dtype, np.floating):
+        if weights_via_float16 and jnp.issubdtype(value.dtype, jnp.floating):
             value = value.astype(np.float16)
         dtype = jnp.dtype(compute_dtype) if factory.is_lm_matrix(path, value) else np.float32
         return np.asarray(value, dtype=dtype)
