@@ -74,12 +74,13 @@ def _init(batch: int, num_beams: int, max_new_tokens: int, pad_id: int) -> _Beam
     )
 
 
-def _log_probs(logits_bv, n, knobs, *, stop_ids, min_new_tokens, suppress_ids, greedy):
+def _log_probs(logits_bv, n, knobs, *, stop_ids, suppress_ids, greedy):
     """Hugging Face's beam scores of the next token: log-softmax, then the processors."""
     log_probs_bv = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
     vocab_v = jnp.arange(log_probs_bv.shape[-1])
     stop_v = jnp.isin(vocab_v, jnp.asarray(stop_ids, int))
-    banned_v = jnp.isin(vocab_v, jnp.asarray(suppress_ids, int)) | (stop_v & (n < min_new_tokens))
+    too_early = n < knobs['min_new_tokens']
+    banned_v = jnp.isin(vocab_v, jnp.asarray(suppress_ids, int)) | (stop_v & too_early)
     log_probs_bv = jnp.where(banned_v, -jnp.inf, log_probs_bv)
     if greedy:
         return log_probs_bv
@@ -115,13 +116,13 @@ def _gather(x_bk, index_bj):
     return jnp.take_along_axis(x_bk, index, axis=1)
 
 
-def _step(beams, log_probs_bkv, key, row_ids_b, *, stop_ids, max_new_tokens, greedy, penalty):
+def _step(beams, log_probs_bkv, key, knobs, *, stop_ids, max_new_tokens, greedy):
     """One beam step -> (the new state, each new live beam's parent as a flat row of B * K)."""
     batch, num_beams, vocab = log_probs_bkv.shape
     count = max(2, 1 + len(stop_ids)) * num_beams
     n = beams.n
     total_bm = (log_probs_bkv + beams.live_score_bk[:, :, None]).reshape(batch, -1)
-    score_bc, index_bc = _candidates(total_bm, key, row_ids_b, count=count, greedy=greedy)
+    score_bc, index_bc = _candidates(total_bm, key, knobs['row_ids'], count=count, greedy=greedy)
     parent_bc = index_bc // vocab
     token_bc = (index_bc % vocab).astype(jnp.int32)
     seq_bcn = _gather(beams.live_bkn, parent_bc).at[:, :, n].set(token_bc)
@@ -130,9 +131,9 @@ def _step(beams, log_probs_bkv, key, row_ids_b, *, stop_ids, max_new_tokens, gre
     live_bc = score_bc + ends_bc.astype(jnp.float32) * _OUT
     live_score_bk, live_bk = jax.lax.top_k(live_bc, num_beams)
     # Finished: candidates among the first K that end, while the prompt is open.
-    length = (n + 1).astype(jnp.float32)
+    norm = (n + 1).astype(jnp.float32) ** knobs['length_penalty']
     ended_bc = ends_bc & (jnp.arange(count) < num_beams)
-    final_bc = score_bc / length**penalty
+    final_bc = score_bc / norm
     final_bc += (~beams.open_b[:, None]).astype(jnp.float32) * _OUT
     final_bc += (~ended_bc).astype(jnp.float32) * _OUT
     merged_score = jnp.concatenate([beams.done_score_bk, final_bc], axis=1)
@@ -140,7 +141,7 @@ def _step(beams, log_probs_bkv, key, row_ids_b, *, stop_ids, max_new_tokens, gre
     is_done_bk = _gather(jnp.concatenate([beams.is_done_bk, ended_bc], axis=1), keep_bk)
     # Can the best live beam, at today's length, still beat the worst finished hypothesis?
     worst_bk = jnp.where(is_done_bk, done_score_bk.min(axis=1, keepdims=True), _OUT)
-    open_b = beams.open_b & jnp.any(live_score_bk[:, :1] / length**penalty > worst_bk, axis=1)
+    open_b = beams.open_b & jnp.any(live_score_bk[:, :1] / norm > worst_bk, axis=1)
     new = _Beams(
         n=n + 1,
         live_bkn=_gather(seq_bcn, live_bk),
@@ -164,15 +165,14 @@ def beam_decode(
     *,
     num_beams: int,
     max_new_tokens: int,
-    min_new_tokens: int,
     stop_ids: tuple[int, ...],
     pad_id: int,
     greedy: bool,
-    length_penalty: float,
     suppress_ids: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
     """(each prompt's best finished hypothesis int32 [B, max_new_tokens], pad after its stop id;
-    the prompt's next-token logits float32 [B, V]). knobs: as `generate.decode`."""
+    the prompt's next-token logits float32 [B, V]). knobs: as `generate.decode`, plus traced
+    'min_new_tokens' and 'length_penalty'."""
     first_logits_bv, cache = kv_cache.prefill(
         lm, x_btd, prompt_len_b, max_len=x_btd.shape[1] + max_new_tokens - 1
     )
@@ -185,17 +185,15 @@ def beam_decode(
         _log_probs,
         knobs=knobs,
         stop_ids=stop_ids,
-        min_new_tokens=min_new_tokens,
         suppress_ids=suppress_ids,
         greedy=greedy,
     )
     step = functools.partial(
         _step,
-        row_ids_b=knobs['row_ids'],
+        knobs=knobs,
         stop_ids=stop_ids,
         max_new_tokens=max_new_tokens,
         greedy=greedy,
-        penalty=length_penalty,
     )
 
     def advance(beams, logits_bv, cache):
@@ -218,10 +216,9 @@ def beam_decode(
 @functools.partial(
     jax.jit,
     static_argnames=(
-        'graphdef', 'num_beams', 'max_new_tokens', 'min_new_tokens', 'stop_ids', 'pad_id',
-        'greedy', 'length_penalty', 'suppress_ids',
+        'graphdef', 'num_beams', 'max_new_tokens', 'stop_ids', 'pad_id', 'greedy', 'suppress_ids'
     ),
-)  # fmt: skip
+)
 def _beam_bucketed(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -265,6 +262,9 @@ def beam_generate(
     inputs, knobs, num_rows = gen.bucket_batch(
         batch, max_new_tokens=max_new_tokens, pad_id=pad_id, sampling=sampling, row_ids=row_ids
     )
+    knobs.update(
+        min_new_tokens=np.int32(min_new_tokens), length_penalty=np.float32(length_penalty)
+    )
     out, first_logits = _beam_bucketed(
         graphdef,
         state,
@@ -273,11 +273,9 @@ def beam_generate(
         knobs,
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
         stop_ids=gen.sorted_ids(stop_ids),
         pad_id=pad_id,
         greedy=sampling.greedy,
-        length_penalty=float(length_penalty),
         suppress_ids=gen.sorted_ids(suppress_ids),
     )
     out = np.asarray(out)[:num_rows]
