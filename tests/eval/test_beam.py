@@ -121,7 +121,10 @@ def test_one_beam_is_greedy_generation():
     lm = random_lm('dense')
     batch = prompts_batch(TEXT_PROMPTS)
     stops = text_stops()
-    greedy = generate.generate(*nnx.split(lm), batch, max_new_tokens=NEW, pad_id=PAD, stop_ids=stops)
+    graphdef, state = nnx.split(lm)
+    greedy = generate.generate(
+        graphdef, state, batch, max_new_tokens=NEW, pad_id=PAD, stop_ids=stops
+    )
     np.testing.assert_array_equal(run_beams(lm, batch, num_beams=1, stop_ids=stops), greedy)
     assert (greedy == PAD).any()
 
