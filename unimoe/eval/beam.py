@@ -178,7 +178,10 @@ def beam_decode(
     )
     batch, vocab = first_logits_bv.shape
     if vocab < max(2, 1 + len(stop_ids)):
-        raise ValueError(f'beam_decode: a vocabulary of {vocab} tokens is too small for beams')
+        raise ValueError(
+            f'beam_decode: {len(stop_ids)} stop ids need a vocabulary over {len(stop_ids)} '
+            f'tokens (and at least 2), got {vocab}; pass fewer stop ids'
+        )
     to_beams = functools.partial(jnp.repeat, repeats=num_beams, axis=0)
     cache = jax.tree.map(to_beams, cache)
     process = functools.partial(
