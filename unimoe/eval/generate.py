@@ -83,6 +83,33 @@ def length_bucket(length: int) -> int:
     return -(-length // LONG_PROMPT_STEP) * LONG_PROMPT_STEP
 
 
+def warp_logits(
+    logits_bv: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    top_p: float | jax.Array = 1.0,
+    top_k: int | jax.Array = 0,
+    min_keep: int = 1,
+) -> jax.Array:
+    """float32 logits / temperature with -inf outside the top-k, then outside the top-p nucleus
+    (`SamplingConfig`), Hugging Face's warpers in their order; each filter keeps at least the
+    `min_keep` most likely tokens (beam search keeps a continuation beside every stop id)."""
+    logits_bv = logits_bv.astype(jnp.float32) / temperature
+    sorted_bv = -jnp.sort(-logits_bv, axis=-1)
+    # Top-k first: the k-th largest logit is the threshold.
+    kth_b1 = jnp.take(sorted_bv, jnp.maximum(top_k, min_keep) - 1, axis=-1)[:, None]
+    logits_bv = jnp.where((top_k > 0) & (logits_bv < kth_b1), -jnp.inf, logits_bv)
+    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+    sorted_bv = -jnp.sort(-probs_bv, axis=-1)
+    mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv
+    kept_bv = (mass_before_bv < top_p) | (jnp.arange(sorted_bv.shape[-1]) < min_keep)
+    # The smallest kept probability; ties with it stay too (the nucleus is a set of values).
+    threshold_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+    # top_p = 1 keeps every token, even those a float32 cumsum would push past 1.
+    in_nucleus_bv = (probs_bv >= threshold_b1) | (top_p >= 1.0)
+    return jnp.where(in_nucleus_bv, logits_bv, -jnp.inf)
+
+
 def select_tokens(
     logits_bv: jax.Array,
     key: jax.Array,
@@ -93,26 +120,12 @@ def select_tokens(
     top_k: int | jax.Array = 0,
     row_ids_b: jax.Array | None = None,
 ) -> jax.Array:
-    """The next token of each row, int32 [B]: the argmax if `greedy`, else a draw from the top-k,
-    then top-p, tokens of softmax(logits / temperature) with key fold_in(key, row id) (row ids:
-    `row_ids_b`, default 0..B-1). temperature, top_p and top_k may be traced (a new value does not
-    recompile)."""
+    """The next token of each row, int32 [B]: the argmax if `greedy`, else a draw from
+    `warp_logits` with key fold_in(key, row id) (row ids: `row_ids_b`, default 0..B-1).
+    temperature, top_p and top_k may be traced (a new value does not recompile)."""
     if greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits_bv = logits_bv.astype(jnp.float32) / temperature
-    # Top-k first, as Hugging Face's warpers: the k-th largest logit is the threshold.
-    kth_b1 = jnp.take(-jnp.sort(-logits_bv, axis=-1), jnp.maximum(top_k, 1) - 1, axis=-1)[:, None]
-    logits_bv = jnp.where((top_k > 0) & (logits_bv < kth_b1), -jnp.inf, logits_bv)
-    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
-    sorted_bv = -jnp.sort(-probs_bv, axis=-1)
-    mass_before_bv = jnp.cumsum(sorted_bv, axis=-1) - sorted_bv
-    # The smallest kept probability; ties with it stay too (the nucleus is a set of values).
-    threshold_b1 = jnp.min(
-        jnp.where(mass_before_bv < top_p, sorted_bv, jnp.inf), axis=-1, keepdims=True
-    )
-    # top_p = 1 keeps every token, even those a float32 cumsum would push past 1.
-    in_nucleus_bv = (probs_bv >= threshold_b1) | (top_p >= 1.0)
-    logits_bv = jnp.where(in_nucleus_bv, logits_bv, -jnp.inf)
+    logits_bv = warp_logits(logits_bv, temperature=temperature, top_p=top_p, top_k=top_k)
     if row_ids_b is None:
         row_ids_b = jnp.arange(logits_bv.shape[0])
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_ids_b)
@@ -180,6 +193,18 @@ def decode(
     return tokens_bn, first_logits_bv.astype(jnp.float32)
 
 
+def embed_prompts(
+    graphdef: nnx.GraphDef, state: nnx.State, inputs: Mapping[str, jax.Array]
+) -> tuple[DecoderLM, jax.Array]:
+    """(the LM, the prompt embeddings [B, T, D]) of a `UniMoE` (media encoded once and spliced
+    in) or a bare `DecoderLM`, viewed as at evaluation (deterministic, dropless)."""
+    model = nnx.merge(graphdef, state)
+    model = nnx.view(model, deterministic=True, dropless=True, raise_if_not_found=False)
+    if isinstance(model, UniMoE):
+        return model.llm, model.embed(inputs['tokens'], model.encode_media(inputs))
+    return model, model.embed_tokens(inputs['tokens'])
+
+
 @functools.partial(
     jax.jit,
     static_argnames=('graphdef', 'max_new_tokens', 'stop_ids', 'pad_id', 'greedy', 'suppress_ids'),
@@ -192,14 +217,7 @@ def _generate_bucketed(
     knobs: Mapping[str, jax.Array],
     **static: Any,
 ) -> tuple[jax.Array, jax.Array]:
-    model = nnx.merge(graphdef, state)
-    model = nnx.view(model, deterministic=True, dropless=True, raise_if_not_found=False)
-    if isinstance(model, UniMoE):
-        x_btd = model.embed(inputs['tokens'], model.encode_media(inputs))
-        lm = model.llm
-    else:
-        lm = model
-        x_btd = lm.embed_tokens(inputs['tokens'])
+    lm, x_btd = embed_prompts(graphdef, state, inputs)
     return decode(lm, x_btd, inputs['prompt_len'], key, knobs, **static)
 
 
@@ -217,6 +235,45 @@ def _check_batch(tokens: np.ndarray, prompt_len: np.ndarray, max_new_tokens: int
         )
     if max_new_tokens < 1:
         raise ValueError(f'generate: max_new_tokens must be >= 1, got {max_new_tokens}')
+
+
+def sorted_ids(ids: Collection[int]) -> tuple[int, ...]:
+    """Token ids as a sorted tuple of distinct ints: a static jit argument."""
+    return tuple(sorted({int(i) for i in ids}))
+
+
+def bucket_batch(
+    batch: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    sampling: SamplingConfig,
+    row_ids: Sequence[int] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """(inputs, knobs, number of real rows) of a checked `batch` padded to its buckets: rows up to
+    `batch_bucket` with copies of row 0 (their outputs are dropped), the prompt buffer cut or
+    padded to `length_bucket`; knobs hold the traced sampling values and each row's stream id."""
+    tokens = np.asarray(batch['tokens'])
+    prompt_len = np.asarray(batch['prompt_len'])
+    _check_batch(tokens, prompt_len, max_new_tokens)
+    num_rows, width = tokens.shape
+    rows = batch_bucket(num_rows)
+    length = length_bucket(int(prompt_len.max()))
+    take = np.concatenate([np.arange(num_rows), np.zeros(rows - num_rows, int)])
+    buffer = np.full((rows, length), pad_id, np.int32)
+    kept = min(width, length)
+    buffer[:, :kept] = tokens[take, :kept]
+    inputs = {'tokens': buffer, 'prompt_len': prompt_len[take].astype(np.int32)}
+    for name in MEDIA_KEYS:
+        if name in batch:
+            inputs[name] = np.asarray(batch[name])[take]
+    knobs = {
+        'temperature': np.float32(sampling.temperature),
+        'top_p': np.float32(sampling.top_p),
+        'top_k': np.int32(sampling.top_k),
+        'row_ids': np.asarray(np.arange(num_rows) if row_ids is None else row_ids, np.int32)[take],
+    }
+    return inputs, knobs, num_rows
 
 
 def generate(
@@ -241,27 +298,9 @@ def generate(
     A row's output ends at its first token in `stop_ids` (included) and is `pad_id` after it.
     row_ids: each row's sampling stream (default 0..B-1); suppress_ids: never generated.
     """
-    tokens = np.asarray(batch['tokens'])
-    prompt_len = np.asarray(batch['prompt_len'])
-    _check_batch(tokens, prompt_len, max_new_tokens)
-    num_rows, width = tokens.shape
-    rows = batch_bucket(num_rows)
-    length = length_bucket(int(prompt_len.max()))
-    # Extra rows repeat row 0 (their outputs are dropped); the buffer is cut or padded to `length`.
-    take = np.concatenate([np.arange(num_rows), np.zeros(rows - num_rows, int)])
-    buffer = np.full((rows, length), pad_id, np.int32)
-    kept = min(width, length)
-    buffer[:, :kept] = tokens[take, :kept]
-    inputs = {'tokens': buffer, 'prompt_len': prompt_len[take].astype(np.int32)}
-    for name in MEDIA_KEYS:
-        if name in batch:
-            inputs[name] = np.asarray(batch[name])[take]
-    knobs = {
-        'temperature': np.float32(sampling.temperature),
-        'top_p': np.float32(sampling.top_p),
-        'top_k': np.int32(sampling.top_k),
-        'row_ids': np.asarray(np.arange(num_rows) if row_ids is None else row_ids, np.int32)[take],
-    }
+    inputs, knobs, num_rows = bucket_batch(
+        batch, max_new_tokens=max_new_tokens, pad_id=pad_id, sampling=sampling, row_ids=row_ids
+    )
     out, first_logits = _generate_bucketed(
         graphdef,
         state,
@@ -269,10 +308,10 @@ def generate(
         jax.random.key(sampling.seed),
         knobs,
         max_new_tokens=max_new_tokens,
-        stop_ids=tuple(sorted({int(i) for i in stop_ids})),
+        stop_ids=sorted_ids(stop_ids),
         pad_id=pad_id,
         greedy=sampling.greedy,
-        suppress_ids=tuple(sorted({int(i) for i in suppress_ids})),
+        suppress_ids=sorted_ids(suppress_ids),
     )
     out = np.asarray(out)[:num_rows]
     return (out, np.asarray(first_logits)[:num_rows]) if with_first_logits else out
