@@ -39,8 +39,9 @@ Deviations we keep on purpose:
 - The 8E model draws its second expert with Gumbel noise at inference, as the official code
   (`gumbel=False` in the config arg: argmax, deterministic answers); the noise is a JAX stream,
   so its draws, unlike the rest of decoding, depend on the batch a question is in.
-- Clotho captioning under the official protocol uses beam sampling, which unimoe does not implement:
-  `--protocol=ours` decodes it (sampling, one beam).
+- Clotho captioning (audio_4e) is beam sampling as transformers 5.x does it (`unimoe/eval/beam.py`);
+  the official environment's transformers 4.31 divides a finished caption's score by the prompt
+  length plus its own (not its own alone), which favours shorter captions for long prompts.
 """
 
 import os

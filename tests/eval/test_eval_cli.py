@@ -240,11 +240,20 @@ def test_the_official_protocol_decodes_as_the_variants_eval_py(stage, converted,
     finally:
         (converted / run_benchmark.GENERATION_CONFIG).unlink()
     assert scores["sampling"] == {"temperature": 0.2, "top_p": 0.6, "seed": 0, "top_k": 50}
-    with pytest.raises(ValueError, match="beam sampling"):
-        run_benchmark.evaluate_benchmark(
-            official("audio_4e"), checkpoint=str(converted), benchmark="clotho",
-            data="unused.json", output=str(tmp_path / "c"),
-        )  # fmt: skip
+    # ... and captions Clotho by beam sampling: 5 beams, T=1, at least 10 new tokens.
+    (tmp_path / "rain.wav").write_bytes(real_corpus.wav_bytes(1.0, 16000))
+    clip = {
+        "id": "c0", "voice": ["/rain.wav"], "captions": ["rain falls", "it rains"],
+        "conversations": [{"from": "human", "value": "<audio>\nDescribe it."}, {"from": "gpt", "value": ""}],
+    }  # fmt: skip
+    (tmp_path / "clotho.json").write_text(json.dumps([clip]))
+    scores = run_benchmark.evaluate_benchmark(
+        official("audio_4e"), checkpoint=str(converted), benchmark="clotho",
+        data=str(tmp_path / "clotho.json"), output=str(tmp_path / "c"), media_root=str(tmp_path),
+        request=run_benchmark.Request(max_new_tokens=12),
+    )  # fmt: skip
+    assert (scores["num_beams"], scores["min_new_tokens"]) == (5, 10)
+    assert scores["sampling"]["temperature"] == 1.0 and scores["n"] == 1
 
 
 def test_benchmark_audio_goes_to_the_sound_tower_when_the_config_routes_it(stage, tmp_path):

@@ -31,7 +31,7 @@ from unimoe import factory
 from unimoe.convert import core as convert_core, released
 from unimoe.data import builtin, conversation, formats, json_pipeline, shapes, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer
-from unimoe.eval import benchmarks, evaluate, protocol as protocol_lib
+from unimoe.eval import beam, benchmarks, evaluate, protocol as protocol_lib
 from unimoe.eval.generate import MEDIA_KEYS, SamplingConfig
 from unimoe.experiment import ExperimentConfig
 from unimoe.models.unimoe import UniMoE
@@ -191,19 +191,32 @@ def build_examples(
     return kept, examples, len(items) - len(kept)
 
 
+def _batch(chunk: list[dict[str, np.ndarray]], tokenizer: TextTokenizer, seq_len: int) -> dict:
+    tokens = np.full((len(chunk), seq_len), tokenizer.pad_id, np.int32)
+    for row, ex in enumerate(chunk):
+        tokens[row, : len(ex["prompt"])] = ex["prompt"]
+    return {
+        "tokens": tokens,
+        "prompt_len": np.asarray([len(ex["prompt"]) for ex in chunk], np.int32),
+        **{k: np.stack([ex[k] for ex in chunk]) for k in MEDIA_KEYS if k in chunk[0]},
+    }
+
+
 def generate(
     model: UniMoE,
     examples: Sequence[dict[str, np.ndarray]],
     tokenizer: TextTokenizer,
     *,
     batch_size: int,
-    max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
+    decoding: protocol_lib.Decoding,
     first_logits: list[np.ndarray] | None = None,
 ) -> list[str]:
-    """Answers to every example, in order (the last batch padded with copies). Example i samples
-    from stream i and the media placeholders are never generated, so an answer does not depend
-    on the batch it is in. `first_logits`, if given, receives each example's first-step logits."""
+    """Answers to every example, in order (the last batch padded with copies), decoded as
+    `decoding` says (beam search or sampling with `num_beams` > 1: `beam.beam_generate`). Example
+    i samples from stream i and the media placeholders are never generated, so an answer does not
+    depend on the batch it is in. `first_logits`, if given, receives each example's first-step
+    logits."""
+    max_new_tokens = decoding.max_new_tokens
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(
             f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1"
@@ -216,26 +229,24 @@ def generate(
         chunk = list(examples[start : start + batch_size])
         num_valid = len(chunk)
         chunk += [chunk[0]] * (batch_size - num_valid)
-        tokens = np.full((batch_size, seq_len), tokenizer.pad_id, np.int32)
-        for row, ex in enumerate(chunk):
-            tokens[row, : len(ex["prompt"])] = ex["prompt"]
-        batch = {
-            "tokens": tokens,
-            "prompt_len": np.asarray([len(ex["prompt"]) for ex in chunk], np.int32),
-            **{k: np.stack([ex[k] for ex in chunk]) for k in MEDIA_KEYS if k in chunk[0]},
-        }
-        ids, logits = evaluate.generate_answers(
-            graphdef,
-            state,
-            batch,
+        common = dict(
             max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
-            sampling=sampling,
+            sampling=decoding.sampling,
             row_ids=[start + min(row, num_valid - 1) for row in range(batch_size)],
             suppress_ids=(tokenizer.image_id, tokenizer.video_id, tokenizer.audio_id),
             with_first_logits=True,
         )
+        batch = _batch(chunk, tokenizer, seq_len)
+        if decoding.num_beams > 1:
+            ids, logits = beam.beam_generate(
+                graphdef, state, batch, num_beams=decoding.num_beams,
+                min_new_tokens=decoding.min_new_tokens, stop_ids={tokenizer.eos_id}, **common,
+            )  # fmt: skip
+        else:
+            ids, logits = evaluate.generate_answers(
+                graphdef, state, batch, eos_id=tokenizer.eos_id, **common
+            )
         if first_logits is not None:
             first_logits.extend(np.asarray(logits)[:num_valid])
         for row in np.asarray(ids)[:num_valid]:
@@ -294,12 +305,6 @@ def _decoding(
         json.loads(generation_config.read_text()) if generation_config.is_file() else {},
         request.seed,
     )
-    if decoding.num_beams > 1:
-        raise ValueError(
-            f"{benchmark}: the official protocol decodes it with beam sampling "
-            f"({decoding.num_beams} beams), which unimoe does not implement yet; pass "
-            "--protocol=ours"
-        )
     overrides = {"temperature": request.temperature, "top_p": request.top_p}
     return dataclasses.replace(
         decoding,
@@ -364,14 +369,9 @@ def evaluate_benchmark(
         raise ValueError(f"{data}: every record was skipped ({skipped})")
     first_logits: list[np.ndarray] = []
     predictions = generate(
-        model,
-        examples,
-        tokenizer,
-        batch_size=batch_size,
-        max_new_tokens=decoding.max_new_tokens,
-        sampling=decoding.sampling,
+        model, examples, tokenizer, batch_size=batch_size, decoding=decoding,
         first_logits=first_logits,
-    )
+    )  # fmt: skip
     protocol = request.protocol or experiment.eval.protocol
     scores = benchmarks.score_items(bench, items, predictions, protocol=protocol)
     scores.update(
@@ -382,6 +382,8 @@ def evaluate_benchmark(
         protocol=protocol,
         max_new_tokens=decoding.max_new_tokens,
         sampling=dataclasses.asdict(decoding.sampling),
+        num_beams=decoding.num_beams,
+        min_new_tokens=decoding.min_new_tokens,
     )
     _write_results(output, benchmark, items, predictions, scores)
     if request.save_logits:
