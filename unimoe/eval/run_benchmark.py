@@ -32,7 +32,7 @@ from unimoe.convert import core as convert_core, released
 from unimoe.data import builtin, conversation, formats, json_pipeline, shapes, vicuna
 from unimoe.data.tokenizer import PretrainedTokenizer, TextTokenizer
 from unimoe.eval import beam, benchmarks, evaluate, protocol as protocol_lib
-from unimoe.eval.generate import MEDIA_KEYS, SamplingConfig
+from unimoe.eval.generate import MEDIA_KEYS
 from unimoe.experiment import ExperimentConfig
 from unimoe.models.unimoe import UniMoE
 
