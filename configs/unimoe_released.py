@@ -15,7 +15,7 @@ then evaluate it, one command per benchmark (experiments/paper/README.md, "Relea
 connector), audio_4e (Uni-MoE-audio: 4 experts in the even layers, BEATs + Q-Former) or 8e
 (Uni-MoE 8E: 8 experts in every layer, DeepSpeed's gate). `checkpoint` (the converted folder) gives
 the model its recorded `config.model` and tokenizer; without it the published 7B sizes are used
-(`--dry_run` accounting, lowering). `python -m unimoe.main` with this config fine-tunes the release:
+(`--dry_run` accounting, lowering) with `tokenizer=` (Vicuna's tokenizer.model). `python -m unimoe.main` with this config fine-tunes the release:
 the stage `finetune` starts from the converted checkpoint (`config.pretrained.released`) with new
 LoRA (r8, alpha 16) on the merged weights, training LoRA and routers as Uni-MoE's stage 3 does, on
 the prepared `unimoe_json` sources `json_sources` (default uni_moe_speech) under `data_dir`, media
@@ -72,7 +72,7 @@ def _data(variant: str, model: dict) -> dict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(
         arg, variant='speech_4e', checkpoint='', gumbel=True, data_dir='', media_root='',
-        json_sources='uni_moe_speech',
+        json_sources='uni_moe_speech', tokenizer='',
     )  # fmt: skip
     if arg.variant not in config_lib.RELEASED_VARIANTS:
         raise ValueError(
@@ -85,7 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.variant == '8e':
         # DeepSpeed's gate draws the second expert at inference too (`gumbel=False`: argmax).
         c.model.moe.gumbel_at_inference = arg.gumbel
-    c.tokenizer = os.path.join(arg.checkpoint, released.TOKENIZER_FILE) if arg.checkpoint else ''
+    c.tokenizer = arg.tokenizer or (
+        os.path.join(arg.checkpoint, released.TOKENIZER_FILE) if arg.checkpoint else ''
+    )
     c.pretrained = dict(released=arg.checkpoint)
     c.data.update(_data(arg.variant, model))
     c.json_data = dict(

@@ -12,7 +12,11 @@ from unimoe import config as config_lib, experiment, factory
 from unimoe.train import trainer, validate
 
 CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob('configs/*.py'))
-ARMS = {'unimoe_tiny.py': ['', 'mode=test']}
+ARMS = {
+    'unimoe_tiny.py': ['', 'mode=test'],
+    # The released models at their 7B sizes (no checkpoint: the fine-tuning stage needs a tokenizer).
+    'unimoe_released.py': [f'variant={v},tokenizer=tokenizer.model' for v in config_lib.RELEASED_VARIANTS],
+}
 
 
 def _specs():

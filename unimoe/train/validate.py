@@ -38,7 +38,10 @@ _PRETRAINED = {
     'vision': ('vision',),
     'audio': ('audio',),
     'sound': ('sound',),  # `convert from-beats`
-    # `convert from-unimoe`: a whole released Uni-MoE model (configs/unimoe_released.py).
+}
+# `convert from-unimoe`: a whole released Uni-MoE model (configs/unimoe_released.py); not offered
+# as the fix for one missing part.
+_PRETRAINED_WHOLE = {
     'released': tuple(sorted({p for parts in factory.TRAINABLE_PARTS.values() for p in parts})),
 }
 
@@ -302,7 +305,9 @@ def _needed(stage: StageConfig, sound_tasks: tuple[str, ...]) -> set[str]:
 
 def _check_initialisation(experiment: ExperimentConfig) -> None:
     pretrained = {
-        part for label in experiment.pretrained_dirs for part in _PRETRAINED.get(label, ())
+        part
+        for label in experiment.pretrained_dirs
+        for part in {**_PRETRAINED, **_PRETRAINED_WHOLE}.get(label, ())
     }
     defined: dict[str, set[str]] = {}
     for stage in experiment.ordered_stages():
