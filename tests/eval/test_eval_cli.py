@@ -227,18 +227,15 @@ def test_the_official_protocol_decodes_as_the_variants_eval_py(stage, converted,
             eval=config_lib.EvalConfig(protocol="official", released_variant=variant),
         )
 
-    # The speech model's eval.py decodes VQA greedily (512 tokens, capped here), in bfloat16
-    # after a float16 load.
-    scores = aokvqa_eval(stage, converted, tmp_path / "s", official("speech_4e"), max_new_tokens=2)
-    assert scores["protocol"] == "official" and scores["max_new_tokens"] == 2
-    assert scores["sampling"]["temperature"] == 0.0
-    # The audio model's samples everything but Clotho at T=0.2, with Hugging Face's top_k 50 and the
-    # base model's generation_config.json top_p.
+    # (The speech and 8E models' greedy VQA: tests/convert/test_released_eval.py.) The audio
+    # model's eval.py samples everything but Clotho at T=0.2, with Hugging Face's top_k 50 and the
+    # base model's generation_config.json top_p, in float16 after a float16 load.
     (converted / run_benchmark.GENERATION_CONFIG).write_text(json.dumps({"top_p": 0.6}))
     try:
         scores = aokvqa_eval(stage, converted, tmp_path / "a", official("audio_4e"), max_new_tokens=2)
     finally:
         (converted / run_benchmark.GENERATION_CONFIG).unlink()
+    assert scores["protocol"] == "official" and scores["max_new_tokens"] == 2
     assert scores["sampling"] == {"temperature": 0.2, "top_p": 0.6, "seed": 0, "top_k": 50}
     # ... and captions Clotho by beam sampling: 5 beams, T=1, at least 10 new tokens.
     (tmp_path / "rain.wav").write_bytes(real_corpus.wav_bytes(1.0, 16000))
