@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from unimoe import config as config_lib
 from unimoe.eval import scoring
 
 # --- VQA soft accuracy ---------------------------------------------------------------------------
@@ -117,7 +118,8 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
 
 # --- Multiple choice ----------------------------------------------------------------------------
 
-PROTOCOLS = ("official", "ours")
+# The answer reading of each evaluation protocol (`unimoe.eval.protocol`).
+PROTOCOLS = config_lib.EVAL_PROTOCOLS
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.:)]\s*(.+?)\s*$")
 # VLMEvalKit's matching_util.py as of commit e8e78f05 (2026-08-18), `can_infer` and the two steps
 # it chains; docs/design.md "Benchmarks and scoring" says what each rule does to real answers.
